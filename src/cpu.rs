@@ -1,0 +1,354 @@
+//! The CPU reference: MATH.md computed in f64 from inputs of any [`Element`] type. It defines
+//! correctness for the GPU plans and is fast enough for tests and small training runs
+//! (threads over row blocks and class chunks via rayon; the B x C matrix is never stored whole).
+
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::math;
+use crate::spec::{MarginLoss, Reduction, Shape, Upstream, NORM_EPS};
+use rayon::prelude::*;
+
+/// Rows handled together, so each class row of `w` is read once per block, not once per row.
+const ROW_BLOCK: usize = 16;
+/// Classes handled per backward step; bounds the `B x CLASS_CHUNK` scratch of `dc`.
+const CLASS_CHUNK: usize = 512;
+
+/// What forward returns and backward consumes (MATH.md step 6: the saved per-row statistics and
+/// norms, never a B x C buffer).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forward {
+    /// The reduced loss: the mean over counted rows (0 when none count), or the sum; for
+    /// `Reduction::None`, the sum of `row_loss` (the per-row values are the result then).
+    pub loss: f64,
+    /// `l_i = lse_i - z_iy` per row; 0 for ignored rows.
+    pub row_loss: Vec<f64>,
+    /// `lse_i = logsumexp_j z_ij` per row (for ignored rows: over the plain logits `r_i c_ij`).
+    pub lse: Vec<f64>,
+    /// `|x_i|` per row (before the `eps` floor).
+    pub x_norm: Vec<f64>,
+    /// `|w_j|` per class (before the `eps` floor).
+    pub w_norm: Vec<f64>,
+    /// The number of rows with a label `>= 0`.
+    pub counted: usize,
+    /// The spec this result was computed with (backward checks it).
+    pub spec: MarginLoss,
+    /// The shape this result was computed with (backward checks it).
+    pub shape: Shape,
+}
+
+/// Gradients of the loss with respect to `x` (B x D) and `w` (C x D), in f64.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gradients {
+    /// `dloss/dx`, row-major B x D.
+    pub dx: Vec<f64>,
+    /// `dloss/dw`, row-major C x D.
+    pub dw: Vec<f64>,
+}
+
+/// Dot product with four independent accumulators, so the compiler can vectorize it
+/// (a single f64 accumulator forces strict sequential order).
+#[inline]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let (ac, ar) = a.split_at(a.len() - a.len() % 4);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(4).zip(bc.chunks_exact(4)) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+/// Rows converted to f64 and their norms; `unit` rows divided by `max(|v|, eps)` when `normalize`.
+struct Prepared {
+    unit: Vec<f64>,
+    norm: Vec<f64>,
+}
+
+fn prepare<T: Element>(v: &[T], d: usize, normalize: bool) -> Prepared {
+    let mut unit: Vec<f64> = v.iter().map(|e| e.to_f64()).collect();
+    let norm: Vec<f64> = unit
+        .par_chunks_mut(d)
+        .map(|row| {
+            let n = dot(row, row).sqrt();
+            if normalize {
+                let inv = 1.0 / n.max(NORM_EPS);
+                row.iter_mut().for_each(|e| *e *= inv);
+            }
+            n
+        })
+        .collect();
+    Prepared { unit, norm }
+}
+
+/// Everything forward and backward share: validated inputs in f64.
+struct Problem<'a> {
+    spec: &'a MarginLoss,
+    shape: Shape,
+    labels: &'a [i32],
+    /// `xh`: unit feature rows (always normalized: the cosine uses the direction; MATH.md step 1/3).
+    x: Prepared,
+    /// `wh`: unit class rows when `normalize_weights`, else the raw rows.
+    w: Prepared,
+    /// `r_i`: `s`, or `s*|x_i|` without feature normalization (MATH.md step 3).
+    r: Vec<f64>,
+    counted: usize,
+}
+
+impl<'a> Problem<'a> {
+    fn new<T: Element>(
+        spec: &'a MarginLoss,
+        x: &[T],
+        w: &[T],
+        labels: &'a [i32],
+        shape: Shape,
+    ) -> Result<Self> {
+        spec.validate()?;
+        shape.check_lengths(x.len(), w.len(), labels.len())?;
+        let counted = shape.check_labels(labels)?;
+        let xp = prepare(x, shape.d, true);
+        let wp = prepare(w, shape.d, spec.normalize_weights);
+        let r = xp
+            .norm
+            .iter()
+            .map(|&n| {
+                if spec.normalize_features {
+                    spec.s
+                } else {
+                    spec.s * n
+                }
+            })
+            .collect();
+        Ok(Self {
+            spec,
+            shape,
+            labels,
+            x: xp,
+            w: wp,
+            r,
+            counted,
+        })
+    }
+
+    fn xh(&self, i: usize) -> &[f64] {
+        &self.x.unit[i * self.shape.d..(i + 1) * self.shape.d]
+    }
+
+    fn wh(&self, j: usize) -> &[f64] {
+        &self.w.unit[j * self.shape.d..(j + 1) * self.shape.d]
+    }
+
+    /// The logit `z_ij` and the value `t_ij` it scales (`c_ij`, or `target(c_iy)` at the label),
+    /// with `dt/dc` (MATH.md step 5).
+    #[inline]
+    fn logit(&self, i: usize, j: usize, c: f64) -> (f64, f64, f64) {
+        let (t, dt) = if self.labels[i] >= 0 && self.labels[i] as usize == j {
+            let tg = math::target(self.spec, c);
+            (tg.value, tg.deriv)
+        } else {
+            (c, 1.0)
+        };
+        (self.r[i] * t, t, dt)
+    }
+}
+
+/// Forward pass (MATH.md "Forward"): per-row loss, logsumexp and the reduction.
+///
+/// `x` is B x D, `w` is C x D (row-major), `labels` has B entries (`0 <= y < C`, negative =
+/// ignored). Errors name the bad spec field, length or label.
+pub fn forward<T: Element>(
+    spec: &MarginLoss,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    shape: Shape,
+) -> Result<Forward> {
+    let p = Problem::new(spec, x, w, labels, shape)?;
+    let b = shape.b;
+    let mut lse = vec![0.0; b];
+    let mut row_loss = vec![0.0; b];
+    lse.par_chunks_mut(ROW_BLOCK)
+        .zip(row_loss.par_chunks_mut(ROW_BLOCK))
+        .enumerate()
+        .for_each(|(blk, (lse_blk, loss_blk))| {
+            let i0 = blk * ROW_BLOCK;
+            let rows = lse_blk.len();
+            // Online max / sum-exp per row, as the GPU does per class tile.
+            let mut m = vec![f64::NEG_INFINITY; rows];
+            let mut s = vec![0.0f64; rows];
+            let mut zy = vec![0.0f64; rows];
+            for j in 0..shape.c {
+                let wj = p.wh(j);
+                for k in 0..rows {
+                    let i = i0 + k;
+                    let (z, _, _) = p.logit(i, j, dot(p.xh(i), wj));
+                    if labels[i] >= 0 && labels[i] as usize == j {
+                        zy[k] = z;
+                    }
+                    if z > m[k] {
+                        s[k] = s[k] * (m[k] - z).exp() + 1.0;
+                        m[k] = z;
+                    } else {
+                        s[k] += (z - m[k]).exp();
+                    }
+                }
+            }
+            for k in 0..rows {
+                lse_blk[k] = m[k] + s[k].ln();
+                loss_blk[k] = if labels[i0 + k] >= 0 {
+                    lse_blk[k] - zy[k]
+                } else {
+                    0.0
+                };
+            }
+        });
+    let total: f64 = row_loss.iter().sum();
+    let loss = match spec.reduction {
+        Reduction::Mean if p.counted == 0 => 0.0,
+        Reduction::Mean => total / p.counted as f64,
+        Reduction::Sum | Reduction::None => total,
+    };
+    Ok(Forward {
+        loss,
+        row_loss,
+        lse,
+        x_norm: p.x.norm.clone(),
+        w_norm: p.w.norm.clone(),
+        counted: p.counted,
+        spec: *spec,
+        shape,
+    })
+}
+
+/// Backward pass (MATH.md "Backward"): `dx` (B x D) and `dw` (C x D) in f64, from the saved
+/// logsumexp of `fwd` (the logits are recomputed, as the fused GPU plan does).
+///
+/// `upstream` is `Upstream::Scalar` for mean/sum (usually [`Upstream::ONE`]) and
+/// `Upstream::PerRow` (B values) for `Reduction::None`. `fwd` must come from [`forward`] with the
+/// same spec and shape.
+pub fn backward<T: Element>(
+    spec: &MarginLoss,
+    fwd: &Forward,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    shape: Shape,
+    upstream: Upstream<'_>,
+) -> Result<Gradients> {
+    if fwd.spec != *spec {
+        return Err(Error::ForwardMismatch {
+            detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
+        });
+    }
+    if fwd.shape != shape {
+        return Err(Error::ForwardMismatch {
+            detail: format!("forward shape {:?}, backward shape {:?}", fwd.shape, shape),
+        });
+    }
+    let p = Problem::new(spec, x, w, labels, shape)?;
+    if fwd.lse.len() != shape.b || fwd.counted != p.counted {
+        return Err(Error::ForwardMismatch {
+            detail: format!(
+                "forward counted {} rows with {} lse values, these labels count {} of B = {}",
+                fwd.counted,
+                fwd.lse.len(),
+                p.counted,
+                shape.b
+            ),
+        });
+    }
+    let g = upstream.per_row(spec.reduction, labels)?;
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+
+    // dxh_i = sum_j dc_ij wh_j; dn_i = s * sum_j dz_ij t_ij (only used without feature norm).
+    let mut dxh = vec![0.0f64; b * d];
+    let mut dn = vec![0.0f64; b];
+    let mut dwh = vec![0.0f64; c * d];
+    let mut dc = vec![0.0f64; b * CLASS_CHUNK];
+    for j0 in (0..c).step_by(CLASS_CHUNK) {
+        let cols = CLASS_CHUNK.min(c - j0);
+        // dc for this class chunk, row blocks in parallel; each block owns its rows of dxh and dn.
+        dc.par_chunks_mut(ROW_BLOCK * CLASS_CHUNK)
+            .zip(dxh.par_chunks_mut(ROW_BLOCK * d))
+            .zip(dn.par_chunks_mut(ROW_BLOCK))
+            .enumerate()
+            .for_each(|(blk, ((dc_blk, dxh_blk), dn_blk))| {
+                let i0 = blk * ROW_BLOCK;
+                for (k, dn_i) in dn_blk.iter_mut().enumerate() {
+                    let i = i0 + k;
+                    let row = &mut dc_blk[k * CLASS_CHUNK..k * CLASS_CHUNK + cols];
+                    if g[i] == 0.0 {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let dxh_i = &mut dxh_blk[k * d..(k + 1) * d];
+                    for (jj, dc_ij) in row.iter_mut().enumerate() {
+                        let j = j0 + jj;
+                        let wj = p.wh(j);
+                        let (z, t, dt) = p.logit(i, j, dot(p.xh(i), wj));
+                        let onehot = if labels[i] as usize == j { 1.0 } else { 0.0 };
+                        let dz = g[i] * ((z - fwd.lse[i]).exp() - onehot);
+                        *dn_i += spec.s * dz * t;
+                        *dc_ij = p.r[i] * dz * dt;
+                        for (a, wv) in dxh_i.iter_mut().zip(wj) {
+                            *a += *dc_ij * wv;
+                        }
+                    }
+                }
+            });
+        // dwh_j = sum_i dc_ij xh_i; each class owns its row of dwh.
+        dwh[j0 * d..(j0 + cols) * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(jj, dwh_j)| {
+                for i in 0..b {
+                    let v = dc[i * CLASS_CHUNK + jj];
+                    if v != 0.0 {
+                        for (a, xv) in dwh_j.iter_mut().zip(p.xh(i)) {
+                            *a += v * xv;
+                        }
+                    }
+                }
+            });
+    }
+
+    // Back through the normalization: dv = (dvh - vh (vh . dvh)) / max(|v|, eps).
+    let dx: Vec<f64> = dxh
+        .par_chunks(d)
+        .enumerate()
+        .flat_map_iter(|(i, dxh_i)| {
+            let xh = p.xh(i);
+            let proj = dot(xh, dxh_i);
+            let inv = 1.0 / p.x.norm[i].max(NORM_EPS);
+            let extra = if spec.normalize_features { 0.0 } else { dn[i] };
+            dxh_i
+                .iter()
+                .zip(xh)
+                .map(move |(a, xv)| (a - xv * proj) * inv + extra * xv)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let dw: Vec<f64> = if spec.normalize_weights {
+        dwh.par_chunks(d)
+            .enumerate()
+            .flat_map_iter(|(j, dwh_j)| {
+                let wh = p.wh(j);
+                let proj = dot(wh, dwh_j);
+                let inv = 1.0 / p.w.norm[j].max(NORM_EPS);
+                dwh_j
+                    .iter()
+                    .zip(wh)
+                    .map(move |(a, wv)| (a - wv * proj) * inv)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    } else {
+        dwh
+    };
+    Ok(Gradients { dx, dw })
+}

@@ -1,0 +1,45 @@
+//! # fused-margin
+//!
+//! Margin-softmax losses for face recognition and metric learning — normalized softmax (NSL),
+//! SphereFace, CosFace, ArcFace and the combined `cos(m1*theta + m2) - m3` — as one call that
+//! normalizes embeddings and class weights, forms the cosine logits, injects the margin at the
+//! target, scales, takes the log-softmax and cross-entropy, and returns the gradients for both
+//! inputs through the normalization. The contract is `../shared/MATH.md`, summarized here:
+//!
+//! | step | formula |
+//! |---|---|
+//! | normalize | `xh_i = x_i / max(|x_i|, 1e-12)`, `wh_j = w_j / max(|w_j|, 1e-12)` |
+//! | cosine | `c_ij = xh_i . wh_j` |
+//! | row scale | `r_i = s` (or `s*|x_i|` without feature normalization) |
+//! | target | `psi(c) = cos(m1*theta + m2) - m3`, `theta = acos(clamp(c, -1+1e-7, 1-1e-7))` |
+//! | logits | `z_ij = r_i c_ij`, `z_iy = r_i psi(c_iy)` |
+//! | loss | `l_i = logsumexp_j z_ij - z_iy`, then mean / sum / none |
+//!
+//! Backends: [`cpu`] (the f64 reference, always available) and [`cuda`] (NVRTC-compiled kernels
+//! through cudarc; needs a GPU at run time, never at build time).
+//!
+//! ```
+//! use fused_margin::{cpu, MarginLoss, Shape, Upstream};
+//! let spec = MarginLoss::arcface(0.5).scale(64.0);
+//! let shape = Shape::new(2, 3, 4);
+//! let x = [1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0];
+//! let w = [1.0f32, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+//! let labels = [0, 1];
+//! let fwd = cpu::forward(&spec, &x, &w, &labels, shape)?;
+//! let grads = cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::ONE)?;
+//! assert!(fwd.loss.is_finite() && grads.dx.len() == 6 && grads.dw.len() == 12);
+//! # Ok::<(), fused_margin::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod dtype;
+pub mod error;
+pub mod math;
+pub mod spec;
+
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use spec::{
+    GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, SphereFaceSchedule, Upstream,
+};
