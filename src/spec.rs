@@ -449,11 +449,13 @@ impl Upstream<'_> {
                 }
                 values.to_vec()
             }
-            (Reduction::None, Upstream::Scalar(v)) => return Err(Error::Upstream {
-                detail: format!(
+            (Reduction::None, Upstream::Scalar(v)) => {
+                return Err(Error::Upstream {
+                    detail: format!(
                     "reduction none needs one upstream value per row (B = {b}), got the scalar {v}"
                 ),
-            }),
+                })
+            }
             (r, Upstream::PerRow(values)) => {
                 return Err(Error::Upstream {
                     detail: format!(
