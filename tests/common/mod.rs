@@ -1,0 +1,221 @@
+//! Helpers shared by the integration tests: seeded inputs, an independent f64 evaluation of
+//! MATH.md (written from the contract, not from `src/`), and central finite differences.
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use fused_margin::{cpu, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::f64::consts::PI;
+
+/// MATH.md's angle clamp `d` and normalization floor `eps`, restated here so the test's maths
+/// does not lean on the crate's constants.
+pub const CLAMP_D: f64 = 1e-7;
+pub const EPS: f64 = 1e-12;
+
+/// A seeded generator, so every failure reproduces.
+pub fn rng(seed: u64) -> StdRng {
+    StdRng::seed_from_u64(seed)
+}
+
+/// A standard normal sample (Box-Muller; `rand` 0.9 has no normal distribution without
+/// `rand_distr`, which is not a dev-dependency).
+pub fn normal(rng: &mut StdRng) -> f64 {
+    let u1: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.random_range(0.0..1.0);
+    (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos()
+}
+
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn norm(a: &[f64]) -> f64 {
+    dot(a, a).sqrt()
+}
+
+/// `v / max(|v|, eps)`.
+pub fn unit(a: &[f64]) -> Vec<f64> {
+    let n = norm(a).max(EPS);
+    a.iter().map(|v| v / n).collect()
+}
+
+/// `c_iy` as MATH.md defines it: unit feature direction against the (normalized or raw) class row.
+pub fn target_cosine(spec: &MarginLoss, x: &[f64], w: &[f64], d: usize, i: usize, y: usize) -> f64 {
+    let xh = unit(&x[i * d..(i + 1) * d]);
+    let wy = &w[y * d..(y + 1) * d];
+    if spec.normalize_weights {
+        dot(&xh, &unit(wy))
+    } else {
+        dot(&xh, wy)
+    }
+}
+
+/// The policy MATH.md says is in force: explicit, else Monotonic for `m1 != 1`, Fallback otherwise.
+pub fn policy_of(spec: &MarginLoss) -> OverflowPolicy {
+    spec.policy.unwrap_or(if spec.m1 != 1.0 {
+        OverflowPolicy::Monotonic
+    } else {
+        OverflowPolicy::Fallback
+    })
+}
+
+/// The angle argument `a = m1*theta + m2` at cosine `c` (with MATH.md's clamp).
+pub fn angle_arg(spec: &MarginLoss, c: f64) -> f64 {
+    spec.m1 * c.clamp(-1.0 + CLAMP_D, 1.0 - CLAMP_D).acos() + spec.m2
+}
+
+/// `psi(c)` of MATH.md step 4, written from the contract.
+pub fn psi_ref(spec: &MarginLoss, c: f64) -> f64 {
+    let policy = policy_of(spec);
+    if policy == OverflowPolicy::Easy && c <= 0.0 {
+        return c;
+    }
+    if spec.m1 == 1.0 && spec.m2 == 0.0 {
+        return c - spec.m3;
+    }
+    let a = angle_arg(spec, c);
+    match policy {
+        OverflowPolicy::Raw | OverflowPolicy::Easy => a.cos() - spec.m3,
+        OverflowPolicy::Fallback if a > PI => c - spec.m2 * spec.m2.sin() - spec.m3,
+        OverflowPolicy::Fallback => a.cos() - spec.m3,
+        OverflowPolicy::Monotonic => {
+            let k = (a / PI).floor();
+            let sign = if (k as i64).rem_euclid(2) == 0 {
+                1.0
+            } else {
+                -1.0
+            };
+            sign * a.cos() - 2.0 * k - spec.m3
+        }
+    }
+}
+
+/// The target value with the lambda blend: `(lambda*c + psi)/(1 + lambda)`.
+pub fn target_ref(spec: &MarginLoss, c: f64) -> f64 {
+    (spec.lambda * c + psi_ref(spec, c)) / (1.0 + spec.lambda)
+}
+
+/// Per-row losses of MATH.md computed naively in f64, with the target transform supplied per row
+/// (`target(i, c)`), so a test can also freeze the margin as a constant shift.
+pub fn naive_rows(
+    spec: &MarginLoss,
+    x: &[f64],
+    w: &[f64],
+    labels: &[i32],
+    shape: Shape,
+    target: &dyn Fn(usize, f64) -> f64,
+) -> Vec<f64> {
+    let d = shape.d;
+    (0..shape.b)
+        .map(|i| {
+            if labels[i] < 0 {
+                return 0.0;
+            }
+            let xi = &x[i * d..(i + 1) * d];
+            let xh = unit(xi);
+            let r = if spec.normalize_features {
+                spec.s
+            } else {
+                spec.s * norm(xi)
+            };
+            let y = labels[i] as usize;
+            let z: Vec<f64> = (0..shape.c)
+                .map(|j| {
+                    let wj = &w[j * d..(j + 1) * d];
+                    let c = if spec.normalize_weights {
+                        dot(&xh, &unit(wj))
+                    } else {
+                        dot(&xh, wj)
+                    };
+                    r * if j == y { target(i, c) } else { c }
+                })
+                .collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            lse - z[y]
+        })
+        .collect()
+}
+
+/// The reduction of MATH.md step 6 applied to per-row losses.
+pub fn reduce(reduction: Reduction, rows: &[f64], labels: &[i32]) -> f64 {
+    let total: f64 = rows.iter().sum();
+    let counted = labels.iter().filter(|&&l| l >= 0).count();
+    match reduction {
+        Reduction::Mean if counted == 0 => 0.0,
+        Reduction::Mean => total / counted as f64,
+        _ => total,
+    }
+}
+
+/// The scalar objective a gradient check differentiates: the reduced loss for mean/sum, and
+/// `sum_i u_i l_i` for `Reduction::None` with upstream `u`.
+pub fn objective(row_or_loss: (&[f64], f64), spec: &MarginLoss, upstream: Option<&[f64]>) -> f64 {
+    match (spec.reduction, upstream) {
+        (Reduction::None, Some(u)) => row_or_loss.0.iter().zip(u).map(|(l, g)| l * g).sum(),
+        _ => row_or_loss.1,
+    }
+}
+
+/// Central differences of `f` at every coordinate of `v`, step `h`.
+pub fn central_diff(v: &[f64], h: f64, f: &mut dyn FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let mut p = v.to_vec();
+    (0..v.len())
+        .map(|k| {
+            p[k] = v[k] + h;
+            let up = f(&p);
+            p[k] = v[k] - h;
+            let down = f(&p);
+            p[k] = v[k];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Asserts `|got - want| <= atol + rtol*|want|` elementwise, naming the first offender.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.is_finite() && (g - w).abs() <= atol + rtol * w.abs(),
+            "{what}[{k}]: got {g}, want {w} (diff {:e}, allowed {:e})",
+            (g - w).abs(),
+            atol + rtol * w.abs()
+        );
+    }
+}
+
+/// Uniform random labels in `0..c`.
+pub fn labels(rng: &mut StdRng, b: usize, c: usize) -> Vec<i32> {
+    (0..b).map(|_| rng.random_range(0..c as i32)).collect()
+}
+
+/// Gaussian rows of length `d`, each rescaled to a norm drawn from `norms`.
+pub fn rows(rng: &mut StdRng, n: usize, d: usize, norms: (f64, f64)) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n * d);
+    for _ in 0..n {
+        let r: Vec<f64> = (0..d).map(|_| normal(rng)).collect();
+        let scale = rng.random_range(norms.0..norms.1) / norm(&r);
+        out.extend(r.iter().map(|v| v * scale));
+    }
+    out
+}
+
+/// Runs the crate's CPU forward and backward on f64 inputs.
+pub fn run(
+    spec: &MarginLoss,
+    x: &[f64],
+    w: &[f64],
+    labels: &[i32],
+    shape: Shape,
+    upstream: Option<&[f64]>,
+) -> (cpu::Forward, cpu::Gradients) {
+    let fwd = cpu::forward(spec, x, w, labels, shape).expect("forward");
+    let up = match upstream {
+        Some(u) => Upstream::PerRow(u),
+        None => Upstream::ONE,
+    };
+    let g = cpu::backward(spec, &fwd, x, w, labels, shape, up).expect("backward");
+    (fwd, g)
+}
