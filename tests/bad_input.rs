@@ -89,7 +89,9 @@ fn range_ends_are_accepted() {
 fn buffer_lengths_must_fit_the_shape() {
     let (shape, x, w, labels) = valid();
     let spec = MarginLoss::arcface(0.5);
-    let cases: [(&str, &[f32], &[f32], &[i32], usize, usize); 3] = [
+    /// (buffer, x, w, labels, expected length, passed length)
+    type Case<'a> = (&'static str, &'a [f32], &'a [f32], &'a [i32], usize, usize);
+    let cases: [Case; 3] = [
         ("x", &x[..11], &w, &labels, 12, 11),
         ("w", &x, &[w.as_slice(), &[0.5]].concat(), &labels, 20, 21),
         ("labels", &x, &w, &labels[..2], 3, 2),
