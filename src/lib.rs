@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod math;

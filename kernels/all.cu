@@ -1,0 +1,9 @@
+// fused-margin: the translation unit NVRTC compiles, once per input dtype (-DFM_DTYPE=...) and
+// architecture. build.rs inlines every #include (once each), since NVRTC sees no files.
+#include "common.cuh"
+#include "tile.cuh"
+#include "normalize.cu"
+#include "logits.cu"
+#include "combine.cu"
+#include "grad.cu"
+#include "naive.cu"

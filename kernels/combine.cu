@@ -1,0 +1,52 @@
+// fused-margin: the combine of per-split softmax statistics into logsumexp and loss
+// (MATH.md step 6; DESIGN.md data flow step 3). Fixed summation orders: deterministic.
+#include "common.cuh"
+
+// One thread per row: lse_i = M + log(sum_s part_s * exp(part_m - M)) over the splits in order;
+// l_i = lse_i - z_iy for counted rows, 0 for ignored ones.
+extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ part_m,
+                                                     const float* __restrict__ part_s, int nsplit,
+                                                     const float* __restrict__ zy,
+                                                     const int* __restrict__ labels, i64 B,
+                                                     float* __restrict__ lse, float* __restrict__ row_loss) {
+    i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= B) return;
+    const float* pm = part_m + row * nsplit;
+    const float* ps = part_s + row * nsplit;
+    float m = FM_NEG_INF, s = 0.0f;
+    for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, pm[k], ps[k]);
+    float l = m + logf(s);
+    lse[row] = l;
+    row_loss[row] = labels[row] >= 0 ? l - zy[row] : 0.0f;
+}
+
+// One block of 1024 threads: loss = sum_i l_i (or its mean over counted rows; 0 when none count).
+// Each thread sums a fixed strided subset in f64, then a fixed tree: the result is bit-identical
+// from run to run. mean != 0 selects the mean.
+extern "C" __global__ void FM_ENTRY(fm_reduce_loss)(const float* __restrict__ row_loss,
+                                                    const int* __restrict__ labels, i64 B, int mean,
+                                                    float* __restrict__ loss) {
+    __shared__ double ssum[1024];
+    __shared__ long long scount[1024];
+    double acc = 0.0;
+    long long cnt = 0;
+    for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
+        acc += (double)row_loss[i];
+        cnt += labels[i] >= 0;
+    }
+    ssum[threadIdx.x] = acc;
+    scount[threadIdx.x] = cnt;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if (threadIdx.x < o) {
+            ssum[threadIdx.x] += ssum[threadIdx.x + o];
+            scount[threadIdx.x] += scount[threadIdx.x + o];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        double total = ssum[0];
+        long long n = scount[0];
+        loss[0] = mean ? (n > 0 ? (float)(total / (double)n) : 0.0f) : (float)total;
+    }
+}

@@ -1,0 +1,197 @@
+// fused-margin: the fused backward (MATH.md "Backward"; DESIGN.md data flow steps 4-5). Each
+// kernel recomputes its logits tiles from x, w and the saved lse (no B x C buffer), forms
+// dc = r g (softmax - onehot) dtarget/dc in registers, and multiplies it into the gradients:
+//   dxh_i = sum_j dc_ij wh_j   (fm_grad_x_partial, then fm_x_finish in normalize.cu)
+//   dwh_j = sum_i dc_ij xh_i   (fm_grad_w, which also applies the normalization backward)
+// No atomics anywhere: every output element has one owner and a fixed summation order.
+#include "tile.cuh"
+
+// Grid (ceil(B / FM_BM), nsplit, ceil(D / FM_DC)). Block (rt, split, dc) owns rows
+// [rt*BM, rt*BM + BM) x dims [dc*DC, dc*DC + DC) of the partial dxh of its class split, and
+// (for dc == 0) the split's partial proj_i and dn_i. Partials are summed in fm_x_finish.
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+FM_ENTRY(fm_grad_x_partial)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
+                            const int* __restrict__ labels, const float* __restrict__ xnorm,
+                            const float* __restrict__ wnorm, const float* __restrict__ lse,
+                            const float* __restrict__ g_rows, float g_scalar, FmParams p, i64 B, i64 C,
+                            int D, int tiles_per_split, int nsplit, float* __restrict__ dxh_part,
+                            float* __restrict__ proj_part, float* __restrict__ dn_part) {
+    __shared__ FmTileSmem sm;
+    __shared__ float dcs[FM_BM][FM_BN + 1];
+    __shared__ float wsd[FM_BN][FM_DC];
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const int split = blockIdx.y;
+    const i64 row0 = (i64)blockIdx.x * FM_BM;
+    const int d0 = blockIdx.z * FM_DC;
+    i64 ntiles = (C + FM_BN - 1) / FM_BN, t_begin, t_end;
+    fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
+
+    FmRow R[2];
+    for (int a = 0; a < 2; ++a)
+        R[a] = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, lse, g_rows, g_scalar);
+    float acc2[2][FM_DC / 16];
+    for (int a = 0; a < 2; ++a)
+        for (int q = 0; q < FM_DC / 16; ++q) acc2[a][q] = 0.0f;
+    float proj[2] = {0.0f, 0.0f}, dn[2] = {0.0f, 0.0f};
+
+    for (i64 t = t_begin; t < t_end; ++t) {
+        const i64 col0 = t * FM_BN;
+        float acc[2][2];
+        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc);
+        for (int a = 0; a < 2; ++a) {
+            for (int b = 0; b < 2; ++b) {
+                i64 col = col0 + tx + 16 * b;
+                float dc = 0.0f;
+                if (col < C) {
+                    float c, dzt;
+                    dc = fm_dc(p, R[a], col, acc[a][b], fm_inv_norm(wnorm[col]), c, dzt);
+                    proj[a] = fmaf(dc, c, proj[a]);
+                    dn[a] = fmaf(p.s, dzt, dn[a]);
+                }
+                dcs[ty + 16 * a][tx + 16 * b] = dc;
+            }
+        }
+        // wh tile: FM_BN classes x FM_DC dims, coalesced along D.
+        for (int e = tid; e < FM_BN * FM_DC; e += FM_THREADS) {
+            int k = e / FM_DC, dd = e % FM_DC;
+            i64 col = col0 + k;
+            int d = d0 + dd;
+            float v = 0.0f;
+            if (col < C && d < D) {
+                v = fm_to_f32(w[col * D + d]);
+                if (p.normalize_weights) v *= fm_inv_norm(wnorm[col]);
+            }
+            wsd[k][dd] = v;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int k = 0; k < FM_BN; ++k) {
+            float a0 = dcs[ty][k], a1 = dcs[ty + 16][k];
+#pragma unroll
+            for (int q = 0; q < FM_DC / 16; ++q) {
+                float bv = wsd[k][tx + 16 * q];
+                acc2[0][q] = fmaf(a0, bv, acc2[0][q]);
+                acc2[1][q] = fmaf(a1, bv, acc2[1][q]);
+            }
+        }
+        __syncthreads();
+    }
+    for (int a = 0; a < 2; ++a) {
+        i64 row = row0 + ty + 16 * a;
+        if (row >= B) continue;
+        float* out = dxh_part + ((i64)split * B + row) * D;
+        for (int q = 0; q < FM_DC / 16; ++q) {
+            int d = d0 + tx + 16 * q;
+            if (d < D) out[d] = acc2[a][q];
+        }
+    }
+    if (blockIdx.z == 0) {
+        for (int a = 0; a < 2; ++a) {
+            float pr = fm_half_sum(proj[a]), dnv = fm_half_sum(dn[a]);
+            i64 row = row0 + ty + 16 * a;
+            if (tx == 0 && row < B) {
+                proj_part[(i64)split * B + row] = pr;
+                dn_part[(i64)split * B + row] = dnv;
+            }
+        }
+    }
+}
+
+// Grid (ceil(C / FM_BN), ceil(D / FM_DC)). Block (ct, dc) owns classes [ct*BN, ct*BN + BN) x dims
+// [dc*DC, dc*DC + DC) of dw: it loops over every row tile of the batch, so no other block touches
+// its outputs. At the end it applies the normalization backward with
+// proj_j = wh_j . dwh_j = sum_i dc_ij c_ij, reduced in a fixed order.
+template <typename OUT>
+__device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
+                                          const int* __restrict__ labels, const float* __restrict__ xnorm,
+                                          const float* __restrict__ wnorm, const float* __restrict__ lse,
+                                          const float* __restrict__ g_rows, float g_scalar,
+                                          const FmParams& p, i64 B, i64 C, int D, OUT* __restrict__ dw) {
+    __shared__ FmTileSmem sm;
+    __shared__ float dcs[FM_BM][FM_BN + 1];
+    __shared__ float xsd[FM_BM][FM_DC];
+    __shared__ float projs[16][FM_BN];
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const i64 col0 = (i64)blockIdx.x * FM_BN;
+    const int d0 = blockIdx.y * FM_DC;
+    float inv_w[2];
+    for (int b = 0; b < 2; ++b) {
+        i64 col = col0 + tx + 16 * b;
+        inv_w[b] = col < C ? fm_inv_norm(wnorm[col]) : 0.0f;
+    }
+    float acc2[2][FM_DC / 16];
+    for (int a = 0; a < 2; ++a)
+        for (int q = 0; q < FM_DC / 16; ++q) acc2[a][q] = 0.0f;
+    float projw[2] = {0.0f, 0.0f};
+
+    for (i64 row0 = 0; row0 < B; row0 += FM_BM) {
+        float acc[2][2];
+        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc);
+        for (int a = 0; a < 2; ++a) {
+            FmRow R = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, lse, g_rows, g_scalar);
+            for (int b = 0; b < 2; ++b) {
+                i64 col = col0 + tx + 16 * b;
+                float dc = 0.0f;
+                if (col < C) {
+                    float c, dzt;
+                    dc = fm_dc(p, R, col, acc[a][b], inv_w[b], c, dzt);
+                    projw[b] = fmaf(dc, c, projw[b]);
+                }
+                dcs[ty + 16 * a][tx + 16 * b] = dc;
+            }
+        }
+        // xh tile: FM_BM rows x FM_DC dims, coalesced along D.
+        for (int e = tid; e < FM_BM * FM_DC; e += FM_THREADS) {
+            int k = e / FM_DC, dd = e % FM_DC;
+            i64 row = row0 + k;
+            int d = d0 + dd;
+            xsd[k][dd] = (row < B && d < D) ? fm_to_f32(x[row * D + d]) * fm_inv_norm(xnorm[row]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int k = 0; k < FM_BM; ++k) {
+            float c0 = dcs[k][ty], c1 = dcs[k][ty + 16];
+#pragma unroll
+            for (int q = 0; q < FM_DC / 16; ++q) {
+                float xv = xsd[k][tx + 16 * q];
+                acc2[0][q] = fmaf(c0, xv, acc2[0][q]);
+                acc2[1][q] = fmaf(c1, xv, acc2[1][q]);
+            }
+        }
+        __syncthreads();
+    }
+    projs[ty][tx] = projw[0];
+    projs[ty][tx + 16] = projw[1];
+    __syncthreads();
+    for (int a = 0; a < 2; ++a) {
+        int cl = ty + 16 * a;
+        i64 col = col0 + cl;
+        if (col >= C) continue;
+        float proj = 0.0f;
+        for (int u = 0; u < 16; ++u) proj += projs[u][cl];
+        float inv = fm_inv_norm(wnorm[col]);
+        for (int q = 0; q < FM_DC / 16; ++q) {
+            int d = d0 + tx + 16 * q;
+            if (d >= D) continue;
+            float g = acc2[a][q];
+            if (p.normalize_weights) {
+                float wh = fm_to_f32(w[col * D + d]) * inv;
+                g = (g - wh * proj) * inv;
+            }
+            dw[col * D + d] = fm_from_f32<OUT>(g);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+FM_ENTRY(fm_grad_w)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,
+                    const float* lse, const float* g_rows, float g_scalar, FmParams p, i64 B, i64 C, int D,
+                    T_IN* dw) {
+    fm_grad_w<T_IN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, dw);
+}
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+FM_ENTRY_F32OUT(fm_grad_w)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm,
+                           const float* wnorm, const float* lse, const float* g_rows, float g_scalar,
+                           FmParams p, i64 B, i64 C, int D, float* dw) {
+    fm_grad_w<float>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, dw);
+}

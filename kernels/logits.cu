@@ -1,0 +1,67 @@
+// fused-margin: the forward logits tiles with margin injection and online softmax statistics
+// (MATH.md steps 2-5; DESIGN.md data flow step 2). Nothing of size B x C is written.
+//
+// Grid (ceil(B / FM_BM), nsplit): block (rt, split) walks the class tiles of its split, keeps a
+// running (max, sum-exp) per row in registers, and writes one partial pair per (row, split).
+// The block whose tile holds a row's label also writes that row's target logit z_iy.
+#include "tile.cuh"
+
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+FM_ENTRY(fm_fwd_tiles)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
+                       const int* __restrict__ labels, const float* __restrict__ xnorm,
+                       const float* __restrict__ wnorm, FmParams p, i64 B, i64 C, int D,
+                       int tiles_per_split, int nsplit, float* __restrict__ part_m,
+                       float* __restrict__ part_s, float* __restrict__ zy) {
+    __shared__ FmTileSmem sm;
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    const int split = blockIdx.y;
+    const i64 row0 = (i64)blockIdx.x * FM_BM;
+    i64 ntiles = (C + FM_BN - 1) / FM_BN, t_begin, t_end;
+    fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
+
+    i64 rows[2] = {row0 + ty, row0 + ty + 16};
+    int lab[2];
+    float inv_x[2], r[2], run_m[2], run_s[2];
+    for (int a = 0; a < 2; ++a) {
+        bool in = rows[a] < B;
+        lab[a] = in ? labels[rows[a]] : -1;
+        float n = in ? xnorm[rows[a]] : 0.0f;
+        inv_x[a] = fm_inv_norm(n);
+        r[a] = fm_row_scale(p, n);
+        run_m[a] = FM_NEG_INF;
+        run_s[a] = 0.0f;
+    }
+    for (i64 t = t_begin; t < t_end; ++t) {
+        const i64 col0 = t * FM_BN;
+        float acc[2][2];
+        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc);
+        for (int a = 0; a < 2; ++a) {
+            float z[2];
+            for (int b = 0; b < 2; ++b) {
+                i64 col = col0 + tx + 16 * b;
+                if (col < C && rows[a] < B) {
+                    bool tgt = lab[a] == col;
+                    FmElem e = fm_elem(p, acc[a][b], inv_x[a], fm_inv_norm(wnorm[col]), r[a], tgt);
+                    z[b] = e.z;
+                    if (tgt) zy[rows[a]] = e.z;
+                } else {
+                    z[b] = FM_NEG_INF;
+                }
+            }
+            float tm = fm_half_max(fmaxf(z[0], z[1]));
+            // Masked elements (-inf) add 0; no branch around the shuffle (all 32 lanes take part).
+            float e0 = z[0] == FM_NEG_INF ? 0.0f : expf(z[0] - tm);
+            float e1 = z[1] == FM_NEG_INF ? 0.0f : expf(z[1] - tm);
+            float ts = fm_half_sum(e0 + e1);
+            fm_online_merge(run_m[a], run_s[a], tm, ts);
+        }
+    }
+    if (tx == 0) {
+        for (int a = 0; a < 2; ++a) {
+            if (rows[a] < B) {
+                part_m[rows[a] * nsplit + split] = run_m[a];
+                part_s[rows[a] * nsplit + split] = run_s[a];
+            }
+        }
+    }
+}

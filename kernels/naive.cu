@@ -1,0 +1,157 @@
+// fused-margin: the naive plan, eager PyTorch's shape of work: one plain kernel per step, every
+// intermediate materialized in f32 (normalized copies, the B x C cosines, logits, softmax, dc).
+// It is the benchmarks' baseline and a second implementation for the tests, so it follows
+// MATH.md literally (e.g. the normalization backward uses the explicit dot vh . dvh) and shares
+// only the margin maths (fm_target) with the fused plan. All offsets are 64-bit.
+#include "common.cuh"
+
+// vh_r = v_r / max(|v_r|, eps) when `normalize`, else v_r (in f32). One thread per element.
+extern "C" __global__ void FM_ENTRY(naive_normalize)(const T_IN* __restrict__ v, const float* __restrict__ norms,
+                                                     i64 rows, int D, int normalize, float* __restrict__ out) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * D) return;
+    float val = fm_to_f32(v[e]);
+    out[e] = normalize ? val * fm_inv_norm(norms[e / D]) : val;
+}
+
+// cos[i, j] = xh_i . wh_j. One thread per element (i, j), j fastest.
+extern "C" __global__ void FM_ENTRY(naive_cosine)(const float* __restrict__ xh, const float* __restrict__ wh,
+                                                  i64 B, i64 C, int D, float* __restrict__ cos) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= B * C) return;
+    i64 i = e / C, j = e % C;
+    const float* a = xh + i * D;
+    const float* b = wh + j * D;
+    float acc = 0.0f;
+    for (int k = 0; k < D; ++k) acc = fmaf(a[k], b[k], acc);
+    cos[e] = acc;
+}
+
+// logits[i, j] = r_i * (j == y_i ? target(c) : c); tval keeps t_ij, dt keeps dtarget/dc (1 off the label).
+extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos, const int* __restrict__ labels,
+                                                  const float* __restrict__ xnorm, FmParams p, i64 B, i64 C,
+                                                  float* __restrict__ logits, float* __restrict__ tval,
+                                                  float* __restrict__ dt) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= B * C) return;
+    i64 i = e / C, j = e % C;
+    float c = cos[e];
+    float t = c, d = 1.0f;
+    if (labels[i] == j) {
+        FmTarget tg = fm_target(p, (double)c);
+        t = (float)tg.value;
+        d = (float)tg.deriv;
+    }
+    tval[e] = t;
+    dt[e] = d;
+    logits[e] = fm_row_scale(p, xnorm[i]) * t;
+}
+
+// One block per row: max, sum of exp, softmax written out, lse_i and l_i = lse_i - z_iy.
+extern "C" __global__ void FM_ENTRY(naive_softmax)(const float* __restrict__ logits, const int* __restrict__ labels,
+                                                   i64 B, i64 C, float* __restrict__ prob, float* __restrict__ lse,
+                                                   float* __restrict__ row_loss) {
+    __shared__ float red[32];
+    i64 i = blockIdx.x;
+    const float* z = logits + i * C;
+    float m = FM_NEG_INF;
+    for (i64 j = threadIdx.x; j < C; j += blockDim.x) m = fmaxf(m, z[j]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    m = FM_NEG_INF;
+    for (int k = 0; k < (int)(blockDim.x >> 5); ++k) m = fmaxf(m, red[k]);
+    __syncthreads();
+    float s = 0.0f;
+    for (i64 j = threadIdx.x; j < C; j += blockDim.x) s += expf(z[j] - m);
+    s = fm_warp_sum(s);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+    __syncthreads();
+    s = 0.0f;
+    for (int k = 0; k < (int)(blockDim.x >> 5); ++k) s += red[k];
+    float l = m + logf(s);
+    for (i64 j = threadIdx.x; j < C; j += blockDim.x) prob[i * C + j] = expf(z[j] - l);
+    if (threadIdx.x == 0) {
+        lse[i] = l;
+        int y = labels[i];
+        row_loss[i] = y >= 0 ? l - z[y] : 0.0f;
+    }
+}
+
+// One block per row: dz = g_i (p - onehot); dc = r_i dz dt (in place of prob); dn_i = s sum_j dz t.
+extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, const float* __restrict__ tval,
+                                                   const float* __restrict__ dt, const int* __restrict__ labels,
+                                                   const float* __restrict__ xnorm, const float* __restrict__ g_rows,
+                                                   float g_scalar, FmParams p, i64 B, i64 C, float* __restrict__ dn) {
+    __shared__ float red[32];
+    i64 i = blockIdx.x;
+    int y = labels[i];
+    float g = fm_upstream(g_rows, g_scalar, i, y);
+    float r = fm_row_scale(p, xnorm[i]);
+    float acc = 0.0f;
+    for (i64 j = threadIdx.x; j < C; j += blockDim.x) {
+        i64 e = i * C + j;
+        float dz = g * (prob_dc[e] - (j == y ? 1.0f : 0.0f));
+        acc = fmaf(p.s * dz, tval[e], acc);
+        prob_dc[e] = r * dz * dt[e];
+    }
+    acc = fm_warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float s = 0.0f;
+        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) s += red[k];
+        dn[i] = s;
+    }
+}
+
+// out[r, d] = sum_k a[k, r] * b[k, d] when trans_a, else sum_k a[r, k] * b[k, d]:
+// dxh = dc . wh (a = dc, B x C) and dwh = dc^T . xh (a = dc, trans). One thread per output.
+extern "C" __global__ void FM_ENTRY(naive_matmul)(const float* __restrict__ a, const float* __restrict__ b,
+                                                  i64 rows, i64 inner, int D, int trans_a,
+                                                  float* __restrict__ out) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * D) return;
+    i64 r = e / D;
+    int d = (int)(e % D);
+    float acc = 0.0f;
+    for (i64 k = 0; k < inner; ++k) {
+        float av = trans_a ? a[k * rows + r] : a[r * inner + k];
+        acc = fmaf(av, b[k * D + d], acc);
+    }
+    out[e] = acc;
+}
+
+// One block per row: dv = (dvh - vh (vh . dvh)) / max(|v|, eps) [+ dn vh] when `normalize`, else dvh.
+template <typename OUT>
+__device__ __forceinline__ void naive_norm_backward(const float* __restrict__ dvh, const float* __restrict__ vh,
+                                                    const float* __restrict__ norms, const float* __restrict__ dn,
+                                                    int D, int normalize, OUT* __restrict__ dv) {
+    __shared__ float red[32];
+    i64 r = blockIdx.x;
+    const float* g = dvh + r * D;
+    const float* u = vh + r * D;
+    float proj = 0.0f;
+    for (int k = threadIdx.x; k < D; k += blockDim.x) proj = fmaf(u[k], g[k], proj);
+    proj = fm_warp_sum(proj);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = proj;
+    __syncthreads();
+    proj = 0.0f;
+    for (int k = 0; k < (int)(blockDim.x >> 5); ++k) proj += red[k];
+    float inv = fm_inv_norm(norms[r]);
+    float extra = dn ? dn[r] : 0.0f;
+    for (int k = threadIdx.x; k < D; k += blockDim.x) {
+        float v = normalize ? (g[k] - u[k] * proj) * inv + extra * u[k] : g[k];
+        dv[r * D + k] = fm_from_f32<OUT>(v);
+    }
+}
+
+extern "C" __global__ void FM_ENTRY(naive_norm_backward)(const float* dvh, const float* vh, const float* norms,
+                                                         const float* dn, int D, int normalize, T_IN* dv) {
+    naive_norm_backward<T_IN>(dvh, vh, norms, dn, D, normalize, dv);
+}
+extern "C" __global__ void FM_ENTRY_F32OUT(naive_norm_backward)(const float* dvh, const float* vh,
+                                                                const float* norms, const float* dn, int D,
+                                                                int normalize, float* dv) {
+    naive_norm_backward<float>(dvh, vh, norms, dn, D, normalize, dv);
+}

@@ -1,0 +1,57 @@
+// fused-margin: row norms and the backward through the L2 normalization (MATH.md steps 1, 3 and
+// "Backward": dv = (dvh - vh (vh . dvh)) / max(|v|, eps), plus dn * vh without feature norm).
+#include "common.cuh"
+
+// norms[r] = |v_r| (raw, before the eps floor). One warp per row, f32 accumulation.
+extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ v, i64 rows, int D,
+                                                  float* __restrict__ norms) {
+    i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const T_IN* r = v + row * D;
+    float acc = 0.0f;
+    for (int k = lane; k < D; k += 32) {
+        float e = fm_to_f32(r[k]);
+        acc = fmaf(e, e, acc);
+    }
+    acc = fm_warp_sum(acc);
+    if (lane == 0) norms[row] = sqrtf(acc);
+}
+
+// Fused plan, last step for x: dxh_i = sum over class splits (fixed order: deterministic) of the
+// partial products, then dx_i = (dxh_i - xh_i * proj_i) / max(|x_i|, eps) + dn_i * xh_i, where
+// proj_i = xh_i . dxh_i = sum_j dc_ij c_ij and dn_i (only without feature normalization) were
+// reduced the same way. One thread per element; rows of ignored labels get exact zeros.
+template <typename OUT>
+__device__ __forceinline__ void fm_x_finish(const T_IN* __restrict__ x, const float* __restrict__ xnorm,
+                                            const float* __restrict__ dxh_part,
+                                            const float* __restrict__ proj_part,
+                                            const float* __restrict__ dn_part, int nsplit, i64 B, int D,
+                                            FmParams p, OUT* __restrict__ dx) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= B * D) return;
+    i64 row = e / D;
+    float dxh = 0.0f, proj = 0.0f, dn = 0.0f;
+    for (int s = 0; s < nsplit; ++s) {
+        dxh += dxh_part[(i64)s * B * D + e];
+        proj += proj_part[(i64)s * B + row];
+        dn += dn_part[(i64)s * B + row];
+    }
+    float inv = fm_inv_norm(xnorm[row]);
+    float xh = fm_to_f32(x[e]) * inv;
+    float g = (dxh - xh * proj) * inv;
+    if (!p.normalize_features) g += dn * xh;
+    dx[e] = fm_from_f32<OUT>(g);
+}
+
+extern "C" __global__ void FM_ENTRY(fm_x_finish)(const T_IN* x, const float* xnorm, const float* dxh_part,
+                                                 const float* proj_part, const float* dn_part, int nsplit,
+                                                 i64 B, int D, FmParams p, T_IN* dx) {
+    fm_x_finish<T_IN>(x, xnorm, dxh_part, proj_part, dn_part, nsplit, B, D, p, dx);
+}
+extern "C" __global__ void FM_ENTRY_F32OUT(fm_x_finish)(const T_IN* x, const float* xnorm,
+                                                        const float* dxh_part, const float* proj_part,
+                                                        const float* dn_part, int nsplit, i64 B, int D,
+                                                        FmParams p, float* dx) {
+    fm_x_finish<float>(x, xnorm, dxh_part, proj_part, dn_part, nsplit, B, D, p, dx);
+}

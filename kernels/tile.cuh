@@ -1,0 +1,119 @@
+// fused-margin: the cosine-logits tile shared by the fused forward and backward kernels.
+//
+// A block of 256 threads computes the raw dot products of FM_BM rows of x with FM_BN rows of w,
+// accumulating over D in chunks of FM_BK through shared memory (f32 accumulation whatever the
+// input dtype). Thread (ty, tx) = (tid / 16, tid % 16) owns rows {ty, ty + 16} and columns
+// {tx, tx + 16}, so the 16 threads of one row sit in one half-warp and row reductions are
+// shuffles. v1 is plain SIMT; the tensor-core version replaces this file, not its callers.
+#ifndef FM_TILE_CUH
+#define FM_TILE_CUH
+#include "common.cuh"
+
+#define FM_BM 32
+#define FM_BN 32
+#define FM_BK 32
+#define FM_THREADS 256
+#define FM_DC 128   // gradient columns (of D) owned by one block in the backward kernels
+
+struct FmTileSmem {
+    float xs[FM_BM][FM_BK + 1];   // +1: rows land in different banks
+    float ws[FM_BN][FM_BK + 1];
+};
+
+// acc[a][b] = x[row0 + ty + 16a] . w[col0 + tx + 16b] (raw, un-normalized; 0 outside the matrix).
+// All 64-bit offsets: row * D and col * D can exceed 2^31.
+template <typename T>
+__device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __restrict__ w,
+                                            i64 row0, i64 col0, i64 B, i64 C, int D,
+                                            FmTileSmem& sm, float acc[2][2]) {
+    const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0f;
+    for (int k0 = 0; k0 < D; k0 += FM_BK) {
+        // 1024 elements per operand, 4 per thread, consecutive threads on consecutive k (coalesced).
+#pragma unroll
+        for (int q = 0; q < (FM_BM * FM_BK) / FM_THREADS; ++q) {
+            int e = tid + q * FM_THREADS, r = e / FM_BK, k = e % FM_BK;
+            i64 row = row0 + r, col = col0 + r;
+            bool kin = k0 + k < D;
+            sm.xs[r][k] = (row < B && kin) ? fm_to_f32(x[row * D + k0 + k]) : 0.0f;
+            sm.ws[r][k] = (col < C && kin) ? fm_to_f32(w[col * D + k0 + k]) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int k = 0; k < FM_BK; ++k) {
+            float a0 = sm.xs[ty][k], a1 = sm.xs[ty + 16][k];
+            float b0 = sm.ws[tx][k], b1 = sm.ws[tx + 16][k];
+            acc[0][0] = fmaf(a0, b0, acc[0][0]);
+            acc[0][1] = fmaf(a0, b1, acc[0][1]);
+            acc[1][0] = fmaf(a1, b0, acc[1][0]);
+            acc[1][1] = fmaf(a1, b1, acc[1][1]);
+        }
+        __syncthreads();
+    }
+}
+
+// What one element of the tile contributes, from its raw dot product (MATH.md steps 2-5):
+// c = dot / (max(|x_i|,eps) * max(|w_j|,eps)) (the weight factor only with weight normalization),
+// t = target(c) at the label, else c; z = r_i * t; dt = dtarget/dc (1 off the label).
+struct FmElem { float c, t, z, dt; };
+
+__device__ __forceinline__ FmElem fm_elem(const FmParams& p, float dot, float inv_x, float inv_w,
+                                          float r, bool is_target) {
+    FmElem e;
+    e.c = dot * inv_x * (p.normalize_weights ? inv_w : 1.0f);
+    if (is_target) {
+        FmTarget tg = fm_target(p, (double)e.c);
+        e.t = (float)tg.value;
+        e.dt = (float)tg.deriv;
+    } else {
+        e.t = e.c;
+        e.dt = 1.0f;
+    }
+    e.z = r * e.t;
+    return e;
+}
+
+// Per-row state of the backward: label, 1/max(|x_i|,eps), r_i, the saved lse_i and upstream g_i.
+struct FmRow { int label; float inv_x, r, lse, g; };
+
+__device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, const int* labels,
+                                             const float* xnorm, const float* lse,
+                                             const float* g_rows, float g_scalar) {
+    FmRow R;
+    if (row < B) {
+        R.label = labels[row];
+        float n = xnorm[row];
+        R.inv_x = fm_inv_norm(n);
+        R.r = fm_row_scale(p, n);
+        R.lse = lse[row];
+        R.g = fm_upstream(g_rows, g_scalar, row, R.label);
+    } else {
+        R.label = -1; R.inv_x = 0.0f; R.r = 0.0f; R.lse = 0.0f; R.g = 0.0f;
+    }
+    return R;
+}
+
+// The backward at one element (MATH.md "Backward"): dz = g (softmax - onehot) from the saved lse,
+// dc = r dz dtarget/dc. Also returns c (for proj = sum_j dc_ij c_ij = vh . dvh, the projection the
+// normalization backward needs) and dz * t (for dn = s sum_j dz_ij t_ij without feature norm).
+// Rows with g = 0 (ignored) give exact zeros.
+__device__ __forceinline__ float fm_dc(const FmParams& p, const FmRow& R, i64 col, float dot,
+                                       float inv_w, float& c, float& dzt) {
+    if (R.g == 0.0f) { c = 0.0f; dzt = 0.0f; return 0.0f; }
+    bool tgt = R.label == col;
+    FmElem e = fm_elem(p, dot, R.inv_x, inv_w, R.r, tgt);
+    float dz = R.g * (expf(e.z - R.lse) - (tgt ? 1.0f : 0.0f));
+    c = e.c;
+    dzt = dz * e.t;
+    return R.r * dz * e.dt;
+}
+
+// The class range [t_begin, t_end) of tiles that split `split` of `nsplit` covers.
+__device__ __forceinline__ void fm_split_range(i64 ntiles, int split, int tiles_per_split,
+                                               i64& t_begin, i64& t_end) {
+    t_begin = (i64)split * tiles_per_split;
+    t_end = t_begin + tiles_per_split;
+    if (t_end > ntiles) t_end = ntiles;
+}
+
+#endif  // FM_TILE_CUH

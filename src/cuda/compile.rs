@@ -1,0 +1,112 @@
+//! NVRTC compilation of the kernel translation unit, one PTX per (input dtype, architecture),
+//! cached process-wide (the first compile costs ~0.4 s; every later handle reuses it).
+//!
+//! The loss options are kernel arguments, not compile-time constants: only the B target elements
+//! read them, so specializing would multiply compiles for no measurable gain.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+/// The kernel translation unit (kernels/all.cu with every include inlined by build.rs).
+pub mod source {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// The input dtypes the kernels are built for.
+pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
+/// (and `_f32out` before it for the f32-gradient variants).
+pub const ENTRY_POINTS: [&str; 18] = [
+    "fm_fill_u32",
+    "fm_fill_u16",
+    "fm_row_norms",
+    "fm_fwd_tiles",
+    "fm_combine_rows",
+    "fm_reduce_loss",
+    "fm_grad_x_partial",
+    "fm_x_finish",
+    "fm_x_finish_f32out",
+    "fm_grad_w",
+    "fm_grad_w_f32out",
+    "naive_normalize",
+    "naive_cosine",
+    "naive_logits",
+    "naive_softmax",
+    "naive_dlogits",
+    "naive_matmul",
+    "naive_norm_backward",
+];
+
+/// True when libnvrtc can be loaded (cudarc panics on first use otherwise).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen the library by its known names; no NVRTC call is made.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn dtype_define(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("-DFM_DTYPE=0"),
+        DType::F16 => Ok("-DFM_DTYPE=1"),
+        DType::BF16 => Ok("-DFM_DTYPE=2"),
+        DType::F64 => Err(Error::Unsupported {
+            detail: "f64 inputs run on the CPU reference only; the GPU kernels take f32, f16, bf16"
+                .into(),
+        }),
+    }
+}
+
+/// Compiles the kernels for `dtype` and `arch` (e.g. `"sm_90"`), without caching. Works without
+/// a GPU (only libnvrtc is needed). Accurate maths: no fast-math flags.
+pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
+    let module = format!("fused-margin kernels ({}, {arch})", dtype.suffix());
+    if !nvrtc_available() {
+        return Err(Error::Compile {
+            module,
+            log: "libnvrtc not found (install CUDA or `pip install nvidia-cuda-nvrtc` and put its lib/ on LD_LIBRARY_PATH)".into(),
+        });
+    }
+    let opts = CompileOptions {
+        options: vec![
+            dtype_define(dtype)?.to_string(),
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".into(),
+        ],
+        name: Some(format!("fused_margin_{}.cu", dtype.suffix())),
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(source::KERNELS_CU, opts).map_err(|e| Error::Compile {
+        module,
+        log: match e {
+            CompileError::CompileError { log, options, .. } => {
+                format!("options {options:?}\n{}", log.to_string_lossy())
+            }
+            other => format!("{other:?}"),
+        },
+    })
+}
+
+/// Compiles (once per process) and returns the PTX for `dtype` and `arch`.
+pub fn compile_ptx(dtype: DType, arch: &str) -> Result<Ptx> {
+    static CACHE: OnceLock<Mutex<HashMap<(DType, String), Ptx>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let key = (dtype, arch.to_string());
+    if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(p.clone());
+    }
+    // Compile outside the lock: other dtypes need not wait. A racing duplicate compile is harmless.
+    let ptx = compile_ptx_uncached(dtype, arch)?;
+    cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, ptx.clone());
+    Ok(ptx)
+}
+
+/// The symbol of `base` for `dtype`: `fm_grad_w` + bf16 -> `fm_grad_w_bf16`.
+pub fn entry_name(base: &str, dtype: DType) -> String {
+    format!("{base}_{}", dtype.suffix())
+}

@@ -1,0 +1,323 @@
+//! The fused plan (DESIGN.md "Data flow on the GPU"): norms, logits tiles with online softmax
+//! statistics per class split, the combine; in backward the tiles are recomputed from the saved
+//! logsumexp and multiplied straight into the gradients. Extra memory is
+//! `O(B + C + B x nsplit + B x D x nsplit_x)`, never `B x C`.
+
+use super::params::FmParams;
+use super::{
+    cuda_err, grid_1d, CudaElement, ForwardOut, FusedMarginLoss, GpuForward, GpuGradients, Kernels,
+};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::spec::Shape;
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+/// Rows per tile (FM_BM in kernels/tile.cuh).
+const BM: usize = 32;
+/// Classes per tile (FM_BN).
+const BN: usize = 32;
+/// Gradient columns per backward block (FM_DC).
+const DC: usize = 128;
+/// Threads per tile block (FM_THREADS).
+const THREADS: u32 = 256;
+/// Blocks per SM the split heuristics aim for.
+const BLOCKS_PER_SM: usize = 4;
+/// Upper bound on class splits of the backward's dxh (bounds its B x D x nsplit partials).
+const MAX_X_SPLITS: usize = 64;
+/// Upper bound on class splits of the forward (its partials are only B x nsplit pairs).
+const MAX_FWD_SPLITS: usize = 1024;
+
+/// The per-row upstream gradient: a device buffer (reduction none) or one scalar.
+pub(crate) struct Upstream<'a> {
+    pub g_rows: Option<&'a CudaView<'a, f32>>,
+    pub g_scalar: f32,
+}
+
+/// How the class tiles are split across blocks: `nsplit` splits of `tiles_per_split` tiles.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Splits {
+    pub tiles_per_split: usize,
+    pub nsplit: usize,
+}
+
+/// Spreads `ntiles` class tiles over enough splits that `other_blocks * nsplit` fills the GPU
+/// (BLOCKS_PER_SM blocks per SM), at most `max_splits`; every split is non-empty.
+pub(crate) fn splits(
+    ntiles: usize,
+    other_blocks: usize,
+    sm_count: usize,
+    max_splits: usize,
+) -> Splits {
+    let target = BLOCKS_PER_SM * sm_count.max(1);
+    let want = target
+        .div_ceil(other_blocks.max(1))
+        .clamp(1, max_splits.min(ntiles).max(1));
+    let tiles_per_split = ntiles.div_ceil(want);
+    Splits {
+        tiles_per_split,
+        nsplit: ntiles.div_ceil(tiles_per_split),
+    }
+}
+
+fn grid(x: usize, y: usize, z: usize, what: &str) -> Result<LaunchConfig> {
+    if x > u32::MAX as usize / 2 || y > 65535 || z > 65535 {
+        return Err(Error::TooLarge {
+            what: "launch",
+            detail: format!(
+                "{what}: grid ({x}, {y}, {z}) exceeds CUDA's limits (2^31-1, 65535, 65535)"
+            ),
+        });
+    }
+    Ok(LaunchConfig {
+        grid_dim: (x as u32, y as u32, z as u32),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::TooLarge {
+        what: "shape",
+        detail: format!("{what} = {v} does not fit i32"),
+    })
+}
+
+/// Row norms of a `rows x d` matrix: one warp per row.
+pub(crate) fn row_norms<T: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    v: &CudaView<'_, T>,
+    rows: usize,
+    d: usize,
+) -> Result<CudaSlice<f32>> {
+    let mut out = h.alloc::<f32>(k, rows)?;
+    let f = k.get("fm_row_norms")?;
+    let (rows_i, d_i) = (rows as i64, i32_of(d, "D")?);
+    let mut b = h.stream.launch_builder(&f);
+    b.arg(v).arg(&rows_i).arg(&d_i).arg(&mut out);
+    // SAFETY: fm_row_norms(const T*, i64 rows, int D, float*) reads rows*D elements of `v`
+    // (length checked == rows*D by validate) and writes `rows` floats of `out` (allocated rows).
+    unsafe { b.launch(grid_1d(rows as u64 * 32, THREADS)?) }
+        .map_err(|e| cuda_err("launch fm_row_norms", e))?;
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward<T: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    labels: &CudaView<'_, i32>,
+    shape: Shape,
+    mean: bool,
+) -> Result<ForwardOut> {
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let x_norm = row_norms(h, k, x, b, d)?;
+    let w_norm = row_norms(h, k, w, c, d)?;
+
+    let row_tiles = b.div_ceil(BM);
+    let ntiles = c.div_ceil(BN);
+    let sp = splits(ntiles, row_tiles, h.sm_count as usize, MAX_FWD_SPLITS);
+    let mut part_m = h.alloc::<f32>(k, b * sp.nsplit)?;
+    let mut part_s = h.alloc::<f32>(k, b * sp.nsplit)?;
+    let mut zy = h.alloc::<f32>(k, b)?;
+    let workspace_bytes = 4 * (2 * b * sp.nsplit + b);
+
+    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
+    let (tps, ns) = (
+        i32_of(sp.tiles_per_split, "tiles per split")?,
+        sp.nsplit as i32,
+    );
+    let f = k.get("fm_fwd_tiles")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(w)
+        .arg(labels)
+        .arg(&x_norm)
+        .arg(&w_norm)
+        .arg(p);
+    lb.arg(&bi).arg(&ci).arg(&di).arg(&tps).arg(&ns);
+    lb.arg(&mut part_m).arg(&mut part_s).arg(&mut zy);
+    // SAFETY: grid (row_tiles, nsplit): every block reads rows < B of x (B*D), classes < C of w
+    // (C*D) and of w_norm (C), rows < B of labels/x_norm, and writes part_m/part_s at
+    // row*nsplit + split < B*nsplit (allocated B*nsplit) and zy[row] < B. All offsets 64-bit.
+    unsafe { lb.launch(grid(row_tiles, sp.nsplit, 1, "fm_fwd_tiles")?) }
+        .map_err(|e| cuda_err("launch fm_fwd_tiles", e))?;
+
+    let mut lse = h.alloc::<f32>(k, b)?;
+    let mut row_loss = h.alloc::<f32>(k, b)?;
+    let f = k.get("fm_combine_rows")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(&part_m)
+        .arg(&part_s)
+        .arg(&ns)
+        .arg(&zy)
+        .arg(labels)
+        .arg(&bi);
+    lb.arg(&mut lse).arg(&mut row_loss);
+    // SAFETY: one thread per row < B reads nsplit partials of its row (B*nsplit allocated),
+    // zy/labels[row] (B) and writes lse/row_loss[row] (B).
+    unsafe { lb.launch(grid_1d(b as u64, 256)?) }
+        .map_err(|e| cuda_err("launch fm_combine_rows", e))?;
+
+    let loss = reduce_loss(h, k, &row_loss, labels, b, mean)?;
+    Ok(ForwardOut {
+        loss,
+        row_loss,
+        lse,
+        x_norm,
+        w_norm,
+        workspace_bytes,
+    })
+}
+
+/// The reduction of per-row losses into the loss (one block, fixed order). Shared by both plans.
+pub(crate) fn reduce_loss(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    row_loss: &CudaSlice<f32>,
+    labels: &CudaView<'_, i32>,
+    b: usize,
+    mean: bool,
+) -> Result<CudaSlice<f32>> {
+    let mut loss = h.alloc::<f32>(k, 1)?;
+    let mean = mean as i32;
+    let bi = b as i64;
+    let f = k.get("fm_reduce_loss")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(row_loss)
+        .arg(labels)
+        .arg(&bi)
+        .arg(&mean)
+        .arg(&mut loss);
+    // SAFETY: one block of 1024 threads reads B row losses and labels and writes loss[0].
+    unsafe {
+        lb.launch(LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| cuda_err("launch fm_reduce_loss", e))?;
+    Ok(loss)
+}
+
+/// The entry point writing gradients of type `O` from inputs `T`.
+pub(crate) fn out_entry<T: CudaElement, O: CudaElement>(base: &str) -> String {
+    if O::DTYPE == DType::F32 && T::DTYPE != DType::F32 {
+        format!("{base}_f32out")
+    } else {
+        base.to_string()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<T: CudaElement, O: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    fwd: &GpuForward,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    labels: &CudaView<'_, i32>,
+    up: &Upstream<'_>,
+) -> Result<GpuGradients<O>> {
+    let shape = fwd.shape;
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let row_tiles = b.div_ceil(BM);
+    let ntiles = c.div_ceil(BN);
+    let dchunks = d.div_ceil(DC);
+    let sp = splits(
+        ntiles,
+        row_tiles * dchunks,
+        h.sm_count as usize,
+        MAX_X_SPLITS,
+    );
+    let mut dxh_part = h.alloc::<f32>(k, sp.nsplit * b * d)?;
+    let mut proj_part = h.alloc::<f32>(k, sp.nsplit * b)?;
+    let mut dn_part = h.alloc::<f32>(k, sp.nsplit * b)?;
+    let workspace_bytes = 4 * sp.nsplit * (b * d + 2 * b);
+
+    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
+    let (tps, ns) = (
+        i32_of(sp.tiles_per_split, "tiles per split")?,
+        sp.nsplit as i32,
+    );
+    let null: u64 = 0;
+
+    let f = k.get("fm_grad_x_partial")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(w)
+        .arg(labels)
+        .arg(&fwd.x_norm)
+        .arg(&fwd.w_norm)
+        .arg(&fwd.lse);
+    match up.g_rows {
+        Some(v) => lb.arg(v),
+        None => lb.arg(&null),
+    };
+    lb.arg(&up.g_scalar)
+        .arg(p)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di)
+        .arg(&tps)
+        .arg(&ns);
+    lb.arg(&mut dxh_part).arg(&mut proj_part).arg(&mut dn_part);
+    // SAFETY: grid (row_tiles, nsplit, dchunks): reads x (B*D), w (C*D), labels/x_norm/lse/g_rows
+    // (B; g_rows length checked == B or null), w_norm (C) within bounds; writes dxh_part at
+    // (split*B + row)*D + d < nsplit*B*D and proj/dn_part at split*B + row < nsplit*B.
+    unsafe { lb.launch(grid(row_tiles, sp.nsplit, dchunks, "fm_grad_x_partial")?) }
+        .map_err(|e| cuda_err("launch fm_grad_x_partial", e))?;
+
+    let mut dx = h.alloc::<O>(k, b * d)?;
+    let name = out_entry::<T, O>("fm_x_finish");
+    let f = k.get(&name)?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(&fwd.x_norm)
+        .arg(&dxh_part)
+        .arg(&proj_part)
+        .arg(&dn_part)
+        .arg(&ns);
+    lb.arg(&bi).arg(&di).arg(p).arg(&mut dx);
+    // SAFETY: one thread per element e < B*D: reads x[e], x_norm[e/D], nsplit partials at
+    // s*B*D + e and s*B + row (all allocated nsplit*...), writes dx[e] (B*D of type O).
+    unsafe { lb.launch(grid_1d((b * d) as u64, 256)?) }
+        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+
+    let mut dw = h.alloc::<O>(k, c * d)?;
+    let name = out_entry::<T, O>("fm_grad_w");
+    let f = k.get(&name)?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(w)
+        .arg(labels)
+        .arg(&fwd.x_norm)
+        .arg(&fwd.w_norm)
+        .arg(&fwd.lse);
+    match up.g_rows {
+        Some(v) => lb.arg(v),
+        None => lb.arg(&null),
+    };
+    lb.arg(&up.g_scalar)
+        .arg(p)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di)
+        .arg(&mut dw);
+    // SAFETY: grid (ntiles, dchunks): each block reads all rows of x/labels/x_norm/lse/g_rows
+    // (B) and its classes < C of w/w_norm, and writes dw[col*D + d] for its own classes < C and
+    // dims < D only (C*D of type O allocated).
+    unsafe { lb.launch(grid(ntiles, dchunks, 1, "fm_grad_w")?) }
+        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+
+    Ok(GpuGradients {
+        dx,
+        dw,
+        workspace_bytes,
+    })
+}

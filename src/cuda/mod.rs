@@ -1,0 +1,549 @@
+//! The GPU path: NVRTC-compiled kernels launched through cudarc on the caller's stream.
+//!
+//! ```no_run
+//! use cudarc::driver::CudaContext;
+//! use fused_margin::{cuda::{FusedMarginLoss, GpuUpstream}, MarginLoss, Shape};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let ctx = CudaContext::new(0)?;
+//! let stream = ctx.default_stream();
+//! let gpu = FusedMarginLoss::new(stream.clone())?;
+//! let shape = Shape::new(2, 4, 3);
+//! let x = stream.clone_htod(&[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])?;
+//! let w = stream.clone_htod(&[1.0f32; 12])?;
+//! let labels = stream.clone_htod(&[0i32, 2])?;
+//! let spec = MarginLoss::arcface(0.5);
+//! let fwd = gpu.forward(&spec, &x.as_view(), &w.as_view(), &labels.as_view(), shape)?;
+//! println!("loss {}", fwd.loss_host()?);
+//! let grads = gpu.backward(&spec, &fwd, &x.as_view(), &w.as_view(), &labels.as_view(), GpuUpstream::ONE)?;
+//! # let _ = grads; Ok(()) }
+//! ```
+//!
+//! Validation happens in Rust before any launch, including the label range: the B labels are
+//! copied to the host for that (one small synchronous copy per call).
+
+mod compile;
+mod fused;
+mod naive;
+mod params;
+
+pub use compile::{
+    compile_ptx, compile_ptx_uncached, entry_name, nvrtc_available, source, ENTRY_POINTS,
+    KERNEL_DTYPES,
+};
+
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::spec::{MarginLoss, Reduction, Shape};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
+    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use params::FmParams;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// An input element type the kernels accept: f32, half::f16, half::bf16.
+pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
+impl CudaElement for f32 {}
+impl CudaElement for half::f16 {}
+impl CudaElement for half::bf16 {}
+
+/// True when the CUDA driver library can be loaded and reports at least one device.
+/// Checks `is_culib_present` first: cudarc panics when libcuda is missing.
+pub fn device_available() -> bool {
+    // SAFETY: only tries to dlopen libcuda by its known names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+/// Opens device `ordinal` and returns its default stream, or `Error::NoDevice` saying why not.
+pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    // SAFETY: only tries to dlopen libcuda by its known names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoDevice {
+            reason: "libcuda (the NVIDIA driver library) was not found".into(),
+        });
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice {
+        reason: format!("cannot open CUDA device {ordinal}: {e:?}"),
+    })?;
+    Ok(ctx.default_stream())
+}
+
+/// Which sequence of kernels computes the loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Plan {
+    /// Fused tiles (the default): logits recomputed in backward, extra memory
+    /// `O(B + C + B x class splits + B x D x splits)`, never `B x C`.
+    #[default]
+    Fused,
+    /// One plain kernel per step with every intermediate materialized (`B x C` cosines, logits,
+    /// softmax, ...): eager PyTorch's shape of work, kept as the benchmark and test baseline.
+    Naive,
+}
+
+/// The upstream gradient for [`FusedMarginLoss::backward`].
+#[derive(Debug, Clone, Copy)]
+pub enum GpuUpstream<'a> {
+    /// `dObjective/dloss` for mean and sum reductions (usually 1).
+    Scalar(f32),
+    /// One value per row, on the device, for `Reduction::None`.
+    PerRow(&'a CudaView<'a, f32>),
+}
+
+impl GpuUpstream<'_> {
+    /// The usual upstream of a scalar loss: 1.
+    pub const ONE: GpuUpstream<'static> = GpuUpstream::Scalar(1.0);
+}
+
+/// The result of a GPU forward: the loss on the device (copy it with [`GpuForward::loss_host`]),
+/// per-row losses and logsumexps, and what backward needs (norms, the spec and shape).
+#[derive(Debug)]
+pub struct GpuForward {
+    /// The reduced loss, one f32 (for `Reduction::None`: the sum of `row_loss`).
+    pub loss: CudaSlice<f32>,
+    /// `l_i` per row (0 for ignored rows).
+    pub row_loss: CudaSlice<f32>,
+    /// `logsumexp_j z_ij` per row: what backward recomputes the softmax from.
+    pub lse: CudaSlice<f32>,
+    /// `|x_i|` per row.
+    pub x_norm: CudaSlice<f32>,
+    /// `|w_j|` per class.
+    pub w_norm: CudaSlice<f32>,
+    /// Bytes of temporary device memory the forward allocated beyond its outputs (the crate's own
+    /// accounting of every workspace buffer).
+    pub workspace_bytes: usize,
+    spec: MarginLoss,
+    shape: Shape,
+    dtype: DType,
+    plan: Plan,
+    counted: usize,
+    labels_sum: i64,
+    stream: Arc<CudaStream>,
+}
+
+impl GpuForward {
+    /// Copies the reduced loss to the host (synchronizes the stream).
+    pub fn loss_host(&self) -> Result<f32> {
+        let v = self
+            .stream
+            .clone_dtoh(&self.loss)
+            .map_err(|e| cuda_err("copy loss to host", e))?;
+        Ok(v[0])
+    }
+
+    /// Copies the per-row losses to the host (synchronizes the stream).
+    pub fn row_loss_host(&self) -> Result<Vec<f32>> {
+        self.stream
+            .clone_dtoh(&self.row_loss)
+            .map_err(|e| cuda_err("copy row losses to host", e))
+    }
+
+    /// Copies the per-row logsumexps to the host (synchronizes the stream).
+    pub fn lse_host(&self) -> Result<Vec<f32>> {
+        self.stream
+            .clone_dtoh(&self.lse)
+            .map_err(|e| cuda_err("copy lse to host", e))
+    }
+
+    /// The number of rows that count (label >= 0).
+    pub fn counted(&self) -> usize {
+        self.counted
+    }
+
+    /// The shape this result was computed for.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+}
+
+/// Gradients on the device, in the input dtype `O = T` or in f32 (see
+/// [`FusedMarginLoss::backward_f32`]).
+#[derive(Debug)]
+pub struct GpuGradients<O> {
+    /// `dloss/dx`, B x D row-major.
+    pub dx: CudaSlice<O>,
+    /// `dloss/dw`, C x D row-major.
+    pub dw: CudaSlice<O>,
+    /// Bytes of temporary device memory the backward allocated beyond the gradients.
+    pub workspace_bytes: usize,
+}
+
+/// The GPU loss operator bound to one stream. Kernels are compiled by NVRTC once per
+/// (input dtype, architecture) per process and loaded once per handle; the handle is
+/// `Send + Sync` and can be shared between threads.
+pub struct FusedMarginLoss {
+    stream: Arc<CudaStream>,
+    arch: String,
+    sm_count: u32,
+    plan: Plan,
+    poison: bool,
+    modules: Mutex<HashMap<DType, Arc<Kernels>>>,
+}
+
+impl std::fmt::Debug for FusedMarginLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedMarginLoss")
+            .field("arch", &self.arch)
+            .field("sm_count", &self.sm_count)
+            .field("plan", &self.plan)
+            .field("poison", &self.poison)
+            .finish()
+    }
+}
+
+/// One loaded module and the functions fetched from it so far.
+pub(crate) struct Kernels {
+    module: Arc<CudaModule>,
+    dtype: DType,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl Kernels {
+    /// The entry point `base` for this module's dtype (e.g. `fm_grad_w` -> `fm_grad_w_bf16`).
+    pub(crate) fn get(&self, base: &str) -> Result<CudaFunction> {
+        let name = entry_name(base, self.dtype);
+        let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fns.get(&name) {
+            return Ok(f.clone());
+        }
+        let f = self
+            .module
+            .load_function(&name)
+            .map_err(|e| cuda_err(&format!("load kernel {name}"), e))?;
+        fns.insert(name, f.clone());
+        Ok(f)
+    }
+}
+
+pub(crate) fn cuda_err(context: &str, e: DriverError) -> Error {
+    Error::Cuda {
+        context: context.to_string(),
+        detail: format!("{e:?}"),
+    }
+}
+
+/// A 1-D launch of `n` threads in blocks of `threads`.
+pub(crate) fn grid_1d(n: u64, threads: u32) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(threads as u64);
+    if blocks > u32::MAX as u64 {
+        return Err(Error::TooLarge {
+            what: "launch",
+            detail: format!("{n} threads need {blocks} blocks of {threads} (> 2^32 - 1)"),
+        });
+    }
+    Ok(LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl FusedMarginLoss {
+    /// A handle on `stream` with the default (fused) plan. Reads the device's architecture and
+    /// SM count; compiles nothing yet.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("query compute capability", e))?;
+        if major < 8 {
+            return Err(Error::Unsupported {
+                detail: format!(
+                    "compute capability {major}.{minor}: the kernels need sm_80 or newer"
+                ),
+            });
+        }
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| cuda_err("query SM count", e))? as u32;
+        Ok(Self {
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            sm_count,
+            plan: Plan::Fused,
+            poison: false,
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Selects the plan used by later calls.
+    pub fn with_plan(mut self, plan: Plan) -> Self {
+        self.plan = plan;
+        self
+    }
+
+    /// Debugging aid: fill every output and workspace with NaN before the kernels run, so an
+    /// element a kernel failed to write shows up as NaN instead of a plausible stale value.
+    pub fn with_poison(mut self, on: bool) -> Self {
+        self.poison = on;
+        self
+    }
+
+    /// The plan in use.
+    pub fn plan(&self) -> Plan {
+        self.plan
+    }
+
+    /// The stream every launch goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device architecture the kernels are compiled for, e.g. `"sm_90"`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    pub(crate) fn kernels(&self, dtype: DType) -> Result<Arc<Kernels>> {
+        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = mods.get(&dtype) {
+            return Ok(k.clone());
+        }
+        let ptx = compile_ptx(dtype, &self.arch)?;
+        let module = self
+            .stream
+            .context()
+            .load_module(ptx)
+            .map_err(|e| cuda_err("load kernel module", e))?;
+        let k = Arc::new(Kernels {
+            module,
+            dtype,
+            functions: Mutex::new(HashMap::new()),
+        });
+        mods.insert(dtype, k.clone());
+        Ok(k)
+    }
+
+    /// Allocates `n` elements; poisoned with NaN when poisoning is on.
+    pub(crate) fn alloc<O: CudaElement>(&self, k: &Kernels, n: usize) -> Result<CudaSlice<O>> {
+        let mut s = self
+            .stream
+            .alloc_zeros::<O>(n.max(1))
+            .map_err(|e| cuda_err(&format!("allocate {n} x {}", O::DTYPE.suffix()), e))?;
+        if self.poison {
+            self.fill_nan(k, &mut s)?;
+        }
+        Ok(s)
+    }
+
+    fn fill_nan<O: CudaElement>(&self, k: &Kernels, s: &mut CudaSlice<O>) -> Result<()> {
+        let n = s.len() as i64;
+        let cfg = grid_1d(n as u64, 256)?;
+        match O::DTYPE.size() {
+            4 => {
+                let f = k.get("fm_fill_u32")?;
+                let nan: u32 = 0x7fc0_0000;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(s).arg(&n).arg(&nan);
+                // SAFETY: fm_fill_u32(unsigned*, i64 n, unsigned) writes n 4-byte elements of a
+                // buffer of exactly n 4-byte elements.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("poison buffer", e))?;
+            }
+            _ => {
+                let f = k.get("fm_fill_u16")?;
+                // f16 NaN 0x7e00; bf16 NaN 0x7fc0.
+                let nan: u16 = if O::DTYPE == DType::BF16 {
+                    0x7fc0
+                } else {
+                    0x7e00
+                };
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(s).arg(&n).arg(&nan);
+                // SAFETY: fm_fill_u16(unsigned short*, i64 n, unsigned short) writes n 2-byte
+                // elements of a buffer of exactly n 2-byte elements.
+                unsafe { b.launch(cfg) }.map_err(|e| cuda_err("poison buffer", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks spec, shape, buffer lengths and labels (copied to the host) before any launch.
+    /// Returns (counted rows, sum of labels: a cheap fingerprint to match forward and backward).
+    fn validate<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+    ) -> Result<(usize, i64)> {
+        spec.validate()?;
+        shape.check_lengths(x.len(), w.len(), labels.len())?;
+        if shape.d > i32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "shape",
+                detail: format!("D = {} must be < 2^31", shape.d),
+            });
+        }
+        let host = self
+            .stream
+            .clone_dtoh(labels)
+            .map_err(|e| cuda_err("copy labels to host for validation", e))?;
+        let counted = shape.check_labels(&host)?;
+        let sum = host.iter().map(|&l| l as i64).sum();
+        Ok((counted, sum))
+    }
+
+    /// Forward pass on the GPU (MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
+    /// (negative = ignored), all on this handle's device.
+    pub fn forward<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+    ) -> Result<GpuForward> {
+        let (counted, labels_sum) = self.validate(spec, x, w, labels, shape)?;
+        let k = self.kernels(T::DTYPE)?;
+        let p = FmParams::from_spec(spec);
+        let mean = spec.reduction == Reduction::Mean;
+        let out = match self.plan {
+            Plan::Fused => fused::forward(self, &k, &p, x, w, labels, shape, mean)?,
+            Plan::Naive => naive::forward(self, &k, &p, x, w, labels, shape, mean)?,
+        };
+        Ok(GpuForward {
+            loss: out.loss,
+            row_loss: out.row_loss,
+            lse: out.lse,
+            x_norm: out.x_norm,
+            w_norm: out.w_norm,
+            workspace_bytes: out.workspace_bytes,
+            spec: *spec,
+            shape,
+            dtype: T::DTYPE,
+            plan: self.plan,
+            counted,
+            labels_sum,
+            stream: self.stream.clone(),
+        })
+    }
+
+    /// Backward pass (MATH.md "Backward"), gradients in the input dtype.
+    pub fn backward<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        fwd: &GpuForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuGradients<T>> {
+        self.backward_impl::<T, T>(spec, fwd, x, w, labels, upstream)
+    }
+
+    /// Backward pass with f32 gradients whatever the input dtype (accumulation is f32 either way;
+    /// this skips the final rounding to f16/bf16).
+    pub fn backward_f32<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        fwd: &GpuForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuGradients<f32>> {
+        self.backward_impl::<T, f32>(spec, fwd, x, w, labels, upstream)
+    }
+
+    fn backward_impl<T: CudaElement, O: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        fwd: &GpuForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuGradients<O>> {
+        let shape = fwd.shape;
+        let (counted, labels_sum) = self.validate(spec, x, w, labels, shape)?;
+        if fwd.spec != *spec {
+            return Err(Error::ForwardMismatch {
+                detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
+            });
+        }
+        if fwd.dtype != T::DTYPE || fwd.plan != self.plan {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "forward ran {:?} with {:?} inputs, backward is {:?} with {:?}",
+                    fwd.plan,
+                    fwd.dtype,
+                    self.plan,
+                    T::DTYPE
+                ),
+            });
+        }
+        if fwd.counted != counted || fwd.labels_sum != labels_sum {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "labels differ from the forward's (counted {} vs {}, label sum {} vs {})",
+                    fwd.counted, counted, fwd.labels_sum, labels_sum
+                ),
+            });
+        }
+        let (g_rows, g_scalar) = match (spec.reduction, upstream) {
+            (Reduction::Mean, GpuUpstream::Scalar(v))
+            | (Reduction::Sum, GpuUpstream::Scalar(v)) => {
+                if !v.is_finite() {
+                    return Err(Error::Upstream {
+                        detail: format!("scalar upstream gradient {v} is not finite"),
+                    });
+                }
+                let g = match spec.reduction {
+                    Reduction::Mean if counted == 0 => 0.0,
+                    Reduction::Mean => v / counted as f32,
+                    _ => v,
+                };
+                (None, g)
+            }
+            (Reduction::None, GpuUpstream::PerRow(view)) => {
+                if view.len() != shape.b {
+                    return Err(Error::Length {
+                        what: "upstream",
+                        expected: shape.b,
+                        got: view.len(),
+                    });
+                }
+                (Some(view), 0.0)
+            }
+            (Reduction::None, GpuUpstream::Scalar(v)) => {
+                return Err(Error::Upstream {
+                    detail: format!(
+                    "reduction none needs one upstream value per row (B = {}), got the scalar {v}",
+                    shape.b
+                ),
+                })
+            }
+            (r, GpuUpstream::PerRow(view)) => {
+                return Err(Error::Upstream {
+                    detail: format!(
+                        "reduction {r:?} needs a scalar upstream gradient, got {} per-row values",
+                        view.len()
+                    ),
+                })
+            }
+        };
+        let k = self.kernels(T::DTYPE)?;
+        let p = FmParams::from_spec(spec);
+        let up = fused::Upstream { g_rows, g_scalar };
+        match self.plan {
+            Plan::Fused => fused::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up),
+            Plan::Naive => naive::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up),
+        }
+    }
+}
+
+/// What a plan's forward hands back to [`FusedMarginLoss::forward`].
+pub(crate) struct ForwardOut {
+    pub loss: CudaSlice<f32>,
+    pub row_loss: CudaSlice<f32>,
+    pub lse: CudaSlice<f32>,
+    pub x_norm: CudaSlice<f32>,
+    pub w_norm: CudaSlice<f32>,
+    pub workspace_bytes: usize,
+}

@@ -1,0 +1,279 @@
+//! The naive plan: one plain kernel per step, every intermediate materialized in f32 (eager
+//! PyTorch's shape of work). Backward recomputes the forward's intermediates, then materializes
+//! `dc` and runs two plain matrix products and the explicit normalization backward.
+
+use super::fused::{out_entry, reduce_loss, row_norms, Upstream};
+use super::params::FmParams;
+use super::{
+    cuda_err, grid_1d, CudaElement, ForwardOut, FusedMarginLoss, GpuForward, GpuGradients, Kernels,
+};
+use crate::error::Result;
+use crate::spec::Shape;
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+/// Threads per block of the row-wise kernels.
+const ROW_THREADS: u32 = 256;
+
+fn rows_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Everything the naive forward materializes.
+struct Materialized {
+    x_norm: CudaSlice<f32>,
+    w_norm: CudaSlice<f32>,
+    xh: CudaSlice<f32>,
+    wh: CudaSlice<f32>,
+    tval: CudaSlice<f32>,
+    dt: CudaSlice<f32>,
+    prob: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    row_loss: CudaSlice<f32>,
+    bytes: usize,
+}
+
+fn check_rows(rows: usize) -> Result<()> {
+    if rows > i32::MAX as usize {
+        return Err(crate::Error::TooLarge {
+            what: "launch",
+            detail: format!("naive plan: {rows} rows exceed one block per row (2^31 - 1)"),
+        });
+    }
+    Ok(())
+}
+
+fn materialize<T: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    labels: &CudaView<'_, i32>,
+    shape: Shape,
+) -> Result<Materialized> {
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    check_rows(b.max(c))?;
+    let (bi, ci, di) = (b as i64, c as i64, d as i32);
+    let x_norm = row_norms(h, k, x, b, d)?;
+    let w_norm = row_norms(h, k, w, c, d)?;
+
+    let normalize = |v: &CudaView<'_, T>,
+                     norms: &CudaSlice<f32>,
+                     rows: usize,
+                     on: bool|
+     -> Result<CudaSlice<f32>> {
+        let mut out = h.alloc::<f32>(k, rows * d)?;
+        let f = k.get("naive_normalize")?;
+        let (ri, on) = (rows as i64, on as i32);
+        let mut lb = h.stream.launch_builder(&f);
+        lb.arg(v)
+            .arg(norms)
+            .arg(&ri)
+            .arg(&di)
+            .arg(&on)
+            .arg(&mut out);
+        // SAFETY: one thread per element < rows*D of `v` (rows*D) and `out` (rows*D), norms[e/D] < rows.
+        unsafe { lb.launch(grid_1d((rows * d) as u64, 256)?) }
+            .map_err(|e| cuda_err("launch naive_normalize", e))?;
+        Ok(out)
+    };
+    let xh = normalize(x, &x_norm, b, true)?;
+    let wh = normalize(w, &w_norm, c, p.normalize_weights != 0)?;
+
+    let bc = b * c;
+    let mut cos = h.alloc::<f32>(k, bc)?;
+    let f = k.get("naive_cosine")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(&xh)
+        .arg(&wh)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di)
+        .arg(&mut cos);
+    // SAFETY: one thread per (i, j) < B*C reads rows i of xh (B*D) and j of wh (C*D), writes cos[e] (B*C).
+    unsafe { lb.launch(grid_1d(bc as u64, 256)?) }
+        .map_err(|e| cuda_err("launch naive_cosine", e))?;
+
+    let mut logits = h.alloc::<f32>(k, bc)?;
+    let mut tval = h.alloc::<f32>(k, bc)?;
+    let mut dt = h.alloc::<f32>(k, bc)?;
+    let f = k.get("naive_logits")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(&cos)
+        .arg(labels)
+        .arg(&x_norm)
+        .arg(p)
+        .arg(&bi)
+        .arg(&ci);
+    lb.arg(&mut logits).arg(&mut tval).arg(&mut dt);
+    // SAFETY: one thread per element < B*C of cos/logits/tval/dt (all B*C), labels/x_norm[i < B].
+    unsafe { lb.launch(grid_1d(bc as u64, 256)?) }
+        .map_err(|e| cuda_err("launch naive_logits", e))?;
+    drop(cos);
+
+    let mut prob = h.alloc::<f32>(k, bc)?;
+    let mut lse = h.alloc::<f32>(k, b)?;
+    let mut row_loss = h.alloc::<f32>(k, b)?;
+    let f = k.get("naive_softmax")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(&logits)
+        .arg(labels)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&mut prob)
+        .arg(&mut lse)
+        .arg(&mut row_loss);
+    // SAFETY: block i < B reads row i of logits (B*C) and labels[i], writes row i of prob (B*C)
+    // and lse/row_loss[i] (B).
+    unsafe { lb.launch(rows_cfg(b)) }.map_err(|e| cuda_err("launch naive_softmax", e))?;
+    drop(logits);
+
+    // Peak: xh, wh and five B x C buffers (cos, logits, tval, dt, prob) live at once at most.
+    let bytes = 4 * (b * d + c * d + 5 * bc);
+    Ok(Materialized {
+        x_norm,
+        w_norm,
+        xh,
+        wh,
+        tval,
+        dt,
+        prob,
+        lse,
+        row_loss,
+        bytes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward<T: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    labels: &CudaView<'_, i32>,
+    shape: Shape,
+    mean: bool,
+) -> Result<ForwardOut> {
+    let m = materialize(h, k, p, x, w, labels, shape)?;
+    let loss = reduce_loss(h, k, &m.row_loss, labels, shape.b, mean)?;
+    Ok(ForwardOut {
+        loss,
+        row_loss: m.row_loss,
+        lse: m.lse,
+        x_norm: m.x_norm,
+        w_norm: m.w_norm,
+        workspace_bytes: m.bytes,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<T: CudaElement, O: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    fwd: &GpuForward,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    labels: &CudaView<'_, i32>,
+    up: &Upstream<'_>,
+) -> Result<GpuGradients<O>> {
+    let shape = fwd.shape;
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let (bi, ci, di) = (b as i64, c as i64, d as i32);
+    let m = materialize(h, k, p, x, w, labels, shape)?;
+    let Materialized {
+        x_norm,
+        w_norm,
+        xh,
+        wh,
+        tval,
+        dt,
+        prob,
+        ..
+    } = m;
+    let mut dc = prob;
+    let mut dn = h.alloc::<f32>(k, b)?;
+    let null: u64 = 0;
+    let f = k.get("naive_dlogits")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(&mut dc).arg(&tval).arg(&dt).arg(labels).arg(&x_norm);
+    match up.g_rows {
+        Some(v) => lb.arg(v),
+        None => lb.arg(&null),
+    };
+    lb.arg(&up.g_scalar).arg(p).arg(&bi).arg(&ci).arg(&mut dn);
+    // SAFETY: block i < B rewrites row i of dc (B*C) from tval/dt (B*C), reads labels/x_norm/g_rows[i]
+    // (B; g_rows checked == B or null) and writes dn[i] (B).
+    unsafe { lb.launch(rows_cfg(b)) }.map_err(|e| cuda_err("launch naive_dlogits", e))?;
+    drop((tval, dt));
+
+    let matmul = |a: &CudaSlice<f32>,
+                  bm: &CudaSlice<f32>,
+                  rows: usize,
+                  inner: usize,
+                  trans: bool|
+     -> Result<CudaSlice<f32>> {
+        let mut out = h.alloc::<f32>(k, rows * d)?;
+        let f = k.get("naive_matmul")?;
+        let (ri, ii, ti) = (rows as i64, inner as i64, trans as i32);
+        let mut lb = h.stream.launch_builder(&f);
+        lb.arg(a)
+            .arg(bm)
+            .arg(&ri)
+            .arg(&ii)
+            .arg(&di)
+            .arg(&ti)
+            .arg(&mut out);
+        // SAFETY: one thread per output < rows*D; reads a (rows*inner = B*C), b (inner*D) in bounds.
+        unsafe { lb.launch(grid_1d((rows * d) as u64, 256)?) }
+            .map_err(|e| cuda_err("launch naive_matmul", e))?;
+        Ok(out)
+    };
+    let dxh = matmul(&dc, &wh, b, c, false)?;
+    let dwh = matmul(&dc, &xh, c, b, true)?;
+    drop(dc);
+
+    let norm_bwd = |dvh: &CudaSlice<f32>,
+                    vh: &CudaSlice<f32>,
+                    norms: &CudaSlice<f32>,
+                    extra: Option<&CudaSlice<f32>>,
+                    rows: usize,
+                    on: bool|
+     -> Result<CudaSlice<O>> {
+        let mut out = h.alloc::<O>(k, rows * d)?;
+        let name = out_entry::<T, O>("naive_norm_backward");
+        let f = k.get(&name)?;
+        let on = on as i32;
+        let mut lb = h.stream.launch_builder(&f);
+        lb.arg(dvh).arg(vh).arg(norms);
+        match extra {
+            Some(e) => lb.arg(e),
+            None => lb.arg(&null),
+        };
+        lb.arg(&di).arg(&on).arg(&mut out);
+        // SAFETY: block r < rows reads row r of dvh/vh (rows*D), norms/extra[r] (rows) and writes
+        // row r of out (rows*D of type O).
+        unsafe { lb.launch(rows_cfg(rows)) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+        Ok(out)
+    };
+    let dx = norm_bwd(
+        &dxh,
+        &xh,
+        &x_norm,
+        (p.normalize_features == 0).then_some(&dn),
+        b,
+        true,
+    )?;
+    let dw = norm_bwd(&dwh, &wh, &w_norm, None, c, p.normalize_weights != 0)?;
+    let workspace_bytes = 4 * (b * d + c * d + 5 * b * c) + 4 * (b * d + c * d + b);
+    Ok(GpuGradients {
+        dx,
+        dw,
+        workspace_bytes,
+    })
+}
