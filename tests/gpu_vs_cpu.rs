@@ -1,0 +1,610 @@
+//! The GPU plans (fused and naive) against the CPU f64 reference, on the same rounded inputs, with
+//! MATH.md's precision bars: every preset and option, f32 / f16 / bf16, odd shapes, outliers,
+//! ignored labels, outputs poisoned with NaN before every launch.
+//!
+//! Without a GPU every test prints why and passes; with `FUSED_MARGIN_REQUIRE_GPU=1` (the GPU
+//! machine's bundle sets it) a missing device fails instead.
+use cudarc::driver::CudaStream;
+use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, Plan};
+use fused_margin::{
+    cpu, DType, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream,
+};
+use half::{bf16, f16};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use std::sync::Arc;
+
+fn gpu_or_skip() -> Option<Arc<CudaStream>> {
+    let required = std::env::var("FUSED_MARGIN_REQUIRE_GPU").as_deref() == Ok("1");
+    if !cuda::device_available() {
+        assert!(
+            !required,
+            "FUSED_MARGIN_REQUIRE_GPU=1 but no CUDA device/driver was found"
+        );
+        eprintln!("skipped: no CUDA driver or device on this machine");
+        return None;
+    }
+    if !cuda::nvrtc_available() {
+        assert!(
+            !required,
+            "FUSED_MARGIN_REQUIRE_GPU=1 but libnvrtc cannot be loaded"
+        );
+        eprintln!("skipped: libnvrtc not found");
+        return None;
+    }
+    Some(cuda::default_stream(0).expect("open device 0"))
+}
+
+/// Normwise relative error |a - b| / |b| (absolute when the reference is all zeros).
+fn rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+/// MATH.md's bars (loss, gradients) per input dtype; f32 is exact f32 arithmetic (no TF32).
+fn bars(dt: DType) -> (f64, f64) {
+    match dt {
+        DType::F32 => (1e-5, 1e-4),
+        DType::F16 => (1e-3, 5e-3),
+        DType::BF16 => (5e-3, 2e-2),
+        DType::F64 => unreachable!(),
+    }
+}
+
+/// Random inputs: uniform entries, a few large outliers, several ignored rows (-1 and -100), and
+/// some rows pointed almost opposite their class so target angles cross pi - m (every overflow
+/// policy branch runs).
+struct Inputs {
+    x: Vec<f64>,
+    w: Vec<f64>,
+    labels: Vec<i32>,
+    upstream: Vec<f64>,
+}
+
+fn inputs(shape: Shape, seed: u64) -> Inputs {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let mut x: Vec<f64> = (0..b * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut w: Vec<f64> = (0..c * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let labels: Vec<i32> = (0..b)
+        .map(|i| match i % 7 {
+            3 if b > 1 => -1,
+            5 if b > 1 => -100,
+            _ => rng.random_range(0..c as i32),
+        })
+        .collect();
+    for i in 0..b {
+        if labels[i] >= 0 && i % 4 == 1 {
+            // x_i ~ -w_y: theta near pi.
+            let y = labels[i] as usize;
+            for k in 0..d {
+                x[i * d + k] = -w[y * d + k] * 0.7 + rng.random_range(-0.05..0.05);
+            }
+        }
+    }
+    for _ in 0..(b * d / 50).max(1) {
+        let e = rng.random_range(0..b * d);
+        x[e] *= 40.0;
+    }
+    for _ in 0..(c * d / 50).max(1) {
+        let e = rng.random_range(0..c * d);
+        w[e] *= 25.0;
+    }
+    let upstream = (0..b).map(|_| rng.random_range(0.5..1.5)).collect();
+    Inputs {
+        x,
+        w,
+        labels,
+        upstream,
+    }
+}
+
+fn to_f64<T: CudaElement>(v: &[T]) -> Vec<f64> {
+    v.iter().map(|e| e.to_f64()).collect()
+}
+
+/// Runs one case through `gpu` and the CPU reference and checks every output against the bars.
+fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape, seed: u64) {
+    let what = format!("{:?} {:?} {:?} {shape:?}", gpu.plan(), T::DTYPE, spec);
+    let s = gpu.stream();
+    let inp = inputs(shape, seed);
+    let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
+    let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
+    let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
+    let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
+
+    let reference = cpu::forward(spec, &x, &w, &inp.labels, shape).unwrap();
+    let cpu_up = match spec.reduction {
+        Reduction::None => Upstream::PerRow(&up64),
+        _ => Upstream::Scalar(1.0),
+    };
+    let rgrad = cpu::backward(spec, &reference, &x, &w, &inp.labels, shape, cpu_up).unwrap();
+
+    let xd = s.clone_htod(&x).unwrap();
+    let wd = s.clone_htod(&w).unwrap();
+    let ld = s.clone_htod(&inp.labels).unwrap();
+    let ud = s.clone_htod(&up32).unwrap();
+    let uv = ud.as_view();
+    let gup = match spec.reduction {
+        Reduction::None => GpuUpstream::PerRow(&uv),
+        _ => GpuUpstream::ONE,
+    };
+    let fwd = gpu
+        .forward(spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
+        .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
+    let (lbar, gbar) = bars(T::DTYPE);
+
+    let row_loss: Vec<f64> = fwd
+        .row_loss_host()
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let loss = fwd.loss_host().unwrap() as f64;
+    assert!(loss.is_finite(), "{what}: loss {loss}");
+    assert!(
+        row_loss.iter().all(|v| v.is_finite()),
+        "{what}: non-finite row loss"
+    );
+    let e_rows = rel(&row_loss, &reference.row_loss);
+    assert!(
+        e_rows <= lbar,
+        "{what}: row losses rel err {e_rows:e} > {lbar:e}"
+    );
+    let e_loss = if reference.loss == 0.0 {
+        loss.abs()
+    } else {
+        (loss - reference.loss).abs() / reference.loss.abs()
+    };
+    assert!(
+        e_loss <= lbar,
+        "{what}: loss {loss} vs {} (rel {e_loss:e})",
+        reference.loss
+    );
+    let lse: Vec<f64> = fwd.lse_host().unwrap().iter().map(|&v| v as f64).collect();
+    let e_lse = rel(&lse, &reference.lse);
+    assert!(e_lse <= lbar, "{what}: lse rel err {e_lse:e}");
+
+    // Gradients in the input dtype, then in f32.
+    let g = gpu
+        .backward(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
+        .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let dx = to_f64(&s.clone_dtoh(&g.dx).unwrap());
+    let dw = to_f64(&s.clone_dtoh(&g.dw).unwrap());
+    assert!(
+        dx.iter().chain(&dw).all(|v| v.is_finite()),
+        "{what}: non-finite gradient"
+    );
+    let (ex, ew) = (rel(&dx, &rgrad.dx), rel(&dw, &rgrad.dw));
+    assert!(
+        ex <= gbar && ew <= gbar,
+        "{what}: dx rel {ex:e}, dw rel {ew:e} (bar {gbar:e})"
+    );
+
+    let g32 = gpu
+        .backward_f32(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
+        .unwrap_or_else(|e| panic!("{what}: backward_f32: {e}"));
+    let dx32: Vec<f64> = s
+        .clone_dtoh(&g32.dx)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let dw32: Vec<f64> = s
+        .clone_dtoh(&g32.dw)
+        .unwrap()
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let (ex, ew) = (rel(&dx32, &rgrad.dx), rel(&dw32, &rgrad.dw));
+    assert!(
+        ex <= gbar && ew <= gbar,
+        "{what}: f32 grads: dx rel {ex:e}, dw rel {ew:e}"
+    );
+}
+
+/// Every preset and every option that changes the maths.
+fn specs() -> Vec<MarginLoss> {
+    vec![
+        MarginLoss::nsl(16.0),
+        MarginLoss::cosface(0.35),
+        MarginLoss::cosface(0.4)
+            .scale(30.0)
+            .policy(OverflowPolicy::Easy),
+        MarginLoss::arcface(0.5),
+        MarginLoss::arcface(0.5).policy(OverflowPolicy::Monotonic),
+        MarginLoss::arcface(0.5).policy(OverflowPolicy::Raw),
+        MarginLoss::arcface(0.5).policy(OverflowPolicy::Easy),
+        MarginLoss::arcface(0.5).gradient(GradientMode::Detached),
+        MarginLoss::arcface(0.5)
+            .reduction(Reduction::Sum)
+            .scale(16.0),
+        MarginLoss::arcface(0.5)
+            .reduction(Reduction::None)
+            .scale(16.0),
+        MarginLoss::arcface(0.5).normalize_weights(false).scale(8.0),
+        MarginLoss::combined(1.0, 0.3, 0.2),
+        MarginLoss::sphereface(4.0),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+        MarginLoss::sphereface(4.0).gradient(GradientMode::Detached),
+        MarginLoss::sphereface(1.7)
+            .normalize_features(true)
+            .scale(30.0),
+        MarginLoss::nsl(1.0)
+            .normalize_features(false)
+            .normalize_weights(false),
+    ]
+}
+
+fn run_all<T: CudaElement>(plan: Plan) {
+    let Some(stream) = gpu_or_skip() else { return };
+    let gpu = FusedMarginLoss::new(stream)
+        .unwrap()
+        .with_plan(plan)
+        .with_poison(true);
+    // D not a multiple of 8 and C not a multiple of the 32-class tile; the second shape spans
+    // several class splits and two 128-wide gradient column chunks.
+    let shapes = [Shape::new(37, 77, 301), Shape::new(70, 130, 2051)];
+    for (n, spec) in specs().iter().enumerate() {
+        for (m, &shape) in shapes.iter().enumerate() {
+            check::<T>(&gpu, spec, shape, 1000 + 10 * n as u64 + m as u64);
+        }
+    }
+}
+
+#[test]
+fn fused_f32() {
+    run_all::<f32>(Plan::Fused);
+}
+#[test]
+fn fused_f16() {
+    run_all::<f16>(Plan::Fused);
+}
+#[test]
+fn fused_bf16() {
+    run_all::<bf16>(Plan::Fused);
+}
+#[test]
+fn naive_f32() {
+    run_all::<f32>(Plan::Naive);
+}
+#[test]
+fn naive_f16() {
+    run_all::<f16>(Plan::Naive);
+}
+#[test]
+fn naive_bf16() {
+    run_all::<bf16>(Plan::Naive);
+}
+
+#[test]
+fn tiny_shapes_and_all_ignored() {
+    let Some(stream) = gpu_or_skip() else { return };
+    for plan in [Plan::Fused, Plan::Naive] {
+        let gpu = FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_plan(plan)
+            .with_poison(true);
+        for shape in [
+            Shape::new(1, 3, 2),
+            Shape::new(1, 1, 1),
+            Shape::new(2, 5, 1),
+            Shape::new(3, 200, 33),
+        ] {
+            check::<f32>(&gpu, &MarginLoss::arcface(0.5), shape, 7);
+            check::<bf16>(&gpu, &MarginLoss::sphereface(4.0), shape, 8);
+        }
+        // Every row ignored: loss 0 and zero gradients (MATH.md step 6).
+        let s = gpu.stream();
+        let shape = Shape::new(9, 6, 16);
+        let x = s.clone_htod(&vec![0.3f32; 54]).unwrap();
+        let w = s
+            .clone_htod(&(0..96).map(|i| i as f32 * 0.01).collect::<Vec<_>>())
+            .unwrap();
+        let l = s.clone_htod(&[-1i32; 9]).unwrap();
+        let spec = MarginLoss::arcface(0.5);
+        let f = gpu
+            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
+            .unwrap();
+        assert_eq!(f.loss_host().unwrap(), 0.0);
+        let g = gpu
+            .backward(
+                &spec,
+                &f,
+                &x.as_view(),
+                &w.as_view(),
+                &l.as_view(),
+                GpuUpstream::ONE,
+            )
+            .unwrap();
+        assert!(s.clone_dtoh(&g.dx).unwrap().iter().all(|&v| v == 0.0));
+        assert!(s.clone_dtoh(&g.dw).unwrap().iter().all(|&v| v == 0.0));
+    }
+}
+
+#[test]
+fn extreme_logits_stay_finite() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let gpu = FusedMarginLoss::new(stream).unwrap().with_poison(true);
+    for s in [64.0, 1000.0] {
+        check::<f32>(
+            &gpu,
+            &MarginLoss::arcface(0.5).scale(s),
+            Shape::new(19, 33, 513),
+            11,
+        );
+    }
+}
+
+#[test]
+fn fused_memory_is_not_b_by_c() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let shape = Shape::new(64, 40, 100_003);
+    let inp = inputs(shape, 5);
+    let spec = MarginLoss::arcface(0.5);
+    let s = stream.clone();
+    let x = s
+        .clone_htod(&inp.x.iter().map(|&v| v as f32).collect::<Vec<_>>())
+        .unwrap();
+    let w = s
+        .clone_htod(&inp.w.iter().map(|&v| v as f32).collect::<Vec<_>>())
+        .unwrap();
+    let l = s.clone_htod(&inp.labels).unwrap();
+    let bc_bytes = 4 * shape.b * shape.c;
+    for plan in [Plan::Fused, Plan::Naive] {
+        let gpu = FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_plan(plan);
+        let f = gpu
+            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
+            .unwrap();
+        let g = gpu
+            .backward(
+                &spec,
+                &f,
+                &x.as_view(),
+                &w.as_view(),
+                &l.as_view(),
+                GpuUpstream::ONE,
+            )
+            .unwrap();
+        eprintln!(
+            "{plan:?}: forward workspace {} B, backward workspace {} B, one B x C f32 buffer {bc_bytes} B",
+            f.workspace_bytes, g.workspace_bytes
+        );
+        match plan {
+            Plan::Fused => {
+                // O(B + C + B x splits + B x D x splits): far below one B x C buffer.
+                assert!(
+                    f.workspace_bytes * 16 < bc_bytes,
+                    "fused forward {}",
+                    f.workspace_bytes
+                );
+                assert!(
+                    g.workspace_bytes * 16 < bc_bytes,
+                    "fused backward {}",
+                    g.workspace_bytes
+                );
+            }
+            Plan::Naive => assert!(f.workspace_bytes >= 5 * bc_bytes),
+        }
+    }
+}
+
+#[test]
+fn fused_is_deterministic() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let gpu = FusedMarginLoss::new(stream.clone()).unwrap();
+    let shape = Shape::new(150, 96, 7001);
+    let inp = inputs(shape, 9);
+    let x = stream
+        .clone_htod(&inp.x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+        .unwrap();
+    let w = stream
+        .clone_htod(&inp.w.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+        .unwrap();
+    let l = stream.clone_htod(&inp.labels).unwrap();
+    let spec = MarginLoss::arcface(0.5);
+    let run = || {
+        let f = gpu
+            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
+            .unwrap();
+        let g = gpu
+            .backward_f32(
+                &spec,
+                &f,
+                &x.as_view(),
+                &w.as_view(),
+                &l.as_view(),
+                GpuUpstream::ONE,
+            )
+            .unwrap();
+        (
+            f.loss_host().unwrap().to_bits(),
+            stream
+                .clone_dtoh(&g.dx)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            stream
+                .clone_dtoh(&g.dw)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let a = run();
+    let b = run();
+    assert!(a == b, "fused forward/backward differ bitwise between runs");
+}
+
+#[test]
+fn misuse_is_a_typed_error() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let gpu = FusedMarginLoss::new(stream.clone()).unwrap();
+    let shape = Shape::new(4, 8, 10);
+    let x = stream.clone_htod(&[0.5f32; 32]).unwrap();
+    let w = stream.clone_htod(&[0.25f32; 80]).unwrap();
+    let bad_w = stream.clone_htod(&[0.25f32; 79]).unwrap();
+    let l = stream.clone_htod(&[1i32, 2, 3, 4]).unwrap();
+    let bad_l = stream.clone_htod(&[1i32, 2, 10, 4]).unwrap();
+    let other_l = stream.clone_htod(&[1i32, 2, 3, 5]).unwrap();
+    let spec = MarginLoss::arcface(0.5);
+    let e = gpu
+        .forward(&spec, &x.as_view(), &bad_w.as_view(), &l.as_view(), shape)
+        .unwrap_err();
+    assert!(e.to_string().contains("79"), "{e}");
+    let e = gpu
+        .forward(&spec, &x.as_view(), &w.as_view(), &bad_l.as_view(), shape)
+        .unwrap_err();
+    assert!(e.to_string().contains("label 10"), "{e}");
+    let e = gpu
+        .forward(
+            &spec.scale(f64::NAN),
+            &x.as_view(),
+            &w.as_view(),
+            &l.as_view(),
+            shape,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("s = NaN"), "{e}");
+    let f = gpu
+        .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
+        .unwrap();
+    let e = gpu
+        .backward(
+            &spec.scale(30.0),
+            &f,
+            &x.as_view(),
+            &w.as_view(),
+            &l.as_view(),
+            GpuUpstream::ONE,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, fused_margin::Error::ForwardMismatch { .. }),
+        "{e}"
+    );
+    let e = gpu
+        .backward(
+            &spec,
+            &f,
+            &x.as_view(),
+            &w.as_view(),
+            &other_l.as_view(),
+            GpuUpstream::ONE,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, fused_margin::Error::ForwardMismatch { .. }),
+        "{e}"
+    );
+    let up = stream.clone_htod(&[1.0f32; 4]).unwrap();
+    let uv = up.as_view();
+    let e = gpu
+        .backward(
+            &spec,
+            &f,
+            &x.as_view(),
+            &w.as_view(),
+            &l.as_view(),
+            GpuUpstream::PerRow(&uv),
+        )
+        .unwrap_err();
+    assert!(matches!(e, fused_margin::Error::Upstream { .. }), "{e}");
+}
+
+/// B*C > 2^31 (small D keeps it cheap): 64-bit offsets everywhere. Rows are independent in the
+/// forward and in dx, so the first 96 rows are checked against the CPU f64 reference (the full
+/// reference would take minutes); dw, which needs every row, is checked fused against naive: two
+/// independent implementations, the naive one indexing its B x C buffers past 2^31.
+#[test]
+fn huge_b_times_c() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let shape = Shape::new(66_000, 8, 32_771);
+    assert!(shape.b * shape.c > (1usize << 31));
+    let inp = inputs(shape, 3);
+    let x: Vec<f32> = inp.x.iter().map(|&v| v as f32).collect();
+    let w: Vec<f32> = inp.w.iter().map(|&v| v as f32).collect();
+    let spec = MarginLoss::arcface(0.5).scale(30.0);
+    let counted = inp.labels.iter().filter(|&&l| l >= 0).count();
+
+    let sub = Shape::new(96, shape.d, shape.c);
+    let sub_spec = spec.reduction(Reduction::Sum);
+    let (xs, ls) = (&x[..sub.b * sub.d], &inp.labels[..sub.b]);
+    let reference = cpu::forward(&sub_spec, xs, &w, ls, sub).unwrap();
+    let up = Upstream::Scalar(1.0 / counted as f64);
+    let rgrad = cpu::backward(&sub_spec, &reference, xs, &w, ls, sub, up).unwrap();
+
+    let xd = stream.clone_htod(&x).unwrap();
+    let wd = stream.clone_htod(&w).unwrap();
+    let ld = stream.clone_htod(&inp.labels).unwrap();
+    let (free, _) = stream.context().mem_get_info().unwrap();
+    let mut plans = vec![Plan::Fused];
+    // The naive plan materializes five B x C f32 buffers (~43 GB here).
+    if free > 60 << 30 {
+        plans.push(Plan::Naive);
+    } else {
+        eprintln!("naive plan skipped for the huge case: only {free} bytes free");
+    }
+    let mut dws = Vec::new();
+    for plan in plans {
+        let gpu = FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_plan(plan);
+        let f = gpu
+            .forward(&spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
+            .unwrap();
+        let loss = f.loss_host().unwrap() as f64;
+        assert!(loss.is_finite() && loss > 0.0, "{plan:?}: loss {loss}");
+        let rows: Vec<f64> = f.row_loss_host().unwrap()[..sub.b]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let e = rel(&rows, &reference.row_loss);
+        assert!(e < 1e-5, "{plan:?}: row losses rel {e:e}");
+        let g = gpu
+            .backward(
+                &spec,
+                &f,
+                &xd.as_view(),
+                &wd.as_view(),
+                &ld.as_view(),
+                GpuUpstream::ONE,
+            )
+            .unwrap();
+        let dx: Vec<f64> = stream.clone_dtoh(&g.dx).unwrap()[..sub.b * sub.d]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let ex = rel(&dx, &rgrad.dx);
+        assert!(ex < 1e-4, "{plan:?}: dx rel {ex:e}");
+        let dw: Vec<f64> = stream
+            .clone_dtoh(&g.dw)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        assert!(
+            dw.iter().all(|v| v.is_finite()) && dw.iter().any(|&v| v != 0.0),
+            "{plan:?}: dw"
+        );
+        dws.push(dw);
+    }
+    if dws.len() == 2 {
+        let e = rel(&dws[0], &dws[1]);
+        assert!(e < 1e-4, "fused vs naive dw rel {e:e}");
+    }
+}
