@@ -119,7 +119,10 @@ fn check(name: &str) {
 }
 
 macro_rules! golden {
-    ($($t:ident => $n:literal),* $(,)?) => { $( #[test] fn $t() { check($n); } )* };
+    // Embedded at compile time, so the test binary also runs where the sources are not (GPU bundle).
+    ($($t:ident => $n:literal),* $(,)?) => { $( #[test] fn $t() {
+        check($n, include_str!(concat!("data/golden/", $n, ".json")));
+    } )* };
 }
 
 golden! {
