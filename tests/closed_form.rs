@@ -437,7 +437,7 @@ fn arcface_fallback_jump_at_the_threshold_by_hand() {
     assert!((left - right).abs() < 1e-6);
     // And the crate agrees on both sides of the jump.
     let shape = Shape::new(1, 2, 2);
-    for theta in [PI - m - 0.01, PI - m + 0.01] {
+    for theta in [PI - m - 1e-6, PI - m + 1e-6] {
         let x = [theta.cos(), theta.sin()];
         let w = [1.0, 0.0, 0.0, 1.0];
         let spec = MarginLoss::arcface(m).scale(1.0);
@@ -452,5 +452,36 @@ fn arcface_fallback_jump_at_the_threshold_by_hand() {
             (got - want).abs() <= 1e-12 * want,
             "theta {theta}: {got} vs {want}"
         );
+    }
+}
+
+#[test]
+fn easy_margin_switches_exactly_at_c_zero() {
+    // B = 1, C = 2 just either side of c = 0 (theta = pi/2 -/+ 1e-6): Easy applies the margin for
+    // c > 0 and none for c <= 0, so the loss jumps there by hand.
+    let (beta, n): (f64, f64) = (2.0, 1.3);
+    for (spec, margin) in [
+        (
+            MarginLoss::arcface(0.5).policy(OverflowPolicy::Easy),
+            (|a: f64| (a + 0.5).cos()) as fn(f64) -> f64,
+        ),
+        (
+            MarginLoss::cosface(0.35).policy(OverflowPolicy::Easy),
+            (|a: f64| a.cos() - 0.35) as fn(f64) -> f64,
+        ),
+    ] {
+        for alpha in [PI / 2.0 - 1e-6, PI / 2.0 + 1e-6] {
+            let t = if alpha.cos() > 0.0 {
+                margin(alpha)
+            } else {
+                alpha.cos()
+            };
+            let want = softplus(64.0 * ((alpha - beta).cos() - t));
+            let (got, _, _) = two_class(&spec, alpha, beta, n);
+            assert!(
+                (got - want).abs() <= 1e-12 * want + 1e-14 * 64.0,
+                "{spec:?} at alpha {alpha}: {got} vs {want}"
+            );
+        }
     }
 }
