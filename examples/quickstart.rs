@@ -33,6 +33,7 @@ struct Args {
     classes: usize,
     per_class: usize,
     seed: u64,
+    device: DeviceChoice,
 }
 
 fn parse_args() -> Args {
@@ -41,6 +42,7 @@ fn parse_args() -> Args {
         classes: 300,
         per_class: 20,
         seed: 42,
+        device: DeviceChoice::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -54,6 +56,14 @@ fn parse_args() -> Args {
             "--classes" => args.classes = value("--classes").max(2),
             "--per-class" => args.per_class = value("--per-class").max(HELD_OUT + 1),
             "--seed" => args.seed = value("--seed") as u64,
+            "--device" => {
+                args.device = match it.next().as_deref() {
+                    Some("auto") => DeviceChoice::Auto,
+                    Some("cpu") => DeviceChoice::Cpu,
+                    Some("gpu") => DeviceChoice::Gpu,
+                    _ => usage("--device needs auto, cpu or gpu"),
+                }
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown option {other}")),
         }
@@ -65,7 +75,9 @@ fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("{msg}");
     }
-    eprintln!("usage: quickstart [--epochs N] [--classes N] [--per-class N] [--seed N]");
+    eprintln!(
+        "usage: quickstart [--epochs N] [--classes N] [--per-class N] [--seed N] [--device auto|cpu|gpu]"
+    );
     std::process::exit(if msg.is_empty() { 0 } else { 2 })
 }
 
@@ -111,6 +123,37 @@ fn synthetic(args: &Args, rng: &mut StdRng) -> (Split, Split) {
 enum Backend {
     /// The crate's f64 CPU reference on f32 inputs.
     Cpu,
+    /// The fused CUDA kernels (f32 inputs, exact f32 arithmetic), on GPU 0.
+    Cuda(fused_margin::cuda::FusedMarginLoss),
+}
+
+/// Which backend `--device` asks for.
+#[derive(Clone, Copy, PartialEq)]
+enum DeviceChoice {
+    /// The GPU when one is present, else the CPU.
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+impl Backend {
+    /// Picks the backend and says which device it is.
+    fn choose(choice: DeviceChoice) -> fused_margin::Result<(Self, String)> {
+        use fused_margin::cuda;
+        if choice == DeviceChoice::Cpu
+            || (choice == DeviceChoice::Auto && !cuda::device_available())
+        {
+            return Ok((Backend::Cpu, "CPU (f64 reference)".into()));
+        }
+        let stream = cuda::default_stream(0)?;
+        let name = stream
+            .context()
+            .name()
+            .unwrap_or_else(|_| "CUDA device 0".into());
+        let gpu = cuda::FusedMarginLoss::new(stream)?;
+        let desc = format!("GPU: {name} ({}, fused kernels)", gpu.arch());
+        Ok((Backend::Cuda(gpu), desc))
+    }
 }
 
 /// The loss and its gradients with respect to the embeddings and the class weights.
@@ -138,6 +181,25 @@ fn loss_and_grads(
                 loss: fwd.loss,
                 d_emb: g.dx.iter().map(|&v| v as f32).collect(),
                 d_w: g.dw.iter().map(|&v| v as f32).collect(),
+            })
+        }
+        Backend::Cuda(gpu) => {
+            use fused_margin::cuda::GpuUpstream;
+            let s = gpu.stream();
+            let err = |e| fused_margin::Error::Cuda {
+                context: "quickstart copy".into(),
+                detail: format!("{e:?}"),
+            };
+            let x = s.clone_htod(emb).map_err(err)?;
+            let wd = s.clone_htod(w).map_err(err)?;
+            let l = s.clone_htod(labels).map_err(err)?;
+            let (xv, wv, lv) = (x.as_view(), wd.as_view(), l.as_view());
+            let fwd = gpu.forward(spec, &xv, &wv, &lv, shape)?;
+            let g = gpu.backward(spec, &fwd, &xv, &wv, &lv, GpuUpstream::ONE)?;
+            Ok(LossAndGrads {
+                loss: fwd.loss_host()? as f64,
+                d_emb: s.clone_dtoh(&g.dx).map_err(err)?,
+                d_w: s.clone_dtoh(&g.dw).map_err(err)?,
             })
         }
     }
@@ -238,7 +300,8 @@ fn main() -> fused_margin::Result<()> {
     // ArcFace as in the paper (m = 0.5, Fallback past theta > pi - m); s = 30 rather than 64
     // suits the small embedding dimension and class count.
     let spec = MarginLoss::arcface(0.5).scale(30.0);
-    let backend = Backend::Cpu;
+    let (backend, device) = Backend::choose(args.device)?;
+    println!("device: {device}");
     println!(
         "ArcFace(m = 0.5, s = 30) on {c} classes x {} points (D_in = {D_IN} -> D = {D}), {} train / {} held out, batch {BATCH}, Adam",
         args.per_class,
