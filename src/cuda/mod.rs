@@ -547,3 +547,10 @@ pub(crate) struct ForwardOut {
     pub w_norm: CudaSlice<f32>,
     pub workspace_bytes: usize,
 }
+
+// The handle is shared across threads (one per stream, many callers): keep it Send + Sync.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<FusedMarginLoss>();
+    assert_send_sync::<GpuForward>();
+};
