@@ -420,49 +420,18 @@ impl Upstream<'_> {
     pub fn per_row(&self, reduction: Reduction, labels: &[i32]) -> Result<Vec<f64>> {
         let b = labels.len();
         let counted = labels.iter().filter(|&&l| l >= 0).count();
-        let g: Vec<f64> = match (reduction, self) {
-            (Reduction::Mean, Upstream::Scalar(v)) | (Reduction::Sum, Upstream::Scalar(v)) => {
-                if !v.is_finite() {
-                    return Err(Error::Upstream {
-                        detail: format!("scalar upstream gradient {v} is not finite"),
-                    });
-                }
-                let per = match reduction {
-                    Reduction::Mean if counted == 0 => 0.0,
-                    Reduction::Mean => v / counted as f64,
-                    _ => *v,
-                };
-                vec![per; b]
+        let g: Vec<f64> = match *self {
+            Upstream::Scalar(v) => {
+                vec![scalar_upstream_per_row(reduction, v, b, counted)?; b]
             }
-            (Reduction::None, Upstream::PerRow(values)) => {
-                if values.len() != b {
-                    return Err(Error::Length {
-                        what: "upstream",
-                        expected: b,
-                        got: values.len(),
-                    });
-                }
+            Upstream::PerRow(values) => {
+                check_per_row_upstream(reduction, values.len(), b)?;
                 if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
                     return Err(Error::Upstream {
                         detail: format!("upstream gradient of row {i} is {v}, not finite"),
                     });
                 }
                 values.to_vec()
-            }
-            (Reduction::None, Upstream::Scalar(v)) => {
-                return Err(Error::Upstream {
-                    detail: format!(
-                    "reduction none needs one upstream value per row (B = {b}), got the scalar {v}"
-                ),
-                })
-            }
-            (r, Upstream::PerRow(values)) => {
-                return Err(Error::Upstream {
-                    detail: format!(
-                        "reduction {r:?} needs a scalar upstream gradient, got {} per-row values",
-                        values.len()
-                    ),
-                })
             }
         };
         Ok(labels
@@ -471,4 +440,50 @@ impl Upstream<'_> {
             .map(|(&l, gi)| if l >= 0 { gi } else { 0.0 })
             .collect())
     }
+}
+
+/// The per-row `g_i` a scalar upstream `v` gives (MATH.md "Backward"): `v/N` for mean over `N`
+/// counted rows (0 when `N = 0`), `v` for sum. Errors when `v` is not finite or the reduction is
+/// `None` (which needs one value per row). Shared by every backend.
+pub fn scalar_upstream_per_row(
+    reduction: Reduction,
+    v: f64,
+    b: usize,
+    counted: usize,
+) -> Result<f64> {
+    if !v.is_finite() {
+        return Err(Error::Upstream {
+            detail: format!("scalar upstream gradient {v} is not finite"),
+        });
+    }
+    match reduction {
+        Reduction::Mean if counted == 0 => Ok(0.0),
+        Reduction::Mean => Ok(v / counted as f64),
+        Reduction::Sum => Ok(v),
+        Reduction::None => Err(Error::Upstream {
+            detail: format!(
+                "reduction none needs one upstream value per row (B = {b}), got the scalar {v}"
+            ),
+        }),
+    }
+}
+
+/// Checks a per-row upstream of `len` values against the reduction (only `None` takes one) and
+/// `B`. Shared by every backend.
+pub fn check_per_row_upstream(reduction: Reduction, len: usize, b: usize) -> Result<()> {
+    if reduction != Reduction::None {
+        return Err(Error::Upstream {
+            detail: format!(
+                "reduction {reduction:?} needs a scalar upstream gradient, got {len} per-row values"
+            ),
+        });
+    }
+    if len != b {
+        return Err(Error::Length {
+            what: "upstream",
+            expected: b,
+            got: len,
+        });
+    }
+    Ok(())
 }

@@ -33,7 +33,7 @@ pub use compile::{
 
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::spec::{MarginLoss, Reduction, Shape};
+use crate::spec::{check_per_row_upstream, scalar_upstream_per_row, MarginLoss, Reduction, Shape};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
@@ -486,46 +486,14 @@ impl FusedMarginLoss {
                 ),
             });
         }
-        let (g_rows, g_scalar) = match (spec.reduction, upstream) {
-            (Reduction::Mean, GpuUpstream::Scalar(v))
-            | (Reduction::Sum, GpuUpstream::Scalar(v)) => {
-                if !v.is_finite() {
-                    return Err(Error::Upstream {
-                        detail: format!("scalar upstream gradient {v} is not finite"),
-                    });
-                }
-                let g = match spec.reduction {
-                    Reduction::Mean if counted == 0 => 0.0,
-                    Reduction::Mean => v / counted as f32,
-                    _ => v,
-                };
-                (None, g)
+        let (g_rows, g_scalar) = match upstream {
+            GpuUpstream::Scalar(v) => {
+                let g = scalar_upstream_per_row(spec.reduction, v as f64, shape.b, counted)?;
+                (None, g as f32)
             }
-            (Reduction::None, GpuUpstream::PerRow(view)) => {
-                if view.len() != shape.b {
-                    return Err(Error::Length {
-                        what: "upstream",
-                        expected: shape.b,
-                        got: view.len(),
-                    });
-                }
+            GpuUpstream::PerRow(view) => {
+                check_per_row_upstream(spec.reduction, view.len(), shape.b)?;
                 (Some(view), 0.0)
-            }
-            (Reduction::None, GpuUpstream::Scalar(v)) => {
-                return Err(Error::Upstream {
-                    detail: format!(
-                    "reduction none needs one upstream value per row (B = {}), got the scalar {v}",
-                    shape.b
-                ),
-                })
-            }
-            (r, GpuUpstream::PerRow(view)) => {
-                return Err(Error::Upstream {
-                    detail: format!(
-                        "reduction {r:?} needs a scalar upstream gradient, got {} per-row values",
-                        view.len()
-                    ),
-                })
             }
         };
         let k = self.kernels(T::DTYPE)?;
