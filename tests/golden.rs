@@ -3,6 +3,9 @@
 use fused_margin::{cpu, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream};
 use serde_json::Value;
 
+mod common;
+use common::rel;
+
 fn spec_of(v: &Value) -> MarginLoss {
     let s = &v["spec"];
     let f = |k: &str| s[k].as_f64().unwrap();
@@ -37,21 +40,6 @@ fn floats(v: &Value) -> Vec<f64> {
         .iter()
         .map(|e| e.as_f64().unwrap())
         .collect()
-}
-
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
 }
 
 fn check(name: &str, json: &str) {

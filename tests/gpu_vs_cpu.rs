@@ -13,6 +13,9 @@ use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;
 
+mod common;
+use common::rel;
+
 fn gpu_or_skip() -> Option<Arc<CudaStream>> {
     let required = std::env::var("FUSED_MARGIN_REQUIRE_GPU").as_deref() == Ok("1");
     if !cuda::device_available() {
@@ -32,23 +35,6 @@ fn gpu_or_skip() -> Option<Arc<CudaStream>> {
         return None;
     }
     Some(cuda::default_stream(0).expect("open device 0"))
-}
-
-/// Normwise relative error |a - b| / |b| (absolute when the reference is all zeros).
-fn rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).powi(2))
-        .sum::<f64>()
-        .sqrt();
-    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
-    if den == 0.0 {
-        num
-    } else {
-        num / den
-    }
 }
 
 /// MATH.md's bars (loss, gradients) per input dtype; f32 is exact f32 arithmetic (no TF32).

@@ -5,7 +5,8 @@
 
 use super::params::FmParams;
 use super::{
-    cuda_err, grid_1d, CudaElement, ForwardOut, FusedMarginLoss, GpuForward, GpuGradients, Kernels,
+    arg_or_null, cuda_err, grid_1d, CudaElement, ForwardOut, FusedMarginLoss, GpuForward,
+    GpuGradients, Kernels,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -245,7 +246,6 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         i32_of(sp.tiles_per_split, "tiles per split")?,
         sp.nsplit as i32,
     );
-    let null: u64 = 0;
 
     let f = k.get("fm_grad_x_partial")?;
     let mut lb = h.stream.launch_builder(&f);
@@ -255,10 +255,7 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         .arg(&fwd.x_norm)
         .arg(&fwd.w_norm)
         .arg(&fwd.lse);
-    match up.g_rows {
-        Some(v) => lb.arg(v),
-        None => lb.arg(&null),
-    };
+    arg_or_null(&mut lb, up.g_rows);
     lb.arg(&up.g_scalar)
         .arg(p)
         .arg(&bi)
@@ -299,10 +296,7 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         .arg(&fwd.x_norm)
         .arg(&fwd.w_norm)
         .arg(&fwd.lse);
-    match up.g_rows {
-        Some(v) => lb.arg(v),
-        None => lb.arg(&null),
-    };
+    arg_or_null(&mut lb, up.g_rows);
     lb.arg(&up.g_scalar)
         .arg(p)
         .arg(&bi)

@@ -225,6 +225,21 @@ pub(crate) fn cuda_err(context: &str, e: DriverError) -> Error {
     }
 }
 
+/// What a kernel receives for an absent optional buffer (it tests the pointer for null).
+static NULL_DEVICE_PTR: u64 = 0;
+
+/// Pushes an optional device buffer argument: the buffer, or a null pointer. The one place the
+/// kernels' "nullable pointer" convention (`g_rows`, `dn`) is spelled on the host.
+pub(crate) fn arg_or_null<'a, A>(lb: &mut cudarc::driver::LaunchArgs<'a>, v: Option<A>)
+where
+    cudarc::driver::LaunchArgs<'a>: PushKernelArg<A>,
+{
+    match v {
+        Some(a) => lb.arg(a),
+        None => PushKernelArg::<&u64>::arg(lb, &NULL_DEVICE_PTR),
+    };
+}
+
 /// A 1-D launch of `n` threads in blocks of `threads`.
 pub(crate) fn grid_1d(n: u64, threads: u32) -> Result<LaunchConfig> {
     let blocks = n.div_ceil(threads as u64);

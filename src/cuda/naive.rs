@@ -5,7 +5,8 @@
 use super::fused::{out_entry, reduce_loss, row_norms, Upstream};
 use super::params::FmParams;
 use super::{
-    cuda_err, grid_1d, CudaElement, ForwardOut, FusedMarginLoss, GpuForward, GpuGradients, Kernels,
+    arg_or_null, cuda_err, grid_1d, CudaElement, ForwardOut, FusedMarginLoss, GpuForward,
+    GpuGradients, Kernels,
 };
 use crate::error::Result;
 use crate::spec::Shape;
@@ -198,14 +199,10 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     } = m;
     let mut dc = prob;
     let mut dn = h.alloc::<f32>(k, b)?;
-    let null: u64 = 0;
     let f = k.get("naive_dlogits")?;
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(&mut dc).arg(&tval).arg(&dt).arg(labels).arg(&x_norm);
-    match up.g_rows {
-        Some(v) => lb.arg(v),
-        None => lb.arg(&null),
-    };
+    arg_or_null(&mut lb, up.g_rows);
     lb.arg(&up.g_scalar).arg(p).arg(&bi).arg(&ci).arg(&mut dn);
     // SAFETY: block i < B rewrites row i of dc (B*C) from tval/dt (B*C), reads labels/x_norm/g_rows[i]
     // (B; g_rows checked == B or null) and writes dn[i] (B).
@@ -251,10 +248,7 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         let on = on as i32;
         let mut lb = h.stream.launch_builder(&f);
         lb.arg(dvh).arg(vh).arg(norms);
-        match extra {
-            Some(e) => lb.arg(e),
-            None => lb.arg(&null),
-        };
+        arg_or_null(&mut lb, extra);
         lb.arg(&di).arg(&on).arg(&mut out);
         // SAFETY: block r < rows reads row r of dvh/vh (rows*D), norms/extra[r] (rows) and writes
         // row r of out (rows*D of type O).

@@ -219,3 +219,21 @@ pub fn run(
     let g = cpu::backward(spec, &fwd, x, w, labels, shape, up).expect("backward");
     (fwd, g)
 }
+
+/// Normwise relative error `|a - b| / |b|` (MATH.md's precision bars), absolute when the
+/// reference `b` is all zeros.
+pub fn rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "rel: length mismatch");
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
