@@ -243,11 +243,22 @@ fn specs() -> Vec<MarginLoss> {
 }
 
 fn run_all<T: CudaElement>(plan: Plan) {
+    run_all_with::<T>(plan, true);
+}
+
+fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
     let Some(stream) = gpu_or_skip() else { return };
     let gpu = FusedMarginLoss::new(stream)
         .unwrap()
         .with_plan(plan)
+        .with_cublas(cublas)
         .with_poison(true);
+    if plan == Plan::Naive {
+        eprintln!(
+            "naive plan matrix products on cuBLAS: {}",
+            gpu.naive_uses_cublas()
+        );
+    }
     // D not a multiple of 8 and C not a multiple of the 32-class tile; the second shape spans
     // several class splits and two 128-wide gradient column chunks.
     let shapes = [Shape::new(37, 77, 301), Shape::new(70, 130, 2051)];
@@ -281,6 +292,11 @@ fn naive_f16() {
 #[test]
 fn naive_bf16() {
     run_all::<bf16>(Plan::Naive);
+}
+#[test]
+fn naive_plain_kernels_f32() {
+    // The naive plan's own matrix-product kernels (used where libcublas is missing).
+    run_all_with::<f32>(Plan::Naive, false);
 }
 
 #[test]

@@ -23,6 +23,7 @@
 
 mod compile;
 mod fused;
+pub mod measure;
 mod naive;
 mod params;
 
@@ -34,13 +35,14 @@ pub use compile::{
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::spec::{check_per_row_upstream, scalar_upstream_per_row, MarginLoss, Reduction, Shape};
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use params::FmParams;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// An input element type the kernels accept: f32, half::f16, half::bf16.
 pub trait CudaElement: Element + DeviceRepr + ValidAsZeroBits {}
@@ -180,6 +182,8 @@ pub struct FusedMarginLoss {
     sm_count: u32,
     plan: Plan,
     poison: bool,
+    use_cublas: bool,
+    blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
 }
 
@@ -190,6 +194,7 @@ impl std::fmt::Debug for FusedMarginLoss {
             .field("sm_count", &self.sm_count)
             .field("plan", &self.plan)
             .field("poison", &self.poison)
+            .field("use_cublas", &self.use_cublas)
             .finish()
     }
 }
@@ -282,6 +287,8 @@ impl FusedMarginLoss {
             sm_count,
             plan: Plan::Fused,
             poison: false,
+            use_cublas: true,
+            blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
         })
     }
@@ -290,6 +297,33 @@ impl FusedMarginLoss {
     pub fn with_plan(mut self, plan: Plan) -> Self {
         self.plan = plan;
         self
+    }
+
+    /// Whether the naive plan may use cuBLAS for its three matrix products (default true, as
+    /// eager frameworks do). Without libcublas, or with `false`, it uses its own plain kernels.
+    pub fn with_cublas(mut self, on: bool) -> Self {
+        self.use_cublas = on;
+        self.blas = OnceLock::new();
+        self
+    }
+
+    /// The cuBLAS handle the naive plan uses, created on first use; `None` when disabled or when
+    /// libcublas cannot be loaded.
+    pub(crate) fn blas(&self) -> Option<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                // SAFETY: only tries to dlopen libcublas by its known names.
+                if !self.use_cublas || !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                    return None;
+                }
+                CudaBlas::new(self.stream.clone()).ok()
+            })
+            .as_ref()
+    }
+
+    /// True when the naive plan's matrix products run on cuBLAS (see [`Self::with_cublas`]).
+    pub fn naive_uses_cublas(&self) -> bool {
+        self.blas().is_some()
     }
 
     /// Debugging aid: fill every output and workspace with NaN before the kernels run, so an

@@ -1,6 +1,8 @@
 //! The naive plan: one plain kernel per step, every intermediate materialized in f32 (eager
-//! PyTorch's shape of work). Backward recomputes the forward's intermediates, then materializes
-//! `dc` and runs two plain matrix products and the explicit normalization backward.
+//! PyTorch's shape of work), its three matrix products on cuBLAS SGEMM when libcublas loads
+//! (as eager frameworks do), else on plain kernels. Backward recomputes the forward's
+//! intermediates, then materializes `dc` and runs two matrix products and the explicit
+//! normalization backward.
 
 use super::fused::{out_entry, reduce_loss, row_norms, Upstream};
 use super::params::FmParams;
@@ -10,7 +12,58 @@ use super::{
 };
 use crate::error::Result;
 use crate::spec::Shape;
+use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+/// cuBLAS operation flags.
+enum Op {
+    N,
+    T,
+}
+
+fn blas_err(what: &str, e: cudarc::cublas::result::CublasError) -> crate::Error {
+    crate::Error::Cuda {
+        context: format!("cuBLAS {what}"),
+        detail: format!("{e:?}"),
+    }
+}
+
+/// A column-major SGEMM configuration `C (m x n) = op(A) (m x k) . op(B) (k x n)`, alpha 1, beta 0;
+/// cuBLAS takes 32-bit sizes, so each is checked.
+#[allow(clippy::too_many_arguments)]
+fn gemm_cfg(
+    ta: Op,
+    tb: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
+    ldc: usize,
+) -> Result<GemmConfig<f32>> {
+    let i = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| crate::Error::TooLarge {
+            what: "cuBLAS GEMM",
+            detail: format!("{what} = {v} does not fit cuBLAS's 32-bit sizes"),
+        })
+    };
+    let op = |o: Op| match o {
+        Op::N => cublasOperation_t::CUBLAS_OP_N,
+        Op::T => cublasOperation_t::CUBLAS_OP_T,
+    };
+    Ok(GemmConfig {
+        transa: op(ta),
+        transb: op(tb),
+        m: i(m, "m")?,
+        n: i(n, "n")?,
+        k: i(k, "k")?,
+        alpha: 1.0,
+        lda: i(lda, "lda")?,
+        ldb: i(ldb, "ldb")?,
+        beta: 0.0,
+        ldc: i(ldc, "ldc")?,
+    })
+}
 
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
@@ -87,17 +140,25 @@ fn materialize<T: CudaElement>(
 
     let bc = b * c;
     let mut cos = h.alloc::<f32>(k, bc)?;
-    let f = k.get("naive_cosine")?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(&xh)
-        .arg(&wh)
-        .arg(&bi)
-        .arg(&ci)
-        .arg(&di)
-        .arg(&mut cos);
-    // SAFETY: one thread per (i, j) < B*C reads rows i of xh (B*D) and j of wh (C*D), writes cos[e] (B*C).
-    unsafe { lb.launch(grid_1d(bc as u64, 256)?) }
-        .map_err(|e| cuda_err("launch naive_cosine", e))?;
+    if let Some(blas) = h.blas() {
+        // Row-major cos (B x C) = xh . wh^T is column-major cos^T (C x B) = wh^T(op T) . xh.
+        let cfg = gemm_cfg(Op::T, Op::N, c, b, d, d, d, c)?;
+        // SAFETY: wh is C x D (ld D), xh is B x D (ld D), cos is B x C (ld C): every access of the
+        // (m=C, n=B, k=D) product stays inside the three buffers.
+        unsafe { blas.gemm(cfg, &wh, &xh, &mut cos) }.map_err(|e| blas_err("cosine GEMM", e))?;
+    } else {
+        let f = k.get("naive_cosine")?;
+        let mut lb = h.stream.launch_builder(&f);
+        lb.arg(&xh)
+            .arg(&wh)
+            .arg(&bi)
+            .arg(&ci)
+            .arg(&di)
+            .arg(&mut cos);
+        // SAFETY: one thread per (i, j) < B*C reads rows i of xh (B*D) and j of wh (C*D), writes cos[e] (B*C).
+        unsafe { lb.launch(grid_1d(bc as u64, 256)?) }
+            .map_err(|e| cuda_err("launch naive_cosine", e))?;
+    }
 
     let mut logits = h.alloc::<f32>(k, bc)?;
     let mut tval = h.alloc::<f32>(k, bc)?;
@@ -216,6 +277,16 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
                   trans: bool|
      -> Result<CudaSlice<f32>> {
         let mut out = h.alloc::<f32>(k, rows * d)?;
+        if let Some(blas) = h.blas() {
+            // Row-major out (rows x D) = op(a) . bm is column-major out^T (D x rows) = bm^T . op(a)^T:
+            // dxh = dc . wh (a = dc B x C, no trans), dwh = dc^T . xh (a = dc B x C, trans).
+            let (opa, lda) = if trans { (Op::T, rows) } else { (Op::N, inner) };
+            let cfg = gemm_cfg(Op::N, opa, d, rows, inner, d, lda, d)?;
+            // SAFETY: bm is inner x D (ld D); a is the B x C dc (ld C = `lda` in both cases);
+            // out is rows x D (ld D): the (m=D, n=rows, k=inner) product stays in bounds.
+            unsafe { blas.gemm(cfg, bm, a, &mut out) }.map_err(|e| blas_err("gradient GEMM", e))?;
+            return Ok(out);
+        }
         let f = k.get("naive_matmul")?;
         let (ri, ii, ti) = (rows as i64, inner as i64, trans as i32);
         let mut lb = h.stream.launch_builder(&f);
