@@ -1,7 +1,7 @@
 //! A quick look at speed and memory on the GPU: one line per case (loss, dtype, C, plan, mode),
 //! with the median time of a few repetitions (CUDA events, L2 flushed before each), achieved
 //! TFLOP/s of the useful matrix products (2*B*C*D each), the fraction of the cuBLAS bf16 roof
-//! measured in the same run, the fused/naive ratio, and the measured peak extra device memory of
+//! measured in the same run, the fused/naive ratio, and the measured peak device memory of
 //! forward + backward. The criterion suite (`cargo bench`) is the full measurement.
 //!
 //! `cargo run --release --example bench_table -- [--reps N] [--classes 10000,100000] [--dtypes f32,bf16] [--losses arcface]`
@@ -63,9 +63,10 @@ fn cases<T: CudaElement>(o: &Opts, stream: &Arc<CudaStream>, tools: &mut Tools, 
             let mut fused_ms = [0.0; 3];
             for plan in [Plan::Fused, Plan::Naive] {
                 let gpu = harness::handle(stream, plan);
-                let mem = harness::peak_extra_bytes(&gpu, &spec, &p, tools).expect("memory");
-                let mem = mem.map_or("n/a".to_string(), |b| {
-                    format!("{:.1}", b as f64 / (1u64 << 20) as f64)
+                let mem = harness::peak_bytes(&gpu, &spec, &p, tools).expect("memory");
+                let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+                let mem = mem.map_or("n/a".to_string(), |(peak, grads)| {
+                    format!("{:.1}/{:.1}", mib(peak), mib(grads))
                 });
                 for (i, mode) in Mode::ALL.into_iter().enumerate() {
                     let ms = harness::median_ms(&gpu, &spec, &p, mode, tools, o.reps).expect("run");
@@ -148,7 +149,7 @@ fn main() {
     }
     println!(
         "{:8} {:5} {:>8} {:6} {:9} {:>10} {:>8} {:>8} {:>8} {:>12}",
-        "loss", "dtype", "C", "plan", "mode", "ms", "TFLOP/s", "%roof", "f/naive", "peak+ MiB"
+        "loss", "dtype", "C", "plan", "mode", "ms", "TFLOP/s", "%roof", "f/naive", "peak/grads MiB"
     );
     cases::<bf16>(&o, &stream, &mut tools, roof);
     cases::<f32>(&o, &stream, &mut tools, roof);

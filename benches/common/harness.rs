@@ -181,15 +181,17 @@ pub fn median_ms<T: CudaElement>(
     Ok(t[t.len() / 2])
 }
 
-/// Peak device memory of one forward + backward beyond the inputs and the gradients, measured as
-/// the memory pool's high-water mark above the usage before the call, less the gradients' bytes.
+/// Peak device memory of one forward + backward above the inputs, measured as the memory pool's
+/// high-water mark above the usage before the call, and the gradients' bytes. The gradients are
+/// included in the peak when they are live at that moment (the fused plan: its workspace is still
+/// held when they are allocated); the naive plan peaks while materializing, before they exist.
 /// The forward's saved state (norms, lse) counts: it lives until backward ends.
-pub fn peak_extra_bytes<T: CudaElement>(
+pub fn peak_bytes<T: CudaElement>(
     gpu: &FusedMarginLoss,
     spec: &MarginLoss,
     p: &Problem<T>,
     tools: &Tools,
-) -> Result<Option<u64>> {
+) -> Result<Option<(u64, u64)>> {
     let Some(pool) = &tools.pool else {
         return Ok(None);
     };
@@ -211,7 +213,10 @@ pub fn peak_extra_bytes<T: CudaElement>(
             detail: format!("{e:?}"),
         })?;
     }
-    Ok(Some(pool.high()?.saturating_sub(base + grads_bytes as u64)))
+    Ok(Some((
+        pool.high()?.saturating_sub(base),
+        grads_bytes as u64,
+    )))
 }
 
 /// A handle for `plan` on `stream`.
