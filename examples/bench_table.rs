@@ -4,7 +4,10 @@
 //! measured in the same run, the fused/naive ratio, and the measured peak device memory of
 //! forward + backward. The criterion suite (`cargo bench`) is the full measurement.
 //!
-//! `cargo run --release --example bench_table -- [--reps N] [--classes 10000,100000] [--dtypes f32,bf16] [--losses arcface]`
+//! `cargo run --release --example bench_table -- [--reps N] [--classes 10000,100000] [--dtypes f32,bf16] [--losses arcface] [--with-simt]`
+//!
+//! The f/naive column is the fused time over the row's time (naive, or simt: the fused plan without
+//! tensor cores).
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaStream;
 use fused_margin::cuda::{self, CudaElement, Plan};
@@ -20,6 +23,7 @@ struct Opts {
     classes: Vec<usize>,
     dtypes: Vec<String>,
     losses: Vec<String>,
+    simt: bool,
 }
 
 fn opts() -> Opts {
@@ -28,9 +32,14 @@ fn opts() -> Opts {
         classes: harness::CLASSES.to_vec(),
         dtypes: vec!["bf16".into(), "f32".into()],
         losses: vec!["arcface".into(), "cosface".into()],
+        simt: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
+        if a == "--with-simt" {
+            o.simt = true;
+            continue;
+        }
         let v = it.next().unwrap_or_else(|| panic!("{a} needs a value"));
         let list = || v.split(',').map(str::to_string).collect::<Vec<_>>();
         match a.as_str() {
@@ -61,8 +70,14 @@ fn cases<T: CudaElement>(o: &Opts, stream: &Arc<CudaStream>, tools: &mut Tools, 
                 continue;
             }
             let mut fused_ms = [0.0; 3];
-            for plan in [Plan::Fused, Plan::Naive] {
-                let gpu = harness::handle(stream, plan);
+            // "fused" uses tensor cores where it can (f16/bf16); "simt" is the fused plan with them
+            // off (--with-simt), for the version-to-version comparison.
+            let mut plans = vec![("fused", Plan::Fused, true), ("naive", Plan::Naive, true)];
+            if o.simt && dt != "f32" {
+                plans.push(("simt", Plan::Fused, false));
+            }
+            for (label, plan, tc) in plans {
+                let gpu = harness::handle(stream, plan).with_tensor_cores(tc);
                 let mem = harness::peak_bytes(&gpu, &spec, &p, tools).expect("memory");
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 let mem = mem.map_or("n/a".to_string(), |(peak, grads)| {
@@ -71,16 +86,16 @@ fn cases<T: CudaElement>(o: &Opts, stream: &Arc<CudaStream>, tools: &mut Tools, 
                 for (i, mode) in Mode::ALL.into_iter().enumerate() {
                     let ms = harness::median_ms(&gpu, &spec, &p, mode, tools, o.reps).expect("run");
                     let tf = harness::tflops(mode.flops(p.shape), ms);
-                    let ratio = match plan {
-                        Plan::Fused => {
+                    let ratio = match label {
+                        "fused" => {
                             fused_ms[i] = ms;
                             String::from("-")
                         }
-                        Plan::Naive => format!("{:.2}", fused_ms[i] / ms),
+                        _ => format!("{:.2}", fused_ms[i] / ms),
                     };
                     println!(
                         "{name:8} {dt:5} {c:>8} {:6} {:9} {ms:10.3} {tf:8.2} {:7.1}% {ratio:>8} {mem:>12}",
-                        format!("{plan:?}").to_lowercase(),
+                        label,
                         mode.name(),
                         100.0 * tf / roof
                     );

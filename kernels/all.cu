@@ -4,6 +4,7 @@
 #include "tile.cuh"
 #include "normalize.cu"
 #include "logits.cu"
+#include "logits_tc.cu"
 #include "combine.cu"
 #include "grad.cu"
 #include "naive.cu"

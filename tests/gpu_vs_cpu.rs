@@ -139,6 +139,12 @@ fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape,
         .forward(spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
         .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
     let (lbar, gbar) = bars(T::DTYPE);
+    // The tensor-core forward runs exactly where it should (f16/bf16, D % 8 == 0, fused plan, on).
+    let tc_expected = gpu.plan() == Plan::Fused
+        && gpu.tensor_cores_enabled()
+        && T::DTYPE != DType::F32
+        && shape.d % 8 == 0;
+    assert_eq!(fwd.tensor_cores, tc_expected, "{what}: tensor-core path");
 
     let row_loss: Vec<f64> = fwd
         .row_loss_host()
@@ -247,11 +253,16 @@ fn run_all<T: CudaElement>(plan: Plan) {
 }
 
 fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
+    run_all_opts::<T>(plan, cublas, true);
+}
+
+fn run_all_opts<T: CudaElement>(plan: Plan, cublas: bool, tensor_cores: bool) {
     let Some(stream) = gpu_or_skip() else { return };
     let gpu = FusedMarginLoss::new(stream)
         .unwrap()
         .with_plan(plan)
         .with_cublas(cublas)
+        .with_tensor_cores(tensor_cores)
         .with_poison(true);
     if plan == Plan::Naive {
         eprintln!(
@@ -260,8 +271,14 @@ fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
         );
     }
     // D not a multiple of 8 and C not a multiple of the 32-class tile; the second shape spans
-    // several class splits and two 128-wide gradient column chunks.
-    let shapes = [Shape::new(37, 77, 301), Shape::new(70, 130, 2051)];
+    // several class splits and two 128-wide gradient column chunks; the third has D % 8 == 0
+    // (the tensor-core forward for f16/bf16) with a partial last k step (136 = 4*32 + 8), a
+    // partial last 128-class tile and a partial last 64-row tile.
+    let shapes = [
+        Shape::new(37, 77, 301),
+        Shape::new(70, 130, 2051),
+        Shape::new(45, 136, 1000),
+    ];
     for (n, spec) in specs().iter().enumerate() {
         for (m, &shape) in shapes.iter().enumerate() {
             check::<T>(&gpu, spec, shape, 1000 + 10 * n as u64 + m as u64);
@@ -292,6 +309,11 @@ fn naive_f16() {
 #[test]
 fn naive_bf16() {
     run_all::<bf16>(Plan::Naive);
+}
+#[test]
+fn fused_simt_bf16() {
+    // The SIMT forward for half inputs too (tensor cores off), on the same cases.
+    run_all_opts::<bf16>(Plan::Fused, true, false);
 }
 #[test]
 fn naive_plain_kernels_f32() {

@@ -2,7 +2,8 @@
 //! Skips with a printed reason when libnvrtc is absent; fails instead when
 //! `FUSED_MARGIN_REQUIRE_NVRTC=1` (as CI sets it).
 use fused_margin::cuda::{
-    compile_ptx_uncached, entry_name, nvrtc_available, ENTRY_POINTS, KERNEL_DTYPES,
+    compile_ptx_uncached, entry_name, nvrtc_available, ENTRY_POINTS, HALF_ENTRY_POINTS,
+    KERNEL_DTYPES,
 };
 
 fn nvrtc_or_skip() -> bool {
@@ -24,7 +25,12 @@ fn compiles(dtype: fused_margin::DType, arch: &str) {
     let ptx = compile_ptx_uncached(dtype, arch)
         .unwrap_or_else(|e| panic!("{dtype:?} for {arch}: {e}"))
         .to_src();
-    for base in ENTRY_POINTS {
+    let half = if dtype == fused_margin::DType::F32 {
+        &[][..]
+    } else {
+        &HALF_ENTRY_POINTS[..]
+    };
+    for base in ENTRY_POINTS.iter().chain(half) {
         let name = entry_name(base, dtype);
         assert!(
             ptx.contains(&format!(".entry {name}(")),
@@ -87,6 +93,7 @@ fn embedded_source_has_no_includes_left() {
         "build.rs must inline every include"
     );
     for f in [
+        "logits_tc.cu",
         "common.cuh",
         "tile.cuh",
         "normalize.cu",

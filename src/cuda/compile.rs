@@ -41,10 +41,12 @@ pub const ENTRY_POINTS: [&str; 18] = [
     "naive_norm_backward",
 ];
 
+/// Entry points built only for f16 and bf16 inputs (tensor cores).
+pub const HALF_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_tc"];
+
 /// True when libnvrtc can be loaded (cudarc panics on first use otherwise).
 pub fn nvrtc_available() -> bool {
-    // SAFETY: only tries to dlopen the library by its known names; no NVRTC call is made.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    super::libs::nvrtc_present()
 }
 
 fn dtype_define(dtype: DType) -> Result<&'static str> {

@@ -11,12 +11,16 @@ use super::{
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::Shape;
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 
 /// Rows per tile (FM_BM in kernels/tile.cuh).
 const BM: usize = 32;
 /// Classes per tile (FM_BN).
 const BN: usize = 32;
+/// Rows per tensor-core forward tile (TC_BM in kernels/logits_tc.cu).
+const TC_BM: usize = 64;
+/// Classes per tensor-core forward tile (TC_BN).
+const TC_BN: usize = 128;
 /// Gradient columns per backward block (FM_DC).
 const DC: usize = 128;
 /// Threads per tile block (FM_THREADS).
@@ -76,6 +80,12 @@ fn grid(x: usize, y: usize, z: usize, what: &str) -> Result<LaunchConfig> {
     })
 }
 
+/// True when the view's device address is 16-byte aligned (cp.async's 16-byte copies need it).
+fn aligned16<T: CudaElement>(h: &FusedMarginLoss, v: &CudaView<'_, T>) -> bool {
+    let (ptr, _record) = v.device_ptr(&h.stream);
+    ptr % 16 == 0
+}
+
 fn i32_of(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::TooLarge {
         what: "shape",
@@ -118,8 +128,20 @@ pub(crate) fn forward<T: CudaElement>(
     let x_norm = row_norms(h, k, x, b, d)?;
     let w_norm = row_norms(h, k, w, c, d)?;
 
-    let row_tiles = b.div_ceil(BM);
-    let ntiles = c.div_ceil(BN);
+    // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are
+    // legal: D % 8 == 0 and both matrices 16-byte aligned. Otherwise the SIMT tiles.
+    let tensor_cores = h.tensor_cores
+        && T::DTYPE != DType::F32
+        && d % 8 == 0
+        && aligned16(h, x)
+        && aligned16(h, w);
+    let (bm, bn, name) = if tensor_cores {
+        (TC_BM, TC_BN, "fm_fwd_tiles_tc")
+    } else {
+        (BM, BN, "fm_fwd_tiles")
+    };
+    let row_tiles = b.div_ceil(bm);
+    let ntiles = c.div_ceil(bn);
     let sp = splits(ntiles, row_tiles, h.sm_count as usize, MAX_FWD_SPLITS);
     let mut part_m = h.alloc::<f32>(k, b * sp.nsplit)?;
     let mut part_s = h.alloc::<f32>(k, b * sp.nsplit)?;
@@ -131,7 +153,7 @@ pub(crate) fn forward<T: CudaElement>(
         i32_of(sp.tiles_per_split, "tiles per split")?,
         sp.nsplit as i32,
     );
-    let f = k.get("fm_fwd_tiles")?;
+    let f = k.get(name)?;
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(x)
         .arg(w)
@@ -141,11 +163,14 @@ pub(crate) fn forward<T: CudaElement>(
         .arg(p);
     lb.arg(&bi).arg(&ci).arg(&di).arg(&tps).arg(&ns);
     lb.arg(&mut part_m).arg(&mut part_s).arg(&mut zy);
-    // SAFETY: grid (row_tiles, nsplit): every block reads rows < B of x (B*D), classes < C of w
-    // (C*D) and of w_norm (C), rows < B of labels/x_norm, and writes part_m/part_s at
-    // row*nsplit + split < B*nsplit (allocated B*nsplit) and zy[row] < B. All offsets 64-bit.
-    unsafe { lb.launch(grid(row_tiles, sp.nsplit, 1, "fm_fwd_tiles")?) }
-        .map_err(|e| cuda_err("launch fm_fwd_tiles", e))?;
+    // SAFETY: both kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
+    // (bm, bn): every block reads rows < B of x (B*D), classes < C of w (C*D) and of w_norm (C),
+    // rows < B of labels/x_norm, and writes part_m/part_s at row*nsplit + split < B*nsplit
+    // (allocated B*nsplit) and zy[row] < B. All offsets 64-bit. The tensor-core kernel's 16-byte
+    // copies need D % 8 == 0 and 16-byte aligned x and w, checked above; chunks past B, C or D
+    // are zero-filled without reading.
+    unsafe { lb.launch(grid(row_tiles, sp.nsplit, 1, name)?) }
+        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
 
     let mut lse = h.alloc::<f32>(k, b)?;
     let mut row_loss = h.alloc::<f32>(k, b)?;
@@ -171,6 +196,7 @@ pub(crate) fn forward<T: CudaElement>(
         x_norm,
         w_norm,
         workspace_bytes,
+        tensor_cores,
     })
 }
 

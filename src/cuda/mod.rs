@@ -23,13 +23,15 @@
 
 mod compile;
 mod fused;
+mod libs;
 pub mod measure;
 mod naive;
 mod params;
+pub mod raw;
 
 pub use compile::{
     compile_ptx, compile_ptx_uncached, entry_name, nvrtc_available, source, ENTRY_POINTS,
-    KERNEL_DTYPES,
+    HALF_ENTRY_POINTS, KERNEL_DTYPES,
 };
 
 use crate::dtype::{DType, Element};
@@ -53,8 +55,7 @@ impl CudaElement for half::bf16 {}
 /// True when the CUDA driver library can be loaded and reports at least one device.
 /// Checks `is_culib_present` first: cudarc panics when libcuda is missing.
 pub fn device_available() -> bool {
-    // SAFETY: only tries to dlopen libcuda by its known names.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !libs::driver_present() {
         return false;
     }
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
@@ -62,8 +63,7 @@ pub fn device_available() -> bool {
 
 /// Opens device `ordinal` and returns its default stream, or `Error::NoDevice` saying why not.
 pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
-    // SAFETY: only tries to dlopen libcuda by its known names.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !libs::driver_present() {
         return Err(Error::NoDevice {
             reason: "libcuda (the NVIDIA driver library) was not found".into(),
         });
@@ -117,6 +117,9 @@ pub struct GpuForward {
     /// Bytes of temporary device memory the forward allocated beyond its outputs (the crate's own
     /// accounting of every workspace buffer).
     pub workspace_bytes: usize,
+    /// Whether the logits tiles ran on tensor cores (fused plan, f16/bf16 inputs, `D % 8 == 0`,
+    /// 16-byte aligned inputs, and tensor cores not switched off).
+    pub tensor_cores: bool,
     spec: MarginLoss,
     shape: Shape,
     dtype: DType,
@@ -183,6 +186,7 @@ pub struct FusedMarginLoss {
     plan: Plan,
     poison: bool,
     use_cublas: bool,
+    tensor_cores: bool,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
 }
@@ -195,6 +199,7 @@ impl std::fmt::Debug for FusedMarginLoss {
             .field("plan", &self.plan)
             .field("poison", &self.poison)
             .field("use_cublas", &self.use_cublas)
+            .field("tensor_cores", &self.tensor_cores)
             .finish()
     }
 }
@@ -288,6 +293,7 @@ impl FusedMarginLoss {
             plan: Plan::Fused,
             poison: false,
             use_cublas: true,
+            tensor_cores: true,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
         })
@@ -297,6 +303,18 @@ impl FusedMarginLoss {
     pub fn with_plan(mut self, plan: Plan) -> Self {
         self.plan = plan;
         self
+    }
+
+    /// Whether the fused forward may use tensor cores for f16/bf16 inputs (default true; f32 inputs
+    /// always use exact f32 arithmetic). Switching off selects the SIMT tiles, for comparison.
+    pub fn with_tensor_cores(mut self, on: bool) -> Self {
+        self.tensor_cores = on;
+        self
+    }
+
+    /// Whether tensor cores are allowed for the fused forward (see [`Self::with_tensor_cores`]).
+    pub fn tensor_cores_enabled(&self) -> bool {
+        self.tensor_cores
     }
 
     /// Whether the naive plan may use cuBLAS for its three matrix products (default true, as
@@ -312,8 +330,7 @@ impl FusedMarginLoss {
     pub(crate) fn blas(&self) -> Option<&CudaBlas> {
         self.blas
             .get_or_init(|| {
-                // SAFETY: only tries to dlopen libcublas by its known names.
-                if !self.use_cublas || !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                if !self.use_cublas || !libs::cublas_present() {
                     return None;
                 }
                 CudaBlas::new(self.stream.clone()).ok()
@@ -463,6 +480,7 @@ impl FusedMarginLoss {
             x_norm: out.x_norm,
             w_norm: out.w_norm,
             workspace_bytes: out.workspace_bytes,
+            tensor_cores: out.tensor_cores,
             spec: *spec,
             shape,
             dtype: T::DTYPE,
@@ -557,6 +575,7 @@ impl FusedMarginLoss {
 
 /// What a plan's forward hands back to [`FusedMarginLoss::forward`].
 pub(crate) struct ForwardOut {
+    pub tensor_cores: bool,
     pub loss: CudaSlice<f32>,
     pub row_loss: CudaSlice<f32>,
     pub lse: CudaSlice<f32>,

@@ -230,6 +230,7 @@ pub(crate) fn forward<T: CudaElement>(
         x_norm: m.x_norm,
         w_norm: m.w_norm,
         workspace_bytes: m.bytes,
+        tensor_cores: false,
     })
 }
 
