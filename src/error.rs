@@ -60,6 +60,14 @@ pub enum Error {
         /// What, with the values.
         detail: String,
     },
+    /// An argument of the raw-pointer entry ([`crate::cuda::raw`]) is unusable: a null or
+    /// misaligned pointer, an output overlapping another buffer, a stream of another context.
+    InvalidArgument {
+        /// Which argument (`"x"`, `"dx"`, `"stream"`, ...).
+        what: &'static str,
+        /// What is wrong, with the values.
+        detail: String,
+    },
     /// No CUDA driver or device is available (the GPU path was asked for).
     NoDevice {
         /// Why, e.g. "libcuda not found".
@@ -107,6 +115,7 @@ impl fmt::Display for Error {
                 write!(f, "forward result does not match this backward call: {detail}")
             }
             Error::Unsupported { detail } => write!(f, "unsupported: {detail}"),
+            Error::InvalidArgument { what, detail } => write!(f, "invalid argument {what}: {detail}"),
             Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
             Error::Compile { module, log } => {
                 write!(f, "NVRTC failed to compile {module}:\n{log}")
