@@ -16,7 +16,10 @@
 //! | loss | `l_i = logsumexp_j z_ij - z_iy`, then mean / sum / none |
 //!
 //! Backends: [`cpu`] (the f64 reference, always available) and [`cuda`] (NVRTC-compiled kernels
-//! through cudarc; needs a GPU at run time, never at build time).
+//! through cudarc; needs a GPU at run time, never at build time). Framework entries: `candle`
+//! (feature `candle`: an op with autograd on candle tensors, CPU and, with feature `candle-cuda`,
+//! CUDA) and [`cuda::raw`] (raw device pointers and a `CUstream`, for any other framework); both
+//! are shown in `docs/INTEGRATION.md`.
 //!
 //! ```
 //! use fused_margin::{cpu, MarginLoss, Shape, Upstream};
@@ -32,6 +35,8 @@
 //! ```
 #![warn(missing_docs)]
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;

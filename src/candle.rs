@@ -1,0 +1,648 @@
+//! The loss as a candle op with autograd (feature `candle`; the CUDA path with `candle-cuda`).
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor, Var};
+//! use fused_margin::{candle::margin_loss, MarginLoss};
+//! # fn main() -> candle_core::Result<()> {
+//! let dev = Device::Cpu;
+//! let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 8), &dev)?)?; // B x D embeddings
+//! let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (10, 8), &dev)?)?; // C x D class weights
+//! let labels = Tensor::new(&[3i64, 0, 9, -1], &dev)?; // -1: row ignored
+//! let loss = margin_loss(x.as_tensor(), w.as_tensor(), &labels, &MarginLoss::arcface(0.5))?;
+//! let grads = loss.backward()?;
+//! assert_eq!(grads.get(x.as_tensor()).unwrap().dims(), &[4, 8]);
+//! assert_eq!(grads.get(w.as_tensor()).unwrap().dims(), &[10, 8]);
+//! # Ok(()) }
+//! ```
+//!
+//! How it works: [`margin_loss`] checks and converts the arguments, then applies a `CustomOp3`
+//! on `(x, w, labels)`. Its forward runs this crate's CPU reference (CPU tensors) or the fused
+//! kernels on candle's own stream (CUDA tensors, feature `candle-cuda`) and keeps what the
+//! backward needs (per-row logsumexp and norms: `O(B + C)`, never `B x C`) inside the op, which
+//! candle's graph holds as long as the loss tensor lives. Its `bwd` applies a second op on the
+//! same inputs that computes `dx` and `dw` together, on the same device as the forward; `dw`
+//! leaves that op through a third, trivial op, because a candle op returns one tensor. Gradients
+//! are in the input dtype; they are not themselves differentiable (no second-order gradients).
+
+use crate::cpu;
+use crate::dtype::Element;
+use crate::error::Error;
+use crate::spec::{MarginLoss, Reduction, Shape, Upstream};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Tensor, WithDType};
+use half::{bf16, f16};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The margin-softmax loss of `spec` for embeddings `x` (B x D), class weights `w` (C x D) and
+/// `labels` (B), as a candle tensor that takes part in autograd: `loss.backward()` gives
+/// gradients for `x` and `w` (labels get none).
+///
+/// - `x` and `w`: rank 2, the same dtype (f32, f16 or bf16), contiguous (row-major), on the same
+///   device. CPU tensors run this crate's f64 reference; CUDA tensors (feature `candle-cuda`) run
+///   the fused kernels on the device's own candle stream.
+/// - `labels`: rank 1, B integers of dtype `i64`, `i32`, `i16`, `u32` or `u8`, on the same device;
+///   `0 <= y < C`, and a negative label (signed dtypes only) ignores its row (MATH.md). `i32`
+///   labels are used as they are; the other dtypes are converted to `i32` through the host (one
+///   copy of B integers each way).
+/// - The result has the dtype of `x`: a scalar for `Reduction::Mean` and `Reduction::Sum`, the
+///   B per-row losses for `Reduction::None` (ignored rows give 0).
+///
+/// Every bad argument is a candle error naming the values: a wrong rank or shape (with the shapes),
+/// a non-contiguous tensor (with its shape and stride), mismatched dtypes or devices, a label out
+/// of range (with its row, its value and C), a spec field out of range. On CUDA the labels are
+/// also copied to the host once per call to be checked before any launch (see
+/// [`crate::cuda::FusedMarginLoss::forward`]), and a scalar upstream gradient is read back in
+/// the backward.
+pub fn margin_loss(
+    x: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    spec: &MarginLoss,
+) -> candle_core::Result<Tensor> {
+    spec.validate().map_err(wrap)?;
+    let shape = check_args(x, w, labels)?;
+    shape.validate().map_err(wrap)?;
+    let labels = labels_i32(labels, shape, x.device())?;
+    let op = MarginOp {
+        spec: *spec,
+        shape,
+        saved: Arc::new(Mutex::new(None)),
+    };
+    x.apply_op3(w, &labels, op)
+}
+
+/// Turns this crate's error into a candle error, keeping its message (which names the values).
+fn wrap(e: Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+fn msg(text: String) -> candle_core::Error {
+    candle_core::Error::Msg(text).bt()
+}
+
+fn is_float_input(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Checks ranks, shapes, dtypes, devices and contiguity before anything runs, and returns the
+/// problem's (B, D, C).
+fn check_args(x: &Tensor, w: &Tensor, labels: &Tensor) -> candle_core::Result<Shape> {
+    const WHO: &str = "fused_margin::candle::margin_loss";
+    let (xd, wd, ld) = (x.dims(), w.dims(), labels.dims());
+    if xd.len() != 2 || wd.len() != 2 || ld.len() != 1 {
+        return Err(msg(format!(
+            "{WHO}: expected x of rank 2 (B x D), w of rank 2 (C x D) and labels of rank 1 (B); \
+             got x {xd:?}, w {wd:?}, labels {ld:?}"
+        )));
+    }
+    let shape = Shape::new(xd[0], xd[1], wd[0]);
+    if wd[1] != shape.d || ld[0] != shape.b {
+        return Err(msg(format!(
+            "{WHO}: shapes do not fit: x {xd:?} (B x D), w {wd:?} (C x D, D must be {}), \
+             labels {ld:?} (must be [{}])",
+            shape.d, shape.b
+        )));
+    }
+    if !is_float_input(x.dtype()) || x.dtype() != w.dtype() {
+        return Err(msg(format!(
+            "{WHO}: x and w must have the same dtype, one of f32, f16, bf16; got x {:?}, w {:?}",
+            x.dtype(),
+            w.dtype()
+        )));
+    }
+    if !x.device().same_device(w.device()) || !x.device().same_device(labels.device()) {
+        return Err(msg(format!(
+            "{WHO}: x, w and labels must be on one device; got x on {:?}, w on {:?}, labels on {:?}",
+            x.device().location(),
+            w.device().location(),
+            labels.device().location()
+        )));
+    }
+    for (name, t) in [("x", x), ("w", w)] {
+        if !t.is_contiguous() {
+            return Err(msg(format!(
+                "{WHO}: {name} must be contiguous (row-major); got shape {:?} with stride {:?} \
+                 (call .contiguous() first)",
+                t.dims(),
+                t.stride()
+            )));
+        }
+    }
+    Ok(shape)
+}
+
+/// The labels as a contiguous `i32` tensor on `device`, the type every backend takes.
+fn labels_i32(labels: &Tensor, shape: Shape, device: &Device) -> candle_core::Result<Tensor> {
+    if labels.dtype() == DType::I32 {
+        // Used as they are: the backends check the range (and, on CUDA, copy them to the host
+        // for that anyway).
+        return labels.contiguous();
+    }
+    // candle has no i64 -> i32 cast on CUDA, so convert on the host (B integers).
+    let host = labels.to_device(&Device::Cpu)?;
+    let values: Vec<i64> = match labels.dtype() {
+        DType::I64 => host.to_vec1::<i64>()?,
+        DType::I16 => host.to_vec1::<i16>()?.into_iter().map(i64::from).collect(),
+        DType::U32 => host.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::U8 => host.to_vec1::<u8>()?.into_iter().map(i64::from).collect(),
+        other => {
+            return Err(msg(format!(
+                "fused_margin::candle::margin_loss: labels must be integers (i64, i32, i16, u32 \
+                 or u8); got dtype {other:?}"
+            )))
+        }
+    };
+    let mut out = Vec::with_capacity(values.len());
+    for (row, &label) in values.iter().enumerate() {
+        // Negative labels (ignored rows) map to -1; anything >= C is reported by the backends,
+        // except values that do not even fit i32, which are reported here.
+        let v = if label < 0 {
+            -1
+        } else {
+            i32::try_from(label).map_err(|_| {
+                wrap(Error::LabelOutOfRange {
+                    row,
+                    label,
+                    classes: shape.c,
+                })
+            })?
+        };
+        out.push(v);
+    }
+    Tensor::from_vec(out, shape.b, device)
+}
+
+/// The host slice of a contiguous CPU tensor argument, or an error with its shape and stride.
+fn cpu_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<&'a [T]> {
+    let all = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&all[start..end]),
+        None => Err(not_contiguous(name, l)),
+    }
+}
+
+fn not_contiguous(name: &str, l: &Layout) -> candle_core::Error {
+    msg(format!(
+        "fused_margin::candle: {name} must be contiguous; got shape {:?} with stride {:?}",
+        l.dims(),
+        l.stride()
+    ))
+}
+
+/// What the forward keeps for the backward: the saved statistics of the backend that ran.
+enum Saved {
+    Cpu(cpu::Forward),
+    #[cfg(feature = "candle-cuda")]
+    Cuda(Box<crate::cuda::GpuForward>),
+}
+
+type SavedSlot = Arc<Mutex<Option<Saved>>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves nothing half-written that matters here: each slot is
+    // replaced whole.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The forward op: `(x, w, labels) -> loss`.
+struct MarginOp {
+    spec: MarginLoss,
+    shape: Shape,
+    saved: SavedSlot,
+}
+
+impl MarginOp {
+    fn out_shape(&self) -> candle_core::Shape {
+        match self.spec.reduction {
+            Reduction::None => candle_core::Shape::from(self.shape.b),
+            Reduction::Mean | Reduction::Sum => candle_core::Shape::from(()),
+        }
+    }
+
+    fn cpu_typed<T: Element + WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        labels: &[i32],
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let fwd = cpu::forward(&self.spec, x, w, labels, self.shape).map_err(wrap)?;
+        let out: Vec<T> = match self.spec.reduction {
+            Reduction::None => fwd
+                .row_loss
+                .iter()
+                .map(|&v| <T as Element>::from_f64(v))
+                .collect(),
+            Reduction::Mean | Reduction::Sum => vec![<T as Element>::from_f64(fwd.loss)],
+        };
+        *lock(&self.saved) = Some(Saved::Cpu(fwd));
+        Ok((T::to_cpu_storage_owned(out), self.out_shape()))
+    }
+}
+
+impl CustomOp3 for MarginOp {
+    fn name(&self) -> &'static str {
+        "fused-margin-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let labels = cpu_slice::<i32>(s3, l3, "labels")?;
+        match s1.dtype() {
+            DType::F32 => {
+                self.cpu_typed::<f32>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+            }
+            DType::F16 => {
+                self.cpu_typed::<f16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+            }
+            DType::BF16 => {
+                self.cpu_typed::<bf16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+            }
+            other => Err(msg(format!(
+                "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
+            ))),
+        }
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let gpu = gpu::handle(s1.device())?;
+        let (slot, storage) = match s1.dtype() {
+            DType::F32 => gpu::forward::<f32>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
+            DType::F16 => gpu::forward::<f16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
+            DType::BF16 => gpu::forward::<bf16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
+            other => {
+                return Err(msg(format!(
+                    "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
+                )))
+            }
+        };
+        *lock(&self.saved) = Some(slot);
+        Ok((storage, self.out_shape()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let upstream = match (self.spec.reduction, x.device()) {
+            (Reduction::None, Device::Cpu) => {
+                UpstreamArg::PerRowHost(grad_res.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+            }
+            // Stays on the device: the kernels read it there.
+            (Reduction::None, _) => {
+                UpstreamArg::PerRowDevice(grad_res.to_dtype(DType::F32)?.contiguous()?)
+            }
+            // A scalar is read back (one value; the kernels take it as an argument).
+            (Reduction::Mean | Reduction::Sum, _) => {
+                UpstreamArg::Scalar(grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+            }
+        };
+        let dw_slot = Arc::new(Mutex::new(None));
+        let grad_op = GradOp {
+            spec: self.spec,
+            shape: self.shape,
+            saved: self.saved.clone(),
+            upstream,
+            dw: dw_slot.clone(),
+        };
+        let dx = x.apply_op3_no_bwd(w, labels, &grad_op)?;
+        let dw = w.apply_op1_no_bwd(&TakeDw { dw: dw_slot })?;
+        Ok((Some(dx), Some(dw), None))
+    }
+}
+
+/// The upstream gradient of the loss, as the backward's backend wants it.
+enum UpstreamArg {
+    /// `dObjective/dloss` of a scalar loss.
+    Scalar(f64),
+    /// One value per row, on the host (CPU backend).
+    PerRowHost(Vec<f64>),
+    /// One f32 value per row, contiguous on the device (CUDA backend).
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    PerRowDevice(Tensor),
+}
+
+/// `dw` handed from [`GradOp`] to [`TakeDw`].
+enum DwStash {
+    Cpu(CpuStorage),
+    #[cfg(feature = "candle-cuda")]
+    Cuda(candle_core::CudaStorage),
+}
+
+type DwSlot = Arc<Mutex<Option<DwStash>>>;
+
+/// The backward op: `(x, w, labels) -> dx`, with `dw` left in `dw` for [`TakeDw`].
+struct GradOp {
+    spec: MarginLoss,
+    shape: Shape,
+    saved: SavedSlot,
+    upstream: UpstreamArg,
+    dw: DwSlot,
+}
+
+impl GradOp {
+    fn cpu_typed<T: Element + WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        labels: &[i32],
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let upstream = match &self.upstream {
+            UpstreamArg::Scalar(v) => Upstream::Scalar(*v),
+            UpstreamArg::PerRowHost(v) => Upstream::PerRow(v),
+            UpstreamArg::PerRowDevice(_) => {
+                return Err(msg(
+                    "fused_margin::candle: internal: device upstream on the CPU backend".into(),
+                ))
+            }
+        };
+        let saved = lock(&self.saved);
+        let recomputed;
+        let fwd = match &*saved {
+            Some(Saved::Cpu(f)) => f,
+            // Not saved by a CPU forward (cannot happen through margin_loss): recompute it.
+            _ => {
+                recomputed = cpu::forward(&self.spec, x, w, labels, self.shape).map_err(wrap)?;
+                &recomputed
+            }
+        };
+        let g = cpu::backward(&self.spec, fwd, x, w, labels, self.shape, upstream).map_err(wrap)?;
+        let to_t =
+            |v: Vec<f64>| -> Vec<T> { v.into_iter().map(<T as Element>::from_f64).collect() };
+        *lock(&self.dw) = Some(DwStash::Cpu(T::to_cpu_storage_owned(to_t(g.dw))));
+        Ok((
+            T::to_cpu_storage_owned(to_t(g.dx)),
+            candle_core::Shape::from((self.shape.b, self.shape.d)),
+        ))
+    }
+}
+
+impl CustomOp3 for GradOp {
+    fn name(&self) -> &'static str {
+        "fused-margin-loss-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let labels = cpu_slice::<i32>(s3, l3, "labels")?;
+        match s1.dtype() {
+            DType::F32 => {
+                self.cpu_typed::<f32>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+            }
+            DType::F16 => {
+                self.cpu_typed::<f16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+            }
+            DType::BF16 => {
+                self.cpu_typed::<bf16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+            }
+            other => Err(msg(format!(
+                "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
+            ))),
+        }
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let gpu = gpu::handle(s1.device())?;
+        let (dx, dw) = match s1.dtype() {
+            DType::F32 => gpu::backward::<f32>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
+            DType::F16 => gpu::backward::<f16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
+            DType::BF16 => gpu::backward::<bf16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
+            other => {
+                return Err(msg(format!(
+                    "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
+                )))
+            }
+        };
+        *lock(&self.dw) = Some(DwStash::Cuda(dw));
+        Ok((dx, candle_core::Shape::from((self.shape.b, self.shape.d))))
+    }
+}
+
+/// Returns the `dw` that [`GradOp`] computed (applied to `w` only for its device and so that
+/// candle builds the tensor; `w` itself is not read).
+struct TakeDw {
+    dw: DwSlot,
+}
+
+impl TakeDw {
+    fn missing(&self) -> candle_core::Error {
+        msg("fused_margin::candle: internal: dw was not computed on this device".into())
+    }
+}
+
+impl CustomOp1 for TakeDw {
+    fn name(&self) -> &'static str {
+        "fused-margin-loss-take-dw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        match lock(&self.dw).take() {
+            Some(DwStash::Cpu(s)) => Ok((s, l.shape().clone())),
+            _ => Err(self.missing()),
+        }
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        match lock(&self.dw).take() {
+            Some(DwStash::Cuda(s)) => Ok((s, l.shape().clone())),
+            _ => Err(self.missing()),
+        }
+    }
+}
+
+/// The CUDA side: one [`FusedMarginLoss`](crate::cuda::FusedMarginLoss) per candle device,
+/// and the typed forward and backward on candle's storage.
+#[cfg(feature = "candle-cuda")]
+mod gpu {
+    use super::{lock, msg, not_contiguous, wrap, GradOp, MarginOp, Saved, UpstreamArg};
+    use crate::cuda::{CudaElement, FusedMarginLoss, GpuUpstream};
+    use crate::spec::Reduction;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda::{CudaDType, DeviceId};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Storage, WithDType};
+    use cudarc::driver::CudaView;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    /// The handle for candle device `dev`, created on first use and kept for the process, so
+    /// modules are loaded once per device (NVRTC compiles once per process anyway). Keyed by
+    /// candle's device id: each `Device::new_cuda` is a distinct device with its own stream.
+    pub(super) fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<FusedMarginLoss>> {
+        static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<FusedMarginLoss>>>> = OnceLock::new();
+        let mut map = lock(HANDLES.get_or_init(|| Mutex::new(HashMap::new())));
+        if let Some(h) = map.get(&dev.id()) {
+            return Ok(h.clone());
+        }
+        let h = Arc::new(FusedMarginLoss::new(dev.cuda_stream()).map_err(wrap)?);
+        map.insert(dev.id(), h.clone());
+        Ok(h)
+    }
+
+    /// The contiguous elements of a CUDA tensor argument as a view.
+    fn view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        name: &str,
+    ) -> candle_core::Result<CudaView<'a, T>> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| not_contiguous(name, l))?;
+        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// f32 device values as a candle storage of dtype `T` (candle's own cast kernel).
+    fn to_dtype<T: WithDType>(
+        dev: &CudaDevice,
+        values: cudarc::driver::CudaSlice<f32>,
+    ) -> candle_core::Result<CudaStorage> {
+        let n = values.len();
+        let s = CudaStorage::wrap_cuda_slice(values, dev.clone());
+        if T::DTYPE == candle_core::DType::F32 {
+            Ok(s)
+        } else {
+            s.to_dtype(&Layout::contiguous(n), T::DTYPE)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward<T: CudaElement + CudaDType + WithDType>(
+        gpu: &FusedMarginLoss,
+        op: &MarginOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(Saved, CudaStorage)> {
+        let (x, w, labels) = (
+            view::<T>(s1, l1, "x")?,
+            view::<T>(s2, l2, "w")?,
+            view::<i32>(s3, l3, "labels")?,
+        );
+        let fwd = gpu
+            .forward(&op.spec, &x, &w, &labels, op.shape)
+            .map_err(wrap)?;
+        // The result is a copy: the forward's own buffers stay saved for the backward.
+        let src = match op.spec.reduction {
+            Reduction::None => &fwd.row_loss,
+            Reduction::Mean | Reduction::Sum => &fwd.loss,
+        };
+        let out = gpu
+            .stream()
+            .clone_dtod(src)
+            .map_err(|e| msg(format!("fused_margin::candle: copy the loss: {e:?}")))?;
+        let storage = to_dtype::<T>(s1.device(), out)?;
+        Ok((Saved::Cuda(Box::new(fwd)), storage))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward<T: CudaElement + CudaDType + WithDType>(
+        gpu: &FusedMarginLoss,
+        op: &GradOp,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+        let (x, w, labels) = (
+            view::<T>(s1, l1, "x")?,
+            view::<T>(s2, l2, "w")?,
+            view::<i32>(s3, l3, "labels")?,
+        );
+        let saved = lock(&op.saved);
+        let recomputed;
+        let fwd = match &*saved {
+            Some(Saved::Cuda(f)) => f,
+            // Not saved by a CUDA forward (cannot happen through margin_loss): recompute it.
+            _ => {
+                recomputed = gpu
+                    .forward(&op.spec, &x, &w, &labels, op.shape)
+                    .map_err(wrap)?;
+                &recomputed
+            }
+        };
+        let grads = match &op.upstream {
+            UpstreamArg::Scalar(v) => gpu.backward::<T>(
+                &op.spec,
+                fwd,
+                &x,
+                &w,
+                &labels,
+                GpuUpstream::Scalar(*v as f32),
+            ),
+            UpstreamArg::PerRowDevice(t) => {
+                let (storage, layout) = t.storage_and_layout();
+                let Storage::Cuda(cs) = &*storage else {
+                    return Err(msg(
+                        "fused_margin::candle: the upstream gradient is not on the CUDA device"
+                            .into(),
+                    ));
+                };
+                let g = view::<f32>(cs, layout, "upstream gradient")?;
+                gpu.backward::<T>(&op.spec, fwd, &x, &w, &labels, GpuUpstream::PerRow(&g))
+            }
+            UpstreamArg::PerRowHost(_) => {
+                return Err(msg(
+                    "fused_margin::candle: internal: host upstream on the CUDA backend".into(),
+                ))
+            }
+        }
+        .map_err(wrap)?;
+        let dev = s1.device().clone();
+        Ok((
+            CudaStorage::wrap_cuda_slice(grads.dx, dev.clone()),
+            CudaStorage::wrap_cuda_slice(grads.dw, dev),
+        ))
+    }
+}
