@@ -215,6 +215,36 @@ struct MarginOp {
     saved: SavedSlot,
 }
 
+/// The CPU side of both ops, for one element type.
+trait CpuTyped {
+    fn cpu_typed<T: Element + WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        labels: &[i32],
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)>;
+}
+
+/// Checks the CPU arguments (contiguous, labels i32) and runs `op` for x's dtype.
+fn cpu_dispatch<O: CpuTyped>(
+    op: &O,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    (s3, l3): (&CpuStorage, &Layout),
+) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    let labels = cpu_slice::<i32>(s3, l3, "labels")?;
+    match s1.dtype() {
+        DType::F32 => op.cpu_typed::<f32>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels),
+        DType::F16 => op.cpu_typed::<f16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels),
+        DType::BF16 => {
+            op.cpu_typed::<bf16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
+        }
+        other => Err(msg(format!(
+            "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
+        ))),
+    }
+}
+
 impl MarginOp {
     fn out_shape(&self) -> candle_core::Shape {
         match self.spec.reduction {
@@ -222,7 +252,9 @@ impl MarginOp {
             Reduction::Mean | Reduction::Sum => candle_core::Shape::from(()),
         }
     }
+}
 
+impl CpuTyped for MarginOp {
     fn cpu_typed<T: Element + WithDType>(
         &self,
         x: &[T],
@@ -257,21 +289,7 @@ impl CustomOp3 for MarginOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        let labels = cpu_slice::<i32>(s3, l3, "labels")?;
-        match s1.dtype() {
-            DType::F32 => {
-                self.cpu_typed::<f32>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
-            }
-            DType::F16 => {
-                self.cpu_typed::<f16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
-            }
-            DType::BF16 => {
-                self.cpu_typed::<bf16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
-            }
-            other => Err(msg(format!(
-                "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
-            ))),
-        }
+        cpu_dispatch(self, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "candle-cuda")]
@@ -363,7 +381,7 @@ struct GradOp {
     dw: DwSlot,
 }
 
-impl GradOp {
+impl CpuTyped for GradOp {
     fn cpu_typed<T: Element + WithDType>(
         &self,
         x: &[T],
@@ -414,21 +432,7 @@ impl CustomOp3 for GradOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        let labels = cpu_slice::<i32>(s3, l3, "labels")?;
-        match s1.dtype() {
-            DType::F32 => {
-                self.cpu_typed::<f32>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
-            }
-            DType::F16 => {
-                self.cpu_typed::<f16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
-            }
-            DType::BF16 => {
-                self.cpu_typed::<bf16>(cpu_slice(s1, l1, "x")?, cpu_slice(s2, l2, "w")?, labels)
-            }
-            other => Err(msg(format!(
-                "fused_margin::candle: x has dtype {other:?}; the op takes f32, f16, bf16"
-            ))),
-        }
+        cpu_dispatch(self, (s1, l1), (s2, l2), (s3, l3))
     }
 
     #[cfg(feature = "candle-cuda")]
