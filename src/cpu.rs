@@ -161,6 +161,39 @@ impl<'a> Problem<'a> {
 ///
 /// `x` is B x D, `w` is C x D (row-major), `labels` has B entries (`0 <= y < C`, negative =
 /// ignored). Errors name the bad spec field, length or label.
+///
+/// # Non-finite and extreme inputs
+///
+/// NaN and +-Inf in `x` or `w` are not checked and are no error (no check cost): they propagate
+/// through IEEE arithmetic as in PyTorch (`F.normalize`, a linear layer, `cross_entropy`), and
+/// only what depends on the bad value becomes non-finite. With the default normalizations:
+///
+/// - a non-finite entry in row `i` of `x` (a counted row) makes `row_loss[i]` and `lse[i]` NaN,
+///   hence the mean / sum loss NaN; in [`backward`] row `i` of `dx` and every row of `dw` are
+///   non-finite. Every other row's `row_loss`, `lse` and `dx` is bit-identical to a run without
+///   the bad value;
+/// - a non-finite entry in a class row of `w` makes every counted row's loss, `dx` row and all of
+///   `dw` NaN;
+/// - a row with a negative label contributes nothing to the loss or `dw` even when non-finite;
+///   only its own `dx` row is NaN (`0 * NaN` through the normalization backward).
+///
+/// Without weight normalization an infinite class entry gives an infinite logit: `+Inf` makes the
+/// affected rows' losses non-finite; `-Inf` removes the class from the softmax (`exp(-Inf) = 0`)
+/// and leaves the loss finite, but the rows' `dx` is NaN. Non-finite input never yields an
+/// all-finite result.
+///
+/// Zero-norm rows (all zeros, or a norm below `eps = 1e-12`) take the `eps` path of MATH.md
+/// (`v / max(|v|, eps)`): finite loss and gradients. A zero feature row has every cosine 0; its
+/// `dx` is `dxh / eps` (large, finite) and it adds nothing to `dw`.
+///
+/// Norms, cosines and the logsumexp are computed in f64 (the logsumexp with a running max), so
+/// any finite f32 / f16 / bf16 input and any valid spec (`s` up to 1000 and beyond, margins at
+/// their `validate()` limits) gives finite results. f64 inputs whose squared row norm overflows
+/// f64 (entries beyond ~1e154) are out of range: that row's norm is `+Inf` and it is treated as
+/// the zero direction.
+///
+/// The CPU path has no shared state and no order-dependent parallel reduction: concurrent calls
+/// from many threads on shared inputs, and any size of rayon's pool, give bit-identical results.
 pub fn forward<T: Element>(
     spec: &MarginLoss,
     x: &[T],
@@ -230,7 +263,10 @@ pub fn forward<T: Element>(
 ///
 /// `upstream` is `Upstream::Scalar` for mean/sum (usually [`Upstream::ONE`]) and
 /// `Upstream::PerRow` (B values) for `Reduction::None`. `fwd` must come from [`forward`] with the
-/// same spec and shape.
+/// same spec, shape and inputs: another spec or shape, labels that count another number of rows,
+/// or `x` / `w` rows whose norms differ from the forward's is [`Error::ForwardMismatch`] (an O(B + C)
+/// check; a change that keeps every row norm and the counted rows, such as permuted labels, is
+/// not detected).
 pub fn backward<T: Element>(
     spec: &MarginLoss,
     fwd: &Forward,
@@ -261,6 +297,28 @@ pub fn backward<T: Element>(
                 shape.b
             ),
         });
+    }
+    // A forward of other `x` or `w` (same spec and shape) would give silently wrong gradients: its
+    // lse belongs to other logits. The norms were just recomputed, so comparing them with the
+    // saved ones (bitwise: the same inputs give the same bits, NaN included) costs O(B + C).
+    for (what, saved, now) in [("x", &fwd.x_norm, &p.x.norm), ("w", &fwd.w_norm, &p.w.norm)] {
+        if saved.len() != now.len() {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "forward saved {} norms of {what}, these inputs have {} rows",
+                    saved.len(),
+                    now.len()
+                ),
+            });
+        }
+        if let Some(row) = (0..now.len()).find(|&k| saved[k].to_bits() != now[k].to_bits()) {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "{what} differs from the forward's: row {row} has norm {} here, {} at forward",
+                    now[row], saved[row]
+                ),
+            });
+        }
     }
     let g = upstream.per_row(spec.reduction, labels)?;
     let (b, d, c) = (shape.b, shape.d, shape.c);

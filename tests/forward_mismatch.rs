@@ -1,0 +1,86 @@
+//! Misuse of the CPU API that issue 9 (item 7) wants as a typed error and `tests/bad_input.rs`
+//! does not cover yet: a forward result handed to backward with other `x` or `w` (same spec,
+//! shape and labels). Its saved lse belongs to other logits, so the gradients would be silently
+//! wrong; backward compares the row norms it recomputes with the forward's saved ones.
+//!
+//! (Labels on another device or stream are a GPU-only misuse: `tests/gpu_vs_cpu.rs` and
+//! `tests/raw_entry.rs`.)
+
+use fused_margin::{cpu, Error, MarginLoss, Shape, Upstream};
+use half::f16;
+
+fn valid() -> (Shape, Vec<f32>, Vec<f32>, Vec<i32>) {
+    let shape = Shape::new(3, 4, 5);
+    let x = (0..12).map(|k| (k as f32 * 0.37).sin()).collect();
+    let w = (0..20).map(|k| (k as f32 * 0.91).cos()).collect();
+    (shape, x, w, vec![0, 4, -1])
+}
+
+fn mismatch(e: Error) -> String {
+    match e {
+        Error::ForwardMismatch { detail } => detail,
+        e => panic!("expected ForwardMismatch, got {e:?}"),
+    }
+}
+
+#[test]
+fn backward_rejects_other_features() {
+    let (shape, x, w, labels) = valid();
+    let spec = MarginLoss::arcface(0.5);
+    let fwd = cpu::forward(&spec, &x, &w, &labels, shape).unwrap();
+    // One entry changed (row 1), and the whole batch rescaled.
+    let mut x2 = x.clone();
+    x2[5] += 0.25;
+    let d =
+        mismatch(cpu::backward(&spec, &fwd, &x2, &w, &labels, shape, Upstream::ONE).unwrap_err());
+    assert!(d.contains("x differs") && d.contains("row 1"), "{d}");
+    let x3: Vec<f32> = x.iter().map(|v| v * 2.0).collect();
+    let d =
+        mismatch(cpu::backward(&spec, &fwd, &x3, &w, &labels, shape, Upstream::ONE).unwrap_err());
+    assert!(d.contains("row 0"), "{d}");
+    // Even in an ignored row: the forward saw other inputs.
+    let mut x4 = x.clone();
+    x4[8] = 3.0;
+    let d =
+        mismatch(cpu::backward(&spec, &fwd, &x4, &w, &labels, shape, Upstream::ONE).unwrap_err());
+    assert!(d.contains("row 2"), "{d}");
+}
+
+#[test]
+fn backward_rejects_other_class_weights() {
+    let (shape, x, w, labels) = valid();
+    for spec in [
+        MarginLoss::cosface(0.35),
+        MarginLoss::cosface(0.35).normalize_weights(false),
+    ] {
+        let fwd = cpu::forward(&spec, &x, &w, &labels, shape).unwrap();
+        let mut w2 = w.clone();
+        w2[19] = -w2[19] + 0.5; // class 4
+        let err = cpu::backward(&spec, &fwd, &x, &w2, &labels, shape, Upstream::ONE).unwrap_err();
+        let d = mismatch(err.clone());
+        assert!(d.contains("w differs") && d.contains("row 4"), "{d}");
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+}
+
+#[test]
+fn the_same_values_pass_whatever_their_type() {
+    // The check is on values, not buffers: a forward on f16 inputs and a backward on the same
+    // values widened to f32 (or copied) is fine, and so is a NaN row seen by both.
+    let (shape, x, w, labels) = valid();
+    let spec = MarginLoss::arcface(0.5);
+    let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+    let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+    let fwd = cpu::forward(&spec, &xh, &wh, &labels, shape).unwrap();
+    let xf: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+    let wf: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+    let a = cpu::backward(&spec, &fwd, &xh, &wh, &labels, shape, Upstream::ONE).unwrap();
+    let b = cpu::backward(&spec, &fwd, &xf, &wf, &labels, shape, Upstream::ONE).unwrap();
+    assert_eq!(a, b);
+
+    let mut xn = x.clone();
+    xn[4] = f32::NAN;
+    let fwd = cpu::forward(&spec, &xn, &w, &labels, shape).unwrap();
+    let g = cpu::backward(&spec, &fwd, &xn.clone(), &w, &labels, shape, Upstream::ONE).unwrap();
+    assert!(g.dx[4..8].iter().any(|v| v.is_nan()));
+}
