@@ -7,4 +7,5 @@
 #include "logits_tc.cu"
 #include "combine.cu"
 #include "grad.cu"
+#include "grad_tc.cu"
 #include "naive.cu"

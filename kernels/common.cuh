@@ -2,9 +2,11 @@
 // the margin maths (psi, dpsi): the one GPU copy of ../shared/MATH.md, twin of src/math.rs.
 //
 // No CUDA headers are included (NVRTC sees no files at run time): f16 and bf16 are carried as raw
-// 16-bit patterns and converted with PTX `cvt`, exactly (widening) or round-to-nearest-even.
+// 16-bit patterns and converted with PTX `cvt` (ptx.cuh), exactly (widening) or round-to-nearest-even.
 #ifndef FM_COMMON_CUH
 #define FM_COMMON_CUH
+
+#include "ptx.cuh"
 
 typedef long long i64;
 
@@ -13,11 +15,7 @@ struct fm_f16 { unsigned short bits; };
 struct fm_bf16 { unsigned short bits; };
 
 __device__ __forceinline__ float fm_to_f32(float v) { return v; }
-__device__ __forceinline__ float fm_to_f32(fm_f16 v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
-    return f;
-}
+__device__ __forceinline__ float fm_to_f32(fm_f16 v) { return fm_f16_bits_to_f32(v.bits); }
 __device__ __forceinline__ float fm_to_f32(fm_bf16 v) {
     return __uint_as_float(((unsigned)v.bits) << 16);   // bf16 is the top half of an f32
 }
@@ -26,12 +24,12 @@ template <typename T> __device__ __forceinline__ T fm_from_f32(float v);
 template <> __device__ __forceinline__ float fm_from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ fm_f16 fm_from_f32<fm_f16>(float v) {
     fm_f16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    h.bits = fm_f32_to_f16_bits(v);
     return h;
 }
 template <> __device__ __forceinline__ fm_bf16 fm_from_f32<fm_bf16>(float v) {
     fm_bf16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    h.bits = fm_f32_to_bf16_bits(v);
     return h;
 }
 

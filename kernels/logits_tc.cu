@@ -23,30 +23,6 @@
 #define TC_STAGES 3
 #define TC_LD (TC_BK + 8)
 
-__device__ __forceinline__ void fm_cp_async16(void* smem, const void* gmem, bool valid) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int n = valid ? 16 : 0;   // src-size 0: the 16 bytes are zero-filled, nothing is read
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
-}
-__device__ __forceinline__ void fm_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void fm_cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
-// d += a . b for one m16n8k16 tile (fragments as in the PTX ISA: a 4 x b32, b 2 x b32, d 4 x f32).
-__device__ __forceinline__ void fm_mma16816(float d[4], const unsigned a[4], const unsigned b[2]) {
-#if FM_DTYPE == FM_BF16
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
 struct FmTcSmem {
     unsigned short xs[TC_STAGES][TC_BM][TC_LD];
     unsigned short ws[TC_STAGES][TC_BN][TC_LD];
@@ -150,7 +126,7 @@ FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) fm_mma16816(acc[mi][ni], a[mi], b[ni]);
+                for (int ni = 0; ni < 4; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(acc[mi][ni], a[mi], b[ni]);
         }
         if ((int)(it % ksteps) == ksteps - 1) {
             // Epilogue of class tile `tile`: the accumulators hold raw dot products.

@@ -93,19 +93,33 @@ __device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, 
     return R;
 }
 
-// The backward at one element (MATH.md "Backward"): dz = g (softmax - onehot) from the saved lse,
-// dc = r dz dtarget/dc. Also returns c (for proj = sum_j dc_ij c_ij = vh . dvh, the projection the
-// normalization backward needs) and dz * t (for dn = s sum_j dz_ij t_ij without feature norm).
-// Rows with g = 0 (ignored) give exact zeros.
+// The backward at one element (MATH.md "Backward") for a unit upstream, from the saved lse:
+// d = softmax - onehot, e = d * dtarget/dc, with c (for proj = sum_j dc_ij c_ij = vh . dvh, the
+// projection the normalization backward needs) and dt = d * t (for dn = s g sum_j d_ij t_ij
+// without feature norm). The real dc_ij = r_i g_i e_ij; the tensor-core backward multiplies by
+// r_i g_i outside its products, so the 16-bit operand e stays in range (|d| <= 1).
+struct FmGradElem { float e, c, dt; };
+
+__device__ __forceinline__ FmGradElem fm_grad_elem(const FmParams& p, const FmRow& R, i64 col, float dot,
+                                                   float inv_w) {
+    bool tgt = R.label == col;
+    FmElem el = fm_elem(p, dot, R.inv_x, inv_w, R.r, tgt);
+    float d = expf(el.z - R.lse) - (tgt ? 1.0f : 0.0f);
+    FmGradElem q;
+    q.e = d * el.dt;
+    q.c = el.c;
+    q.dt = d * el.t;
+    return q;
+}
+
+// dc = r g e at one element, with c and dz * t = g d t. Rows with g = 0 (ignored) give exact zeros.
 __device__ __forceinline__ float fm_dc(const FmParams& p, const FmRow& R, i64 col, float dot,
                                        float inv_w, float& c, float& dzt) {
     if (R.g == 0.0f) { c = 0.0f; dzt = 0.0f; return 0.0f; }
-    bool tgt = R.label == col;
-    FmElem e = fm_elem(p, dot, R.inv_x, inv_w, R.r, tgt);
-    float dz = R.g * (expf(e.z - R.lse) - (tgt ? 1.0f : 0.0f));
-    c = e.c;
-    dzt = dz * e.t;
-    return R.r * dz * e.dt;
+    FmGradElem q = fm_grad_elem(p, R, col, dot, inv_w);
+    c = q.c;
+    dzt = R.g * q.dt;
+    return R.r * (R.g * q.e);
 }
 
 // The class range [t_begin, t_end) of tiles that split `split` of `nsplit` covers.

@@ -10,11 +10,10 @@ use fused_margin::{
     cpu, DType, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream,
 };
 use half::{bf16, f16};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use std::sync::Arc;
 
 mod common;
-use common::rel;
+use common::{margin_inputs as inputs, rel};
 
 fn gpu_or_skip() -> Option<Arc<CudaStream>> {
     let required = std::env::var("FUSED_MARGIN_REQUIRE_GPU").as_deref() == Ok("1");
@@ -44,55 +43,6 @@ fn bars(dt: DType) -> (f64, f64) {
         DType::F16 => (1e-3, 5e-3),
         DType::BF16 => (5e-3, 2e-2),
         DType::F64 => unreachable!(),
-    }
-}
-
-/// Random inputs: uniform entries, a few large outliers, several ignored rows (-1 and -100), and
-/// some rows pointed almost opposite their class so target angles cross pi - m (every overflow
-/// policy branch runs).
-struct Inputs {
-    x: Vec<f64>,
-    w: Vec<f64>,
-    labels: Vec<i32>,
-    upstream: Vec<f64>,
-}
-
-fn inputs(shape: Shape, seed: u64) -> Inputs {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (b, d, c) = (shape.b, shape.d, shape.c);
-    let mut x: Vec<f64> = (0..b * d).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let mut w: Vec<f64> = (0..c * d).map(|_| rng.random_range(-1.0..1.0)).collect();
-    let labels: Vec<i32> = (0..b)
-        .map(|i| match i % 7 {
-            3 if b > 1 => -1,
-            5 if b > 1 => -100,
-            _ => rng.random_range(0..c as i32),
-        })
-        .collect();
-    for i in 0..b {
-        if labels[i] >= 0 && i % 4 == 1 {
-            // x_i ~ -w_y: theta near pi.
-            let y = labels[i] as usize;
-            for k in 0..d {
-                x[i * d + k] = -w[y * d + k] * 0.7 + rng.random_range(-0.05..0.05);
-            }
-        }
-    }
-    // Outliers are set, not multiplied, so an element drawn twice cannot compound past f16's range.
-    for _ in 0..(b * d / 50).max(1) {
-        let e = rng.random_range(0..b * d);
-        x[e] = x[e].signum() * rng.random_range(20.0..40.0);
-    }
-    for _ in 0..(c * d / 50).max(1) {
-        let e = rng.random_range(0..c * d);
-        w[e] = w[e].signum() * rng.random_range(10.0..25.0);
-    }
-    let upstream = (0..b).map(|_| rng.random_range(0.5..1.5)).collect();
-    Inputs {
-        x,
-        w,
-        labels,
-        upstream,
     }
 }
 
@@ -181,6 +131,11 @@ fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape,
     let g = gpu
         .backward(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
         .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
+    let tc_bwd_expected = tc_expected && gpu.tensor_core_backward_enabled();
+    assert_eq!(
+        g.tensor_cores, tc_bwd_expected,
+        "{what}: tensor-core backward path"
+    );
     let dx = to_f64(&s.clone_dtoh(&g.dx).unwrap());
     let dw = to_f64(&s.clone_dtoh(&g.dw).unwrap());
     assert!(
@@ -253,16 +208,17 @@ fn run_all<T: CudaElement>(plan: Plan) {
 }
 
 fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
-    run_all_opts::<T>(plan, cublas, true);
+    run_all_opts::<T>(plan, cublas, true, false);
 }
 
-fn run_all_opts<T: CudaElement>(plan: Plan, cublas: bool, tensor_cores: bool) {
+fn run_all_opts<T: CudaElement>(plan: Plan, cublas: bool, tensor_cores: bool, tc_backward: bool) {
     let Some(stream) = gpu_or_skip() else { return };
     let gpu = FusedMarginLoss::new(stream)
         .unwrap()
         .with_plan(plan)
         .with_cublas(cublas)
         .with_tensor_cores(tensor_cores)
+        .with_tensor_core_backward(tc_backward)
         .with_poison(true);
     if plan == Plan::Naive {
         eprintln!(
@@ -313,7 +269,16 @@ fn naive_bf16() {
 #[test]
 fn fused_simt_bf16() {
     // The SIMT forward for half inputs too (tensor cores off), on the same cases.
-    run_all_opts::<bf16>(Plan::Fused, true, false);
+    run_all_opts::<bf16>(Plan::Fused, true, false, false);
+}
+#[test]
+fn fused_tc_backward_f16() {
+    // The tensor-core backward (opt-in), on the same cases (it runs where D % 8 == 0).
+    run_all_opts::<f16>(Plan::Fused, true, true, true);
+}
+#[test]
+fn fused_tc_backward_bf16() {
+    run_all_opts::<bf16>(Plan::Fused, true, true, true);
 }
 #[test]
 fn naive_plain_kernels_f32() {
@@ -437,8 +402,18 @@ fn fused_memory_is_not_b_by_c() {
 
 #[test]
 fn fused_is_deterministic() {
+    deterministic(false);
+}
+#[test]
+fn fused_tc_backward_is_deterministic() {
+    deterministic(true);
+}
+
+fn deterministic(tc_backward: bool) {
     let Some(stream) = gpu_or_skip() else { return };
-    let gpu = FusedMarginLoss::new(stream.clone()).unwrap();
+    let gpu = FusedMarginLoss::new(stream.clone())
+        .unwrap()
+        .with_tensor_core_backward(tc_backward);
     let shape = Shape::new(150, 96, 7001);
     let inp = inputs(shape, 9);
     let x = stream
@@ -463,6 +438,7 @@ fn fused_is_deterministic() {
                 GpuUpstream::ONE,
             )
             .unwrap();
+        assert_eq!(g.tensor_cores, tc_backward, "backward path");
         (
             f.loss_host().unwrap().to_bits(),
             stream

@@ -42,7 +42,13 @@ pub const ENTRY_POINTS: [&str; 18] = [
 ];
 
 /// Entry points built only for f16 and bf16 inputs (tensor cores).
-pub const HALF_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_tc"];
+pub const HALF_ENTRY_POINTS: [&str; 5] = [
+    "fm_fwd_tiles_tc",
+    "fm_grad_scale",
+    "fm_grad_x_tc",
+    "fm_grad_w_tc",
+    "fm_grad_w_tc_f32out",
+];
 
 /// True when libnvrtc can be loaded (cudarc panics on first use otherwise).
 pub fn nvrtc_available() -> bool {

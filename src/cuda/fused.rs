@@ -23,6 +23,15 @@ const TC_BM: usize = 64;
 const TC_BN: usize = 128;
 /// Gradient columns per backward block (FM_DC).
 const DC: usize = 128;
+/// Own rows per tensor-core backward block (GT_OWN in kernels/grad_tc.cu).
+const GT_OWN: usize = 64;
+/// Partner rows per tensor-core backward tile (GT_PN): class tiles of the dx kernel.
+const GT_PN: usize = 64;
+/// Gradient columns per tensor-core backward block (GT_DCH).
+const GT_DCH: usize = 256;
+/// Upper bound on class splits of the tensor-core dx kernel: its partials are
+/// `nsplit x B x D` f32 (32 MiB at B = D = 512).
+const MAX_TC_X_SPLITS: usize = 32;
 /// Threads per tile block (FM_THREADS).
 const THREADS: u32 = 256;
 /// Blocks per SM the split heuristics aim for.
@@ -253,6 +262,15 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
 ) -> Result<GpuGradients<O>> {
     let shape = fwd.shape;
     let (b, d, c) = (shape.b, shape.d, shape.c);
+    if h.tensor_cores
+        && h.tc_backward
+        && T::DTYPE != DType::F32
+        && d % 8 == 0
+        && aligned16(h, x)
+        && aligned16(h, w)
+    {
+        return backward_tc::<T, O>(h, k, p, fwd, x, w, labels, up);
+    }
     let row_tiles = b.div_ceil(BM);
     let ntiles = c.div_ceil(BN);
     let dchunks = d.div_ceil(DC);
@@ -297,20 +315,9 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         .map_err(|e| cuda_err("launch fm_grad_x_partial", e))?;
 
     let mut dx = h.alloc::<O>(k, b * d)?;
-    let name = out_entry::<T, O>("fm_x_finish");
-    let f = k.get(&name)?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(x)
-        .arg(&fwd.x_norm)
-        .arg(&dxh_part)
-        .arg(&proj_part)
-        .arg(&dn_part)
-        .arg(&ns);
-    lb.arg(&bi).arg(&di).arg(p).arg(&mut dx);
-    // SAFETY: one thread per element e < B*D: reads x[e], x_norm[e/D], nsplit partials at
-    // s*B*D + e and s*B + row (all allocated nsplit*...), writes dx[e] (B*D of type O).
-    unsafe { lb.launch(grid_1d((b * d) as u64, 256)?) }
-        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+    finish_x(
+        h, k, p, fwd, x, &dxh_part, &proj_part, &dn_part, ns, &mut dx,
+    )?;
 
     let mut dw = h.alloc::<O>(k, c * d)?;
     let name = out_entry::<T, O>("fm_grad_w");
@@ -339,5 +346,154 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         dx,
         dw,
         workspace_bytes,
+        tensor_cores: false,
     })
+}
+
+/// The tensor-core backward (kernels/grad_tc.cu): K = fm_grad_scale, then the dx partials per
+/// class split (fm_grad_x_tc) finished by fm_x_finish, and dw (fm_grad_w_tc). Same outputs and
+/// determinism as the SIMT backward; needs D % 8 == 0 and 16-byte aligned x and w (checked by
+/// the caller).
+#[allow(clippy::too_many_arguments)]
+fn backward_tc<T: CudaElement, O: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    fwd: &GpuForward,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    labels: &CudaView<'_, i32>,
+    up: &Upstream<'_>,
+) -> Result<GpuGradients<O>> {
+    let shape = fwd.shape;
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let row_tiles = b.div_ceil(GT_OWN);
+    let dchunks = d.div_ceil(GT_DCH);
+    let sp = splits(
+        c.div_ceil(GT_PN),
+        row_tiles * dchunks,
+        h.sm_count as usize,
+        MAX_TC_X_SPLITS,
+    );
+    let mut scale = h.alloc::<f32>(k, 1)?;
+    let mut dxh_part = h.alloc::<f32>(k, sp.nsplit * b * d)?;
+    let mut proj_part = h.alloc::<f32>(k, sp.nsplit * b)?;
+    let mut dn_part = h.alloc::<f32>(k, sp.nsplit * b)?;
+    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + 1);
+    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
+    let (tps, ns) = (
+        i32_of(sp.tiles_per_split, "tiles per split")?,
+        sp.nsplit as i32,
+    );
+
+    let f = k.get("fm_grad_scale")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(labels).arg(&fwd.x_norm);
+    arg_or_null(&mut lb, up.g_rows);
+    lb.arg(&up.g_scalar).arg(p).arg(&bi).arg(&mut scale);
+    // SAFETY: one block of 1024 threads reads rows < B of labels, x_norm and g_rows (length
+    // checked == B, or null) and writes scale[0] (allocated 1).
+    unsafe {
+        lb.launch(LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map_err(|e| cuda_err("launch fm_grad_scale", e))?;
+
+    let f = k.get("fm_grad_x_tc")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(w)
+        .arg(labels)
+        .arg(&fwd.x_norm)
+        .arg(&fwd.w_norm)
+        .arg(&fwd.lse);
+    arg_or_null(&mut lb, up.g_rows);
+    lb.arg(&up.g_scalar)
+        .arg(p)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di)
+        .arg(&tps)
+        .arg(&ns);
+    lb.arg(&mut dxh_part).arg(&mut proj_part).arg(&mut dn_part);
+    // SAFETY: grid (row_tiles, nsplit, dchunks) over 64-row tiles, class tiles of 64 and 256-wide
+    // column chunks: reads rows < B of x (B*D), labels/x_norm/lse/g_rows (B), classes < C of w
+    // (C*D) and w_norm (C) (16-byte loads: D % 8 == 0 and 16-byte aligned x, w, checked by the
+    // caller; chunks past B, C or D are zero-filled without reading); writes dxh_part at
+    // (split*B + row)*D + d < nsplit*B*D and proj/dn_part at split*B + row < nsplit*B.
+    unsafe { lb.launch(grid(row_tiles, sp.nsplit, dchunks, "fm_grad_x_tc")?) }
+        .map_err(|e| cuda_err("launch fm_grad_x_tc", e))?;
+
+    let mut dx = h.alloc::<O>(k, b * d)?;
+    finish_x(
+        h, k, p, fwd, x, &dxh_part, &proj_part, &dn_part, ns, &mut dx,
+    )?;
+
+    let mut dw = h.alloc::<O>(k, c * d)?;
+    let name = out_entry::<T, O>("fm_grad_w_tc");
+    let f = k.get(&name)?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(w)
+        .arg(labels)
+        .arg(&fwd.x_norm)
+        .arg(&fwd.w_norm)
+        .arg(&fwd.lse);
+    arg_or_null(&mut lb, up.g_rows);
+    lb.arg(&up.g_scalar)
+        .arg(&scale)
+        .arg(p)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di)
+        .arg(&mut dw);
+    // SAFETY: grid (ceil(C/64), dchunks): each block reads all rows of x (B*D, 16-byte loads as
+    // above), labels/x_norm/lse/g_rows (B), scale[0], its classes < C of w/w_norm, and writes
+    // dw[col*D + d] for its own classes < C and dims < D only (C*D of type O allocated).
+    unsafe { lb.launch(grid(c.div_ceil(GT_OWN), dchunks, 1, &name)?) }
+        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+
+    Ok(GpuGradients {
+        dx,
+        dw,
+        workspace_bytes,
+        tensor_cores: true,
+    })
+}
+
+/// fm_x_finish: dx from the `nsplit` partials of dxh, proj and dn (fixed order). Shared by both
+/// backward kernels.
+#[allow(clippy::too_many_arguments)]
+fn finish_x<T: CudaElement, O: CudaElement>(
+    h: &FusedMarginLoss,
+    k: &Kernels,
+    p: &FmParams,
+    fwd: &GpuForward,
+    x: &CudaView<'_, T>,
+    dxh_part: &CudaSlice<f32>,
+    proj_part: &CudaSlice<f32>,
+    dn_part: &CudaSlice<f32>,
+    nsplit: i32,
+    dx: &mut CudaSlice<O>,
+) -> Result<()> {
+    let (b, d) = (fwd.shape.b, fwd.shape.d);
+    let (bi, di) = (b as i64, i32_of(d, "D")?);
+    let name = out_entry::<T, O>("fm_x_finish");
+    let f = k.get(&name)?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(x)
+        .arg(&fwd.x_norm)
+        .arg(dxh_part)
+        .arg(proj_part)
+        .arg(dn_part)
+        .arg(&nsplit);
+    lb.arg(&bi).arg(&di).arg(p).arg(dx);
+    // SAFETY: one thread per element e < B*D: reads x[e], x_norm[e/D], nsplit partials at
+    // s*B*D + e and s*B + row (all allocated nsplit*...), writes dx[e] (B*D of type O).
+    unsafe { lb.launch(grid_1d((b * d) as u64, 256)?) }
+        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+    Ok(())
 }

@@ -52,6 +52,34 @@ impl CudaElement for f32 {}
 impl CudaElement for half::f16 {}
 impl CudaElement for half::bf16 {}
 
+/// The kernels' option block for `spec`: `struct FmParams` of kernels/common.cuh, 12 four-byte
+/// little-endian fields. For tools that run the kernel source themselves; the test suite's CPU
+/// emulator (tests/emu) uses it so the emulated kernels see exactly what a launch passes.
+#[doc(hidden)]
+pub fn kernel_params_bytes(spec: &MarginLoss) -> Result<[u8; 48]> {
+    spec.validate()?;
+    let p = FmParams::from_spec(spec);
+    let words: [u32; 12] = [
+        p.s.to_bits(),
+        p.m1.to_bits(),
+        p.m2.to_bits(),
+        p.m3.to_bits(),
+        p.lambda.to_bits(),
+        p.fallback_shift.to_bits(),
+        p.policy as u32,
+        p.detached as u32,
+        p.angular as u32,
+        p.normalize_features as u32,
+        p.normalize_weights as u32,
+        p.pad as u32,
+    ];
+    let mut out = [0u8; 48];
+    for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
+        chunk.copy_from_slice(&w.to_le_bytes());
+    }
+    Ok(out)
+}
+
 /// True when the CUDA driver library can be loaded and reports at least one device.
 /// Checks `is_culib_present` first: cudarc panics when libcuda is missing.
 pub fn device_available() -> bool {
@@ -174,6 +202,8 @@ pub struct GpuGradients<O> {
     pub dw: CudaSlice<O>,
     /// Bytes of temporary device memory the backward allocated beyond the gradients.
     pub workspace_bytes: usize,
+    /// True when the tensor-core backward (kernels/grad_tc.cu) computed these gradients.
+    pub tensor_cores: bool,
 }
 
 /// The GPU loss operator bound to one stream. Kernels are compiled by NVRTC once per
@@ -187,6 +217,7 @@ pub struct FusedMarginLoss {
     poison: bool,
     use_cublas: bool,
     tensor_cores: bool,
+    tc_backward: bool,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
 }
@@ -200,6 +231,7 @@ impl std::fmt::Debug for FusedMarginLoss {
             .field("poison", &self.poison)
             .field("use_cublas", &self.use_cublas)
             .field("tensor_cores", &self.tensor_cores)
+            .field("tc_backward", &self.tc_backward)
             .finish()
     }
 }
@@ -294,6 +326,7 @@ impl FusedMarginLoss {
             poison: false,
             use_cublas: true,
             tensor_cores: true,
+            tc_backward: false,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
         })
@@ -315,6 +348,23 @@ impl FusedMarginLoss {
     /// Whether tensor cores are allowed for the fused forward (see [`Self::with_tensor_cores`]).
     pub fn tensor_cores_enabled(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Opt-in (default false): the fused backward on tensor cores for f16/bf16 inputs
+    /// (kernels/grad_tc.cu), under the same conditions as the tensor-core forward (tensor cores
+    /// on, `D % 8 == 0`, 16-byte aligned `x` and `w`); otherwise the SIMT backward runs.
+    ///
+    /// Status: its results match the f64 reference within MATH.md's bars on the CPU emulator of
+    /// the kernels (tests/emulated_kernels.rs), and it compiles without spills for sm_90, but it
+    /// has not yet run on a GPU; it becomes the default once the GPU suite has passed it there.
+    pub fn with_tensor_core_backward(mut self, on: bool) -> Self {
+        self.tc_backward = on;
+        self
+    }
+
+    /// Whether the tensor-core backward is requested (see [`Self::with_tensor_core_backward`]).
+    pub fn tensor_core_backward_enabled(&self) -> bool {
+        self.tc_backward
     }
 
     /// Whether the naive plan may use cuBLAS for its three matrix products (default true, as

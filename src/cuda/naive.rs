@@ -341,5 +341,6 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         dx,
         dw,
         workspace_bytes,
+        tensor_cores: false,
     })
 }

@@ -237,3 +237,52 @@ pub fn rel(a: &[f64], b: &[f64]) -> f64 {
         num / den
     }
 }
+
+/// Random inputs: uniform entries, a few large outliers, several ignored rows (-1 and -100), and
+/// some rows pointed almost opposite their class so target angles cross pi - m (every overflow
+/// policy branch runs).
+pub struct Inputs {
+    pub x: Vec<f64>,
+    pub w: Vec<f64>,
+    pub labels: Vec<i32>,
+    pub upstream: Vec<f64>,
+}
+
+pub fn margin_inputs(shape: Shape, seed: u64) -> Inputs {
+    let mut rng = rng(seed);
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let mut x: Vec<f64> = (0..b * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let mut w: Vec<f64> = (0..c * d).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let labels: Vec<i32> = (0..b)
+        .map(|i| match i % 7 {
+            3 if b > 1 => -1,
+            5 if b > 1 => -100,
+            _ => rng.random_range(0..c as i32),
+        })
+        .collect();
+    for i in 0..b {
+        if labels[i] >= 0 && i % 4 == 1 {
+            // x_i ~ -w_y: theta near pi.
+            let y = labels[i] as usize;
+            for k in 0..d {
+                x[i * d + k] = -w[y * d + k] * 0.7 + rng.random_range(-0.05..0.05);
+            }
+        }
+    }
+    // Outliers are set, not multiplied, so an element drawn twice cannot compound past f16's range.
+    for _ in 0..(b * d / 50).max(1) {
+        let e = rng.random_range(0..b * d);
+        x[e] = x[e].signum() * rng.random_range(20.0..40.0);
+    }
+    for _ in 0..(c * d / 50).max(1) {
+        let e = rng.random_range(0..c * d);
+        w[e] = w[e].signum() * rng.random_range(10.0..25.0);
+    }
+    let upstream = (0..b).map(|_| rng.random_range(0.5..1.5)).collect();
+    Inputs {
+        x,
+        w,
+        labels,
+        upstream,
+    }
+}

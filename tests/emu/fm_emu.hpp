@@ -1,0 +1,298 @@
+// fused-margin: a CPU emulator for the CUDA kernels in kernels/, used by tests/emulated_kernels.rs
+// so that the kernels' indexing, fragment layouts, pipelines and edge handling are tested on
+// machines without a GPU (CI has none).
+//
+// What it models:
+// - a block's threads as cooperative fibers (ucontext) on one OS thread: __syncthreads and the
+//   warp-synchronous instructions (shuffles, ldmatrix, mma.sync) are barriers where fibers switch,
+//   so every thread of a block really runs the kernel code, interleaved;
+// - blocks run one after another, so `__shared__` variables become function statics;
+// - ldmatrix and mma.sync by their PTX ISA definitions (fragment layouts in kernels/ptx.cuh);
+// - cp.async as an immediate copy (or zero fill).
+// What it does not model: the memory model (races that a barrier would hide), timing, alignment
+// faults, register limits. Those are the GPU suite's job (tests/gpu_vs_cpu.rs).
+#ifndef FM_EMU_HPP
+#define FM_EMU_HPP
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <ucontext.h>
+#include <vector>
+
+// ---- CUDA keywords and built-in variables ------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct fm_uint3 { unsigned x, y, z; };
+inline fm_uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace fm_emu {
+
+// ---- fibers ---------------------------------------------------------------------------------------
+constexpr size_t kStack = 96 * 1024;
+enum Wait { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+
+struct Fiber {
+    ucontext_t ctx;
+    Wait wait = kRunnable;
+    unsigned long gen = 0;   // the barrier generation this fiber waits to pass
+};
+
+struct Block {
+    std::vector<Fiber> fibers;
+    std::vector<std::vector<char>> stacks;
+    ucontext_t sched;
+    int nthreads = 0, active = 0, cur = 0;
+    int bar_count = 0;
+    unsigned long bar_gen = 0;
+    std::vector<int> warp_count, warp_active;
+    std::vector<unsigned long> warp_gen;
+    std::vector<unsigned char> xch;   // per warp, per lane: 64 bytes of exchange space
+    const std::function<void()>* body = nullptr;
+};
+inline Block g_block;
+
+inline int lane() { return g_block.cur & 31; }
+inline int warp() { return g_block.cur >> 5; }
+inline unsigned char* slot(int w, int l) { return &g_block.xch[((size_t)w * 32 + l) * 64]; }
+
+inline void yield() { swapcontext(&g_block.fibers[g_block.cur].ctx, &g_block.sched); }
+
+inline void release_block_barrier() {
+    g_block.bar_count = 0;
+    ++g_block.bar_gen;
+}
+inline void release_warp_barrier(int w) {
+    g_block.warp_count[w] = 0;
+    ++g_block.warp_gen[w];
+}
+
+inline void syncthreads() {
+    Block& b = g_block;
+    unsigned long gen = b.bar_gen;
+    if (++b.bar_count == b.active) {
+        release_block_barrier();
+        return;
+    }
+    b.fibers[b.cur].wait = kBlockBarrier;
+    b.fibers[b.cur].gen = gen;
+    yield();
+}
+
+// All active lanes of this warp meet here (the .sync of the warp-level instructions).
+inline void warp_sync() {
+    Block& b = g_block;
+    int w = warp();
+    unsigned long gen = b.warp_gen[w];
+    if (++b.warp_count[w] == b.warp_active[w]) {
+        release_warp_barrier(w);
+        return;
+    }
+    b.fibers[b.cur].wait = kWarpBarrier;
+    b.fibers[b.cur].gen = gen;
+    yield();
+}
+
+inline void fiber_main() {
+    (*g_block.body)();
+    Block& b = g_block;
+    b.fibers[b.cur].wait = kDone;
+    --b.active;
+    int w = warp();
+    --b.warp_active[w];
+    // A thread that exits no longer holds up barriers the others wait at.
+    if (b.bar_count > 0 && b.bar_count == b.active) release_block_barrier();
+    if (b.warp_count[w] > 0 && b.warp_count[w] == b.warp_active[w]) release_warp_barrier(w);
+    // Returning resumes uc_link (the scheduler).
+}
+
+inline bool runnable(const Fiber& f, int tid) {
+    switch (f.wait) {
+        case kRunnable: return true;
+        case kBlockBarrier: return g_block.bar_gen != f.gen;
+        case kWarpBarrier: return g_block.warp_gen[tid >> 5] != f.gen;
+        default: return false;
+    }
+}
+
+// Runs `body` for every thread of every block of the grid, blocks in order.
+inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& body) {
+    Block& b = g_block;
+    int n = (int)(block.x * block.y * block.z);
+    if (n <= 0 || n > 1024) {
+        std::fprintf(stderr, "emu: bad block size %d\n", n);
+        std::abort();
+    }
+    if ((int)b.stacks.size() < n) b.stacks.resize(n, std::vector<char>(kStack));
+    gridDim = grid;
+    blockDim = block;
+    b.body = &body;
+    int nwarps = (n + 31) / 32;
+    b.xch.assign((size_t)nwarps * 32 * 64, 0);
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                blockIdx = {bx, by, bz};
+                b.fibers.assign(n, Fiber());
+                b.nthreads = b.active = n;
+                b.bar_count = 0;
+                b.bar_gen = 0;
+                b.warp_count.assign(nwarps, 0);
+                b.warp_gen.assign(nwarps, 0);
+                b.warp_active.assign(nwarps, 0);
+                for (int t = 0; t < n; ++t) ++b.warp_active[t >> 5];
+                for (int t = 0; t < n; ++t) {
+                    Fiber& f = b.fibers[t];
+                    getcontext(&f.ctx);
+                    f.ctx.uc_stack.ss_sp = b.stacks[t].data();
+                    f.ctx.uc_stack.ss_size = kStack;
+                    f.ctx.uc_link = &b.sched;
+                    makecontext(&f.ctx, fiber_main, 0);
+                }
+                while (b.active > 0) {
+                    bool progressed = false;
+                    for (int t = 0; t < n; ++t) {
+                        Fiber& f = b.fibers[t];
+                        if (!runnable(f, t)) continue;
+                        f.wait = kRunnable;
+                        b.cur = t;
+                        threadIdx = {(unsigned)(t % block.x), (unsigned)((t / block.x) % block.y),
+                                     (unsigned)(t / (block.x * block.y))};
+                        swapcontext(&b.sched, &f.ctx);
+                        progressed = true;
+                    }
+                    if (!progressed) {
+                        std::fprintf(stderr, "emu: deadlock in block (%u,%u,%u)\n", bx, by, bz);
+                        std::abort();
+                    }
+                }
+            }
+}
+
+// ---- warp-level instructions -----------------------------------------------------------------------
+template <typename T>
+inline T shfl(T v, int src) {
+    static_assert(sizeof(T) <= 64, "exchange slot is 64 bytes");
+    int w = warp();
+    std::memcpy(slot(w, lane()), &v, sizeof(T));
+    warp_sync();
+    T r;
+    std::memcpy(&r, slot(w, src & 31), sizeof(T));
+    warp_sync();
+    return r;
+}
+
+inline unsigned short lo16(unsigned v) { return (unsigned short)(v & 0xffff); }
+inline unsigned short hi16(unsigned v) { return (unsigned short)(v >> 16); }
+
+inline float f16_to_f32(unsigned short bits) {
+    _Float16 h;
+    std::memcpy(&h, &bits, 2);
+    return (float)h;
+}
+inline unsigned short f32_to_f16(float v) {
+    _Float16 h = (_Float16)v;   // IEEE round to nearest even
+    unsigned short bits;
+    std::memcpy(&bits, &h, 2);
+    return bits;
+}
+inline unsigned short f32_to_bf16(float v) {
+    unsigned u;
+    std::memcpy(&u, &v, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);   // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);   // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+inline float bf16_to_f32(unsigned short bits) {
+    unsigned u = (unsigned)bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (see kernels/ptx.cuh for the layout).
+inline void ldmatrix_x4(unsigned d[4], const unsigned short* p, bool trans) {
+    int w = warp(), l = lane();
+    std::memcpy(slot(w, l), &p, sizeof(p));
+    warp_sync();
+    const int r = l >> 2, c = l & 3;
+    for (int m = 0; m < 4; ++m) {
+        unsigned short e0, e1;
+        if (!trans) {
+            const unsigned short* row;
+            std::memcpy(&row, slot(w, 8 * m + r), sizeof(row));
+            e0 = row[2 * c];
+            e1 = row[2 * c + 1];
+        } else {
+            const unsigned short *r0, *r1;
+            std::memcpy(&r0, slot(w, 8 * m + 2 * c), sizeof(r0));
+            std::memcpy(&r1, slot(w, 8 * m + 2 * c + 1), sizeof(r1));
+            e0 = r0[r];
+            e1 = r1[r];
+        }
+        d[m] = (unsigned)e0 | ((unsigned)e1 << 16);
+    }
+    warp_sync();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane's fragments are gathered into the
+// full A (16x16) and B (16x8), and each lane computes its four D elements.
+inline void mma16816(float d[4], const unsigned a[4], const unsigned b[2], bool bf16) {
+    int w = warp(), l = lane();
+    unsigned mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    std::memcpy(slot(w, l), mine, sizeof(mine));
+    warp_sync();
+    auto val = [&](unsigned short bits) { return bf16 ? bf16_to_f32(bits) : f16_to_f32(bits); };
+    auto A = [&](int row, int k) {
+        const unsigned* f = (const unsigned*)slot(w, (row & 7) * 4 + ((k & 7) >> 1));
+        unsigned v = f[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+        return val((k & 1) ? hi16(v) : lo16(v));
+    };
+    auto Bm = [&](int k, int n) {
+        const unsigned* f = (const unsigned*)slot(w, n * 4 + ((k & 7) >> 1));
+        unsigned v = f[4 + (k >= 8 ? 1 : 0)];
+        return val((k & 1) ? hi16(v) : lo16(v));
+    };
+    const int g = l >> 2, t = l & 3;
+    float out[4];
+    for (int v = 0; v < 4; ++v) {
+        int row = g + 8 * (v >> 1), col = 2 * t + (v & 1);
+        float acc = d[v];
+        for (int k = 0; k < 16; ++k) acc += A(row, k) * Bm(k, col);   // products exact in f32
+        out[v] = acc;
+    }
+    warp_sync();
+    for (int v = 0; v < 4; ++v) d[v] = out[v];
+}
+
+inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (valid)
+        std::memcpy(smem, gmem, 16);
+    else
+        std::memset(smem, 0, 16);
+}
+
+}  // namespace fm_emu
+
+// ---- CUDA intrinsics ------------------------------------------------------------------------------
+inline void __syncthreads() { fm_emu::syncthreads(); }
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int o) { return fm_emu::shfl(v, fm_emu::lane() ^ o); }
+template <typename T>
+inline T __shfl_sync(unsigned, T v, int src) { return fm_emu::shfl(v, src); }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline unsigned __float_as_uint(float v) { unsigned u; std::memcpy(&u, &v, 4); return u; }
+inline int __float_as_int(float v) { int u; std::memcpy(&u, &v, 4); return u; }
+
+#endif  // FM_EMU_HPP

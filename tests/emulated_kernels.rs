@@ -1,0 +1,364 @@
+//! The fused plan's CUDA kernels, run on the CPU emulator of tests/emu, against the f64 CPU
+//! reference with MATH.md's bars. This is how the kernels' indexing, fragment layouts (ldmatrix,
+//! mma.sync), pipelines, class splits and edge handling are tested on machines without a GPU:
+//! the emulator compiles kernels/all.cu as C++ with every PTX instruction replaced by a model of
+//! its PTX ISA definition, and runs every thread of every block (tests/emu/fm_emu.hpp says what it
+//! does and does not model). The GPU suite (gpu_vs_cpu.rs) remains the test of the hardware.
+//!
+//! Needs a C++20 compiler (`$CXX`, else `c++`/`g++`); without one every test prints why and
+//! passes, and `FUSED_MARGIN_REQUIRE_EMU=1` (set by .ci/run) turns that into a failure.
+use fused_margin::{cpu, cuda, DType, Element, GradientMode, MarginLoss, OverflowPolicy};
+use fused_margin::{Reduction, Shape, Upstream};
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+mod common;
+use common::{margin_inputs, rel};
+
+/// The emulator driver for `dtype`, built once per test process; None (after printing why)
+/// when no C++ compiler is found.
+fn driver(dtype: DType) -> Option<PathBuf> {
+    static BUILT: OnceLock<Mutex<HashMap<DType, Option<PathBuf>>>> = OnceLock::new();
+    let mut built = BUILT
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    built
+        .entry(dtype)
+        .or_insert_with(|| build_driver(dtype))
+        .clone()
+}
+
+fn build_driver(dtype: DType) -> Option<PathBuf> {
+    let required = std::env::var("FUSED_MARGIN_REQUIRE_EMU").as_deref() == Ok("1");
+    let candidates: Vec<String> = std::env::var("CXX")
+        .ok()
+        .into_iter()
+        .chain(["c++".to_string(), "g++".to_string()])
+        .collect();
+    let Some(cxx) = candidates.into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        assert!(
+            !required,
+            "FUSED_MARGIN_REQUIRE_EMU=1 but no C++ compiler ($CXX, c++, g++) was found"
+        );
+        eprintln!("skipped: no C++ compiler for the kernel emulator ($CXX, c++, g++)");
+        return None;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let define = match dtype {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::F64 => unreachable!("the kernels take f32, f16, bf16"),
+    };
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fm_emu_{}", dtype.suffix()));
+    let status = Command::new(&cxx)
+        .args(["-std=c++20", "-O2", "-Wno-unknown-pragmas", "-DFM_EMU"])
+        .arg(format!("-DFM_DTYPE={define}"))
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg("-I")
+        .arg(root.join("tests/emu"))
+        .arg(root.join("tests/emu/driver.cpp"))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap_or_else(|e| panic!("running {cxx}: {e}"));
+    assert!(
+        status.success(),
+        "building the kernel emulator with {cxx} failed"
+    );
+    Some(out)
+}
+
+/// One emulated run: the spec, shape, dtype, which kernels, and how the class tiles are split.
+struct Case {
+    spec: MarginLoss,
+    shape: Shape,
+    fwd_tc: bool,
+    bwd_tc: bool,
+    /// Class tiles per split in the forward (tiles of 128 classes with tensor cores, else 32).
+    fwd_tps: i32,
+    /// Class tiles per split of the dx backward (tiles of 64 with tensor cores, else 32).
+    bwd_tps: i32,
+    seed: u64,
+}
+
+struct Outputs {
+    loss: f64,
+    lse: Vec<f64>,
+    row_loss: Vec<f64>,
+    dx: Vec<f64>,
+    dw: Vec<f64>,
+}
+
+fn floats(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+        .collect()
+}
+
+fn run<T: Element + Bits>(
+    exe: &Path,
+    case: &Case,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    up: &[f32],
+) -> Outputs {
+    let Shape { b, d, c } = case.shape;
+    let counted = labels.iter().filter(|&&l| l >= 0).count();
+    let (mean, g_scalar, g_rows): (i32, f32, _) = match case.spec.reduction {
+        Reduction::Mean => (
+            1,
+            if counted > 0 {
+                1.0 / counted as f32
+            } else {
+                0.0
+            },
+            None,
+        ),
+        Reduction::Sum => (0, 1.0, None),
+        Reduction::None => (0, 0.0, Some(up)),
+    };
+    let mut buf = Vec::new();
+    buf.extend((b as i64).to_le_bytes());
+    buf.extend((c as i64).to_le_bytes());
+    buf.extend((d as i32).to_le_bytes());
+    buf.extend(cuda::kernel_params_bytes(&case.spec).unwrap());
+    buf.extend(mean.to_le_bytes());
+    buf.extend(g_scalar.to_le_bytes());
+    buf.extend((g_rows.is_some() as i32).to_le_bytes());
+    buf.extend((case.fwd_tc as i32).to_le_bytes());
+    buf.extend((case.bwd_tc as i32).to_le_bytes());
+    buf.extend(case.fwd_tps.to_le_bytes());
+    buf.extend(case.bwd_tps.to_le_bytes());
+    for v in x.iter().chain(w) {
+        buf.extend(v.to_le_bits());
+    }
+    for l in labels {
+        buf.extend(l.to_le_bytes());
+    }
+    for g in g_rows.unwrap_or(&[]) {
+        buf.extend(g.to_le_bytes());
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let tag = format!("{}_{}_{}", std::process::id(), case.seed, T::DTYPE.suffix());
+    let (inp, outp) = (
+        dir.join(format!("in_{tag}")),
+        dir.join(format!("out_{tag}")),
+    );
+    std::fs::write(&inp, &buf).unwrap();
+    let o = Command::new(exe).arg(&inp).arg(&outp).output().unwrap();
+    assert!(
+        o.status.success(),
+        "emulator failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = std::fs::read(&outp).unwrap();
+    let _ = std::fs::remove_file(&inp);
+    let _ = std::fs::remove_file(&outp);
+    let f = floats(&out);
+    assert_eq!(f.len(), 1 + 2 * b + b * d + c * d, "emulator output size");
+    Outputs {
+        loss: f[0],
+        lse: f[1..1 + b].to_vec(),
+        row_loss: f[1 + b..1 + 2 * b].to_vec(),
+        dx: f[1 + 2 * b..1 + 2 * b + b * d].to_vec(),
+        dw: f[1 + 2 * b + b * d..].to_vec(),
+    }
+}
+
+/// Little-endian bits of an input element, as the kernels read them.
+trait Bits {
+    fn to_le_bits(&self) -> Vec<u8>;
+}
+impl Bits for f32 {
+    fn to_le_bits(&self) -> Vec<u8> {
+        self.to_le_bytes().to_vec()
+    }
+}
+impl Bits for f16 {
+    fn to_le_bits(&self) -> Vec<u8> {
+        self.to_bits().to_le_bytes().to_vec()
+    }
+}
+impl Bits for bf16 {
+    fn to_le_bits(&self) -> Vec<u8> {
+        self.to_bits().to_le_bytes().to_vec()
+    }
+}
+
+/// MATH.md's bars (loss, gradients) per input dtype.
+fn bars(dt: DType) -> (f64, f64) {
+    match dt {
+        DType::F32 => (1e-5, 1e-4),
+        DType::F16 => (1e-3, 5e-3),
+        DType::BF16 => (5e-3, 2e-2),
+        DType::F64 => unreachable!(),
+    }
+}
+
+/// Runs `case` on the emulator and checks every output against the CPU reference on the same
+/// rounded inputs. Unwritten outputs are NaN (the driver poisons them) and fail the checks.
+fn check<T: Element + Bits>(case: &Case) {
+    let Some(exe) = driver(T::DTYPE) else { return };
+    let what = format!(
+        "{:?} {:?} fwd_tc={} bwd_tc={} tps=({}, {}) {:?}",
+        T::DTYPE,
+        case.shape,
+        case.fwd_tc,
+        case.bwd_tc,
+        case.fwd_tps,
+        case.bwd_tps,
+        case.spec
+    );
+    let mut inp = margin_inputs(case.shape, case.seed);
+    if !case.spec.normalize_weights {
+        inp.w.iter_mut().for_each(|v| *v *= 0.25); // moderate raw logits, as gpu_vs_cpu does
+    }
+    let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
+    let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
+    let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
+    let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
+    let reference = cpu::forward(&case.spec, &x, &w, &inp.labels, case.shape).unwrap();
+    assert!(reference.loss.is_finite(), "{what}: reference not finite");
+    let cpu_up = match case.spec.reduction {
+        Reduction::None => Upstream::PerRow(&up64),
+        _ => Upstream::Scalar(1.0),
+    };
+    let rg = cpu::backward(
+        &case.spec,
+        &reference,
+        &x,
+        &w,
+        &inp.labels,
+        case.shape,
+        cpu_up,
+    )
+    .unwrap();
+
+    let out = run(&exe, case, &x, &w, &inp.labels, &up32);
+    let (lbar, gbar) = bars(T::DTYPE);
+    let e_rows = rel(&out.row_loss, &reference.row_loss);
+    let e_lse = rel(&out.lse, &reference.lse);
+    assert!(
+        e_rows <= lbar && e_lse <= lbar,
+        "{what}: row loss rel {e_rows:e}, lse rel {e_lse:e}"
+    );
+    if case.spec.reduction != Reduction::None {
+        let e = (out.loss - reference.loss).abs() / reference.loss.abs().max(1e-30);
+        assert!(
+            e <= lbar || reference.loss == 0.0 && out.loss == 0.0,
+            "{what}: loss {} vs {}",
+            out.loss,
+            reference.loss
+        );
+    }
+    assert!(
+        out.dx.iter().chain(&out.dw).all(|v| v.is_finite()),
+        "{what}: non-finite or unwritten gradient"
+    );
+    let (ex, ew) = (rel(&out.dx, &rg.dx), rel(&out.dw, &rg.dw));
+    assert!(
+        ex <= gbar && ew <= gbar,
+        "{what}: dx rel {ex:e}, dw rel {ew:e} (bar {gbar:e})"
+    );
+}
+
+fn case(
+    spec: MarginLoss,
+    shape: (usize, usize, usize),
+    tc: bool,
+    tps: (i32, i32),
+    seed: u64,
+) -> Case {
+    Case {
+        spec,
+        shape: Shape::new(shape.0, shape.1, shape.2),
+        fwd_tc: tc,
+        bwd_tc: tc,
+        fwd_tps: tps.0,
+        bwd_tps: tps.1,
+        seed,
+    }
+}
+
+/// Every option that changes the maths, on the tensor-core path.
+fn tc_specs() -> Vec<MarginLoss> {
+    vec![
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35),
+        MarginLoss::nsl(16.0).reduction(Reduction::Sum),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+        MarginLoss::combined(1.0, 0.3, 0.2).reduction(Reduction::None),
+        MarginLoss::arcface(0.5)
+            .policy(OverflowPolicy::Easy)
+            .gradient(GradientMode::Detached),
+        MarginLoss::cosface(0.35)
+            .normalize_features(false)
+            .scale(1.0),
+        MarginLoss::arcface(0.5)
+            .normalize_weights(false)
+            .reduction(Reduction::None),
+    ]
+}
+
+#[test]
+fn tensor_core_forward_and_backward_bf16() {
+    for (k, spec) in tc_specs().into_iter().enumerate() {
+        check::<bf16>(&case(spec, (45, 136, 300), true, (1, 2), 100 + k as u64));
+    }
+}
+
+#[test]
+fn tensor_core_forward_and_backward_f16() {
+    for (k, spec) in tc_specs().into_iter().enumerate() {
+        check::<f16>(&case(spec, (70, 40, 131), true, (2, 1), 200 + k as u64));
+    }
+}
+
+/// Shapes at the tile edges: B and C of 1, one class, D of 8 (one chunk), D past one output chunk
+/// (GT_DCH = 256), every class in one split and one class tile per split.
+#[test]
+fn tensor_core_edge_shapes() {
+    let spec = MarginLoss::arcface(0.5);
+    for (k, (shape, tps)) in [
+        ((1, 8, 1), (1, 1)),
+        ((1, 16, 2), (1, 1)),
+        ((65, 8, 129), (1, 1)),
+        ((64, 264, 64), (1, 1)),
+        ((3, 520, 70), (4, 4)),
+        ((130, 24, 257), (3, 5)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check::<bf16>(&case(spec, shape, true, tps, 300 + k as u64));
+    }
+}
+
+/// The SIMT kernels (f32 and the half types off the tensor-core path) under the same checks:
+/// they were verified on the H200, so this also checks the emulator against the hardware.
+#[test]
+fn simt_kernels() {
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).reduction(Reduction::None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        check::<f32>(&case(spec, (37, 77, 101), false, (2, 2), 400 + k as u64));
+        check::<bf16>(&case(spec, (37, 40, 101), false, (1, 3), 410 + k as u64));
+    }
+}
