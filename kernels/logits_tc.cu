@@ -6,10 +6,11 @@
 // each warp 32 x 32 = 2 x 4 mma.sync.m16n8k16 tiles with f32 accumulators. x and w tiles of
 // 32 columns of D stream through a 3-stage cp.async pipeline (16-byte copies, zero-filled past the
 // edges); the (class tile, k step) iterations of a split form one sequence, so the pipeline never
-// drains between class tiles. Shared rows are padded to 40 halves (80 bytes): the 32-bit fragment
-// loads of a warp then hit 32 distinct banks. The norms are applied in the epilogue (no normalized
-// copies); each thread keeps running (max, sum-exp) for its 4 rows over its own columns, merged
-// across the block once per split.
+// drains between class tiles. Fragments come from ldmatrix.x4 (one instruction per 16 x 16 A
+// fragment or pair of n8 B fragments; v2 used 32-bit LDS, 2 per mma). Shared rows are padded to
+// 40 halves (80 bytes): the 8 rows of each 8x8 matrix then hit 8 distinct 16-byte bank groups.
+// The norms are applied in the epilogue (no normalized copies); each thread keeps running
+// (max, sum-exp) for its 4 rows over its own columns, merged across the block once per split.
 //
 // Requires D % 8 == 0 and 16-byte aligned x and w (checked on the host, which otherwise uses the
 // SIMT kernel).
@@ -52,8 +53,6 @@ __device__ __forceinline__ void fm_tc_load(FmTcSmem& sm, int stage, i64 it, int 
         fm_cp_async16(&sm.ws[stage][r][ch * 8], ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
     }
 }
-
-__device__ __forceinline__ unsigned fm_lds32(const unsigned short* p) { return *(const unsigned*)p; }
 
 extern "C" __global__ void __launch_bounds__(256)
 FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
@@ -110,18 +109,14 @@ FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
         for (int kk = 0; kk < TC_BK; kk += 16) {
             unsigned a[2][4], b[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-                int r = wm + mi * 16 + g;
-                a[mi][0] = fm_lds32(&sm.xs[st][r][kk + t * 2]);
-                a[mi][1] = fm_lds32(&sm.xs[st][r + 8][kk + t * 2]);
-                a[mi][2] = fm_lds32(&sm.xs[st][r][kk + 8 + t * 2]);
-                a[mi][3] = fm_lds32(&sm.xs[st][r + 8][kk + 8 + t * 2]);
-            }
+            for (int mi = 0; mi < 2; ++mi)
+                fm_ldmatrix_x4(a[mi], &sm.xs[st][wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+            // Classes are rows of [n][k]: one x4 load gives the fragments of two n8 tiles.
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                int n = wn + ni * 8 + g;
-                b[ni][0] = fm_lds32(&sm.ws[st][n][kk + t * 2]);
-                b[ni][1] = fm_lds32(&sm.ws[st][n][kk + 8 + t * 2]);
+            for (int nb = 0; nb < 2; ++nb) {
+                unsigned q[4];
+                fm_ldmatrix_x4(q, &sm.ws[st][wn + nb * 16 + (lane & 7) + 8 * (lane >> 4)][kk + 8 * ((lane >> 3) & 1)]);
+                b[2 * nb][0] = q[0]; b[2 * nb][1] = q[1]; b[2 * nb + 1][0] = q[2]; b[2 * nb + 1][1] = q[3];
             }
 #pragma unroll
             for (int mi = 0; mi < 2; ++mi)
