@@ -1,5 +1,6 @@
 //! Criterion suite (MATH.md's loss on the GPU and CPU). Groups `{loss}_{dtype}_C{classes}` hold
-//! `{plan}/{mode}` for plan in fused, naive and mode in forward, backward, full; `cublas` holds the
+//! `{variant}/{mode}` for variant in fused, fused_tcbwd (f16/bf16: the opt-in tensor-core
+//! backward), naive and mode in forward, backward, full; `cublas` holds the
 //! roof GEMMs; `cpu_reference` the CPU path at the smallest shape. Throughput is reported as
 //! elements = useful FLOPs (2*B*C*D per matrix product), so criterion's `elem/s` reads as FLOP/s.
 //!
@@ -9,7 +10,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaStream;
-use fused_margin::cuda::{self, CudaElement, Plan};
+use fused_margin::cuda::{self, CudaElement};
 use fused_margin::{cpu, MarginLoss, Shape, Upstream};
 use half::bf16;
 use std::sync::Arc;
@@ -38,9 +39,7 @@ fn gpu_dtype<T: CudaElement>(cr: &mut Criterion, stream: &Arc<CudaStream>, tools
         for (name, spec) in harness::losses() {
             let mut group = cr.benchmark_group(format!("{name}_{dt}_C{classes}"));
             group.sample_size(10).sampling_mode(SamplingMode::Flat);
-            for plan in [Plan::Fused, Plan::Naive] {
-                let gpu = harness::handle(stream, plan);
-                let plan_name = format!("{plan:?}").to_lowercase();
+            for (plan_name, gpu) in harness::variants(stream, dt, false) {
                 for mode in Mode::ALL {
                     group.throughput(Throughput::Elements(mode.flops(p.shape) as u64));
                     group.bench_function(format!("{plan_name}/{}", mode.name()), |b| {

@@ -1,4 +1,4 @@
-//! A quick look at speed and memory on the GPU: one line per case (loss, dtype, C, plan, mode),
+//! A quick look at speed and memory on the GPU: one line per case (loss, dtype, C, variant, mode),
 //! with the median time of a few repetitions (CUDA events, L2 flushed before each), achieved
 //! TFLOP/s of the useful matrix products (2*B*C*D each), the fraction of the cuBLAS bf16 roof
 //! measured in the same run, the fused/naive ratio, and the measured peak device memory of
@@ -6,8 +6,8 @@
 //!
 //! `cargo run --release --example bench_table -- [--reps N] [--classes 10000,100000] [--dtypes f32,bf16] [--losses arcface] [--with-simt]`
 //!
-//! The f/naive column is the fused time over the row's time (naive, or simt: the fused plan without
-//! tensor cores).
+//! The fused/row column is the default fused time over the row's time (fused_tcbwd: with the opt-in
+//! tensor-core backward; naive; simt: the fused plan without tensor cores).
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaStream;
 use fused_margin::cuda::{self, CudaElement, Plan};
@@ -70,14 +70,8 @@ fn cases<T: CudaElement>(o: &Opts, stream: &Arc<CudaStream>, tools: &mut Tools, 
                 continue;
             }
             let mut fused_ms = [0.0; 3];
-            // "fused" uses tensor cores where it can (f16/bf16); "simt" is the fused plan with them
-            // off (--with-simt), for the version-to-version comparison.
-            let mut plans = vec![("fused", Plan::Fused, true), ("naive", Plan::Naive, true)];
-            if o.simt && dt != "f32" {
-                plans.push(("simt", Plan::Fused, false));
-            }
-            for (label, plan, tc) in plans {
-                let gpu = harness::handle(stream, plan).with_tensor_cores(tc);
+            // harness::variants: "fused" is the default handle; the others are compared with it.
+            for (label, gpu) in harness::variants(stream, dt, o.simt) {
                 let mem = harness::peak_bytes(&gpu, &spec, &p, tools).expect("memory");
                 let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
                 let mem = mem.map_or("n/a".to_string(), |(peak, grads)| {
@@ -94,7 +88,7 @@ fn cases<T: CudaElement>(o: &Opts, stream: &Arc<CudaStream>, tools: &mut Tools, 
                         _ => format!("{:.2}", fused_ms[i] / ms),
                     };
                     println!(
-                        "{name:8} {dt:5} {c:>8} {:6} {:9} {ms:10.3} {tf:8.2} {:7.1}% {ratio:>8} {mem:>12}",
+                        "{name:8} {dt:5} {c:>8} {:11} {:9} {ms:10.3} {tf:8.2} {:7.1}% {ratio:>8} {mem:>12}",
                         label,
                         mode.name(),
                         100.0 * tf / roof
@@ -163,8 +157,17 @@ fn main() {
         println!("libcublas not found: no roof");
     }
     println!(
-        "{:8} {:5} {:>8} {:6} {:9} {:>10} {:>8} {:>8} {:>8} {:>12}",
-        "loss", "dtype", "C", "plan", "mode", "ms", "TFLOP/s", "%roof", "f/naive", "peak/grads MiB"
+        "{:8} {:5} {:>8} {:11} {:9} {:>10} {:>8} {:>8} {:>8} {:>12}",
+        "loss",
+        "dtype",
+        "C",
+        "plan",
+        "mode",
+        "ms",
+        "TFLOP/s",
+        "%roof",
+        "fused/row",
+        "peak/grads MiB"
     );
     cases::<bf16>(&o, &stream, &mut tools, roof);
     cases::<f32>(&o, &stream, &mut tools, roof);

@@ -226,6 +226,30 @@ pub fn handle(stream: &Arc<CudaStream>, plan: Plan) -> FusedMarginLoss {
         .with_plan(plan)
 }
 
+/// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
+/// tensor-core forward for f16/bf16, SIMT backward), "fused_tcbwd" (plus the opt-in
+/// tensor-core backward; f16/bf16 only), "naive" (the eager baseline), and with `simt` "simt"
+/// (the fused plan with tensor cores off; f16/bf16 only).
+pub fn variants(
+    stream: &Arc<CudaStream>,
+    dt: &str,
+    simt: bool,
+) -> Vec<(&'static str, FusedMarginLoss)> {
+    let half = dt != "f32";
+    let mut v = vec![("fused", handle(stream, Plan::Fused))];
+    if half {
+        v.push((
+            "fused_tcbwd",
+            handle(stream, Plan::Fused).with_tensor_core_backward(true),
+        ));
+    }
+    v.push(("naive", handle(stream, Plan::Naive)));
+    if half && simt {
+        v.push(("simt", handle(stream, Plan::Fused).with_tensor_cores(false)));
+    }
+    v
+}
+
 /// Times one cuBLAS GEMM `C (m x n) = A (m x k) . B (k x n)` in bf16 (f32 accumulation) or f32,
 /// median of `reps`, in ms (L2 flushed before each).
 pub fn gemm_ms<T: CudaElement>(
