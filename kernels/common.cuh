@@ -126,7 +126,11 @@ __device__ __forceinline__ float fm_row_scale(const FmParams& p, float norm) {
     return p.normalize_features ? p.s : p.s * norm;
 }
 
-__device__ __forceinline__ float fm_inv_norm(float norm) { return 1.0f / fmaxf(norm, FM_NORM_EPS); }
+// 1 / max(|v|, eps). Written as a comparison, not fmaxf: fmaxf(NaN, eps) is eps, which would turn
+// a NaN row into huge finite values instead of propagating NaN (README "Reliability").
+__device__ __forceinline__ float fm_inv_norm(float norm) {
+    return 1.0f / (norm < FM_NORM_EPS ? FM_NORM_EPS : norm);
+}
 
 // Per-row upstream g_i: the per-row buffer when given, else the scalar; 0 for ignored rows.
 __device__ __forceinline__ float fm_upstream(const float* g_rows, float g_scalar, i64 row, int label) {

@@ -145,7 +145,9 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
             int k = e / FM_DC, dd = e % FM_DC;
             i64 row = row0 + k;
             int d = d0 + dd;
-            xsd[k][dd] = (row < B && d < D) ? fm_to_f32(x[row * D + d]) * fm_inv_norm(xnorm[row]) : 0.0f;
+            // Rows with g = 0 (ignored) contribute exact zeros, even when their x is not finite.
+            bool on = row < B && d < D && fm_upstream(g_rows, g_scalar, row, labels[row]) != 0.0f;
+            xsd[k][dd] = on ? fm_to_f32(x[row * D + d]) * fm_inv_norm(xnorm[row]) : 0.0f;
         }
         __syncthreads();
 #pragma unroll 4

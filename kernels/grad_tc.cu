@@ -159,7 +159,8 @@ __device__ __forceinline__ void fm_gt_product(FmGtSmem& sm, float out[2][8][4]) 
 }
 
 // Fills the chunk: partner rows par0.. (n_par of them) of `m`, columns d0..d0+GT_DCH, each row
-// multiplied by sm.pscale[row] (already written and synchronized); zeros outside. 16-byte loads.
+// multiplied by sm.pscale[row] (already written and synchronized); zeros outside and for rows
+// whose factor is 0. 16-byte loads.
 __device__ __forceinline__ void fm_gt_fill_chunk(FmGtSmem& sm, const T_IN* __restrict__ m, i64 par0, i64 n_par,
                                                  int d0, int D) {
     for (int e = threadIdx.x; e < GT_PN * (GT_DCH / 8); e += blockDim.x) {
@@ -167,9 +168,10 @@ __device__ __forceinline__ void fm_gt_fill_chunk(FmGtSmem& sm, const T_IN* __res
         FmU4 out;
         const i64 row = par0 + r;
         const int d = d0 + dd;
-        if (row < n_par && d < D) {
+        const float f = row < n_par ? sm.pscale[r] : 0.0f;
+        // f == 0 (an ignored row) writes zeros without reading: 0 * NaN would poison the product.
+        if (f != 0.0f && d < D) {
             FmU4 in = *reinterpret_cast<const FmU4*>(m + row * D + d);
-            const float f = sm.pscale[r];
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
                 T_IN lo, hi;

@@ -14,6 +14,16 @@ extern "C" __global__ void FM_ENTRY(naive_normalize)(const T_IN* __restrict__ v,
     out[e] = normalize ? val * fm_inv_norm(norms[e / D]) : val;
 }
 
+// Backward only: zeroes the rows of ignored labels (label < 0) of xh before the products, so an
+// ignored row contributes exact zeros to dw even when its x is not finite (0 * NaN = NaN in a
+// product). One thread per element.
+extern "C" __global__ void FM_ENTRY(naive_mask_rows)(float* __restrict__ v, const int* __restrict__ labels,
+                                                     i64 rows, int D) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= rows * D) return;
+    if (labels[e / D] < 0) v[e] = 0.0f;
+}
+
 // cos[i, j] = xh_i . wh_j. One thread per element (i, j), j fastest.
 extern "C" __global__ void FM_ENTRY(naive_cosine)(const float* __restrict__ xh, const float* __restrict__ wh,
                                                   i64 B, i64 C, int D, float* __restrict__ cos) {
@@ -91,6 +101,10 @@ extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, 
     float acc = 0.0f;
     for (i64 j = threadIdx.x; j < C; j += blockDim.x) {
         i64 e = i * C + j;
+        if (g == 0.0f) {   // ignored row: exact zeros, whatever its (possibly non-finite) logits
+            prob_dc[e] = 0.0f;
+            continue;
+        }
         float dz = g * (prob_dc[e] - (j == y ? 1.0f : 0.0f));
         acc = fmaf(p.s * dz, tval[e], acc);
         prob_dc[e] = r * dz * dt[e];
@@ -138,10 +152,15 @@ __device__ __forceinline__ void naive_norm_backward(const float* __restrict__ dv
     __syncthreads();
     proj = 0.0f;
     for (int k = 0; k < (int)(blockDim.x >> 5); ++k) proj += red[k];
-    float inv = fm_inv_norm(norms[r]);
+    const float n = norms[r];
+    float inv = fm_inv_norm(n);
     float extra = dn ? dn[r] : 0.0f;
+    // A row whose norm is not finite (NaN/Inf in v) gets NaN, as xh . dvh does in PyTorch; the
+    // masked vh of an ignored row (naive_mask_rows) would otherwise give 0 here.
+    const bool bad = n * 0.0f != 0.0f;
     for (int k = threadIdx.x; k < D; k += blockDim.x) {
         float v = normalize ? (g[k] - u[k] * proj) * inv + extra * u[k] : g[k];
+        if (normalize && bad) v = n * 0.0f;
         dv[r * D + k] = fm_from_f32<OUT>(v);
     }
 }

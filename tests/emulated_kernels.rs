@@ -16,7 +16,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 mod common;
-use common::{margin_inputs, rel};
+use common::{margin_inputs, non_finite_policy, rel};
 
 /// The emulator driver for `dtype`, built once per test process; None (after printing why)
 /// when no C++ compiler is found.
@@ -89,6 +89,8 @@ struct Case {
     fwd_tps: i32,
     /// Class tiles per split of the dx backward (tiles of 64 with tensor cores, else 32).
     bwd_tps: i32,
+    /// The naive plan (its plain kernels) instead of the fused one.
+    naive: bool,
     seed: u64,
 }
 
@@ -142,6 +144,7 @@ fn run<T: Element + Bits>(
     buf.extend((case.bwd_tc as i32).to_le_bytes());
     buf.extend(case.fwd_tps.to_le_bytes());
     buf.extend(case.bwd_tps.to_le_bytes());
+    buf.extend((case.naive as i32).to_le_bytes());
     for v in x.iter().chain(w) {
         buf.extend(v.to_le_bits());
     }
@@ -213,9 +216,10 @@ fn bars(dt: DType) -> (f64, f64) {
 fn check<T: Element + Bits>(case: &Case) {
     let Some(exe) = driver(T::DTYPE) else { return };
     let what = format!(
-        "{:?} {:?} fwd_tc={} bwd_tc={} tps=({}, {}) {:?}",
+        "{:?} {:?} naive={} fwd_tc={} bwd_tc={} tps=({}, {}) {:?}",
         T::DTYPE,
         case.shape,
+        case.naive,
         case.fwd_tc,
         case.bwd_tc,
         case.fwd_tps,
@@ -289,6 +293,7 @@ fn case(
         bwd_tc: tc,
         fwd_tps: tps.0,
         bwd_tps: tps.1,
+        naive: false,
         seed,
     }
 }
@@ -360,5 +365,63 @@ fn simt_kernels() {
     {
         check::<f32>(&case(spec, (37, 77, 101), false, (2, 2), 400 + k as u64));
         check::<bf16>(&case(spec, (37, 40, 101), false, (1, 3), 410 + k as u64));
+    }
+}
+
+/// The non-finite policy through the kernels (tests/common: `non_finite_policy`).
+fn non_finite_case<T: Element + Bits>(tc: bool, naive: bool, spec: MarginLoss, seed: u64) {
+    let Some(exe) = driver(T::DTYPE) else { return };
+    let what = format!("emulated, tensor cores {tc}, naive {naive}");
+    non_finite_policy::<T>(
+        spec,
+        seed,
+        bars(T::DTYPE),
+        &what,
+        &mut |shape, x, w, labels, up| {
+            let mut case = case(
+                spec.reduction(Reduction::None),
+                (shape.b, shape.d, shape.c),
+                tc,
+                (1, 1),
+                seed,
+            );
+            case.naive = naive;
+            let out = run(&exe, &case, x, w, labels, up);
+            (out.row_loss, out.dx, out.dw)
+        },
+    );
+}
+
+#[test]
+fn non_finite_inputs_propagate_through_the_kernels() {
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        non_finite_case::<bf16>(true, false, spec, 500 + k as u64);
+        non_finite_case::<f32>(false, false, spec, 510 + k as u64);
+        non_finite_case::<f32>(false, true, spec, 520 + k as u64);
+    }
+}
+
+/// The naive plan's plain kernels (its fallback without cuBLAS; with cuBLAS only the three
+/// products differ) on every option that changes the maths.
+#[test]
+fn naive_plain_kernels() {
+    let mut specs = tc_specs();
+    specs.push(MarginLoss::arcface(0.5).policy(OverflowPolicy::Raw));
+    for (k, spec) in specs.into_iter().enumerate() {
+        for (dt, shape) in [(DType::F32, (37, 77, 101)), (DType::BF16, (45, 40, 131))] {
+            let mut c = case(spec, shape, false, (1, 1), 600 + k as u64);
+            c.naive = true;
+            match dt {
+                DType::F32 => check::<f32>(&c),
+                _ => check::<bf16>(&c),
+            }
+        }
     }
 }

@@ -618,3 +618,77 @@ fn huge_b_times_c() {
         assert!(e < 1e-4, "fused vs naive dw rel {e:e}");
     }
 }
+
+/// The non-finite policy (README "Reliability") on the GPU: fused (SIMT and tensor-core paths)
+/// and naive, f32 and bf16 (tests/common: `non_finite_policy`).
+#[test]
+fn non_finite_inputs_propagate() {
+    let Some(stream) = gpu_or_skip() else { return };
+    fn on<T: CudaElement>(gpu: &FusedMarginLoss, label: &str, spec: MarginLoss, seed: u64) {
+        let s = gpu.stream().clone();
+        common::non_finite_policy::<T>(
+            spec,
+            seed,
+            bars(T::DTYPE),
+            label,
+            &mut |shape, x, w, labels, up| {
+                let xd = s.clone_htod(x).unwrap();
+                let wd = s.clone_htod(w).unwrap();
+                let ld = s.clone_htod(labels).unwrap();
+                let ud = s.clone_htod(up).unwrap();
+                let uv = ud.as_view();
+                let spec = spec.reduction(Reduction::None);
+                let f = gpu
+                    .forward(&spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
+                    .unwrap();
+                let g = gpu
+                    .backward_f32(
+                        &spec,
+                        &f,
+                        &xd.as_view(),
+                        &wd.as_view(),
+                        &ld.as_view(),
+                        GpuUpstream::PerRow(&uv),
+                    )
+                    .unwrap();
+                let v = |d: &cudarc::driver::CudaSlice<f32>| -> Vec<f64> {
+                    s.clone_dtoh(d).unwrap().iter().map(|&e| e as f64).collect()
+                };
+                let rl: Vec<f64> = f
+                    .row_loss_host()
+                    .unwrap()
+                    .iter()
+                    .map(|&e| e as f64)
+                    .collect();
+                (rl, v(&g.dx), v(&g.dw))
+            },
+        );
+    }
+    let handles = [
+        ("gpu fused", FusedMarginLoss::new(stream.clone()).unwrap()),
+        (
+            "gpu fused, tensor-core backward",
+            FusedMarginLoss::new(stream.clone())
+                .unwrap()
+                .with_tensor_core_backward(true),
+        ),
+        (
+            "gpu naive",
+            FusedMarginLoss::new(stream.clone())
+                .unwrap()
+                .with_plan(Plan::Naive),
+        ),
+    ];
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (label, gpu) in &handles {
+            on::<f32>(gpu, label, spec, 700 + k as u64);
+            on::<bf16>(gpu, label, spec, 710 + k as u64);
+        }
+    }
+}

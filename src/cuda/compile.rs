@@ -20,7 +20,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 18] = [
+pub const ENTRY_POINTS: [&str; 19] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -33,6 +33,7 @@ pub const ENTRY_POINTS: [&str; 18] = [
     "fm_grad_w",
     "fm_grad_w_f32out",
     "naive_normalize",
+    "naive_mask_rows",
     "naive_cosine",
     "naive_logits",
     "naive_softmax",

@@ -270,6 +270,14 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     // (B; g_rows checked == B or null) and writes dn[i] (B).
     unsafe { lb.launch(rows_cfg(b)) }.map_err(|e| cuda_err("launch naive_dlogits", e))?;
     drop((tval, dt));
+    // Ignored rows contribute exact zeros to dw, even with non-finite x (README "Reliability").
+    let mut xh = xh;
+    let f = k.get("naive_mask_rows")?;
+    let mut lb = h.stream.launch_builder(&f);
+    lb.arg(&mut xh).arg(labels).arg(&bi).arg(&di);
+    // SAFETY: one thread per element < B*D of xh (B*D), labels[e / D] < B.
+    unsafe { lb.launch(grid_1d((b * d) as u64, 256)?) }
+        .map_err(|e| cuda_err("launch naive_mask_rows", e))?;
 
     let matmul = |a: &CudaSlice<f32>,
                   bm: &CudaSlice<f32>,

@@ -286,3 +286,118 @@ pub fn margin_inputs(shape: Shape, seed: u64) -> Inputs {
         upstream,
     }
 }
+
+/// The outputs a backend gives for one non-finite-policy run: row losses, dx, dw.
+pub type PolicyOut = (Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// A backend for `non_finite_policy`: (shape, x, w, labels, per-row upstream) -> outputs.
+pub type PolicyRun<'a, T> = dyn FnMut(Shape, &[T], &[T], &[i32], &[f32]) -> PolicyOut + 'a;
+
+/// The non-finite policy (README "Reliability"; tests/non_finite.rs for the CPU) for a backend:
+/// `run(shape, x, w, labels, upstream)` computes reduction-none row losses and the gradients for
+/// `spec` (reduction none, per-row upstream). One entry of a counted x row, of an ignored x row,
+/// and of a class row is set to NaN, +Inf and -Inf in turn: only what depends on the bad value
+/// may become non-finite, and the rest matches the reference on the same inputs within
+/// `(loss bar, gradient bar)`.
+pub fn non_finite_policy<T: fused_margin::Element>(
+    spec: MarginLoss,
+    seed: u64,
+    (lbar, gbar): (f64, f64),
+    what: &str,
+    run: &mut PolicyRun<'_, T>,
+) {
+    let shape = Shape::new(40, 16, 70);
+    let d = shape.d;
+    let base = margin_inputs(shape, seed);
+    let labels = base.labels.clone();
+    let (bad_row, ignored) = (2, 3);
+    assert!(labels[bad_row] >= 0 && labels[ignored] < 0);
+    let up: Vec<f32> = (0..shape.b).map(|i| 0.5 + (i % 5) as f32).collect();
+    let up64: Vec<f64> = up.iter().map(|&v| v as f64).collect();
+    let spec = spec.reduction(Reduction::None);
+    let rows_of = |v: &[f64], skip: usize| -> Vec<f64> {
+        v.chunks(d)
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .flat_map(|(_, r)| r.to_vec())
+            .collect()
+    };
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for (place, bad_x) in [
+            ("x row", Some(bad_row)),
+            ("ignored x row", Some(ignored)),
+            ("w row", None),
+        ] {
+            let mut x = base.x.clone();
+            let mut w = base.w.clone();
+            match bad_x {
+                Some(r) => x[r * d + 3] = bad,
+                None => w[7 * d + 1] = bad,
+            }
+            let xt: Vec<T> = x.iter().map(|&v| T::from_f64(v)).collect();
+            let wt: Vec<T> = w.iter().map(|&v| T::from_f64(v)).collect();
+            let what = format!("{what}, {:?}, {place} = {bad}, {spec:?}", T::DTYPE);
+            let (row_loss, dx, dw) = run(shape, &xt, &wt, &labels, &up);
+            let r = cpu::forward(&spec, &xt, &wt, &labels, shape).unwrap();
+            let g = cpu::backward(&spec, &r, &xt, &wt, &labels, shape, Upstream::PerRow(&up64))
+                .unwrap();
+            match bad_x {
+                Some(row) if row == bad_row => {
+                    assert!(
+                        row_loss[row].is_nan(),
+                        "{what}: its row loss {}",
+                        row_loss[row]
+                    );
+                    let ol: Vec<f64> = (0..shape.b)
+                        .filter(|&i| i != row)
+                        .map(|i| row_loss[i])
+                        .collect();
+                    let rl: Vec<f64> = (0..shape.b)
+                        .filter(|&i| i != row)
+                        .map(|i| r.row_loss[i])
+                        .collect();
+                    assert!(rel(&ol, &rl) <= lbar, "{what}: other rows' losses");
+                    assert!(
+                        dx[row * d..(row + 1) * d].iter().any(|v| !v.is_finite()),
+                        "{what}: its dx"
+                    );
+                    let e = rel(&rows_of(&dx, row), &rows_of(&g.dx, row));
+                    assert!(e <= gbar, "{what}: other dx rows rel {e:e}");
+                    for j in 0..shape.c {
+                        assert!(
+                            dw[j * d..(j + 1) * d].iter().any(|v| !v.is_finite()),
+                            "{what}: dw {j}"
+                        );
+                    }
+                }
+                Some(row) => {
+                    assert_eq!(row_loss[row], 0.0, "{what}: ignored row loss");
+                    assert!(rel(&row_loss, &r.row_loss) <= lbar, "{what}: row losses");
+                    assert!(
+                        rel(&rows_of(&dx, row), &rows_of(&g.dx, row)) <= gbar,
+                        "{what}: dx"
+                    );
+                    assert!(rel(&dw, &g.dw) <= gbar, "{what}: dw");
+                    assert!(
+                        dx[row * d..(row + 1) * d].iter().all(|v| v.is_nan()),
+                        "{what}: its dx"
+                    );
+                }
+                None => {
+                    for (i, &l) in labels.iter().enumerate() {
+                        if l >= 0 {
+                            assert!(row_loss[i].is_nan(), "{what}: row {i} loss {}", row_loss[i]);
+                            assert!(
+                                dx[i * d..(i + 1) * d].iter().all(|v| v.is_nan()),
+                                "{what}: dx {i}"
+                            );
+                        } else {
+                            assert_eq!(row_loss[i], 0.0, "{what}: ignored row {i}");
+                        }
+                    }
+                    assert!(dw.iter().all(|v| v.is_nan()), "{what}: dw");
+                }
+            }
+        }
+    }
+}

@@ -6,6 +6,7 @@
 // Usage: driver IN OUT
 // IN (little endian): i64 B, i64 C, i32 D, FmParams (48 bytes), i32 mean, f32 g_scalar,
 //   i32 has_g_rows, i32 fwd_tc, i32 bwd_tc, i32 fwd_tiles_per_split, i32 bwd_tiles_per_split,
+//   i32 naive (1: the naive plan with its plain kernels, as src/cuda/naive.rs without cuBLAS),
 //   x (B*D of T_IN), w (C*D of T_IN), labels (B i32), g_rows (B f32, when has_g_rows).
 // OUT: f32 loss, lse (B f32), row_loss (B f32), dx (B*D f32), dw (C*D f32).
 // Every output and workspace is filled with NaN before the launches, so unwritten elements show.
@@ -45,6 +46,57 @@ std::vector<float> poisoned(size_t n) { return std::vector<float>(n, std::numeri
 fm_uint3 g3(i64 x, i64 y = 1, i64 z = 1) { return {(unsigned)x, (unsigned)y, (unsigned)z}; }
 i64 cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
 
+void write_out(const char* path, std::initializer_list<const std::vector<float>*> parts) {
+    std::ofstream out(path, std::ios::binary);
+    for (const auto* v : parts)
+        out.write(reinterpret_cast<const char*>(v->data()), (std::streamsize)(v->size() * sizeof(float)));
+    if (!out) Reader::fail("cannot write output");
+}
+
+// The naive plan with its plain kernels, in the order of src/cuda/naive.rs (materialize, then
+// the backward's recompute, dlogits, row mask, products and normalization backward).
+void run_naive(const std::vector<T_IN>& x, const std::vector<T_IN>& w, const std::vector<int>& labels,
+               const float* g_ptr, float g_scalar, const FmParams& p, int mean, i64 B, i64 C, int D,
+               const char* out_path) {
+    auto xnorm = poisoned(B), wnorm = poisoned(C);
+    fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
+    fm_emu::launch(g3(cdiv(C * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(w.data(), C, D, wnorm.data()); });
+    auto xh = poisoned(B * D), wh = poisoned(C * D);
+    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_normalize)(x.data(), xnorm.data(), B, D, 1, xh.data()); });
+    fm_emu::launch(g3(cdiv(C * D, 256)), g3(256), [&] {
+        FM_ENTRY(naive_normalize)(w.data(), wnorm.data(), C, D, p.normalize_weights, wh.data());
+    });
+    auto cos = poisoned(B * C), logits = poisoned(B * C), tval = poisoned(B * C), dt = poisoned(B * C);
+    fm_emu::launch(g3(cdiv(B * C, 256)), g3(256), [&] { FM_ENTRY(naive_cosine)(xh.data(), wh.data(), B, C, D, cos.data()); });
+    fm_emu::launch(g3(cdiv(B * C, 256)), g3(256), [&] {
+        FM_ENTRY(naive_logits)(cos.data(), labels.data(), xnorm.data(), p, B, C, logits.data(), tval.data(), dt.data());
+    });
+    auto prob = poisoned(B * C), lse = poisoned(B), row_loss = poisoned(B), loss = poisoned(1);
+    fm_emu::launch(g3(B), g3(256), [&] {
+        FM_ENTRY(naive_softmax)(logits.data(), labels.data(), B, C, prob.data(), lse.data(), row_loss.data());
+    });
+    fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_reduce_loss)(row_loss.data(), labels.data(), B, mean, loss.data()); });
+    auto dn = poisoned(B);
+    fm_emu::launch(g3(B), g3(256), [&] {
+        FM_ENTRY(naive_dlogits)(prob.data(), tval.data(), dt.data(), labels.data(), xnorm.data(), g_ptr, g_scalar, p, B,
+                                C, dn.data());
+    });
+    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_mask_rows)(xh.data(), labels.data(), B, D); });
+    auto dxh = poisoned(B * D), dwh = poisoned(C * D);
+    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_matmul)(prob.data(), wh.data(), B, C, D, 0, dxh.data()); });
+    fm_emu::launch(g3(cdiv(C * D, 256)), g3(256), [&] { FM_ENTRY(naive_matmul)(prob.data(), xh.data(), C, B, D, 1, dwh.data()); });
+    auto dx = poisoned(B * D), dw = poisoned(C * D);
+    fm_emu::launch(g3(B), g3(256), [&] {
+        FM_ENTRY_F32OUT(naive_norm_backward)(dxh.data(), xh.data(), xnorm.data(), p.normalize_features ? nullptr : dn.data(),
+                                             D, 1, dx.data());
+    });
+    fm_emu::launch(g3(C), g3(256), [&] {
+        FM_ENTRY_F32OUT(naive_norm_backward)(dwh.data(), wh.data(), wnorm.data(), nullptr, D, p.normalize_weights,
+                                             dw.data());
+    });
+    write_out(out_path, {&loss, &lse, &row_loss, &dx, &dw});
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -57,7 +109,7 @@ int main(int argc, char** argv) {
     const int mean = r.get<int>();
     const float g_scalar = r.get<float>();
     const int has_g = r.get<int>(), fwd_tc = r.get<int>(), bwd_tc = r.get<int>();
-    const int fwd_tps = r.get<int>(), bwd_tps = r.get<int>();
+    const int fwd_tps = r.get<int>(), bwd_tps = r.get<int>(), naive = r.get<int>();
     auto x = r.vec<T_IN>((size_t)(B * D));
     auto w = r.vec<T_IN>((size_t)(C * D));
     auto labels = r.vec<int>((size_t)B);
@@ -68,6 +120,10 @@ int main(int argc, char** argv) {
     if (fwd_tc || bwd_tc) Reader::fail("tensor-core kernels exist for f16/bf16 only");
 #endif
 
+    if (naive) {
+        run_naive(x, w, labels, g_ptr, g_scalar, p, mean, B, C, D, argv[2]);
+        return 0;
+    }
     // ---- forward (fused.rs: forward) ----
     auto xnorm = poisoned(B), wnorm = poisoned(C);
     fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
@@ -140,15 +196,6 @@ int main(int argc, char** argv) {
 #endif
     }
 
-    std::ofstream out(argv[2], std::ios::binary);
-    auto put = [&](const std::vector<float>& v) {
-        out.write(reinterpret_cast<const char*>(v.data()), (std::streamsize)(v.size() * sizeof(float)));
-    };
-    put(loss);
-    put(lse);
-    put(row_loss);
-    put(dx);
-    put(dw);
-    if (!out) Reader::fail("cannot write output");
+    write_out(argv[2], {&loss, &lse, &row_loss, &dx, &dw});
     return 0;
 }
