@@ -50,14 +50,18 @@ __device__ __forceinline__ void fm_cp_async16(void* smem, const void* gmem, bool
 #endif
 }
 __device__ __forceinline__ void fm_cp_async_commit() {
-#ifndef FM_EMU
+#ifdef FM_EMU
+    fm_emu::cp_async_commit();
+#else
     asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 // Waits until at most N committed groups of this thread are still in flight.
 template <int N>
 __device__ __forceinline__ void fm_cp_async_wait() {
-#ifndef FM_EMU
+#ifdef FM_EMU
+    fm_emu::cp_async_wait(N);
+#else
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

@@ -8,9 +8,15 @@
 //   so every thread of a block really runs the kernel code, interleaved;
 // - blocks run one after another, so `__shared__` variables become function statics;
 // - ldmatrix and mma.sync by their PTX ISA definitions (fragment layouts in kernels/ptx.cuh);
-// - cp.async as an immediate copy (or zero fill).
-// What it does not model: the memory model (races that a barrier would hide), timing, alignment
-// faults, register limits. Those are the GPU suite's job (tests/gpu_vs_cpu.rs).
+// - cp.async as a copy made at issue (FM_EMU_CP=eager, the default) or only when a
+//   cp.async.wait_group retires its group (FM_EMU_CP=deferred);
+// - the order in which the threads of a block run between barriers: FM_EMU_ORDER=forward (the
+//   default), reverse, or shuffle:SEED (a new permutation at every scheduling pass).
+// The kernels' results do not depend on thread order or copy timing unless a barrier or a wait is
+// missing, so running them under several orders and copy modes and comparing bit for bit is a
+// race check (tests/emulated_kernels.rs: `no_races_under_other_schedules`).
+// What it does not model: the hardware memory model beyond that, timing, alignment faults,
+// register limits. Those are the GPU suite's job (tests/gpu_vs_cpu.rs).
 //
 // The mma.sync model was checked against the hardware: the v2 tensor-core forward (32-bit LDS
 // fragments, commit 6b4624f), which passed the GPU suite on an H200, passes under this emulator,
@@ -24,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <ucontext.h>
 #include <vector>
 
@@ -46,11 +53,39 @@ namespace fm_emu {
 constexpr size_t kStack = 96 * 1024;
 enum Wait { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
 
+struct Copy {
+    void* dst;
+    const void* src;
+    bool valid;
+    int group;
+};
+
 struct Fiber {
     ucontext_t ctx;
     Wait wait = kRunnable;
     unsigned long gen = 0;   // the barrier generation this fiber waits to pass
+    std::vector<Copy> pending;   // deferred cp.async copies
+    int committed = 0;           // cp.async groups committed so far
 };
+
+// Scheduling and copy modes, from the environment (read once).
+struct Modes {
+    int order = 0;   // 0 forward, 1 reverse, 2 shuffle
+    unsigned long long seed = 0;
+    bool deferred = false;
+    Modes() {
+        if (const char* o = std::getenv("FM_EMU_ORDER")) {
+            if (std::strcmp(o, "reverse") == 0) order = 1;
+            else if (std::strncmp(o, "shuffle:", 8) == 0) { order = 2; seed = std::strtoull(o + 8, nullptr, 10); }
+            else if (std::strcmp(o, "forward") != 0) { std::fprintf(stderr, "emu: bad FM_EMU_ORDER %s\n", o); std::abort(); }
+        }
+        if (const char* c = std::getenv("FM_EMU_CP")) {
+            if (std::strcmp(c, "deferred") == 0) deferred = true;
+            else if (std::strcmp(c, "eager") != 0) { std::fprintf(stderr, "emu: bad FM_EMU_CP %s\n", c); std::abort(); }
+        }
+    }
+};
+inline Modes g_modes;
 
 struct Block {
     std::vector<Fiber> fibers;
@@ -110,6 +145,11 @@ inline void warp_sync() {
 inline void fiber_main() {
     (*g_block.body)();
     Block& b = g_block;
+    if (!b.fibers[b.cur].pending.empty()) {
+        std::fprintf(stderr, "emu: thread %d of block (%u,%u,%u) exited with cp.async copies not waited for\n",
+                     b.cur, blockIdx.x, blockIdx.y, blockIdx.z);
+        std::abort();
+    }
     b.fibers[b.cur].wait = kDone;
     --b.active;
     int w = warp();
@@ -163,9 +203,17 @@ inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& b
                     f.ctx.uc_link = &b.sched;
                     makecontext(&f.ctx, fiber_main, 0);
                 }
+                std::vector<int> order(n);
                 while (b.active > 0) {
                     bool progressed = false;
-                    for (int t = 0; t < n; ++t) {
+                    for (int k = 0; k < n; ++k) order[k] = g_modes.order == 1 ? n - 1 - k : k;
+                    if (g_modes.order == 2)
+                        for (int k = n - 1; k > 0; --k) {   // Fisher-Yates with a 64-bit LCG
+                            g_modes.seed = g_modes.seed * 6364136223846793005ULL + 1442695040888963407ULL;
+                            std::swap(order[k], order[(int)((g_modes.seed >> 33) % (unsigned long long)(k + 1))]);
+                        }
+                    for (int k = 0; k < n; ++k) {
+                        const int t = order[k];
                         Fiber& f = b.fibers[t];
                         if (!runnable(f, t)) continue;
                         f.wait = kRunnable;
@@ -279,11 +327,32 @@ inline void mma16816(float d[4], const unsigned a[4], const unsigned b[2], bool 
     for (int v = 0; v < 4; ++v) d[v] = out[v];
 }
 
-inline void cp_async16(void* smem, const void* gmem, bool valid) {
+inline void copy16(void* smem, const void* gmem, bool valid) {
     if (valid)
         std::memcpy(smem, gmem, 16);
     else
         std::memset(smem, 0, 16);
+}
+inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (!g_modes.deferred) {
+        copy16(smem, gmem, valid);
+        return;
+    }
+    Fiber& f = g_block.fibers[g_block.cur];
+    f.pending.push_back({smem, gmem, valid, f.committed});
+}
+inline void cp_async_commit() { ++g_block.fibers[g_block.cur].committed; }
+// cp.async.wait_group n: every group but the n most recently committed has landed.
+inline void cp_async_wait(int n) {
+    Fiber& f = g_block.fibers[g_block.cur];
+    std::vector<Copy> keep;
+    for (const Copy& c : f.pending) {
+        if (c.group < f.committed - n)
+            copy16(c.dst, c.src, c.valid);
+        else
+            keep.push_back(c);
+    }
+    f.pending.swap(keep);
 }
 
 }  // namespace fm_emu
