@@ -30,6 +30,8 @@ pub struct Forward {
     pub w_norm: Vec<f64>,
     /// The number of rows with a label `>= 0`.
     pub counted: usize,
+    /// [`Shape::labels_fingerprint`] of the labels (backward checks it: permuted labels too).
+    pub labels_fingerprint: u64,
     /// The spec this result was computed with (backward checks it).
     pub spec: MarginLoss,
     /// The shape this result was computed with (backward checks it).
@@ -253,6 +255,7 @@ pub fn forward<T: Element>(
         x_norm: p.x.norm.clone(),
         w_norm: p.w.norm.clone(),
         counted: p.counted,
+        labels_fingerprint: Shape::labels_fingerprint(labels),
         spec: *spec,
         shape,
     })
@@ -263,10 +266,10 @@ pub fn forward<T: Element>(
 ///
 /// `upstream` is `Upstream::Scalar` for mean/sum (usually [`Upstream::ONE`]) and
 /// `Upstream::PerRow` (B values) for `Reduction::None`. `fwd` must come from [`forward`] with the
-/// same spec, shape and inputs: another spec or shape, labels that count another number of rows,
-/// or `x` / `w` rows whose norms differ from the forward's is [`Error::ForwardMismatch`] (an O(B + C)
-/// check; a change that keeps every row norm and the counted rows, such as permuted labels, is
-/// not detected).
+/// same spec, shape and inputs: another spec or shape, other labels (a fingerprint of their values
+/// and order: permuted labels too), or `x` / `w` rows whose norms differ from the forward's is
+/// [`Error::ForwardMismatch`] (an O(B + C) check; a change of `x` or `w` that keeps every row norm
+/// is not detected).
 pub fn backward<T: Element>(
     spec: &MarginLoss,
     fwd: &Forward,
@@ -295,6 +298,15 @@ pub fn backward<T: Element>(
                 fwd.lse.len(),
                 p.counted,
                 shape.b
+            ),
+        });
+    }
+    if fwd.labels_fingerprint != Shape::labels_fingerprint(labels) {
+        return Err(Error::ForwardMismatch {
+            detail: format!(
+                "labels differ from the forward's (both count {} of B = {} rows: other values or \
+                 another order)",
+                p.counted, shape.b
             ),
         });
     }

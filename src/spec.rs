@@ -380,6 +380,24 @@ impl Shape {
         Ok(())
     }
 
+    /// An order-sensitive 64-bit fingerprint of `labels` (FNV-1a over row and label), so a
+    /// backward can tell that its labels are not the forward's even when they are a permutation
+    /// of them (same count, same sum). Shared by every backend.
+    pub fn labels_fingerprint(labels: &[i32]) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for (row, &label) in labels.iter().enumerate() {
+            for byte in (row as u64)
+                .to_le_bytes()
+                .into_iter()
+                .chain(label.to_le_bytes())
+            {
+                h ^= byte as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        h
+    }
+
     /// Checks every label: `label < C` (negative labels mark ignored rows). Returns the number of
     /// rows that count (labels `>= 0`).
     pub fn check_labels(&self, labels: &[i32]) -> Result<usize> {

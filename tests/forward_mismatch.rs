@@ -1,7 +1,9 @@
 //! Misuse of the CPU API that issue 9 (item 7) wants as a typed error and `tests/bad_input.rs`
 //! does not cover yet: a forward result handed to backward with other `x` or `w` (same spec,
 //! shape and labels). Its saved lse belongs to other logits, so the gradients would be silently
-//! wrong; backward compares the row norms it recomputes with the forward's saved ones.
+//! wrong; backward compares the row norms it recomputes with the forward's saved ones. Labels
+//! that differ from the forward's (other values, or the same values in another order) are caught
+//! by an order-sensitive fingerprint.
 //!
 //! (Labels on another device or stream are a GPU-only misuse: `tests/gpu_vs_cpu.rs` and
 //! `tests/raw_entry.rs`.)
@@ -83,4 +85,37 @@ fn the_same_values_pass_whatever_their_type() {
     let fwd = cpu::forward(&spec, &xn, &w, &labels, shape).unwrap();
     let g = cpu::backward(&spec, &fwd, &xn.clone(), &w, &labels, shape, Upstream::ONE).unwrap();
     assert!(g.dx[4..8].iter().any(|v| v.is_nan()));
+}
+
+#[test]
+fn backward_rejects_permuted_or_changed_labels() {
+    let (shape, x, w, labels) = valid();
+    let spec = MarginLoss::arcface(0.5);
+    let fwd = cpu::forward(&spec, &x, &w, &labels, shape).unwrap();
+    // Same count and same sum, other order: only an order-sensitive fingerprint sees it.
+    for other in [
+        vec![4, 0, -1],
+        vec![-1, 4, 0],
+        vec![1, 3, -1],
+        vec![0, 4, -2],
+    ] {
+        let r = cpu::backward(&spec, &fwd, &x, &w, &other, shape, Upstream::ONE);
+        if other == [0, 4, -2] {
+            // -1 and -2 both mean "ignored" but are other values: still rejected.
+            let d = mismatch(r.unwrap_err());
+            assert!(d.contains("labels differ"), "{d}");
+            continue;
+        }
+        let d = mismatch(r.unwrap_err());
+        assert!(
+            d.contains("labels differ") && d.contains("another order"),
+            "{other:?}: {d}"
+        );
+    }
+    // The same labels pass.
+    assert!(cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::ONE).is_ok());
+    assert_ne!(
+        Shape::labels_fingerprint(&[1, 2]),
+        Shape::labels_fingerprint(&[2, 1])
+    );
 }

@@ -471,6 +471,7 @@ fn misuse_is_a_typed_error() {
     let l = stream.clone_htod(&[1i32, 2, 3, 4]).unwrap();
     let bad_l = stream.clone_htod(&[1i32, 2, 10, 4]).unwrap();
     let other_l = stream.clone_htod(&[1i32, 2, 3, 5]).unwrap();
+    let permuted_l = stream.clone_htod(&[2i32, 1, 3, 4]).unwrap();
     let spec = MarginLoss::arcface(0.5);
     let e = gpu
         .forward(&spec, &x.as_view(), &bad_w.as_view(), &l.as_view(), shape)
@@ -507,20 +508,22 @@ fn misuse_is_a_typed_error() {
         matches!(e, fused_margin::Error::ForwardMismatch { .. }),
         "{e}"
     );
-    let e = gpu
-        .backward(
-            &spec,
-            &f,
-            &x.as_view(),
-            &w.as_view(),
-            &other_l.as_view(),
-            GpuUpstream::ONE,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(e, fused_margin::Error::ForwardMismatch { .. }),
-        "{e}"
-    );
+    for labels in [&other_l, &permuted_l] {
+        let e = gpu
+            .backward(
+                &spec,
+                &f,
+                &x.as_view(),
+                &w.as_view(),
+                &labels.as_view(),
+                GpuUpstream::ONE,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(e, fused_margin::Error::ForwardMismatch { .. }),
+            "{e}"
+        );
+    }
     let up = stream.clone_htod(&[1.0f32; 4]).unwrap();
     let uv = up.as_view();
     let e = gpu

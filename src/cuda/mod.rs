@@ -153,7 +153,7 @@ pub struct GpuForward {
     dtype: DType,
     plan: Plan,
     counted: usize,
-    labels_sum: i64,
+    labels_fingerprint: u64,
     stream: Arc<CudaStream>,
 }
 
@@ -479,7 +479,7 @@ impl FusedMarginLoss {
     }
 
     /// Checks spec, shape, buffer lengths and labels (copied to the host) before any launch.
-    /// Returns (counted rows, sum of labels: a cheap fingerprint to match forward and backward).
+    /// Returns (counted rows, `Shape::labels_fingerprint`, to match forward and backward).
     fn validate<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -487,7 +487,7 @@ impl FusedMarginLoss {
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         shape: Shape,
-    ) -> Result<(usize, i64)> {
+    ) -> Result<(usize, u64)> {
         spec.validate()?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
         if shape.d > i32::MAX as usize {
@@ -501,8 +501,7 @@ impl FusedMarginLoss {
             .clone_dtoh(labels)
             .map_err(|e| cuda_err("copy labels to host for validation", e))?;
         let counted = shape.check_labels(&host)?;
-        let sum = host.iter().map(|&l| l as i64).sum();
-        Ok((counted, sum))
+        Ok((counted, Shape::labels_fingerprint(&host)))
     }
 
     /// Forward pass on the GPU (MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
@@ -515,7 +514,7 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
     ) -> Result<GpuForward> {
-        let (counted, labels_sum) = self.validate(spec, x, w, labels, shape)?;
+        let (counted, labels_fingerprint) = self.validate(spec, x, w, labels, shape)?;
         let k = self.kernels(T::DTYPE)?;
         let p = FmParams::from_spec(spec);
         let mean = spec.reduction == Reduction::Mean;
@@ -536,7 +535,7 @@ impl FusedMarginLoss {
             dtype: T::DTYPE,
             plan: self.plan,
             counted,
-            labels_sum,
+            labels_fingerprint,
             stream: self.stream.clone(),
         })
     }
@@ -578,7 +577,7 @@ impl FusedMarginLoss {
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<O>> {
         let shape = fwd.shape;
-        let (counted, labels_sum) = self.validate(spec, x, w, labels, shape)?;
+        let (counted, labels_fingerprint) = self.validate(spec, x, w, labels, shape)?;
         if fwd.spec != *spec {
             return Err(Error::ForwardMismatch {
                 detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
@@ -595,11 +594,12 @@ impl FusedMarginLoss {
                 ),
             });
         }
-        if fwd.counted != counted || fwd.labels_sum != labels_sum {
+        if fwd.counted != counted || fwd.labels_fingerprint != labels_fingerprint {
             return Err(Error::ForwardMismatch {
                 detail: format!(
-                    "labels differ from the forward's (counted {} vs {}, label sum {} vs {})",
-                    fwd.counted, counted, fwd.labels_sum, labels_sum
+                    "labels differ from the forward's (counted {} vs {} of B = {}; same count \
+                     means other values or another order)",
+                    fwd.counted, counted, shape.b
                 ),
             });
         }
