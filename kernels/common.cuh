@@ -79,7 +79,8 @@ struct FmParams {
     int angular;              // m1 != 1 || m2 != 0
     int normalize_features;   // 0: r_i = s*|x_i|
     int normalize_weights;    // 0: wh_j = w_j
-    int pad;
+    int tf32_dots;            // 1: the SIMT backward rounds its dot-product operands to TF32, to
+                              // recompute the logits the TF32 forward (fm_fwd_tiles_tf32) saw
 };
 
 // ---- the margin: target(c) and dtarget/dc (MATH.md step 4 and "Backward") --------------------

@@ -37,7 +37,7 @@ FM_ENTRY(fm_grad_x_partial)(const T_IN* __restrict__ x, const T_IN* __restrict__
     for (i64 t = t_begin; t < t_end; ++t) {
         const i64 col0 = t * FM_BN;
         float acc[2][2];
-        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc);
+        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc, p.tf32_dots != 0);
         for (int a = 0; a < 2; ++a) {
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
@@ -111,6 +111,7 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
     __shared__ float dcs[FM_BM][FM_BN + 1];
     __shared__ float xsd[FM_BM][FM_DC];
     __shared__ float projs[16][FM_BN];
+    __shared__ float xscale[FM_BM];
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     const i64 col0 = (i64)blockIdx.x * FM_BN;
     const int d0 = blockIdx.y * FM_DC;
@@ -125,8 +126,16 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
     float projw[2] = {0.0f, 0.0f};
 
     for (i64 row0 = 0; row0 < B; row0 += FM_BM) {
+        // xh's row factor: 1/max(|x_i|,eps), or 0 for rows past B and rows with g = 0 (ignored),
+        // which then contribute exact zeros even when their x is not finite. Visible to all after
+        // fm_dot_tile's first barrier; last read before the previous iteration's barriers.
+        if (tid < FM_BM) {
+            i64 row = row0 + tid;
+            bool on = row < B && fm_upstream(g_rows, g_scalar, row, labels[row]) != 0.0f;
+            xscale[tid] = on ? fm_inv_norm(xnorm[row]) : 0.0f;
+        }
         float acc[2][2];
-        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc);
+        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc, p.tf32_dots != 0);
         for (int a = 0; a < 2; ++a) {
             FmRow R = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, lse, g_rows, g_scalar);
             for (int b = 0; b < 2; ++b) {
@@ -145,9 +154,10 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
             int k = e / FM_DC, dd = e % FM_DC;
             i64 row = row0 + k;
             int d = d0 + dd;
-            // Rows with g = 0 (ignored) contribute exact zeros, even when their x is not finite.
-            bool on = row < B && d < D && fm_upstream(g_rows, g_scalar, row, labels[row]) != 0.0f;
-            xsd[k][dd] = on ? fm_to_f32(x[row * D + d]) * fm_inv_norm(xnorm[row]) : 0.0f;
+            const float f = xscale[k];
+            float v = 0.0f;
+            if (f != 0.0f && d < D) v = fm_to_f32(x[row * D + d]) * f;
+            xsd[k][dd] = v;
         }
         __syncthreads();
 #pragma unroll 4

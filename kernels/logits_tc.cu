@@ -1,6 +1,11 @@
-// fused-margin: the forward logits tiles on tensor cores (f16 / bf16 inputs), the same contract as
-// fm_fwd_tiles in logits.cu (MATH.md steps 2-5): per (row, class split) online softmax
-// statistics and the target logit z_iy; nothing of size B x C is written.
+// fused-margin: the forward logits tiles on tensor cores, the same contract as fm_fwd_tiles in
+// logits.cu (MATH.md steps 2-5): per (row, class split) online softmax statistics and the target
+// logit z_iy; nothing of size B x C is written. Two operand types share one body:
+//   - f16 / bf16 inputs (fm_fwd_tiles_tc): mma.sync m16n8k16, 32-wide k steps, ldmatrix fragments;
+//   - f32 inputs through TF32 (fm_fwd_tiles_tf32, opt-in; MATH.md's TF32 bars): mma.sync m16n8k8
+//     on operands rounded with cvt.rna.tf32, 16-wide k steps of f32, 32-bit fragment loads.
+// Both stage 64 bytes per row and k step, so the shared-memory layout, the copy pattern and the
+// epilogue are the same.
 //
 // Block: 256 threads = 8 warps over a 64-row x 128-class tile, warp grid 2 (rows) x 4 (classes),
 // each warp 32 x 32 = 2 x 4 mma.sync.m16n8k16 tiles with f32 accumulators. x and w tiles of
@@ -12,55 +17,114 @@
 // The norms are applied in the epilogue (no normalized copies); each thread keeps running
 // (max, sum-exp) for its 4 rows over its own columns, merged across the block once per split.
 //
-// Requires D % 8 == 0 and 16-byte aligned x and w (checked on the host, which otherwise uses the
+// Requires 16-byte chunks wholly inside or outside each row (D % 8 == 0 for 16-bit inputs,
+// D % 4 == 0 for f32) and 16-byte aligned x and w (checked on the host, which otherwise uses the
 // SIMT kernel).
 #include "tile.cuh"
 
-#if FM_DTYPE != FM_F32
-
 #define TC_BM 64
 #define TC_BN 128
-#define TC_BK 32
 #define TC_STAGES 3
-#define TC_LD (TC_BK + 8)
 
+// 16-bit operands: 32 columns of D per k step, rows padded to 40 halves (80 bytes).
+struct FmTcHalf {
+    typedef unsigned short E;
+    enum { BK = 32, LD = 40, VEC = 8 };
+    // One 32-wide k step of the warp's 32 x 32 tile from rows xs (32 of them from wm) and ws.
+    __device__ static __forceinline__ void step(float acc[2][4][4], const E (*xs)[LD], const E (*ws)[LD], int wm,
+                                                int wn, int lane) {
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned a[2][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) fm_ldmatrix_x4(a[mi], &xs[wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+            // Classes are rows of [n][k]: one x4 load gives the fragments of two n8 tiles.
+#pragma unroll
+            for (int nb = 0; nb < 2; ++nb) {
+                unsigned q[4];
+                fm_ldmatrix_x4(q, &ws[wn + nb * 16 + (lane & 7) + 8 * (lane >> 4)][kk + 8 * ((lane >> 3) & 1)]);
+                b[2 * nb][0] = q[0]; b[2 * nb][1] = q[1]; b[2 * nb + 1][0] = q[2]; b[2 * nb + 1][1] = q[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(acc[mi][ni], a[mi], b[ni]);
+        }
+    }
+};
+
+// f32 operands through TF32: 16 columns of D per k step, rows padded to 20 floats (80 bytes): the
+// 32-bit fragment loads of a warp (row g, column t) hit 32 distinct banks.
+struct FmTcTf32 {
+    typedef float E;
+    enum { BK = 16, LD = 20, VEC = 4 };
+    __device__ static __forceinline__ void step(float acc[2][4][4], const E (*xs)[LD], const E (*ws)[LD], int wm,
+                                                int wn, int lane) {
+        const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 8) {
+            unsigned a[2][4], b[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi) {
+                const int r = wm + mi * 16 + g;
+                a[mi][0] = fm_f32_to_tf32(xs[r][kk + t]);
+                a[mi][1] = fm_f32_to_tf32(xs[r + 8][kk + t]);
+                a[mi][2] = fm_f32_to_tf32(xs[r][kk + t + 4]);
+                a[mi][3] = fm_f32_to_tf32(xs[r + 8][kk + t + 4]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) {
+                const int n = wn + ni * 8 + g;
+                b[ni][0] = fm_f32_to_tf32(ws[n][kk + t]);
+                b[ni][1] = fm_f32_to_tf32(ws[n][kk + t + 4]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < 4; ++ni) fm_mma1688_tf32(acc[mi][ni], a[mi], b[ni]);
+        }
+    }
+};
+
+template <class Op>
 struct FmTcSmem {
-    unsigned short xs[TC_STAGES][TC_BM][TC_LD];
-    unsigned short ws[TC_STAGES][TC_BN][TC_LD];
+    typename Op::E xs[TC_STAGES][TC_BM][Op::LD];
+    typename Op::E ws[TC_STAGES][TC_BN][Op::LD];
 };
 
 // Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / ksteps, columns
-// k0 .. k0 + 32 of D) into `stage`: 256 + 512 16-byte chunks, 3 per thread.
-__device__ __forceinline__ void fm_tc_load(FmTcSmem& sm, int stage, i64 it, int ksteps, i64 t_begin,
+// k0 .. k0 + BK of D) into `stage`: 256 + 512 16-byte chunks, 3 per thread.
+template <class Op>
+__device__ __forceinline__ void fm_tc_load(FmTcSmem<Op>& sm, int stage, i64 it, int ksteps, i64 t_begin,
                                            const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                            i64 row0, i64 B, i64 C, int D) {
     const int tid = threadIdx.x;
     const i64 col0 = (t_begin + it / ksteps) * TC_BN;
-    const int k0 = (int)(it % ksteps) * TC_BK;
+    const int k0 = (int)(it % ksteps) * Op::BK;
     {
         int r = tid >> 2, ch = tid & 3;
         i64 row = row0 + r;
-        int kc = k0 + ch * 8;
-        bool ok = row < B && kc < D;   // D % 8 == 0: a chunk is wholly inside or outside
-        fm_cp_async16(&sm.xs[stage][r][ch * 8], ok ? (const void*)(x + row * D + kc) : (const void*)x, ok);
+        int kc = k0 + ch * Op::VEC;
+        bool ok = row < B && kc < D;   // D % VEC == 0: a chunk is wholly inside or outside
+        fm_cp_async16(&sm.xs[stage][r][ch * Op::VEC], ok ? (const void*)(x + row * D + kc) : (const void*)x, ok);
     }
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
         int e = tid + q * 256, r = e >> 2, ch = e & 3;
         i64 col = col0 + r;
-        int kc = k0 + ch * 8;
+        int kc = k0 + ch * Op::VEC;
         bool ok = col < C && kc < D;
-        fm_cp_async16(&sm.ws[stage][r][ch * 8], ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
+        fm_cp_async16(&sm.ws[stage][r][ch * Op::VEC], ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                          const int* __restrict__ labels, const float* __restrict__ xnorm,
-                          const float* __restrict__ wnorm, FmParams p, i64 B, i64 C, int D,
-                          int tiles_per_split, int nsplit, float* __restrict__ part_m,
-                          float* __restrict__ part_s, float* __restrict__ zy) {
-    __shared__ __align__(16) FmTcSmem sm;
+template <class Op>
+__device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
+                                          const int* __restrict__ labels, const float* __restrict__ xnorm,
+                                          const float* __restrict__ wnorm, const FmParams& p, i64 B, i64 C, int D,
+                                          int tiles_per_split, int nsplit, float* __restrict__ part_m,
+                                          float* __restrict__ part_s, float* __restrict__ zy) {
+    __shared__ __align__(16) FmTcSmem<Op> sm;
     __shared__ float red_m[4][TC_BM], red_s[4][TC_BM];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * 32, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
@@ -68,7 +132,7 @@ FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
     const int split = blockIdx.y;
     i64 ntiles = (C + TC_BN - 1) / TC_BN, t_begin, t_end;
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
-    const int ksteps = (D + TC_BK - 1) / TC_BK;
+    const int ksteps = (D + Op::BK - 1) / Op::BK;
     const i64 total = (t_end - t_begin) * ksteps;
 
     // This thread's 4 rows: q = mi * 2 + h is row wm + mi*16 + g + 8h of the block tile.
@@ -95,34 +159,17 @@ FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
 
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < total) fm_tc_load(sm, s, s, ksteps, t_begin, x, w, row0, B, C, D);
+        if (s < total) fm_tc_load<Op>(sm, s, s, ksteps, t_begin, x, w, row0, B, C, D);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
     for (i64 it = 0; it < total; ++it) {
         fm_cp_async_wait<TC_STAGES - 2>();
         __syncthreads();   // stage `it` is visible to all; everyone is done reading stage it-1
         i64 nxt = it + TC_STAGES - 1;
-        if (nxt < total) fm_tc_load(sm, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D);
+        if (nxt < total) fm_tc_load<Op>(sm, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D);
         fm_cp_async_commit();
         const int st = (int)(it % TC_STAGES);
-#pragma unroll
-        for (int kk = 0; kk < TC_BK; kk += 16) {
-            unsigned a[2][4], b[4][2];
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-                fm_ldmatrix_x4(a[mi], &sm.xs[st][wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
-            // Classes are rows of [n][k]: one x4 load gives the fragments of two n8 tiles.
-#pragma unroll
-            for (int nb = 0; nb < 2; ++nb) {
-                unsigned q[4];
-                fm_ldmatrix_x4(q, &sm.ws[st][wn + nb * 16 + (lane & 7) + 8 * (lane >> 4)][kk + 8 * ((lane >> 3) & 1)]);
-                b[2 * nb][0] = q[0]; b[2 * nb][1] = q[1]; b[2 * nb + 1][0] = q[2]; b[2 * nb + 1][1] = q[3];
-            }
-#pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 4; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(acc[mi][ni], a[mi], b[ni]);
-        }
+        Op::step(acc, sm.xs[st], sm.ws[st], wm, wn, lane);
         if ((int)(it % ksteps) == ksteps - 1) {
             // Epilogue of class tile `tile`: the accumulators hold raw dot products.
             const i64 col0 = (t_begin + it / ksteps) * TC_BN;
@@ -204,4 +251,18 @@ FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
     }
 }
 
-#endif  // FM_DTYPE != FM_F32
+#if FM_DTYPE != FM_F32
+extern "C" __global__ void __launch_bounds__(256)
+FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,
+                          FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit, float* part_m,
+                          float* part_s, float* zy) {
+    fm_fwd_tc<FmTcHalf>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s, zy);
+}
+#else
+extern "C" __global__ void __launch_bounds__(256)
+FM_ENTRY(fm_fwd_tiles_tf32)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,
+                            FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit, float* part_m,
+                            float* part_s, float* zy) {
+    fm_fwd_tc<FmTcTf32>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s, zy);
+}
+#endif

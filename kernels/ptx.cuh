@@ -1,5 +1,5 @@
-// fused-margin: every inline-PTX instruction the kernels use, in one place: f16/bf16 conversion,
-// cp.async, ldmatrix and mma.sync. Each wrapper states the fragment layout it assumes (PTX ISA,
+// fused-margin: every inline-PTX instruction the kernels use, in one place: f16/bf16/TF32
+// conversion, cp.async, ldmatrix and mma.sync (m16n8k16 f16/bf16, m16n8k8 TF32). Each wrapper states the fragment layout it assumes (PTX ISA,
 // "Warp-level matrix fragments").
 //
 // Under FM_EMU (tests/emu: the CPU emulator that runs these kernels in the test suite) each
@@ -35,6 +35,18 @@ __device__ __forceinline__ unsigned short fm_f32_to_bf16_bits(float v) {  // rou
     unsigned short h;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
+#endif
+}
+
+// f32 -> TF32 (19 significant bits in a 32-bit register), rounded to nearest, ties away from zero
+// (cvt.rna.tf32.f32, sm_80+), as cuBLAS's TF32 mode rounds; mma.sync would otherwise truncate.
+__device__ __forceinline__ unsigned fm_f32_to_tf32(float v) {
+#ifdef FM_EMU
+    return fm_emu::f32_to_tf32(v);
+#else
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+    return r;
 #endif
 }
 
@@ -117,6 +129,21 @@ __device__ __forceinline__ void fm_mma16816(float d[4], const unsigned a[4], con
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
+#endif
+}
+
+// ---- mma.sync m16n8k8 TF32, f32 accumulate (sm_80+) --------------------------------------------------
+// d += a . b with g = lane / 4, t = lane % 4, one TF32 value per register:
+//   a[0] = A(g, t)  a[1] = A(g+8, t)  a[2] = A(g, t+4)  a[3] = A(g+8, t+4)
+//   b[0] = B(k t, n g)  b[1] = B(k t+4, n g)      d as for m16n8k16.
+__device__ __forceinline__ void fm_mma1688_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+#ifdef FM_EMU
+    fm_emu::mma1688_tf32(d, a, b);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
 

@@ -22,10 +22,13 @@ struct FmTileSmem {
 
 // acc[a][b] = x[row0 + ty + 16a] . w[col0 + tx + 16b] (raw, un-normalized; 0 outside the matrix).
 // All 64-bit offsets: row * D and col * D can exceed 2^31.
+// With `tf32` the operands are rounded to TF32 first (cvt.rna), as the TF32 forward's are: the
+// backward then recomputes the forward's logits up to f32 summation order, so the softmax it forms
+// from the saved lse is consistent (sums to 1) even for the gradients of tiny losses.
 template <typename T>
 __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __restrict__ w,
                                             i64 row0, i64 col0, i64 B, i64 C, int D,
-                                            FmTileSmem& sm, float acc[2][2]) {
+                                            FmTileSmem& sm, float acc[2][2], bool tf32 = false) {
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0f;
     for (int k0 = 0; k0 < D; k0 += FM_BK) {
@@ -35,8 +38,14 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
             int e = tid + q * FM_THREADS, r = e / FM_BK, k = e % FM_BK;
             i64 row = row0 + r, col = col0 + r;
             bool kin = k0 + k < D;
-            sm.xs[r][k] = (row < B && kin) ? fm_to_f32(x[row * D + k0 + k]) : 0.0f;
-            sm.ws[r][k] = (col < C && kin) ? fm_to_f32(w[col * D + k0 + k]) : 0.0f;
+            float xv = (row < B && kin) ? fm_to_f32(x[row * D + k0 + k]) : 0.0f;
+            float wv = (col < C && kin) ? fm_to_f32(w[col * D + k0 + k]) : 0.0f;
+            if (tf32) {
+                xv = __uint_as_float(fm_f32_to_tf32(xv));
+                wv = __uint_as_float(fm_f32_to_tf32(wv));
+            }
+            sm.xs[r][k] = xv;
+            sm.ws[r][k] = wv;
         }
         __syncthreads();
 #pragma unroll 8

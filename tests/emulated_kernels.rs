@@ -16,7 +16,8 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 
 mod common;
-use common::{margin_inputs, non_finite_policy, rel};
+mod property_cases;
+use common::{margin_inputs, margin_inputs_opts, non_finite_policy, rel};
 
 /// The emulator driver for `dtype`, built once per test process; None (after printing why)
 /// when no C++ compiler is found.
@@ -93,6 +94,8 @@ struct Case {
     naive: bool,
     /// The emulator's thread order and cp.async mode (`FM_EMU_ORDER`, `FM_EMU_CP`; fm_emu.hpp).
     schedule: (&'static str, &'static str),
+    /// Inputs with the suite's large outliers (tests/common: `margin_inputs`).
+    outliers: bool,
     seed: u64,
 }
 
@@ -209,6 +212,9 @@ impl Bits for bf16 {
     }
 }
 
+/// MATH.md's bars for f32 inputs through TF32 tensor cores (loss, gradients).
+const TF32_BARS: (f64, f64) = (1e-3, 5e-3);
+
 /// MATH.md's bars (loss, gradients) per input dtype.
 fn bars(dt: DType) -> (f64, f64) {
     match dt {
@@ -234,7 +240,7 @@ fn check<T: Element + Bits>(case: &Case) {
         case.bwd_tps,
         case.spec
     );
-    let mut inp = margin_inputs(case.shape, case.seed);
+    let mut inp = margin_inputs_opts(case.shape, case.seed, case.outliers);
     if !case.spec.normalize_weights {
         inp.w.iter_mut().for_each(|v| *v *= 0.25); // moderate raw logits, as gpu_vs_cpu does
     }
@@ -260,7 +266,11 @@ fn check<T: Element + Bits>(case: &Case) {
     .unwrap();
 
     let out = run(&exe, case, &x, &w, &inp.labels, &up32);
-    let (lbar, gbar) = bars(T::DTYPE);
+    let (lbar, gbar) = if T::DTYPE == DType::F32 && case.fwd_tc {
+        TF32_BARS
+    } else {
+        bars(T::DTYPE)
+    };
     let e_rows = rel(&out.row_loss, &reference.row_loss);
     let e_lse = rel(&out.lse, &reference.lse);
     assert!(
@@ -303,6 +313,7 @@ fn case(
         bwd_tps: tps.1,
         naive: false,
         schedule: ("forward", "eager"),
+        outliers: true,
         seed,
     }
 }
@@ -497,6 +508,69 @@ fn no_races_under_other_schedules() {
                 "{dt:?} naive={} tc={}: {diff} outputs differ under schedule {sched:?}",
                 c.naive, c.fwd_tc
             );
+        }
+    }
+}
+
+/// Random specs (the property tests' generator, tests/property_cases) on random shapes with
+/// D % 8 == 0, random class splits, through the tensor-core kernels (bf16, f16) and the SIMT
+/// kernels (f32). `FUSED_MARGIN_EMU_CASES` sets the number of cases (default 24).
+#[test]
+fn random_specs_and_shapes() {
+    use property_cases::{random_spec, Preset};
+    use rand::Rng;
+    let n: u64 = std::env::var("FUSED_MARGIN_EMU_CASES")
+        .ok()
+        .map(|v| {
+            v.parse()
+                .expect("FUSED_MARGIN_EMU_CASES must be an integer")
+        })
+        .unwrap_or(24);
+    let presets = [
+        Preset::Nsl,
+        Preset::CosFace,
+        Preset::ArcFace,
+        Preset::SphereFace,
+        Preset::Combined,
+    ];
+    for seed in 0..n {
+        let mut r = common::rng(9_000 + seed);
+        let spec = random_spec(&mut r, presets[seed as usize % presets.len()]);
+        let shape = (
+            r.random_range(1..=90),
+            8 * r.random_range(1..=36),
+            r.random_range(1..=400),
+        );
+        let tps = (r.random_range(1..=3), r.random_range(1..=4));
+        let c = case(spec, shape, true, tps, 9_000 + seed);
+        match seed % 3 {
+            0 => check::<bf16>(&c),
+            1 => check::<f16>(&c),
+            _ => check::<f32>(&Case {
+                fwd_tc: false,
+                bwd_tc: false,
+                ..c
+            }),
+        }
+    }
+}
+
+/// f32 inputs through the TF32 tensor-core forward (opt-in), every option that changes the maths,
+/// with MATH.md's TF32 bars; the backward stays exact f32 (SIMT). Inputs without the suite's
+/// large outliers: TF32 keeps 10 mantissa bits, so an outlier-dominated cosine carries ~5e-4
+/// of error, and s = 64 turns that into logit errors the TF32 bars do not allow for (README).
+#[test]
+fn tf32_forward() {
+    for (k, spec) in tc_specs().into_iter().enumerate() {
+        for (shape, tps) in [
+            ((45, 136, 300), (1, 2)),
+            ((70, 36, 131), (2, 1)),
+            ((1, 4, 1), (1, 1)),
+        ] {
+            let mut c = case(spec, shape, true, tps, 1000 + k as u64);
+            c.bwd_tc = false;
+            c.outliers = false;
+            check::<f32>(&c);
         }
     }
 }

@@ -54,7 +54,10 @@ fn to_f64<T: CudaElement>(v: &[T]) -> Vec<f64> {
 fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape, seed: u64) {
     let what = format!("{:?} {:?} {:?} {shape:?}", gpu.plan(), T::DTYPE, spec);
     let s = gpu.stream();
-    let mut inp = inputs(shape, seed);
+    // TF32 keeps 10 mantissa bits: outlier-dominated cosines would carry more error than the TF32
+    // bars allow for at s = 64 (README, `with_tf32`), so TF32 runs get inputs without them.
+    let tf32 = T::DTYPE == DType::F32 && gpu.tf32_enabled();
+    let mut inp = common::margin_inputs_opts(shape, seed, !tf32);
     if !spec.normalize_weights {
         // Raw weights with outliers make logits of ~1000 when features are raw too: no f32
         // computation meets 1e-4 on such a conditioning, so keep the raw logits moderate.
@@ -88,13 +91,21 @@ fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape,
     let fwd = gpu
         .forward(spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
         .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
-    let (lbar, gbar) = bars(T::DTYPE);
-    // The tensor-core forward runs exactly where it should (f16/bf16, D % 8 == 0, fused plan, on).
+    // The tensor-core forward runs exactly where it should: fused plan, tensor cores on, and
+    // f16/bf16 with D % 8 == 0 or f32 with TF32 opted in and D % 4 == 0.
     let tc_expected = gpu.plan() == Plan::Fused
         && gpu.tensor_cores_enabled()
-        && T::DTYPE != DType::F32
-        && shape.d % 8 == 0;
+        && if T::DTYPE == DType::F32 {
+            tf32 && shape.d % 4 == 0
+        } else {
+            shape.d % 8 == 0
+        };
     assert_eq!(fwd.tensor_cores, tc_expected, "{what}: tensor-core path");
+    let (lbar, gbar) = if T::DTYPE == DType::F32 && fwd.tensor_cores {
+        (1e-3, 5e-3) // MATH.md: f32 through TF32 tensor cores
+    } else {
+        bars(T::DTYPE)
+    };
 
     let row_loss: Vec<f64> = fwd
         .row_loss_host()
@@ -131,7 +142,8 @@ fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape,
     let g = gpu
         .backward(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
         .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
-    let tc_bwd_expected = tc_expected && gpu.tensor_core_backward_enabled();
+    let tc_bwd_expected =
+        tc_expected && T::DTYPE != DType::F32 && gpu.tensor_core_backward_enabled();
     assert_eq!(
         g.tensor_cores, tc_bwd_expected,
         "{what}: tensor-core backward path"
@@ -208,10 +220,16 @@ fn run_all<T: CudaElement>(plan: Plan) {
 }
 
 fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
-    run_all_opts::<T>(plan, cublas, true, false);
+    run_all_opts::<T>(plan, cublas, true, false, false);
 }
 
-fn run_all_opts<T: CudaElement>(plan: Plan, cublas: bool, tensor_cores: bool, tc_backward: bool) {
+fn run_all_opts<T: CudaElement>(
+    plan: Plan,
+    cublas: bool,
+    tensor_cores: bool,
+    tc_backward: bool,
+    tf32: bool,
+) {
     let Some(stream) = gpu_or_skip() else { return };
     let gpu = FusedMarginLoss::new(stream)
         .unwrap()
@@ -219,6 +237,7 @@ fn run_all_opts<T: CudaElement>(plan: Plan, cublas: bool, tensor_cores: bool, tc
         .with_cublas(cublas)
         .with_tensor_cores(tensor_cores)
         .with_tensor_core_backward(tc_backward)
+        .with_tf32(tf32)
         .with_poison(true);
     if plan == Plan::Naive {
         eprintln!(
@@ -269,16 +288,21 @@ fn naive_bf16() {
 #[test]
 fn fused_simt_bf16() {
     // The SIMT forward for half inputs too (tensor cores off), on the same cases.
-    run_all_opts::<bf16>(Plan::Fused, true, false, false);
+    run_all_opts::<bf16>(Plan::Fused, true, false, false, false);
 }
 #[test]
 fn fused_tc_backward_f16() {
     // The tensor-core backward (opt-in), on the same cases (it runs where D % 8 == 0).
-    run_all_opts::<f16>(Plan::Fused, true, true, true);
+    run_all_opts::<f16>(Plan::Fused, true, true, true, false);
 }
 #[test]
 fn fused_tc_backward_bf16() {
-    run_all_opts::<bf16>(Plan::Fused, true, true, true);
+    run_all_opts::<bf16>(Plan::Fused, true, true, true, false);
+}
+#[test]
+fn fused_tf32_f32() {
+    // f32 through the TF32 forward (opt-in), with MATH.md's TF32 bars.
+    run_all_opts::<f32>(Plan::Fused, true, true, false, true);
 }
 #[test]
 fn naive_plain_kernels_f32() {

@@ -2,8 +2,8 @@
 //! Skips with a printed reason when libnvrtc is absent; fails instead when
 //! `FUSED_MARGIN_REQUIRE_NVRTC=1` (as CI sets it).
 use fused_margin::cuda::{
-    compile_ptx_uncached, entry_name, nvrtc_available, ENTRY_POINTS, HALF_ENTRY_POINTS,
-    KERNEL_DTYPES,
+    compile_ptx_uncached, entry_name, nvrtc_available, ENTRY_POINTS, F32_ENTRY_POINTS,
+    HALF_ENTRY_POINTS, KERNEL_DTYPES,
 };
 
 fn nvrtc_or_skip() -> bool {
@@ -26,7 +26,7 @@ fn compiles(dtype: fused_margin::DType, arch: &str) {
         .unwrap_or_else(|e| panic!("{dtype:?} for {arch}: {e}"))
         .to_src();
     let half = if dtype == fused_margin::DType::F32 {
-        &[][..]
+        &F32_ENTRY_POINTS[..]
     } else {
         &HALF_ENTRY_POINTS[..]
     };

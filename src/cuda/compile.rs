@@ -51,6 +51,9 @@ pub const HALF_ENTRY_POINTS: [&str; 5] = [
     "fm_grad_w_tc_f32out",
 ];
 
+/// Entry points built only for f32 inputs (the TF32 tensor-core forward).
+pub const F32_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_tf32"];
+
 /// True when libnvrtc can be loaded (cudarc panics on first use otherwise).
 pub fn nvrtc_available() -> bool {
     super::libs::nvrtc_present()

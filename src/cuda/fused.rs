@@ -139,15 +139,18 @@ pub(crate) fn forward<T: CudaElement>(
 
     // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are
     // legal: D % 8 == 0 and both matrices 16-byte aligned. Otherwise the SIMT tiles.
+    // f32 inputs take the TF32 variant of the same kernel when opted in (16-byte chunks of 4
+    // floats: D % 4 == 0).
+    let half = T::DTYPE != DType::F32;
     let tensor_cores = h.tensor_cores
-        && T::DTYPE != DType::F32
-        && d % 8 == 0
+        && (half || h.tf32)
+        && d % (if half { 8 } else { 4 }) == 0
         && aligned16(h, x)
         && aligned16(h, w);
-    let (bm, bn, name) = if tensor_cores {
-        (TC_BM, TC_BN, "fm_fwd_tiles_tc")
-    } else {
-        (BM, BN, "fm_fwd_tiles")
+    let (bm, bn, name) = match (tensor_cores, half) {
+        (true, true) => (TC_BM, TC_BN, "fm_fwd_tiles_tc"),
+        (true, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tf32"),
+        (false, _) => (BM, BN, "fm_fwd_tiles"),
     };
     let row_tiles = b.div_ceil(bm);
     let ntiles = c.div_ceil(bn);
@@ -262,6 +265,11 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
 ) -> Result<GpuGradients<O>> {
     let shape = fwd.shape;
     let (b, d, c) = (shape.b, shape.d, shape.c);
+    // After a TF32 forward the SIMT backward recomputes the logits from TF32-rounded operands, so
+    // its softmax is consistent with the saved lse.
+    let mut p = *p;
+    p.tf32_dots = (fwd.tensor_cores && T::DTYPE == DType::F32) as i32;
+    let p = &p;
     if h.tensor_cores
         && h.tc_backward
         && T::DTYPE != DType::F32

@@ -31,7 +31,7 @@ pub mod raw;
 
 pub use compile::{
     compile_ptx, compile_ptx_uncached, entry_name, nvrtc_available, source, ENTRY_POINTS,
-    HALF_ENTRY_POINTS, KERNEL_DTYPES,
+    F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES,
 };
 
 use crate::dtype::{DType, Element};
@@ -71,7 +71,7 @@ pub fn kernel_params_bytes(spec: &MarginLoss) -> Result<[u8; 48]> {
         p.angular as u32,
         p.normalize_features as u32,
         p.normalize_weights as u32,
-        p.pad as u32,
+        p.tf32_dots as u32,
     ];
     let mut out = [0u8; 48];
     for (chunk, w) in out.chunks_exact_mut(4).zip(words) {
@@ -145,8 +145,9 @@ pub struct GpuForward {
     /// Bytes of temporary device memory the forward allocated beyond its outputs (the crate's own
     /// accounting of every workspace buffer).
     pub workspace_bytes: usize,
-    /// Whether the logits tiles ran on tensor cores (fused plan, f16/bf16 inputs, `D % 8 == 0`,
-    /// 16-byte aligned inputs, and tensor cores not switched off).
+    /// Whether the logits tiles ran on tensor cores: fused plan, tensor cores not switched off,
+    /// 16-byte aligned inputs, and f16/bf16 with `D % 8 == 0` or f32 through TF32
+    /// ([`FusedMarginLoss::with_tf32`]) with `D % 4 == 0`.
     pub tensor_cores: bool,
     spec: MarginLoss,
     shape: Shape,
@@ -218,6 +219,7 @@ pub struct FusedMarginLoss {
     use_cublas: bool,
     tensor_cores: bool,
     tc_backward: bool,
+    tf32: bool,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
 }
@@ -232,6 +234,7 @@ impl std::fmt::Debug for FusedMarginLoss {
             .field("use_cublas", &self.use_cublas)
             .field("tensor_cores", &self.tensor_cores)
             .field("tc_backward", &self.tc_backward)
+            .field("tf32", &self.tf32)
             .finish()
     }
 }
@@ -327,6 +330,7 @@ impl FusedMarginLoss {
             use_cublas: true,
             tensor_cores: true,
             tc_backward: false,
+            tf32: false,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
         })
@@ -339,7 +343,8 @@ impl FusedMarginLoss {
     }
 
     /// Whether the fused forward may use tensor cores for f16/bf16 inputs (default true; f32 inputs
-    /// always use exact f32 arithmetic). Switching off selects the SIMT tiles, for comparison.
+    /// use exact f32 arithmetic unless [`Self::with_tf32`] opts in). Switching off selects the SIMT
+    /// tiles, for comparison.
     pub fn with_tensor_cores(mut self, on: bool) -> Self {
         self.tensor_cores = on;
         self
@@ -348,6 +353,27 @@ impl FusedMarginLoss {
     /// Whether tensor cores are allowed for the fused forward (see [`Self::with_tensor_cores`]).
     pub fn tensor_cores_enabled(&self) -> bool {
         self.tensor_cores
+    }
+
+    /// Opt-in (default false): f32 inputs through TF32 tensor cores in the fused forward
+    /// (kernels/logits_tc.cu, `mma.sync.m16n8k8` on operands rounded to TF32 with `cvt.rna`),
+    /// when tensor cores are on, `D % 4 == 0` and `x`, `w` are 16-byte aligned. The backward then
+    /// recomputes the logits from TF32-rounded operands too, so it stays consistent with the saved
+    /// logsumexp. Precision: MATH.md's TF32 bars (1e-3 loss, 5e-3 gradients, normwise) for inputs
+    /// without extreme outliers; TF32 keeps 10 mantissa bits, so a cosine dominated by a few large
+    /// entries carries ~5e-4 of error, which the scale `s` multiplies in the logits. Exact f32
+    /// stays the default.
+    ///
+    /// Status: matches the reference within those bars on the CPU emulator of the kernels; not yet
+    /// run or timed on a GPU.
+    pub fn with_tf32(mut self, on: bool) -> Self {
+        self.tf32 = on;
+        self
+    }
+
+    /// Whether TF32 is allowed for f32 inputs (see [`Self::with_tf32`]).
+    pub fn tf32_enabled(&self) -> bool {
+        self.tf32
     }
 
     /// Opt-in (default false): the fused backward on tensor cores for f16/bf16 inputs

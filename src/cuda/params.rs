@@ -18,7 +18,8 @@ pub(crate) struct FmParams {
     pub angular: i32,
     pub normalize_features: i32,
     pub normalize_weights: i32,
-    pub pad: i32,
+    /// 1: the SIMT backward rounds its dot-product operands to TF32 (after a TF32 forward).
+    pub tf32_dots: i32,
 }
 
 // SAFETY: a plain #[repr(C)] struct of f32/i32 fields, matching the C struct field for field;
@@ -45,7 +46,7 @@ impl FmParams {
             angular: spec.has_angular_margin() as i32,
             normalize_features: spec.normalize_features as i32,
             normalize_weights: spec.normalize_weights as i32,
-            pad: 0,
+            tf32_dots: 0,
         }
     }
 }

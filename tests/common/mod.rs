@@ -249,6 +249,11 @@ pub struct Inputs {
 }
 
 pub fn margin_inputs(shape: Shape, seed: u64) -> Inputs {
+    margin_inputs_opts(shape, seed, true)
+}
+
+/// `margin_inputs`, with the large outliers only when `outliers`.
+pub fn margin_inputs_opts(shape: Shape, seed: u64, outliers: bool) -> Inputs {
     let mut rng = rng(seed);
     let (b, d, c) = (shape.b, shape.d, shape.c);
     let mut x: Vec<f64> = (0..b * d).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -272,11 +277,15 @@ pub fn margin_inputs(shape: Shape, seed: u64) -> Inputs {
     // Outliers are set, not multiplied, so an element drawn twice cannot compound past f16's range.
     for _ in 0..(b * d / 50).max(1) {
         let e = rng.random_range(0..b * d);
-        x[e] = x[e].signum() * rng.random_range(20.0..40.0);
+        if outliers {
+            x[e] = x[e].signum() * rng.random_range(20.0..40.0);
+        }
     }
     for _ in 0..(c * d / 50).max(1) {
         let e = rng.random_range(0..c * d);
-        w[e] = w[e].signum() * rng.random_range(10.0..25.0);
+        if outliers {
+            w[e] = w[e].signum() * rng.random_range(10.0..25.0);
+        }
     }
     let upstream = (0..b).map(|_| rng.random_range(0.5..1.5)).collect();
     Inputs {

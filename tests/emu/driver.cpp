@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     if (has_g) g_rows = r.vec<float>((size_t)B);
     const float* g_ptr = has_g ? g_rows.data() : nullptr;
 #if FM_DTYPE == FM_F32
-    if (fwd_tc || bwd_tc) Reader::fail("tensor-core kernels exist for f16/bf16 only");
+    if (bwd_tc) Reader::fail("the tensor-core backward exists for f16/bf16 only");
 #endif
 
     if (naive) {
@@ -133,13 +133,16 @@ int main(int argc, char** argv) {
     const int nsplit = (int)cdiv(ntiles, fwd_tps);
     auto part_m = poisoned(B * nsplit), part_s = poisoned(B * nsplit), zy = poisoned(B);
     fm_emu::launch(g3(cdiv(B, bm), nsplit), g3(256), [&] {
+        if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc; f32: the TF32 kernel
 #if FM_DTYPE != FM_F32
-        if (fwd_tc) {
             FM_ENTRY(fm_fwd_tiles_tc)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D,
                                       fwd_tps, nsplit, part_m.data(), part_s.data(), zy.data());
+#else
+            FM_ENTRY(fm_fwd_tiles_tf32)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D,
+                                        fwd_tps, nsplit, part_m.data(), part_s.data(), zy.data());
+#endif
             return;
         }
-#endif
         FM_ENTRY(fm_fwd_tiles)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D, fwd_tps,
                                nsplit, part_m.data(), part_s.data(), zy.data());
     });
@@ -152,6 +155,8 @@ int main(int argc, char** argv) {
 
     // ---- backward (fused.rs: backward / backward_tc) ----
     auto dx = poisoned(B * D), dw = poisoned(C * D);
+    FmParams pb = p;   // after the TF32 forward the SIMT backward recomputes with TF32 operands
+    pb.tf32_dots = (FM_DTYPE == FM_F32 && fwd_tc) ? 1 : 0;
     if (!bwd_tc) {
         const i64 ntl = cdiv(C, 32);
         const int ns = (int)cdiv(ntl, bwd_tps);
@@ -159,16 +164,16 @@ int main(int argc, char** argv) {
         auto dxh_part = poisoned(ns * B * D), proj_part = poisoned(ns * B), dn_part = poisoned(ns * B);
         fm_emu::launch(g3(cdiv(B, 32), ns, dchunks), g3(256), [&] {
             FM_ENTRY(fm_grad_x_partial)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), lse.data(),
-                                        g_ptr, g_scalar, p, B, C, D, bwd_tps, ns, dxh_part.data(),
+                                        g_ptr, g_scalar, pb, B, C, D, bwd_tps, ns, dxh_part.data(),
                                         proj_part.data(), dn_part.data());
         });
         fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
             FM_ENTRY_F32OUT(fm_x_finish)(x.data(), xnorm.data(), dxh_part.data(), proj_part.data(), dn_part.data(),
-                                         ns, B, D, p, dx.data());
+                                         ns, B, D, pb, dx.data());
         });
         fm_emu::launch(g3(ntl, dchunks), g3(256), [&] {
             FM_ENTRY_F32OUT(fm_grad_w)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), lse.data(),
-                                       g_ptr, g_scalar, p, B, C, D, dw.data());
+                                       g_ptr, g_scalar, pb, B, C, D, dw.data());
         });
     } else {
 #if FM_DTYPE != FM_F32

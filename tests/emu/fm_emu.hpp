@@ -327,6 +327,48 @@ inline void mma16816(float d[4], const unsigned a[4], const unsigned b[2], bool 
     for (int v = 0; v < 4; ++v) d[v] = out[v];
 }
 
+// cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero; NaN and Inf unchanged.
+inline unsigned f32_to_tf32(float v) {
+    unsigned u;
+    std::memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    u += 0x1000u;   // half of the 13 dropped bits: ties go up in magnitude (sign-magnitude format)
+    return u & 0xffffe000u;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (layout in kernels/ptx.cuh). The hardware
+// reads only the top 19 bits of each operand register.
+inline void mma1688_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
+    int w = warp(), l = lane();
+    unsigned mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    std::memcpy(slot(w, l), mine, sizeof(mine));
+    warp_sync();
+    auto val = [](unsigned bits) {
+        bits &= 0xffffe000u;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        return f;
+    };
+    auto A = [&](int row, int k) {
+        const unsigned* f = (const unsigned*)slot(w, (row & 7) * 4 + (k & 3));
+        return val(f[(row >= 8 ? 1 : 0) + (k >= 4 ? 2 : 0)]);
+    };
+    auto Bm = [&](int k, int n) {
+        const unsigned* f = (const unsigned*)slot(w, n * 4 + (k & 3));
+        return val(f[4 + (k >= 4 ? 1 : 0)]);
+    };
+    const int g = l >> 2, t = l & 3;
+    float out[4];
+    for (int v = 0; v < 4; ++v) {
+        int row = g + 8 * (v >> 1), col = 2 * t + (v & 1);
+        float acc = d[v];
+        for (int k = 0; k < 8; ++k) acc += A(row, k) * Bm(k, col);   // products exact in f32
+        out[v] = acc;
+    }
+    warp_sync();
+    for (int v = 0; v < 4; ++v) d[v] = out[v];
+}
+
 inline void copy16(void* smem, const void* gmem, bool valid) {
     if (valid)
         std::memcpy(smem, gmem, 16);
