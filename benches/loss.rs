@@ -1,6 +1,7 @@
 //! Criterion suite (MATH.md's loss on the GPU and CPU). Groups `{loss}_{dtype}_C{classes}` hold
 //! `{variant}/{mode}` for variant in fused, fused_tcbwd (f16/bf16: the opt-in tensor-core
-//! backward), naive and mode in forward, backward, full; `cublas` holds the
+//! backward), fused_tf32 (f32: the opt-in TF32 forward), naive and mode in forward, backward,
+//! full; `cublas` holds the
 //! roof GEMMs; `cpu_reference` the CPU path at the smallest shape. Throughput is reported as
 //! elements = useful FLOPs (2*B*C*D per matrix product), so criterion's `elem/s` reads as FLOP/s.
 //!
@@ -62,13 +63,13 @@ fn gpu_dtype<T: CudaElement>(cr: &mut Criterion, stream: &Arc<CudaStream>, tools
 fn gemm_group<T: CudaElement>(
     cr: &mut Criterion,
     blas: &CudaBlas,
+    label: &str,
     stream: &Arc<CudaStream>,
     tools: &mut Tools,
 ) where
     CudaBlas: cudarc::cublas::Gemm<T>,
 {
-    let dt = T::DTYPE.suffix();
-    let mut group = cr.benchmark_group(format!("cublas_{dt}"));
+    let mut group = cr.benchmark_group(format!("cublas_{label}"));
     group.sample_size(10).sampling_mode(SamplingMode::Flat);
     let mut shapes = vec![("roof_8192".to_string(), (8192, 8192, 8192))];
     for &c in &harness::CLASSES {
@@ -92,8 +93,11 @@ fn gpu_benches(cr: &mut Criterion) {
     let Some(stream) = gpu_stream() else { return };
     let mut tools = Tools::new(&stream).expect("benchmark tools");
     if let Ok(blas) = CudaBlas::new(stream.clone()) {
-        gemm_group::<bf16>(cr, &blas, &stream, &mut tools);
-        gemm_group::<f32>(cr, &blas, &stream, &mut tools);
+        gemm_group::<bf16>(cr, &blas, "bf16", &stream, &mut tools);
+        gemm_group::<f32>(cr, &blas, "f32", &stream, &mut tools);
+        if let Some(tf32) = harness::tf32_blas(&stream) {
+            gemm_group::<f32>(cr, &tf32, "tf32", &stream, &mut tools);
+        }
     } else {
         eprintln!("cuBLAS groups skipped: libcublas not found");
     }

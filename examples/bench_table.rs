@@ -134,6 +134,15 @@ fn main() {
         let ms32 = harness::gemm_ms::<f32>(&blas, &stream, (8192, 8192, 8192), &mut tools, r)
             .expect("gemm");
         println!("roof: cuBLAS bf16 GEMM 8192^3 {ms:.3} ms = {roof:.1} TFLOP/s; f32 (no TF32) {ms32:.3} ms = {:.1} TFLOP/s", harness::tflops(2.0 * 8192f64.powi(3), ms32));
+        let tf32 = harness::tf32_blas(&stream);
+        if let Some(t) = &tf32 {
+            let mst = harness::gemm_ms::<f32>(t, &stream, (8192, 8192, 8192), &mut tools, r)
+                .expect("gemm");
+            println!(
+                "roof: cuBLAS TF32 GEMM 8192^3 {mst:.3} ms = {:.1} TFLOP/s",
+                harness::tflops(2.0 * 8192f64.powi(3), mst)
+            );
+        }
         for &c in &o.classes {
             let fl = 2.0 * (c * harness::B * harness::D) as f64;
             let b = harness::gemm_ms::<bf16>(
@@ -147,10 +156,15 @@ fn main() {
             let f =
                 harness::gemm_ms::<f32>(&blas, &stream, (c, harness::B, harness::D), &mut tools, r)
                     .expect("gemm");
+            let t = tf32.as_ref().map_or(f64::NAN, |t| {
+                harness::gemm_ms::<f32>(t, &stream, (c, harness::B, harness::D), &mut tools, r)
+                    .expect("gemm")
+            });
             println!(
-                "one GEMM of the step's shape, C = {c}: bf16 {b:.3} ms ({:.1} TFLOP/s), f32 {f:.3} ms ({:.1} TFLOP/s)",
+                "one GEMM of the step's shape, C = {c}: bf16 {b:.3} ms ({:.1} TFLOP/s), f32 {f:.3} ms ({:.1} TFLOP/s), TF32 {t:.3} ms ({:.1} TFLOP/s)",
                 harness::tflops(fl, b),
-                harness::tflops(fl, f)
+                harness::tflops(fl, f),
+                harness::tflops(fl, t)
             );
         }
     } else {

@@ -228,8 +228,9 @@ pub fn handle(stream: &Arc<CudaStream>, plan: Plan) -> FusedMarginLoss {
 
 /// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
 /// tensor-core forward for f16/bf16, SIMT backward), "fused_tcbwd" (plus the opt-in
-/// tensor-core backward; f16/bf16 only), "naive" (the eager baseline), and with `simt` "simt"
-/// (the fused plan with tensor cores off; f16/bf16 only).
+/// tensor-core backward; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
+/// "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
+/// f16/bf16 only).
 pub fn variants(
     stream: &Arc<CudaStream>,
     dt: &str,
@@ -243,11 +244,24 @@ pub fn variants(
             handle(stream, Plan::Fused).with_tensor_core_backward(true),
         ));
     }
+    if !half {
+        v.push(("fused_tf32", handle(stream, Plan::Fused).with_tf32(true)));
+    }
     v.push(("naive", handle(stream, Plan::Naive)));
     if half && simt {
         v.push(("simt", handle(stream, Plan::Fused).with_tensor_cores(false)));
     }
     v
+}
+
+/// A cuBLAS handle whose f32 GEMMs run on TF32 tensor cores (`CUBLAS_TF32_TENSOR_OP_MATH`): the
+/// roof for the TF32 opt-in. None when libcublas is missing or refuses the mode.
+pub fn tf32_blas(stream: &Arc<CudaStream>) -> Option<CudaBlas> {
+    use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+    let blas = CudaBlas::new(stream.clone()).ok()?;
+    // SAFETY: the handle is valid for the life of `blas`; the call only sets its math mode.
+    let st = unsafe { cublasSetMathMode(*blas.handle(), cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH) };
+    (st == cublasStatus_t::CUBLAS_STATUS_SUCCESS).then_some(blas)
 }
 
 /// Times one cuBLAS GEMM `C (m x n) = A (m x k) . B (k x n)` in bf16 (f32 accumulation) or f32,
