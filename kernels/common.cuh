@@ -157,12 +157,24 @@ __device__ __forceinline__ float fm_half_max(float v) {
 }
 
 // Merges two (max, sum-exp) pairs of the online softmax; an empty side has max = -inf, sum = 0.
+// A NaN on either side makes the result NaN (fmaxf alone would drop it).
 __device__ __forceinline__ void fm_online_merge(float& m, float& s, float m2, float s2) {
+    if (m2 != m2 || s2 != s2 || m != m || s != s) {
+        m = s = __int_as_float(0x7fffffff);
+        return;
+    }
     float mx = fmaxf(m, m2);
     if (mx == FM_NEG_INF) return;
     s = s * expf(m - mx) + s2 * expf(m2 - mx);
     m = mx;
 }
+
+// Dynamic shared memory of a kernel (size set at launch); a pointer in the CPU emulator.
+#ifdef FM_EMU
+#define FM_DYNAMIC_SMEM(name) unsigned char* name = fm_emu::dynamic_smem()
+#else
+#define FM_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
 
 // ---- poisoning (tests): fill a buffer with a bit pattern (NaN) so unwritten elements show ----
 extern "C" __global__ void FM_ENTRY(fm_fill_u32)(unsigned* __restrict__ p, i64 n, unsigned v) {

@@ -7,8 +7,9 @@
 // Both stage 64 bytes per row and k step, so the shared-memory layout, the copy pattern and the
 // epilogue are the same.
 //
-// Block: 256 threads = 8 warps over a 64-row x 128-class tile, warp grid 2 (rows) x 4 (classes),
-// each warp 32 x 32 = 2 x 4 mma.sync.m16n8k16 tiles with f32 accumulators. x and w tiles of
+// Block: 256 threads = 8 warps, warp grid 2 (rows) x 4 (classes); each warp holds MI x NI mma
+// tiles of 16 x 8 with f32 accumulators: 32 x 32 (the default, a 64-row x 128-class block tile) or
+// 64 x 64 ("wide": 128 x 256). x and w tiles of
 // 32 columns of D stream through a 3-stage cp.async pipeline (16-byte copies, zero-filled past the
 // edges); the (class tile, k step) iterations of a split form one sequence, so the pipeline never
 // drains between class tiles. Fragments come from ldmatrix.x4 (one instruction per 16 x 16 A
@@ -22,33 +23,35 @@
 // SIMT kernel).
 #include "tile.cuh"
 
-#define TC_BM 64
-#define TC_BN 128
 #define TC_STAGES 3
+#define TC_WARPS_M 2   // warps along rows
+#define TC_WARPS_N 4   // warps along classes
 
 // 16-bit operands: 32 columns of D per k step, rows padded to 40 halves (80 bytes).
 struct FmTcHalf {
     typedef unsigned short E;
     enum { BK = 32, LD = 40, VEC = 8 };
-    // One 32-wide k step of the warp's 32 x 32 tile from rows xs (32 of them from wm) and ws.
-    __device__ static __forceinline__ void step(float acc[2][4][4], const E (*xs)[LD], const E (*ws)[LD], int wm,
-                                                int wn, int lane) {
+    // One k step of the warp's (16 MI) x (8 NI) tile: rows xs + (wm..) * LD, classes ws + (wn..) * LD.
+    template <int MI, int NI>
+    __device__ static __forceinline__ void step(float (&acc)[MI][NI][4], const E* xs, const E* ws, int wm, int wn,
+                                                int lane) {
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
-            unsigned a[2][4], b[4][2];
+            unsigned a[MI][4], b[NI][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) fm_ldmatrix_x4(a[mi], &xs[wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
+            for (int mi = 0; mi < MI; ++mi)
+                fm_ldmatrix_x4(a[mi], xs + (wm + mi * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8);
             // Classes are rows of [n][k]: one x4 load gives the fragments of two n8 tiles.
 #pragma unroll
-            for (int nb = 0; nb < 2; ++nb) {
+            for (int nb = 0; nb < NI / 2; ++nb) {
                 unsigned q[4];
-                fm_ldmatrix_x4(q, &ws[wn + nb * 16 + (lane & 7) + 8 * (lane >> 4)][kk + 8 * ((lane >> 3) & 1)]);
+                fm_ldmatrix_x4(q, ws + (wn + nb * 16 + (lane & 7) + 8 * (lane >> 4)) * LD + kk + 8 * ((lane >> 3) & 1));
                 b[2 * nb][0] = q[0]; b[2 * nb][1] = q[1]; b[2 * nb + 1][0] = q[2]; b[2 * nb + 1][1] = q[3];
             }
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(acc[mi][ni], a[mi], b[ni]);
+                for (int ni = 0; ni < NI; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(acc[mi][ni], a[mi], b[ni]);
         }
     }
 };
@@ -58,88 +61,102 @@ struct FmTcHalf {
 struct FmTcTf32 {
     typedef float E;
     enum { BK = 16, LD = 20, VEC = 4 };
-    __device__ static __forceinline__ void step(float acc[2][4][4], const E (*xs)[LD], const E (*ws)[LD], int wm,
-                                                int wn, int lane) {
+    template <int MI, int NI>
+    __device__ static __forceinline__ void step(float (&acc)[MI][NI][4], const E* xs, const E* ws, int wm, int wn,
+                                                int lane) {
         const int g = lane >> 2, t = lane & 3;
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 8) {
-            unsigned a[2][4], b[4][2];
+            unsigned a[MI][4], b[NI][2];
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi) {
-                const int r = wm + mi * 16 + g;
-                a[mi][0] = fm_f32_to_tf32(xs[r][kk + t]);
-                a[mi][1] = fm_f32_to_tf32(xs[r + 8][kk + t]);
-                a[mi][2] = fm_f32_to_tf32(xs[r][kk + t + 4]);
-                a[mi][3] = fm_f32_to_tf32(xs[r + 8][kk + t + 4]);
+            for (int mi = 0; mi < MI; ++mi) {
+                const E* r0 = xs + (wm + mi * 16 + g) * LD + kk + t;
+                a[mi][0] = fm_f32_to_tf32(r0[0]);
+                a[mi][1] = fm_f32_to_tf32(r0[8 * LD]);
+                a[mi][2] = fm_f32_to_tf32(r0[4]);
+                a[mi][3] = fm_f32_to_tf32(r0[8 * LD + 4]);
             }
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                const int n = wn + ni * 8 + g;
-                b[ni][0] = fm_f32_to_tf32(ws[n][kk + t]);
-                b[ni][1] = fm_f32_to_tf32(ws[n][kk + t + 4]);
+            for (int ni = 0; ni < NI; ++ni) {
+                const E* n0 = ws + (wn + ni * 8 + g) * LD + kk + t;
+                b[ni][0] = fm_f32_to_tf32(n0[0]);
+                b[ni][1] = fm_f32_to_tf32(n0[4]);
             }
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) fm_mma1688_tf32(acc[mi][ni], a[mi], b[ni]);
+                for (int ni = 0; ni < NI; ++ni) fm_mma1688_tf32(acc[mi][ni], a[mi], b[ni]);
         }
     }
 };
 
-template <class Op>
-struct FmTcSmem {
-    typename Op::E xs[TC_STAGES][TC_BM][Op::LD];
-    typename Op::E ws[TC_STAGES][TC_BN][Op::LD];
+// Block tile of the kernel with MI x NI fragments per warp: BM rows x BN classes; shared memory
+// (dynamic) holds TC_STAGES stages of x rows then w rows, LD elements each.
+template <class Op, int MI, int NI>
+struct FmTcShape {
+    enum { BM = TC_WARPS_M * 16 * MI, BN = TC_WARPS_N * 8 * NI };
+    enum { STAGE_X = BM * Op::LD, STAGE_W = BN * Op::LD };
+    enum { SMEM_BYTES = TC_STAGES * (STAGE_X + STAGE_W) * (int)sizeof(typename Op::E) };
 };
 
+// The host sizes the dynamic shared memory as 3 stages x (rows + classes) x 80 bytes
+// (src/cuda/fused.rs: tc_smem_bytes); both operand types and tile shapes must match it.
+static_assert(FmTcShape<FmTcHalf, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80, "tc_smem_bytes, narrow");
+static_assert(FmTcShape<FmTcHalf, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80, "tc_smem_bytes, wide");
+static_assert(FmTcShape<FmTcTf32, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80, "tc_smem_bytes, TF32");
+static_assert(FmTcShape<FmTcTf32, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80, "tc_smem_bytes, TF32 wide");
+
 // Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / ksteps, columns
-// k0 .. k0 + BK of D) into `stage`: 256 + 512 16-byte chunks, 3 per thread.
-template <class Op>
-__device__ __forceinline__ void fm_tc_load(FmTcSmem<Op>& sm, int stage, i64 it, int ksteps, i64 t_begin,
-                                           const T_IN* __restrict__ x, const T_IN* __restrict__ w,
+// k0 .. k0 + BK of D) into `stage`: (BM + BN) rows of four 16-byte chunks.
+template <class Op, int MI, int NI>
+__device__ __forceinline__ void fm_tc_load(typename Op::E* xs, typename Op::E* ws, int stage, i64 it, int ksteps,
+                                           i64 t_begin, const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                            i64 row0, i64 B, i64 C, int D) {
-    const int tid = threadIdx.x;
-    const i64 col0 = (t_begin + it / ksteps) * TC_BN;
+    typedef FmTcShape<Op, MI, NI> S;
+    const i64 col0 = (t_begin + it / ksteps) * S::BN;
     const int k0 = (int)(it % ksteps) * Op::BK;
-    {
-        int r = tid >> 2, ch = tid & 3;
-        i64 row = row0 + r;
-        int kc = k0 + ch * Op::VEC;
-        bool ok = row < B && kc < D;   // D % VEC == 0: a chunk is wholly inside or outside
-        fm_cp_async16(&sm.xs[stage][r][ch * Op::VEC], ok ? (const void*)(x + row * D + kc) : (const void*)x, ok);
-    }
 #pragma unroll
-    for (int q = 0; q < 2; ++q) {
-        int e = tid + q * 256, r = e >> 2, ch = e & 3;
-        i64 col = col0 + r;
-        int kc = k0 + ch * Op::VEC;
-        bool ok = col < C && kc < D;
-        fm_cp_async16(&sm.ws[stage][r][ch * Op::VEC], ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
+    for (int q = 0; q < (S::BM + S::BN) * 4 / 256; ++q) {
+        const int e = threadIdx.x + q * 256, r = e >> 2, ch = e & 3, kc = k0 + ch * Op::VEC;
+        if (r < S::BM) {
+            const i64 row = row0 + r;
+            const bool ok = row < B && kc < D;   // D % VEC == 0: a chunk is wholly inside or outside
+            fm_cp_async16(xs + stage * S::STAGE_X + r * Op::LD + ch * Op::VEC,
+                          ok ? (const void*)(x + row * D + kc) : (const void*)x, ok);
+        } else {
+            const i64 col = col0 + (r - S::BM);
+            const bool ok = col < C && kc < D;
+            fm_cp_async16(ws + stage * S::STAGE_W + (r - S::BM) * Op::LD + ch * Op::VEC,
+                          ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
+        }
     }
 }
 
-template <class Op>
+template <class Op, int MI, int NI>
 __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                           const int* __restrict__ labels, const float* __restrict__ xnorm,
                                           const float* __restrict__ wnorm, const FmParams& p, i64 B, i64 C, int D,
                                           int tiles_per_split, int nsplit, float* __restrict__ part_m,
                                           float* __restrict__ part_s, float* __restrict__ zy) {
-    __shared__ __align__(16) FmTcSmem<Op> sm;
-    __shared__ float red_m[4][TC_BM], red_s[4][TC_BM];
+    typedef FmTcShape<Op, MI, NI> S;
+    FM_DYNAMIC_SMEM(smem);
+    __shared__ float red_m[TC_WARPS_N][S::BM], red_s[TC_WARPS_N][S::BM];
+    typename Op::E* xs = reinterpret_cast<typename Op::E*>(smem);
+    typename Op::E* ws = xs + TC_STAGES * S::STAGE_X;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = (warp >> 2) * 32, wn = (warp & 3) * 32, g = lane >> 2, t = lane & 3;
-    const i64 row0 = (i64)blockIdx.x * TC_BM;
+    const int wm = (warp / TC_WARPS_N) * 16 * MI, wn = (warp % TC_WARPS_N) * 8 * NI, g = lane >> 2, t = lane & 3;
+    const i64 row0 = (i64)blockIdx.x * S::BM;
     const int split = blockIdx.y;
-    i64 ntiles = (C + TC_BN - 1) / TC_BN, t_begin, t_end;
+    i64 ntiles = (C + S::BN - 1) / S::BN, t_begin, t_end;
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
     const int ksteps = (D + Op::BK - 1) / Op::BK;
     const i64 total = (t_end - t_begin) * ksteps;
 
-    // This thread's 4 rows: q = mi * 2 + h is row wm + mi*16 + g + 8h of the block tile.
-    int lab[4];
-    float inv_x[4], rs[4], run_m[4], run_s[4];
+    // This thread's 2 MI rows: q = mi * 2 + h is row wm + mi*16 + g + 8h of the block tile.
+    int lab[2 * MI];
+    float inv_x[2 * MI], rs[2 * MI], run_m[2 * MI], run_s[2 * MI];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < 2 * MI; ++q) {
         i64 row = row0 + wm + (q >> 1) * 16 + g + 8 * (q & 1);
         bool in = row < B;
         lab[q] = in ? labels[row] : -1;
@@ -149,34 +166,35 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
         run_m[q] = FM_NEG_INF;
         run_s[q] = 0.0f;
     }
-    float acc[2][4][4];
+    float acc[MI][NI][4];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni)
+        for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.0f;
 
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < total) fm_tc_load<Op>(sm, s, s, ksteps, t_begin, x, w, row0, B, C, D);
+        if (s < total) fm_tc_load<Op, MI, NI>(xs, ws, s, s, ksteps, t_begin, x, w, row0, B, C, D);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
     for (i64 it = 0; it < total; ++it) {
         fm_cp_async_wait<TC_STAGES - 2>();
         __syncthreads();   // stage `it` is visible to all; everyone is done reading stage it-1
         i64 nxt = it + TC_STAGES - 1;
-        if (nxt < total) fm_tc_load<Op>(sm, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D);
+        if (nxt < total)
+            fm_tc_load<Op, MI, NI>(xs, ws, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D);
         fm_cp_async_commit();
         const int st = (int)(it % TC_STAGES);
-        Op::step(acc, sm.xs[st], sm.ws[st], wm, wn, lane);
+        Op::template step<MI, NI>(acc, xs + st * S::STAGE_X, ws + st * S::STAGE_W, wm, wn, lane);
         if ((int)(it % ksteps) == ksteps - 1) {
             // Epilogue of class tile `tile`: the accumulators hold raw dot products.
-            const i64 col0 = (t_begin + it / ksteps) * TC_BN;
-            float inv_w[4][2];
-            bool cin[4][2];
+            const i64 col0 = (t_begin + it / ksteps) * S::BN;
+            float inv_w[NI][2];
+            bool cin[NI][2];
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
                     i64 col = col0 + wn + ni * 8 + t * 2 + j;
@@ -184,13 +202,13 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
                     inv_w[ni][j] = cin[ni][j] ? fm_inv_norm(wnorm[col]) : 0.0f;
                 }
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < 2 * MI; ++q) {
                 const int mi = q >> 1, h = q & 1;
                 const i64 row = row0 + wm + mi * 16 + g + 8 * h;
-                float z[8];
+                float z[2 * NI];
                 float mx = FM_NEG_INF;
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
+                for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                     for (int j = 0; j < 2; ++j) {
                         i64 col = col0 + wn + ni * 8 + t * 2 + j;
@@ -204,26 +222,25 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
                         z[ni * 2 + j] = v;
                         mx = fmaxf(mx, v);
                     }
-                if (mx != FM_NEG_INF) {
-                    float sum = 0.0f;
+                float sum = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) sum += z[e] == FM_NEG_INF ? 0.0f : expf(z[e] - mx);
-                    fm_online_merge(run_m[q], run_s[q], mx, sum);
-                }
+                for (int e = 0; e < 2 * NI; ++e) sum += z[e] == FM_NEG_INF ? 0.0f : expf(z[e] - mx);
+                // A NaN logit makes sum NaN (fmaxf skipped it in mx): merged as NaN, never dropped.
+                fm_online_merge(run_m[q], run_s[q], sum != sum ? sum : mx, sum);
             }
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni)
+                for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
                     for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.0f;
         }
     }
     fm_cp_async_wait<0>();
 
-    // Merge the 4 lanes of a quad (same rows, other columns), then the 4 class-warps, in order.
+    // Merge the 4 lanes of a quad (same rows, other columns), then the class-warps, in order.
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
+    for (int q = 0; q < 2 * MI; ++q) {
 #pragma unroll
         for (int o = 1; o <= 2; o <<= 1) {
             float m2 = __shfl_xor_sync(0xffffffffu, run_m[q], o);
@@ -233,36 +250,39 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
     }
     if (t == 0) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < 2 * MI; ++q) {
             int r = wm + (q >> 1) * 16 + g + 8 * (q & 1);
-            red_m[warp & 3][r] = run_m[q];
-            red_s[warp & 3][r] = run_s[q];
+            red_m[warp % TC_WARPS_N][r] = run_m[q];
+            red_s[warp % TC_WARPS_N][r] = run_s[q];
         }
     }
     __syncthreads();
-    if (tid < TC_BM) {
+    if (tid < S::BM) {
         i64 row = row0 + tid;
         if (row < B) {
             float m = FM_NEG_INF, s = 0.0f;
-            for (int k = 0; k < 4; ++k) fm_online_merge(m, s, red_m[k][tid], red_s[k][tid]);
+            for (int k = 0; k < TC_WARPS_N; ++k) fm_online_merge(m, s, red_m[k][tid], red_s[k][tid]);
             part_m[row * nsplit + split] = m;
             part_s[row * nsplit + split] = s;
         }
     }
 }
 
+// Entry points: the 64 x 128 tile (warps of 32 x 32, "narrow", the default) and the 128 x 256 tile
+// (warps of 64 x 64, "wide": four times the work per fragment load, 92 KB of shared memory; a
+// candidate until measured). Dynamic shared memory: FmTcShape::SMEM_BYTES, set by the host.
+#define FM_TC_ENTRY(name, Op, MI, NI)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                                          \
+    FM_ENTRY(name)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,     \
+                   FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit, float* part_m,            \
+                   float* part_s, float* zy) {                                                                   \
+        fm_fwd_tc<Op, MI, NI>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s,  \
+                              zy);                                                                               \
+    }
 #if FM_DTYPE != FM_F32
-extern "C" __global__ void __launch_bounds__(256)
-FM_ENTRY(fm_fwd_tiles_tc)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,
-                          FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit, float* part_m,
-                          float* part_s, float* zy) {
-    fm_fwd_tc<FmTcHalf>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s, zy);
-}
+FM_TC_ENTRY(fm_fwd_tiles_tc, FmTcHalf, 2, 4)
+FM_TC_ENTRY(fm_fwd_tiles_tc_wide, FmTcHalf, 4, 8)
 #else
-extern "C" __global__ void __launch_bounds__(256)
-FM_ENTRY(fm_fwd_tiles_tf32)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,
-                            FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit, float* part_m,
-                            float* part_s, float* zy) {
-    fm_fwd_tc<FmTcTf32>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s, zy);
-}
+FM_TC_ENTRY(fm_fwd_tiles_tf32, FmTcTf32, 2, 4)
+FM_TC_ENTRY(fm_fwd_tiles_tf32_wide, FmTcTf32, 4, 8)
 #endif

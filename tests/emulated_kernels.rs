@@ -96,6 +96,8 @@ struct Case {
     schedule: (&'static str, &'static str),
     /// Inputs with the suite's large outliers (tests/common: `margin_inputs`).
     outliers: bool,
+    /// The wide tensor-core forward tiles (128 x 256) instead of the default 64 x 128.
+    wide: bool,
     seed: u64,
 }
 
@@ -145,7 +147,12 @@ fn run<T: Element + Bits>(
     buf.extend(mean.to_le_bytes());
     buf.extend(g_scalar.to_le_bytes());
     buf.extend((g_rows.is_some() as i32).to_le_bytes());
-    buf.extend((case.fwd_tc as i32).to_le_bytes());
+    let fwd = if case.fwd_tc && case.wide {
+        2
+    } else {
+        case.fwd_tc as i32
+    };
+    buf.extend(fwd.to_le_bytes());
     buf.extend((case.bwd_tc as i32).to_le_bytes());
     buf.extend(case.fwd_tps.to_le_bytes());
     buf.extend(case.bwd_tps.to_le_bytes());
@@ -230,11 +237,12 @@ fn bars(dt: DType) -> (f64, f64) {
 fn check<T: Element + Bits>(case: &Case) {
     let Some(exe) = driver(T::DTYPE) else { return };
     let what = format!(
-        "{:?} {:?} naive={} fwd_tc={} bwd_tc={} tps=({}, {}) {:?}",
+        "{:?} {:?} naive={} fwd_tc={} wide={} bwd_tc={} tps=({}, {}) {:?}",
         T::DTYPE,
         case.shape,
         case.naive,
         case.fwd_tc,
+        case.wide,
         case.bwd_tc,
         case.fwd_tps,
         case.bwd_tps,
@@ -314,6 +322,7 @@ fn case(
         naive: false,
         schedule: ("forward", "eager"),
         outliers: true,
+        wide: false,
         seed,
     }
 }
@@ -572,5 +581,36 @@ fn tf32_forward() {
             c.outliers = false;
             check::<f32>(&c);
         }
+    }
+}
+
+/// The wide tensor-core forward tiles (128 rows x 256 classes, warps of 64 x 64): bf16, f16 and
+/// TF32, every option, and shapes at the edges of the larger tiles.
+#[test]
+fn wide_forward_tiles() {
+    for (k, spec) in tc_specs().into_iter().enumerate() {
+        let mut c = case(spec, (130, 136, 300), true, (1, 2), 1100 + k as u64);
+        c.wide = true;
+        match k % 3 {
+            0 => check::<bf16>(&c),
+            1 => check::<f16>(&c),
+            _ => {
+                c.bwd_tc = false;
+                c.outliers = false;
+                check::<f32>(&c);
+            }
+        }
+    }
+    for (k, (shape, tps)) in [
+        ((1, 8, 1), (1, 1)),
+        ((129, 24, 513), (1, 1)),
+        ((64, 40, 257), (2, 1)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = case(MarginLoss::arcface(0.5), shape, true, tps, 1200 + k as u64);
+        c.wide = true;
+        check::<bf16>(&c);
     }
 }

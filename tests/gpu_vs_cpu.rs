@@ -220,24 +220,46 @@ fn run_all<T: CudaElement>(plan: Plan) {
 }
 
 fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
-    run_all_opts::<T>(plan, cublas, true, false, false);
+    run_all_opts::<T>(
+        plan,
+        Opts {
+            cublas,
+            ..Opts::default()
+        },
+    );
 }
 
-fn run_all_opts<T: CudaElement>(
-    plan: Plan,
+/// The handle's switches a run sets (the defaults of `FusedMarginLoss` otherwise).
+struct Opts {
     cublas: bool,
     tensor_cores: bool,
     tc_backward: bool,
     tf32: bool,
-) {
+    wide: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            cublas: true,
+            tensor_cores: true,
+            tc_backward: false,
+            tf32: false,
+            wide: false,
+        }
+    }
+}
+
+fn run_all_opts<T: CudaElement>(plan: Plan, o: Opts) {
     let Some(stream) = gpu_or_skip() else { return };
     let gpu = FusedMarginLoss::new(stream)
         .unwrap()
         .with_plan(plan)
-        .with_cublas(cublas)
-        .with_tensor_cores(tensor_cores)
-        .with_tensor_core_backward(tc_backward)
-        .with_tf32(tf32)
+        .with_cublas(o.cublas)
+        .with_tensor_cores(o.tensor_cores)
+        .with_tensor_core_backward(o.tc_backward)
+        .with_tf32(o.tf32)
+        .with_wide_forward_tiles(o.wide)
         .with_poison(true);
     if plan == Plan::Naive {
         eprintln!(
@@ -288,21 +310,61 @@ fn naive_bf16() {
 #[test]
 fn fused_simt_bf16() {
     // The SIMT forward for half inputs too (tensor cores off), on the same cases.
-    run_all_opts::<bf16>(Plan::Fused, true, false, false, false);
+    run_all_opts::<bf16>(
+        Plan::Fused,
+        Opts {
+            tensor_cores: false,
+            ..Opts::default()
+        },
+    );
 }
 #[test]
 fn fused_tc_backward_f16() {
     // The tensor-core backward (opt-in), on the same cases (it runs where D % 8 == 0).
-    run_all_opts::<f16>(Plan::Fused, true, true, true, false);
+    run_all_opts::<f16>(
+        Plan::Fused,
+        Opts {
+            tc_backward: true,
+            ..Opts::default()
+        },
+    );
 }
 #[test]
 fn fused_tc_backward_bf16() {
-    run_all_opts::<bf16>(Plan::Fused, true, true, true, false);
+    run_all_opts::<bf16>(
+        Plan::Fused,
+        Opts {
+            tc_backward: true,
+            ..Opts::default()
+        },
+    );
 }
 #[test]
 fn fused_tf32_f32() {
     // f32 through the TF32 forward (opt-in), with MATH.md's TF32 bars.
-    run_all_opts::<f32>(Plan::Fused, true, true, false, true);
+    run_all_opts::<f32>(
+        Plan::Fused,
+        Opts {
+            tf32: true,
+            ..Opts::default()
+        },
+    );
+}
+#[test]
+fn fused_wide_tiles_bf16_and_tf32() {
+    // The wide (128 x 256) tensor-core forward tiles, 16-bit and TF32.
+    let wide = || Opts {
+        wide: true,
+        ..Opts::default()
+    };
+    run_all_opts::<bf16>(Plan::Fused, wide());
+    run_all_opts::<f32>(
+        Plan::Fused,
+        Opts {
+            tf32: true,
+            ..wide()
+        },
+    );
 }
 #[test]
 fn naive_plain_kernels_f32() {

@@ -229,7 +229,7 @@ pub fn handle(stream: &Arc<CudaStream>, plan: Plan) -> FusedMarginLoss {
 /// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
 /// tensor-core forward for f16/bf16, SIMT backward), "fused_tcbwd" (plus the opt-in
 /// tensor-core backward; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
-/// "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
+/// "fused_wide" (the 128 x 256 forward tiles; TF32 for f32), "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
 /// f16/bf16 only).
 pub fn variants(
     stream: &Arc<CudaStream>,
@@ -247,6 +247,13 @@ pub fn variants(
     if !half {
         v.push(("fused_tf32", handle(stream, Plan::Fused).with_tf32(true)));
     }
+    // The wide forward tiles: for f32 through TF32 (the SIMT f32 path has no wide variant).
+    v.push((
+        "fused_wide",
+        handle(stream, Plan::Fused)
+            .with_wide_forward_tiles(true)
+            .with_tf32(!half),
+    ));
     v.push(("naive", handle(stream, Plan::Naive)));
     if half && simt {
         v.push(("simt", handle(stream, Plan::Fused).with_tensor_cores(false)));

@@ -43,8 +43,9 @@ pub const ENTRY_POINTS: [&str; 19] = [
 ];
 
 /// Entry points built only for f16 and bf16 inputs (tensor cores).
-pub const HALF_ENTRY_POINTS: [&str; 5] = [
+pub const HALF_ENTRY_POINTS: [&str; 6] = [
     "fm_fwd_tiles_tc",
+    "fm_fwd_tiles_tc_wide",
     "fm_grad_scale",
     "fm_grad_x_tc",
     "fm_grad_w_tc",
@@ -52,7 +53,7 @@ pub const HALF_ENTRY_POINTS: [&str; 5] = [
 ];
 
 /// Entry points built only for f32 inputs (the TF32 tensor-core forward).
-pub const F32_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_tf32"];
+pub const F32_ENTRY_POINTS: [&str; 2] = ["fm_fwd_tiles_tf32", "fm_fwd_tiles_tf32_wide"];
 
 /// True when libnvrtc can be loaded (cudarc panics on first use otherwise).
 pub fn nvrtc_available() -> bool {

@@ -17,10 +17,17 @@ use cudarc::driver::{CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg
 const BM: usize = 32;
 /// Classes per tile (FM_BN).
 const BN: usize = 32;
-/// Rows per tensor-core forward tile (TC_BM in kernels/logits_tc.cu).
+/// Rows per tensor-core forward tile (FmTcShape<Op, 2, 4>::BM in kernels/logits_tc.cu).
 const TC_BM: usize = 64;
-/// Classes per tensor-core forward tile (TC_BN).
+/// Classes per tensor-core forward tile (FmTcShape<Op, 2, 4>::BN).
 const TC_BN: usize = 128;
+/// Rows and classes per wide tensor-core forward tile (FmTcShape<Op, 4, 8>).
+const TC_WIDE: (usize, usize) = (128, 256);
+/// Dynamic shared memory of a tensor-core forward block: 3 stages of (rows + classes) rows of 80
+/// bytes (32 halves or 16 floats of D, padded): FmTcShape::SMEM_BYTES.
+fn tc_smem_bytes(bm: usize, bn: usize) -> u32 {
+    (3 * (bm + bn) * 80) as u32
+}
 /// Gradient columns per backward block (FM_DC).
 const DC: usize = 128;
 /// Own rows per tensor-core backward block (GT_OWN in kernels/grad_tc.cu).
@@ -147,10 +154,20 @@ pub(crate) fn forward<T: CudaElement>(
         && d % (if half { 8 } else { 4 }) == 0
         && aligned16(h, x)
         && aligned16(h, w);
-    let (bm, bn, name) = match (tensor_cores, half) {
-        (true, true) => (TC_BM, TC_BN, "fm_fwd_tiles_tc"),
-        (true, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tf32"),
-        (false, _) => (BM, BN, "fm_fwd_tiles"),
+    let wide = tensor_cores && h.wide_tiles;
+    let (bm, bn, name) = match (tensor_cores, half, wide) {
+        (true, true, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tc"),
+        (true, true, true) => (TC_WIDE.0, TC_WIDE.1, "fm_fwd_tiles_tc_wide"),
+        (true, false, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tf32"),
+        (true, false, true) => (TC_WIDE.0, TC_WIDE.1, "fm_fwd_tiles_tf32_wide"),
+        (false, _, _) => (BM, BN, "fm_fwd_tiles"),
+    };
+    // The tensor-core kernels take their pipeline in dynamic shared memory (92 KB for the wide
+    // tiles: above the 48 KB default, so the function is opted in first).
+    let smem = if tensor_cores {
+        tc_smem_bytes(bm, bn)
+    } else {
+        0
     };
     let row_tiles = b.div_ceil(bm);
     let ntiles = c.div_ceil(bn);
@@ -166,6 +183,13 @@ pub(crate) fn forward<T: CudaElement>(
         sp.nsplit as i32,
     );
     let f = k.get(name)?;
+    if smem > 0 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| cuda_err(&format!("allow {smem} B of dynamic shared memory for {name}"), e))?;
+    }
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(x)
         .arg(w)
@@ -175,14 +199,19 @@ pub(crate) fn forward<T: CudaElement>(
         .arg(p);
     lb.arg(&bi).arg(&ci).arg(&di).arg(&tps).arg(&ns);
     lb.arg(&mut part_m).arg(&mut part_s).arg(&mut zy);
-    // SAFETY: both kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
+    // SAFETY: all five kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
     // (bm, bn): every block reads rows < B of x (B*D), classes < C of w (C*D) and of w_norm (C),
     // rows < B of labels/x_norm, and writes part_m/part_s at row*nsplit + split < B*nsplit
-    // (allocated B*nsplit) and zy[row] < B. All offsets 64-bit. The tensor-core kernel's 16-byte
-    // copies need D % 8 == 0 and 16-byte aligned x and w, checked above; chunks past B, C or D
-    // are zero-filled without reading.
-    unsafe { lb.launch(grid(row_tiles, sp.nsplit, 1, name)?) }
-        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+    // (allocated B*nsplit) and zy[row] < B. All offsets 64-bit. The tensor-core kernels' 16-byte
+    // copies need D % 8 == 0 (16-bit inputs) or D % 4 == 0 (f32) and 16-byte aligned x and w,
+    // checked above; chunks past B, C or D are zero-filled without reading. The dynamic shared
+    // memory is what the kernel's FmTcShape<Op, MI, NI>::SMEM_BYTES asks for (tc_smem_bytes;
+    // static_asserts in logits_tc.cu hold the two to the same formula).
+    let cfg = LaunchConfig {
+        shared_mem_bytes: smem,
+        ..grid(row_tiles, sp.nsplit, 1, name)?
+    };
+    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
 
     let mut lse = h.alloc::<f32>(k, b)?;
     let mut row_loss = h.alloc::<f32>(k, b)?;

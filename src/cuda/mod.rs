@@ -220,6 +220,7 @@ pub struct FusedMarginLoss {
     tensor_cores: bool,
     tc_backward: bool,
     tf32: bool,
+    wide_tiles: bool,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
 }
@@ -235,6 +236,7 @@ impl std::fmt::Debug for FusedMarginLoss {
             .field("tensor_cores", &self.tensor_cores)
             .field("tc_backward", &self.tc_backward)
             .field("tf32", &self.tf32)
+            .field("wide_tiles", &self.wide_tiles)
             .finish()
     }
 }
@@ -331,6 +333,7 @@ impl FusedMarginLoss {
             tensor_cores: true,
             tc_backward: false,
             tf32: false,
+            wide_tiles: false,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
         })
@@ -374,6 +377,20 @@ impl FusedMarginLoss {
     /// Whether TF32 is allowed for f32 inputs (see [`Self::with_tf32`]).
     pub fn tf32_enabled(&self) -> bool {
         self.tf32
+    }
+
+    /// Experimental (default false): the tensor-core forward with 128 x 256 block tiles (warps of
+    /// 64 x 64: four times the products per fragment load of the default 64 x 128 tiles, 92 KB of
+    /// shared memory, one block per SM). Same results up to f32 summation order; kept as a
+    /// candidate until the benchmarks decide between the two (BENCHMARKS.md).
+    pub fn with_wide_forward_tiles(mut self, on: bool) -> Self {
+        self.wide_tiles = on;
+        self
+    }
+
+    /// Whether the wide forward tiles are selected (see [`Self::with_wide_forward_tiles`]).
+    pub fn wide_forward_tiles(&self) -> bool {
+        self.wide_tiles
     }
 
     /// Opt-in (default false): the fused backward on tensor cores for f16/bf16 inputs

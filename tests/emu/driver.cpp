@@ -128,24 +128,31 @@ int main(int argc, char** argv) {
     auto xnorm = poisoned(B), wnorm = poisoned(C);
     fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
     fm_emu::launch(g3(cdiv(C * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(w.data(), C, D, wnorm.data()); });
-    const i64 bm = fwd_tc ? 64 : 32, bn = fwd_tc ? 128 : 32;
+    // fwd_tc: 0 SIMT, 1 tensor cores (64 x 128 tiles), 2 tensor cores, wide (128 x 256 tiles).
+#if FM_DTYPE != FM_F32
+    typedef FmTcHalf TcOp;
+#else
+    typedef FmTcTf32 TcOp;
+#endif
+    const i64 bm = fwd_tc == 2 ? 128 : fwd_tc ? 64 : 32, bn = fwd_tc == 2 ? 256 : fwd_tc ? 128 : 32;
+    const size_t smem = fwd_tc == 2 ? FmTcShape<TcOp, 4, 8>::SMEM_BYTES : fwd_tc ? FmTcShape<TcOp, 2, 4>::SMEM_BYTES : 0;
     const i64 ntiles = cdiv(C, bn);
     const int nsplit = (int)cdiv(ntiles, fwd_tps);
     auto part_m = poisoned(B * nsplit), part_s = poisoned(B * nsplit), zy = poisoned(B);
     fm_emu::launch(g3(cdiv(B, bm), nsplit), g3(256), [&] {
-        if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc; f32: the TF32 kernel
+        if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc[_wide]; f32: the TF32 kernels
 #if FM_DTYPE != FM_F32
-            FM_ENTRY(fm_fwd_tiles_tc)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D,
-                                      fwd_tps, nsplit, part_m.data(), part_s.data(), zy.data());
+            auto k = fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tc_wide) : FM_ENTRY(fm_fwd_tiles_tc);
 #else
-            FM_ENTRY(fm_fwd_tiles_tf32)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D,
-                                        fwd_tps, nsplit, part_m.data(), part_s.data(), zy.data());
+            auto k = fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tf32_wide) : FM_ENTRY(fm_fwd_tiles_tf32);
 #endif
+            k(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D, fwd_tps, nsplit,
+              part_m.data(), part_s.data(), zy.data());
             return;
         }
         FM_ENTRY(fm_fwd_tiles)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D, fwd_tps,
                                nsplit, part_m.data(), part_s.data(), zy.data());
-    });
+    }, smem);
     auto lse = poisoned(B), row_loss = poisoned(B), loss = poisoned(1);
     fm_emu::launch(g3(cdiv(B, 256)), g3(256), [&] {
         FM_ENTRY(fm_combine_rows)(part_m.data(), part_s.data(), nsplit, zy.data(), labels.data(), B, lse.data(),
@@ -156,7 +163,7 @@ int main(int argc, char** argv) {
     // ---- backward (fused.rs: backward / backward_tc) ----
     auto dx = poisoned(B * D), dw = poisoned(C * D);
     FmParams pb = p;   // after the TF32 forward the SIMT backward recomputes with TF32 operands
-    pb.tf32_dots = (FM_DTYPE == FM_F32 && fwd_tc) ? 1 : 0;
+    pb.tf32_dots = (FM_DTYPE == FM_F32 && fwd_tc != 0) ? 1 : 0;
     if (!bwd_tc) {
         const i64 ntl = cdiv(C, 32);
         const int ns = (int)cdiv(ntl, bwd_tps);

@@ -97,6 +97,7 @@ struct Block {
     std::vector<int> warp_count, warp_active;
     std::vector<unsigned long> warp_gen;
     std::vector<unsigned char> xch;   // per warp, per lane: 64 bytes of exchange space
+    std::vector<unsigned char> dyn;   // dynamic shared memory, refilled with 0xff for every block
     const std::function<void()>* body = nullptr;
 };
 inline Block g_block;
@@ -169,8 +170,13 @@ inline bool runnable(const Fiber& f, int tid) {
     }
 }
 
-// Runs `body` for every thread of every block of the grid, blocks in order.
-inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& body) {
+// The block's dynamic shared memory (the launch's `smem_bytes`; 0xff bytes, NaN as floats and
+// halves, until written, so a read of an unwritten element shows).
+inline unsigned char* dynamic_smem() { return g_block.dyn.data(); }
+
+// Runs `body` for every thread of every block of the grid, blocks in order, with `smem_bytes` of
+// dynamic shared memory per block.
+inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& body, size_t smem_bytes = 0) {
     Block& b = g_block;
     int n = (int)(block.x * block.y * block.z);
     if (n <= 0 || n > 1024) {
@@ -187,6 +193,7 @@ inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& b
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 blockIdx = {bx, by, bz};
+                b.dyn.assign(smem_bytes, 0xff);
                 b.fibers.assign(n, Fiber());
                 b.nthreads = b.active = n;
                 b.bar_count = 0;
