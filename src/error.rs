@@ -60,8 +60,9 @@ pub enum Error {
         /// What, with the values.
         detail: String,
     },
-    /// An argument of the raw-pointer entry ([`crate::cuda::raw`]) is unusable: a null or
-    /// misaligned pointer, an output overlapping another buffer, a stream of another context.
+    /// An argument is unusable: a buffer on another device (or CUDA context) than the handle's
+    /// stream; for the raw-pointer entry ([`crate::cuda::raw`]) also a null or misaligned
+    /// pointer, an output overlapping another buffer, a stream of another context.
     InvalidArgument {
         /// Which argument (`"x"`, `"dx"`, `"stream"`, ...).
         what: &'static str,

@@ -98,6 +98,8 @@ struct Case {
     outliers: bool,
     /// The wide tensor-core forward tiles (128 x 256) instead of the default 64 x 128.
     wide: bool,
+    /// Inputs with a zero feature row and a zero class row (tests/common: `zero_row_inputs`).
+    zero_rows: bool,
     seed: u64,
 }
 
@@ -248,7 +250,11 @@ fn check<T: Element + Bits>(case: &Case) {
         case.bwd_tps,
         case.spec
     );
-    let mut inp = margin_inputs_opts(case.shape, case.seed, case.outliers);
+    let mut inp = if case.zero_rows {
+        common::zero_row_inputs(case.shape, case.seed)
+    } else {
+        margin_inputs_opts(case.shape, case.seed, case.outliers)
+    };
     if !case.spec.normalize_weights {
         inp.w.iter_mut().for_each(|v| *v *= 0.25); // moderate raw logits, as gpu_vs_cpu does
     }
@@ -323,6 +329,7 @@ fn case(
         schedule: ("forward", "eager"),
         outliers: true,
         wide: false,
+        zero_rows: false,
         seed,
     }
 }
@@ -612,5 +619,80 @@ fn wide_forward_tiles() {
         let mut c = case(MarginLoss::arcface(0.5), shape, true, tps, 1200 + k as u64);
         c.wide = true;
         check::<bf16>(&c);
+    }
+}
+
+/// A zero feature row and a zero class row (MATH.md's eps path: 1 / max(0, eps) = 1e12 scales
+/// the zero row's dx) through every kernel path, against the reference with the usual bars.
+#[test]
+fn zero_norm_rows() {
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).normalize_features(false),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 1300 + k as u64;
+        let mut tc = case(spec, (40, 16, 70), true, (1, 1), seed);
+        tc.zero_rows = true;
+        check::<bf16>(&tc);
+        check::<f32>(&Case {
+            fwd_tc: false,
+            bwd_tc: false,
+            ..tc
+        });
+        check::<f32>(&Case {
+            naive: true,
+            fwd_tc: false,
+            bwd_tc: false,
+            ..tc
+        });
+    }
+}
+
+/// Margins at validate()'s limits and s = 1000 (tests/common: `limit_specs`) through the
+/// tensor-core and SIMT kernels: everything finite, and the loss near the reference. (At m1 = 16
+/// the target's slope reaches 16 / sin(theta) at the angle clamp, so f32 cosines cannot meet the
+/// normwise bars there; finiteness and overflow-free log-sum-exp are what is asserted.)
+#[test]
+fn margins_at_their_limits() {
+    for (k, spec) in common::limit_specs().into_iter().enumerate() {
+        for (dt, tc) in [(DType::BF16, true), (DType::F32, false)] {
+            let Some(exe) = driver(dt) else { return };
+            let mut c = case(spec, (24, 16, 40), tc, (1, 1), 1400 + k as u64);
+            c.outliers = false;
+            let inp = margin_inputs_opts(c.shape, c.seed, false);
+            let out = match dt {
+                DType::BF16 => {
+                    let x: Vec<bf16> = inp.x.iter().map(|&v| bf16::from_f64(v)).collect();
+                    let w: Vec<bf16> = inp.w.iter().map(|&v| bf16::from_f64(v)).collect();
+                    let r = cpu::forward(&spec, &x, &w, &inp.labels, c.shape).unwrap();
+                    (run(&exe, &c, &x, &w, &inp.labels, &[]), r.loss)
+                }
+                _ => {
+                    let x: Vec<f32> = inp.x.iter().map(|&v| v as f32).collect();
+                    let w: Vec<f32> = inp.w.iter().map(|&v| v as f32).collect();
+                    let r = cpu::forward(&spec, &x, &w, &inp.labels, c.shape).unwrap();
+                    (run(&exe, &c, &x, &w, &inp.labels, &[]), r.loss)
+                }
+            };
+            let (o, reference) = out;
+            let what = format!("{dt:?} tc={tc} {spec:?}");
+            assert!(
+                o.loss.is_finite() && o.lse.iter().all(|v| v.is_finite()),
+                "{what}: forward"
+            );
+            assert!(
+                o.dx.iter().chain(&o.dw).all(|v| v.is_finite()),
+                "{what}: gradients"
+            );
+            assert!(
+                (o.loss - reference).abs() <= 0.05 * reference.abs().max(1.0),
+                "{what}: loss {} vs {reference}",
+                o.loss
+            );
+        }
     }
 }

@@ -52,12 +52,27 @@ fn to_f64<T: CudaElement>(v: &[T]) -> Vec<f64> {
 
 /// Runs one case through `gpu` and the CPU reference and checks every output against the bars.
 fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape, seed: u64) {
-    let what = format!("{:?} {:?} {:?} {shape:?}", gpu.plan(), T::DTYPE, spec);
-    let s = gpu.stream();
     // TF32 keeps 10 mantissa bits: outlier-dominated cosines would carry more error than the TF32
     // bars allow for at s = 64 (README, `with_tf32`), so TF32 runs get inputs without them.
     let tf32 = T::DTYPE == DType::F32 && gpu.tf32_enabled();
-    let mut inp = common::margin_inputs_opts(shape, seed, !tf32);
+    check_with::<T>(
+        gpu,
+        spec,
+        shape,
+        common::margin_inputs_opts(shape, seed, !tf32),
+    );
+}
+
+/// `check` on given inputs.
+fn check_with<T: CudaElement>(
+    gpu: &FusedMarginLoss,
+    spec: &MarginLoss,
+    shape: Shape,
+    mut inp: common::Inputs,
+) {
+    let what = format!("{:?} {:?} {:?} {shape:?}", gpu.plan(), T::DTYPE, spec);
+    let s = gpu.stream();
+    let tf32 = T::DTYPE == DType::F32 && gpu.tf32_enabled();
     if !spec.normalize_weights {
         // Raw weights with outliers make logits of ~1000 when features are raw too: no f32
         // computation meets 1e-4 on such a conditioning, so keep the raw logits moderate.
@@ -780,4 +795,231 @@ fn non_finite_inputs_propagate() {
             on::<bf16>(gpu, label, spec, 710 + k as u64);
         }
     }
+}
+
+/// Zero feature and class rows (MATH.md's eps path) through every GPU path (issue 9, item 2).
+#[test]
+fn zero_norm_rows() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let base = || {
+        FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_poison(true)
+    };
+    let handles = [
+        base(),
+        base().with_tensor_core_backward(true),
+        base().with_plan(Plan::Naive),
+    ];
+    let shape = Shape::new(40, 16, 70);
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).normalize_features(false),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for gpu in &handles {
+            check_with::<f32>(
+                gpu,
+                &spec,
+                shape,
+                common::zero_row_inputs(shape, 60 + k as u64),
+            );
+            check_with::<bf16>(
+                gpu,
+                &spec,
+                shape,
+                common::zero_row_inputs(shape, 70 + k as u64),
+            );
+        }
+    }
+}
+
+/// Margins at validate()'s limits and s = 1000 (issue 9, item 3): finite everywhere, loss near the
+/// reference (at m1 = 16 the target's slope at the angle clamp is too steep for f32 cosines to
+/// meet the normwise bars; tests/emulated_kernels.rs says the same of the emulated kernels).
+#[test]
+fn margins_at_their_limits() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let shape = Shape::new(24, 16, 40);
+    let inp = common::margin_inputs_opts(shape, 80, false);
+    let ld = stream.clone_htod(&inp.labels).unwrap();
+    for plan in [Plan::Fused, Plan::Naive] {
+        let gpu = FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_plan(plan)
+            .with_tensor_core_backward(true);
+        for spec in common::limit_specs() {
+            fn one<T: CudaElement>(
+                gpu: &FusedMarginLoss,
+                spec: &MarginLoss,
+                inp: &common::Inputs,
+                ld: &cudarc::driver::CudaSlice<i32>,
+                shape: Shape,
+            ) {
+                let s = gpu.stream();
+                let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
+                let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
+                let reference = cpu::forward(spec, &x, &w, &inp.labels, shape).unwrap().loss;
+                let (xd, wd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
+                let f = gpu
+                    .forward(spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
+                    .unwrap();
+                let g = gpu
+                    .backward_f32(
+                        spec,
+                        &f,
+                        &xd.as_view(),
+                        &wd.as_view(),
+                        &ld.as_view(),
+                        GpuUpstream::ONE,
+                    )
+                    .unwrap();
+                let what = format!("{:?} {:?} {spec:?}", gpu.plan(), T::DTYPE);
+                let loss = f.loss_host().unwrap() as f64;
+                let lse = f.lse_host().unwrap();
+                assert!(
+                    loss.is_finite() && lse.iter().all(|v| v.is_finite()),
+                    "{what}: forward"
+                );
+                let (dx, dw) = (s.clone_dtoh(&g.dx).unwrap(), s.clone_dtoh(&g.dw).unwrap());
+                assert!(
+                    dx.iter().chain(&dw).all(|v| v.is_finite()),
+                    "{what}: gradients"
+                );
+                assert!(
+                    (loss - reference).abs() <= 0.05 * reference.abs().max(1.0),
+                    "{what}: loss {loss} vs {reference}"
+                );
+            }
+            one::<f32>(&gpu, &spec, &inp, &ld, shape);
+            one::<bf16>(&gpu, &spec, &inp, &ld, shape);
+        }
+    }
+}
+
+/// Determinism across stream interleavings and threads (issue 9, items 4 and 5): handles on two
+/// streams of the device, run concurrently from several threads each (one handle shared by its
+/// threads), give bit-identical losses and gradients to one handle run alone; so do inputs
+/// uploaded on another stream of the same device (cudarc orders the streams with events).
+#[test]
+fn deterministic_across_streams_and_threads() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let shape = Shape::new(150, 96, 7001);
+    let inp = inputs(shape, 90);
+    let spec = MarginLoss::arcface(0.5);
+    for tc_backward in [false, true] {
+        type Bits = (u32, Vec<u16>, Vec<u16>);
+        let run = |gpu: &FusedMarginLoss| -> Bits {
+            // Inputs uploaded on the handle's own stream, so each run reads its own buffers.
+            let s = gpu.stream();
+            let x = s
+                .clone_htod(&inp.x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+                .unwrap();
+            let w = s
+                .clone_htod(&inp.w.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+                .unwrap();
+            let l = s.clone_htod(&inp.labels).unwrap();
+            let f = gpu
+                .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
+                .unwrap();
+            let g = gpu
+                .backward(
+                    &spec,
+                    &f,
+                    &x.as_view(),
+                    &w.as_view(),
+                    &l.as_view(),
+                    GpuUpstream::ONE,
+                )
+                .unwrap();
+            let bits = |v: Vec<bf16>| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
+            (
+                f.loss_host().unwrap().to_bits(),
+                bits(s.clone_dtoh(&g.dx).unwrap()),
+                bits(s.clone_dtoh(&g.dw).unwrap()),
+            )
+        };
+        let handle = |s: Arc<CudaStream>| {
+            FusedMarginLoss::new(s)
+                .unwrap()
+                .with_tensor_core_backward(tc_backward)
+        };
+        let alone = run(&handle(stream.clone()));
+        let streams = [
+            stream.context().new_stream().unwrap(),
+            stream.context().new_stream().unwrap(),
+        ];
+        let handles: Vec<FusedMarginLoss> = streams.iter().map(|s| handle(s.clone())).collect();
+        let results: Vec<Bits> = std::thread::scope(|sc| {
+            let joins: Vec<_> = (0..6)
+                .map(|t| {
+                    let h = &handles[t % 2];
+                    sc.spawn(move || run(h))
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        for (t, r) in results.iter().enumerate() {
+            assert!(
+                *r == alone,
+                "thread {t} (stream {}), tc_backward {tc_backward}: results differ from one handle alone",
+                t % 2
+            );
+        }
+        // Inputs written on stream 0, read by a handle on stream 1 without any explicit sync.
+        let s0 = &streams[0];
+        let x = s0
+            .clone_htod(&inp.x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+            .unwrap();
+        let w = s0
+            .clone_htod(&inp.w.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
+            .unwrap();
+        let l = s0.clone_htod(&inp.labels).unwrap();
+        let h1 = &handles[1];
+        let f = h1
+            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
+            .unwrap();
+        assert_eq!(
+            f.loss_host().unwrap().to_bits(),
+            alone.0,
+            "inputs from another stream"
+        );
+    }
+}
+
+/// Buffers of another device are a typed error before any launch (issue 9, item 7). Needs two
+/// GPUs; skipped with a message on one.
+#[test]
+fn buffers_on_another_device_are_a_typed_error() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let n = cudarc::driver::CudaContext::device_count().unwrap_or(1);
+    if n < 2 {
+        eprintln!("skipped: one GPU on this machine; another device's buffers need a second one");
+        return;
+    }
+    let other = cuda::default_stream(1).unwrap();
+    let gpu = FusedMarginLoss::new(stream.clone()).unwrap();
+    let shape = Shape::new(4, 8, 10);
+    let x = stream.clone_htod(&[0.5f32; 32]).unwrap();
+    let w = stream.clone_htod(&[0.25f32; 80]).unwrap();
+    let l_other = other.clone_htod(&[1i32, 2, 3, 4]).unwrap();
+    let e = gpu
+        .forward(
+            &MarginLoss::arcface(0.5),
+            &x.as_view(),
+            &w.as_view(),
+            &l_other.as_view(),
+            shape,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            fused_margin::Error::InvalidArgument { what: "labels", .. }
+        ),
+        "{e}"
+    );
 }

@@ -40,7 +40,7 @@ use crate::spec::{check_per_row_upstream, scalar_upstream_per_row, MarginLoss, R
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
-    DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    DeviceSlice, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use params::FmParams;
 use std::collections::HashMap;
@@ -521,6 +521,25 @@ impl FusedMarginLoss {
         Ok(())
     }
 
+    /// A buffer must live in this handle's CUDA context (its device): a pointer of another
+    /// device would be an invalid address here. Buffers on another stream of the same context are
+    /// fine: cudarc makes this handle's stream wait for their last write (stream-ordered events,
+    /// unless the caller switched event tracking off) and records this stream's reads.
+    fn check_device(&self, what: &'static str, buf_stream: &Arc<CudaStream>) -> Result<()> {
+        let (mine, theirs) = (self.stream.context(), buf_stream.context());
+        if **mine != **theirs {
+            return Err(Error::InvalidArgument {
+                what,
+                detail: format!(
+                    "the buffer lives on device {} (another CUDA context); this handle's stream is on device {}",
+                    theirs.ordinal(),
+                    mine.ordinal()
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks spec, shape, buffer lengths and labels (copied to the host) before any launch.
     /// Returns (counted rows, `Shape::labels_fingerprint`, to match forward and backward).
     fn validate<T: CudaElement>(
@@ -533,6 +552,9 @@ impl FusedMarginLoss {
     ) -> Result<(usize, u64)> {
         spec.validate()?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
+        self.check_device("x", x.stream())?;
+        self.check_device("w", w.stream())?;
+        self.check_device("labels", labels.stream())?;
         if shape.d > i32::MAX as usize {
             return Err(Error::TooLarge {
                 what: "shape",
@@ -653,6 +675,7 @@ impl FusedMarginLoss {
             }
             GpuUpstream::PerRow(view) => {
                 check_per_row_upstream(spec.reduction, view.len(), shape.b)?;
+                self.check_device("upstream", view.stream())?;
                 (Some(view), 0.0)
             }
         };

@@ -410,3 +410,43 @@ pub fn non_finite_policy<T: fused_margin::Element>(
         }
     }
 }
+
+/// `margin_inputs` with x row 1 and class row 5 set to zero (MATH.md's eps path) and the
+/// classes moderate (no outliers): the extreme-input cases of the GPU and emulator suites.
+pub fn zero_row_inputs(shape: Shape, seed: u64) -> Inputs {
+    let mut inp = margin_inputs_opts(shape, seed, false);
+    let d = shape.d;
+    if shape.b > 1 {
+        inp.x[d..2 * d].iter_mut().for_each(|v| *v = 0.0);
+    }
+    if shape.c > 5 {
+        inp.w[5 * d..6 * d].iter_mut().for_each(|v| *v = 0.0);
+    }
+    inp
+}
+
+/// Specs at `validate()`'s limits: m1 = 16, m2 just below pi, m3 = 2, s = 1000, alone and
+/// together, under every overflow policy, with and without lambda and feature normalization.
+pub fn limit_specs() -> Vec<MarginLoss> {
+    let below_pi = f64::from_bits(PI.to_bits() - 1);
+    let mut v = Vec::new();
+    for (m1, m2, m3) in [
+        (16.0, 0.0, 0.0),
+        (1.0, below_pi, 0.0),
+        (1.0, 0.0, 2.0),
+        (16.0, below_pi, 2.0),
+    ] {
+        for policy in [
+            OverflowPolicy::Monotonic,
+            OverflowPolicy::Fallback,
+            OverflowPolicy::Raw,
+            OverflowPolicy::Easy,
+        ] {
+            let s = MarginLoss::combined(m1, m2, m3).policy(policy);
+            v.push(s);
+            v.push(s.scale(1000.0).lambda(5.0));
+            v.push(s.normalize_features(false));
+        }
+    }
+    v
+}
