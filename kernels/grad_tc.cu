@@ -17,8 +17,9 @@
 // dw is multiplied by K and finished here with the normalization backward.
 //
 // Block: 256 threads = 8 warps. S: warps 2 (own) x 4 (partner), 32 x 16 each. Product: warps
-// 2 (own) x 4 (d), 32 x 64 each (64 f32 accumulators per thread). Shared memory 44 KB: the S
-// pipeline and the chunk share one union (the pipeline is drained before the chunk is written).
+// 2 (own) x 4 (d), 32 x 64 each (64 f32 accumulators per thread). Shared memory 44 KB, dynamic:
+// the S pipeline and the chunk share one union (the pipeline is drained before the chunk is
+// written).
 // Requires D % 8 == 0 and 16-byte aligned x and w, like the tensor-core forward.
 #include "tile.cuh"
 
@@ -49,6 +50,9 @@ struct FmGtSmem {
     float pscale[GT_PN];                  // per-partner factor of the chunk
     float red[2][4][GT_OWN];              // cross-warp reductions (proj, dn)
 };
+// Dynamic shared memory of both kernels; the host passes the same number (src/cuda/fused.rs:
+// GT_SMEM_BYTES).
+static_assert(sizeof(FmGtSmem) == 45312, "GT_SMEM_BYTES in src/cuda/fused.rs");
 
 // K = the smallest power of two >= max_i |r_i g_i| over counted rows (1 when none is nonzero);
 // written to scale[0]. One block; fixed order (max is order-free anyway).
@@ -61,7 +65,7 @@ extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ label
     for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
         float g = fm_upstream(g_rows, g_scalar, i, labels[i]);
         float v = g == 0.0f ? 0.0f : fabsf(fm_row_scale(p, xnorm[i]) * g);
-        if (v <= 3.0e38f) m = fmaxf(m, v);   // non-finite rows propagate through their own terms
+        if (v - v == 0.0f) m = fmaxf(m, v);   // finite only: non-finite rows propagate by themselves
     }
     sm[threadIdx.x] = m;
     __syncthreads();
@@ -73,7 +77,8 @@ extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ label
         int e = 0;
         float mx = sm[0];
         if (mx > 0.0f) frexpf(mx, &e);   // mx = f 2^e, f in [0.5, 1): 2^e > mx
-        scale[0] = mx > 0.0f ? ldexpf(1.0f, e) : 1.0f;
+        // 2^128 is not a float: K = 2^127 then, and |r g| / K <= 2 still fits f16 and bf16.
+        scale[0] = mx > 0.0f ? ldexpf(1.0f, e < 127 ? e : 127) : 1.0f;
     }
 }
 
@@ -216,7 +221,8 @@ FM_ENTRY(fm_grad_x_tc)(const T_IN* __restrict__ x, const T_IN* __restrict__ w, c
                        const float* __restrict__ lse, const float* __restrict__ g_rows, float g_scalar,
                        FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit,
                        float* __restrict__ dxh_part, float* __restrict__ proj_part, float* __restrict__ dn_part) {
-    __shared__ __align__(16) FmGtSmem sm;
+    FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGtSmem), set by the host
+    FmGtSmem& sm = *reinterpret_cast<FmGtSmem*>(smem_raw);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * 32, wn = (warp & 3) * 16, wd = (warp & 3) * 64, g = lane >> 2, t = lane & 3;
     const i64 own0 = (i64)blockIdx.x * GT_OWN;
@@ -315,7 +321,8 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
                                              const float* __restrict__ g_rows, float g_scalar,
                                              const float* __restrict__ scale, const FmParams& p, i64 B, i64 C,
                                              int D, OUT* __restrict__ dw) {
-    __shared__ __align__(16) FmGtSmem sm;
+    FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGtSmem), set by the host
+    FmGtSmem& sm = *reinterpret_cast<FmGtSmem*>(smem_raw);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * 32, wn = (warp & 3) * 16, wd = (warp & 3) * 64, g = lane >> 2, t = lane & 3;
     const i64 own0 = (i64)blockIdx.x * GT_OWN;

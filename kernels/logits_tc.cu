@@ -96,15 +96,18 @@ template <class Op, int MI, int NI>
 struct FmTcShape {
     enum { BM = TC_WARPS_M * 16 * MI, BN = TC_WARPS_N * 8 * NI };
     enum { STAGE_X = BM * Op::LD, STAGE_W = BN * Op::LD };
-    enum { SMEM_BYTES = TC_STAGES * (STAGE_X + STAGE_W) * (int)sizeof(typename Op::E) };
+    enum { PIPE_BYTES = TC_STAGES * (STAGE_X + STAGE_W) * (int)sizeof(typename Op::E) };
+    // The pipeline, then the cross-warp (max, sum) pairs: red_m and red_s, TC_WARPS_N x BM each.
+    enum { SMEM_BYTES = PIPE_BYTES + 2 * TC_WARPS_N * BM * (int)sizeof(float) };
 };
 
-// The host sizes the dynamic shared memory as 3 stages x (rows + classes) x 80 bytes
-// (src/cuda/fused.rs: tc_smem_bytes); both operand types and tile shapes must match it.
-static_assert(FmTcShape<FmTcHalf, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80, "tc_smem_bytes, narrow");
-static_assert(FmTcShape<FmTcHalf, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80, "tc_smem_bytes, wide");
-static_assert(FmTcShape<FmTcTf32, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80, "tc_smem_bytes, TF32");
-static_assert(FmTcShape<FmTcTf32, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80, "tc_smem_bytes, TF32 wide");
+// The host sizes the dynamic shared memory as 3 stages x (rows + classes) x 80 bytes plus 32 bytes
+// per row (src/cuda/fused.rs: tc_smem_bytes); both operand types and tile shapes must match it.
+static_assert(FmTcShape<FmTcHalf, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80 + 32 * 64, "tc_smem_bytes, narrow");
+static_assert(FmTcShape<FmTcHalf, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80 + 32 * 128, "tc_smem_bytes, wide");
+static_assert(FmTcShape<FmTcTf32, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80 + 32 * 64, "tc_smem_bytes, TF32");
+static_assert(FmTcShape<FmTcTf32, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80 + 32 * 128,
+              "tc_smem_bytes, TF32 wide");
 
 // Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / ksteps, columns
 // k0 .. k0 + BK of D) into `stage`: (BM + BN) rows of four 16-byte chunks.
@@ -139,10 +142,11 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
                                           int tiles_per_split, int nsplit, float* __restrict__ part_m,
                                           float* __restrict__ part_s, float* __restrict__ zy) {
     typedef FmTcShape<Op, MI, NI> S;
-    FM_DYNAMIC_SMEM(smem);
-    __shared__ float red_m[TC_WARPS_N][S::BM], red_s[TC_WARPS_N][S::BM];
+    FM_DYNAMIC_SMEM(smem);   // S::SMEM_BYTES, set by the host
     typename Op::E* xs = reinterpret_cast<typename Op::E*>(smem);
     typename Op::E* ws = xs + TC_STAGES * S::STAGE_X;
+    float (*red_m)[S::BM] = reinterpret_cast<float (*)[S::BM]>(smem + S::PIPE_BYTES);
+    float (*red_s)[S::BM] = red_m + TC_WARPS_N;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp / TC_WARPS_N) * 16 * MI, wn = (warp % TC_WARPS_N) * 8 * NI, g = lane >> 2, t = lane & 3;
     const i64 row0 = (i64)blockIdx.x * S::BM;

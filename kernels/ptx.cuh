@@ -40,6 +40,8 @@ __device__ __forceinline__ unsigned short fm_f32_to_bf16_bits(float v) {  // rou
 
 // f32 -> TF32 (19 significant bits in a 32-bit register), rounded to nearest, ties away from zero
 // (cvt.rna.tf32.f32, sm_80+), as cuBLAS's TF32 mode rounds; mma.sync would otherwise truncate.
+// The low 13 bits of the result are not to be relied on: mma.sync ignores them, and any other use
+// must clear them (& 0xffffe000).
 __device__ __forceinline__ unsigned fm_f32_to_tf32(float v) {
 #ifdef FM_EMU
     return fm_emu::f32_to_tf32(v);

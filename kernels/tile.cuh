@@ -40,9 +40,9 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
             bool kin = k0 + k < D;
             float xv = (row < B && kin) ? fm_to_f32(x[row * D + k0 + k]) : 0.0f;
             float wv = (col < C && kin) ? fm_to_f32(w[col * D + k0 + k]) : 0.0f;
-            if (tf32) {
-                xv = __uint_as_float(fm_f32_to_tf32(xv));
-                wv = __uint_as_float(fm_f32_to_tf32(wv));
+            if (tf32) {   // the low 13 bits of a cvt.rna.tf32 result are not specified: cleared
+                xv = __uint_as_float(fm_f32_to_tf32(xv) & 0xffffe000u);
+                wv = __uint_as_float(fm_f32_to_tf32(wv) & 0xffffe000u);
             }
             sm.xs[r][k] = xv;
             sm.ws[r][k] = wv;

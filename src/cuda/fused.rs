@@ -24,10 +24,13 @@ const TC_BN: usize = 128;
 /// Rows and classes per wide tensor-core forward tile (FmTcShape<Op, 4, 8>).
 const TC_WIDE: (usize, usize) = (128, 256);
 /// Dynamic shared memory of a tensor-core forward block: 3 stages of (rows + classes) rows of 80
-/// bytes (32 halves or 16 floats of D, padded): FmTcShape::SMEM_BYTES.
+/// bytes (32 halves or 16 floats of D, padded), then 4 warps' (max, sum) pairs per row:
+/// FmTcShape::SMEM_BYTES.
 fn tc_smem_bytes(bm: usize, bn: usize) -> u32 {
-    (3 * (bm + bn) * 80) as u32
+    (3 * (bm + bn) * 80 + 32 * bm) as u32
 }
+/// Dynamic shared memory of a tensor-core backward block: sizeof(FmGtSmem) in grad_tc.cu.
+const GT_SMEM_BYTES: u32 = 45312;
 /// Gradient columns per backward block (FM_DC).
 const DC: usize = 128;
 /// Own rows per tensor-core backward block (GT_OWN in kernels/grad_tc.cu).
@@ -460,9 +463,13 @@ fn backward_tc<T: CudaElement, O: CudaElement>(
     // column chunks: reads rows < B of x (B*D), labels/x_norm/lse/g_rows (B), classes < C of w
     // (C*D) and w_norm (C) (16-byte loads: D % 8 == 0 and 16-byte aligned x, w, checked by the
     // caller; chunks past B, C or D are zero-filled without reading); writes dxh_part at
-    // (split*B + row)*D + d < nsplit*B*D and proj/dn_part at split*B + row < nsplit*B.
-    unsafe { lb.launch(grid(row_tiles, sp.nsplit, dchunks, "fm_grad_x_tc")?) }
-        .map_err(|e| cuda_err("launch fm_grad_x_tc", e))?;
+    // (split*B + row)*D + d < nsplit*B*D and proj/dn_part at split*B + row < nsplit*B. Dynamic
+    // shared memory: sizeof(FmGtSmem) (static_assert in grad_tc.cu).
+    let cfg = LaunchConfig {
+        shared_mem_bytes: GT_SMEM_BYTES,
+        ..grid(row_tiles, sp.nsplit, dchunks, "fm_grad_x_tc")?
+    };
+    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("launch fm_grad_x_tc", e))?;
 
     let mut dx = h.alloc::<O>(k, b * d)?;
     finish_x(
@@ -489,9 +496,13 @@ fn backward_tc<T: CudaElement, O: CudaElement>(
         .arg(&mut dw);
     // SAFETY: grid (ceil(C/64), dchunks): each block reads all rows of x (B*D, 16-byte loads as
     // above), labels/x_norm/lse/g_rows (B), scale[0], its classes < C of w/w_norm, and writes
-    // dw[col*D + d] for its own classes < C and dims < D only (C*D of type O allocated).
-    unsafe { lb.launch(grid(c.div_ceil(GT_OWN), dchunks, 1, &name)?) }
-        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
+    // dw[col*D + d] for its own classes < C and dims < D only (C*D of type O allocated). Dynamic
+    // shared memory: sizeof(FmGtSmem) (static_assert in grad_tc.cu).
+    let cfg = LaunchConfig {
+        shared_mem_bytes: GT_SMEM_BYTES,
+        ..grid(c.div_ceil(GT_OWN), dchunks, 1, &name)?
+    };
+    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
 
     Ok(GpuGradients {
         dx,

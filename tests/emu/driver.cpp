@@ -196,7 +196,7 @@ int main(int argc, char** argv) {
             FM_ENTRY(fm_grad_x_tc)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr,
                                    g_scalar, p, B, C, D, bwd_tps, ns, dxh_part.data(), proj_part.data(),
                                    dn_part.data());
-        });
+        }, sizeof(FmGtSmem));
         fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
             FM_ENTRY_F32OUT(fm_x_finish)(x.data(), xnorm.data(), dxh_part.data(), proj_part.data(), dn_part.data(),
                                          ns, B, D, p, dx.data());
@@ -204,7 +204,7 @@ int main(int argc, char** argv) {
         fm_emu::launch(g3(cdiv(C, GT_OWN), dchunks), g3(256), [&] {
             FM_ENTRY_F32OUT(fm_grad_w_tc)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(),
                                           lse.data(), g_ptr, g_scalar, scale.data(), p, B, C, D, dw.data());
-        });
+        }, sizeof(FmGtSmem));
 #endif
     }
 

@@ -280,7 +280,16 @@ inline float bf16_to_f32(unsigned short bits) {
 }
 
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (see kernels/ptx.cuh for the layout).
+// 16-byte alignment, which the hardware requires of every ldmatrix row and cp.async address.
+inline void check_aligned16(const void* p, const char* what) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+        std::fprintf(stderr, "emu: %s address %p is not 16-byte aligned (thread %d)\n", what, p, g_block.cur);
+        std::abort();
+    }
+}
+
 inline void ldmatrix_x4(unsigned d[4], const unsigned short* p, bool trans) {
+    check_aligned16(p, "ldmatrix");
     int w = warp(), l = lane();
     std::memcpy(slot(w, l), &p, sizeof(p));
     warp_sync();
@@ -334,13 +343,16 @@ inline void mma16816(float d[4], const unsigned a[4], const unsigned b[2], bool 
     for (int v = 0; v < 4; ++v) d[v] = out[v];
 }
 
-// cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero; NaN and Inf unchanged.
+// cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero; NaN and Inf unchanged. The
+// low 13 bits of the result are not specified, so the model fills them with junk (the input's
+// bits, inverted): a kernel that uses the register as an f32 without clearing them gets wrong
+// values here, as it might on hardware.
 inline unsigned f32_to_tf32(float v) {
     unsigned u;
     std::memcpy(&u, &v, 4);
     if ((u & 0x7f800000u) == 0x7f800000u) return u;
-    u += 0x1000u;   // half of the 13 dropped bits: ties go up in magnitude (sign-magnitude format)
-    return u & 0xffffe000u;
+    unsigned r = (u + 0x1000u) & 0xffffe000u;   // half of the 13 dropped bits: ties go up in magnitude
+    return r | (~u & 0x1fffu);
 }
 
 // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (layout in kernels/ptx.cuh). The hardware
@@ -383,6 +395,8 @@ inline void copy16(void* smem, const void* gmem, bool valid) {
         std::memset(smem, 0, 16);
 }
 inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    check_aligned16(smem, "cp.async shared");
+    if (valid) check_aligned16(gmem, "cp.async global");
     if (!g_modes.deferred) {
         copy16(smem, gmem, valid);
         return;
