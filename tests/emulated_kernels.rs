@@ -100,6 +100,8 @@ struct Case {
     wide: bool,
     /// Inputs with a zero feature row and a zero class row (tests/common: `zero_row_inputs`).
     zero_rows: bool,
+    /// Counted rows labelled 0 and C - 1 alternately.
+    labels_at_ends: bool,
     seed: u64,
 }
 
@@ -258,6 +260,17 @@ fn check<T: Element + Bits>(case: &Case) {
     if !case.spec.normalize_weights {
         inp.w.iter_mut().for_each(|v| *v *= 0.25); // moderate raw logits, as gpu_vs_cpu does
     }
+    if case.labels_at_ends {
+        for (i, l) in inp.labels.iter_mut().enumerate() {
+            if *l >= 0 {
+                *l = if i % 2 == 0 {
+                    0
+                } else {
+                    case.shape.c as i32 - 1
+                };
+            }
+        }
+    }
     let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
     let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
     let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
@@ -330,6 +343,7 @@ fn case(
         outliers: true,
         wide: false,
         zero_rows: false,
+        labels_at_ends: false,
         seed,
     }
 }
@@ -694,5 +708,28 @@ fn margins_at_their_limits() {
                 o.loss
             );
         }
+    }
+}
+
+/// Labels at 0 and C - 1 only, with C one class past a tile (129 and 257), through the
+/// tensor-core (default and wide) and SIMT kernels.
+#[test]
+fn labels_at_both_ends() {
+    for (k, shape) in [(33, 16, 129), (65, 40, 257)].into_iter().enumerate() {
+        let mut c = case(
+            MarginLoss::arcface(0.5),
+            shape,
+            true,
+            (1, 2),
+            1500 + k as u64,
+        );
+        c.labels_at_ends = true;
+        check::<bf16>(&c);
+        check::<bf16>(&Case { wide: true, ..c });
+        check::<f32>(&Case {
+            fwd_tc: false,
+            bwd_tc: false,
+            ..c
+        });
     }
 }

@@ -837,6 +837,35 @@ fn zero_norm_rows() {
     }
 }
 
+/// Labels at 0 and C - 1 only, at tile edges (C = 129, 257: one class past a tile), every GPU
+/// path (issue 9, item 3).
+#[test]
+fn labels_at_both_ends() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let base = || {
+        FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_poison(true)
+    };
+    for gpu in [
+        base(),
+        base()
+            .with_tensor_core_backward(true)
+            .with_wide_forward_tiles(true),
+        base().with_plan(Plan::Naive),
+    ] {
+        for shape in [Shape::new(33, 16, 129), Shape::new(65, 40, 257)] {
+            let mut inp = inputs(shape, 95);
+            for (i, l) in inp.labels.iter_mut().enumerate() {
+                if *l >= 0 {
+                    *l = if i % 2 == 0 { 0 } else { shape.c as i32 - 1 };
+                }
+            }
+            check_with::<bf16>(&gpu, &MarginLoss::arcface(0.5), shape, inp);
+        }
+    }
+}
+
 /// Margins at validate()'s limits and s = 1000 (issue 9, item 3): finite everywhere, loss near the
 /// reference (at m1 = 16 the target's slope at the angle clamp is too steep for f32 cosines to
 /// meet the normwise bars; tests/emulated_kernels.rs says the same of the emulated kernels).
