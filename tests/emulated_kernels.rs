@@ -543,8 +543,8 @@ fn no_races_under_other_schedules() {
 }
 
 /// Random specs (the property tests' generator, tests/property_cases) on random shapes with
-/// D % 8 == 0, random class splits, through the tensor-core kernels (bf16, f16) and the SIMT
-/// kernels (f32). `FUSED_MARGIN_EMU_CASES` sets the number of cases (default 24).
+/// D % 8 == 0, random class splits, through the tensor-core kernels (bf16, f16; a third of them
+/// with the wide tiles), the SIMT kernels (f32) and the TF32 forward. `FUSED_MARGIN_EMU_CASES` sets the number of cases (default 24).
 #[test]
 fn random_specs_and_shapes() {
     use property_cases::{random_spec, Preset};
@@ -572,13 +572,19 @@ fn random_specs_and_shapes() {
             r.random_range(1..=400),
         );
         let tps = (r.random_range(1..=3), r.random_range(1..=4));
-        let c = case(spec, shape, true, tps, 9_000 + seed);
-        match seed % 3 {
+        let mut c = case(spec, shape, true, tps, 9_000 + seed);
+        c.wide = r.random_range(0..3) == 0;
+        match seed % 4 {
             0 => check::<bf16>(&c),
             1 => check::<f16>(&c),
-            _ => check::<f32>(&Case {
+            2 => check::<f32>(&Case {
                 fwd_tc: false,
                 bwd_tc: false,
+                ..c
+            }),
+            _ => check::<f32>(&Case {
+                bwd_tc: false, // TF32 forward, SIMT backward on TF32 operands
+                outliers: false,
                 ..c
             }),
         }
