@@ -61,6 +61,7 @@ typedef fm_bf16 T_IN;
 #define FM_THETA_CLAMP 1e-7    // MATH.md step 4: acos(clamp(c, -1 + d, 1 - d))
 #define FM_PI 3.14159265358979323846
 #define FM_NEG_INF __int_as_float(0xff800000)
+#define FM_NAN __int_as_float(0x7fffffff)
 
 // ---- the loss options, passed by value to every kernel (layout = src/cuda/params.rs) -----------
 // Everything is a run-time value: only the B target elements ever read the margin options, so
@@ -127,6 +128,9 @@ __device__ __forceinline__ float fm_row_scale(const FmParams& p, float norm) {
     return p.normalize_features ? p.s : p.s * norm;
 }
 
+// False for NaN and +-Inf: v * 0 is exactly 0 for every finite v and NaN otherwise.
+__device__ __forceinline__ bool fm_finite(float v) { return v * 0.0f == 0.0f; }
+
 // 1 / max(|v|, eps). Written as a comparison, not fmaxf: fmaxf(NaN, eps) is eps, which would turn
 // a NaN row into huge finite values instead of propagating NaN (README "Reliability").
 __device__ __forceinline__ float fm_inv_norm(float norm) {
@@ -160,7 +164,7 @@ __device__ __forceinline__ float fm_half_max(float v) {
 // A NaN on either side makes the result NaN (fmaxf alone would drop it).
 __device__ __forceinline__ void fm_online_merge(float& m, float& s, float m2, float s2) {
     if (m2 != m2 || s2 != s2 || m != m || s != s) {
-        m = s = __int_as_float(0x7fffffff);
+        m = s = FM_NAN;
         return;
     }
     float mx = fmaxf(m, m2);

@@ -65,7 +65,7 @@ extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ label
     for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
         float g = fm_upstream(g_rows, g_scalar, i, labels[i]);
         float v = g == 0.0f ? 0.0f : fabsf(fm_row_scale(p, xnorm[i]) * g);
-        if (v - v == 0.0f) m = fmaxf(m, v);   // finite only: non-finite rows propagate by themselves
+        if (fm_finite(v)) m = fmaxf(m, v);   // finite only: non-finite rows propagate by themselves
     }
     sm[threadIdx.x] = m;
     __syncthreads();

@@ -157,10 +157,10 @@ __device__ __forceinline__ void naive_norm_backward(const float* __restrict__ dv
     float extra = dn ? dn[r] : 0.0f;
     // A row whose norm is not finite (NaN/Inf in v) gets NaN, as xh . dvh does in PyTorch; the
     // masked vh of an ignored row (naive_mask_rows) would otherwise give 0 here.
-    const bool bad = n * 0.0f != 0.0f;
+    const bool bad = !fm_finite(n);
     for (int k = threadIdx.x; k < D; k += blockDim.x) {
         float v = normalize ? (g[k] - u[k] * proj) * inv + extra * u[k] : g[k];
-        if (normalize && bad) v = n * 0.0f;
+        if (normalize && bad) v = FM_NAN;
         dv[r * D + k] = fm_from_f32<OUT>(v);
     }
 }

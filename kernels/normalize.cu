@@ -44,8 +44,8 @@ __device__ __forceinline__ void fm_x_finish(const T_IN* __restrict__ x, const fl
     if (!p.normalize_features) g += dn * xh;
     // A row whose norm is not finite (NaN or Inf in it) has xh . dxh = NaN in the normalization
     // backward, so its whole dx row is NaN, as in PyTorch and the CPU reference; proj computed as
-    // sum dc c is 0 for an ignored row and would hide that. n * 0 is NaN exactly for NaN and Inf.
-    if (n * 0.0f != 0.0f) g = n * 0.0f;
+    // sum dc c is 0 for an ignored row and would hide that.
+    if (!fm_finite(n)) g = FM_NAN;
     dx[e] = fm_from_f32<OUT>(g);
 }
 

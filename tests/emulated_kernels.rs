@@ -17,7 +17,7 @@ use std::sync::{Mutex, OnceLock};
 
 mod common;
 mod property_cases;
-use common::{margin_inputs, margin_inputs_opts, non_finite_policy, rel};
+use common::{bars, margin_inputs, margin_inputs_opts, non_finite_policy, rel, TF32_BARS};
 
 /// The emulator driver for `dtype`, built once per test process; None (after printing why)
 /// when no C++ compiler is found.
@@ -230,19 +230,6 @@ impl Bits for f16 {
 impl Bits for bf16 {
     fn to_le_bits(&self) -> Vec<u8> {
         self.to_bits().to_le_bytes().to_vec()
-    }
-}
-
-/// MATH.md's bars for f32 inputs through TF32 tensor cores (loss, gradients).
-const TF32_BARS: (f64, f64) = (1e-3, 5e-3);
-
-/// MATH.md's bars (loss, gradients) per input dtype.
-fn bars(dt: DType) -> (f64, f64) {
-    match dt {
-        DType::F32 => (1e-5, 1e-4),
-        DType::F16 => (1e-3, 5e-3),
-        DType::BF16 => (5e-3, 2e-2),
-        DType::F64 => unreachable!(),
     }
 }
 

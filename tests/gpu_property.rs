@@ -12,7 +12,7 @@
 mod common;
 mod property_cases;
 
-use common::rel;
+use common::{bars, rel};
 use cudarc::driver::CudaStream;
 use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, Plan};
 use fused_margin::{cpu, DType, Reduction, Upstream};
@@ -31,16 +31,6 @@ fn gpu_or_skip() -> Option<Arc<CudaStream>> {
         return None;
     }
     Some(cuda::default_stream(0).expect("open device 0"))
-}
-
-/// MATH.md's bars (loss, gradients).
-fn bars(dt: DType) -> (f64, f64) {
-    match dt {
-        DType::F32 => (1e-5, 1e-4),
-        DType::F16 => (1e-3, 5e-3),
-        DType::BF16 => (5e-3, 2e-2),
-        DType::F64 => unreachable!(),
-    }
 }
 
 /// One case through one plan in dtype `T`. `Ok(false)`: skipped as ill-conditioned for a

@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use std::sync::Arc;
 
 mod common;
-use common::{margin_inputs as inputs, rel};
+use common::{bars, margin_inputs as inputs, rel};
 
 fn gpu_or_skip() -> Option<Arc<CudaStream>> {
     let required = std::env::var("FUSED_MARGIN_REQUIRE_GPU").as_deref() == Ok("1");
@@ -34,16 +34,6 @@ fn gpu_or_skip() -> Option<Arc<CudaStream>> {
         return None;
     }
     Some(cuda::default_stream(0).expect("open device 0"))
-}
-
-/// MATH.md's bars (loss, gradients) per input dtype; f32 is exact f32 arithmetic (no TF32).
-fn bars(dt: DType) -> (f64, f64) {
-    match dt {
-        DType::F32 => (1e-5, 1e-4),
-        DType::F16 => (1e-3, 5e-3),
-        DType::BF16 => (5e-3, 2e-2),
-        DType::F64 => unreachable!(),
-    }
 }
 
 fn to_f64<T: CudaElement>(v: &[T]) -> Vec<f64> {
@@ -117,7 +107,7 @@ fn check_with<T: CudaElement>(
         };
     assert_eq!(fwd.tensor_cores, tc_expected, "{what}: tensor-core path");
     let (lbar, gbar) = if T::DTYPE == DType::F32 && fwd.tensor_cores {
-        (1e-3, 5e-3) // MATH.md: f32 through TF32 tensor cores
+        common::TF32_BARS
     } else {
         bars(T::DTYPE)
     };

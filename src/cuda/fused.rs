@@ -37,6 +37,8 @@ const DC: usize = 128;
 const GT_OWN: usize = 64;
 /// Partner rows per tensor-core backward tile (GT_PN): class tiles of the dx kernel.
 const GT_PN: usize = 64;
+// The dw kernel tiles classes by GT_OWN, the dx kernel by GT_PN: BackwardTiles has one count.
+const _: () = assert!(GT_OWN == GT_PN);
 /// Gradient columns per tensor-core backward block (GT_DCH).
 const GT_DCH: usize = 256;
 /// Upper bound on class splits of the tensor-core dx kernel: its partials are
@@ -99,6 +101,28 @@ fn grid(x: usize, y: usize, z: usize, what: &str) -> Result<LaunchConfig> {
     })
 }
 
+/// Whether the tensor-core kernels may run on these inputs: tensor cores on, 16-byte cp.async
+/// chunks wholly inside each row (D % 8 == 0 for 16-bit inputs, D % 4 == 0 for f32) and both
+/// matrices 16-byte aligned. Otherwise the SIMT kernels run.
+fn tc_eligible<T: CudaElement>(
+    h: &FusedMarginLoss,
+    x: &CudaView<'_, T>,
+    w: &CudaView<'_, T>,
+    d: usize,
+) -> bool {
+    let vec = 16 / std::mem::size_of::<T>();
+    h.tensor_cores && d % vec == 0 && aligned16(h, x) && aligned16(h, w)
+}
+
+/// One block of `threads` threads (the fixed-order reductions).
+fn one_block(threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// True when the view's device address is 16-byte aligned (cp.async's 16-byte copies need it).
 fn aligned16<T: CudaElement>(h: &FusedMarginLoss, v: &CudaView<'_, T>) -> bool {
     let (ptr, _record) = v.device_ptr(&h.stream);
@@ -152,11 +176,7 @@ pub(crate) fn forward<T: CudaElement>(
     // f32 inputs take the TF32 variant of the same kernel when opted in (16-byte chunks of 4
     // floats: D % 4 == 0).
     let half = T::DTYPE != DType::F32;
-    let tensor_cores = h.tensor_cores
-        && (half || h.tf32)
-        && d % (if half { 8 } else { 4 }) == 0
-        && aligned16(h, x)
-        && aligned16(h, w);
+    let tensor_cores = (half || h.tf32) && tc_eligible(h, x, w, d);
     let wide = tensor_cores && h.wide_tiles;
     let (bm, bn, name) = match (tensor_cores, half, wide) {
         (true, true, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tc"),
@@ -165,8 +185,8 @@ pub(crate) fn forward<T: CudaElement>(
         (true, false, true) => (TC_WIDE.0, TC_WIDE.1, "fm_fwd_tiles_tf32_wide"),
         (false, _, _) => (BM, BN, "fm_fwd_tiles"),
     };
-    // The tensor-core kernels take their pipeline in dynamic shared memory (92 KB for the wide
-    // tiles: above the 48 KB default, so the function is opted in first).
+    // The tensor-core kernels take their pipeline in dynamic shared memory (96 KB for the wide
+    // tiles: above the 48 KB default; get_with_smem opts the function in once).
     let smem = if tensor_cores {
         tc_smem_bytes(bm, bn)
     } else {
@@ -185,14 +205,7 @@ pub(crate) fn forward<T: CudaElement>(
         i32_of(sp.tiles_per_split, "tiles per split")?,
         sp.nsplit as i32,
     );
-    let f = k.get(name)?;
-    if smem > 0 {
-        f.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| cuda_err(&format!("allow {smem} B of dynamic shared memory for {name}"), e))?;
-    }
+    let f = k.get_with_smem(name, smem)?;
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(x)
         .arg(w)
@@ -264,14 +277,7 @@ pub(crate) fn reduce_loss(
         .arg(&mean)
         .arg(&mut loss);
     // SAFETY: one block of 1024 threads reads B row losses and labels and writes loss[0].
-    unsafe {
-        lb.launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(|e| cuda_err("launch fm_reduce_loss", e))?;
+    unsafe { lb.launch(one_block(1024)) }.map_err(|e| cuda_err("launch fm_reduce_loss", e))?;
     Ok(loss)
 }
 
@@ -284,6 +290,43 @@ pub(crate) fn out_entry<T: CudaElement, O: CudaElement>(base: &str) -> String {
     }
 }
 
+/// The backward's tiling: the SIMT kernels (grad.cu) or the tensor-core ones (grad_tc.cu).
+struct BackwardTiles {
+    /// Rows of x per dx block, classes per partner tile of the dx kernel and per dw block.
+    rows: usize,
+    classes: usize,
+    /// Columns of D per block (blocks of one tile along D recompute its logits).
+    dchunk: usize,
+    max_x_splits: usize,
+    /// Kernel base names: dx partials and dw.
+    x_kernel: &'static str,
+    w_kernel: &'static str,
+    smem: u32,
+}
+
+const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
+    rows: BM,
+    classes: BN,
+    dchunk: DC,
+    max_x_splits: MAX_X_SPLITS,
+    x_kernel: "fm_grad_x_partial",
+    w_kernel: "fm_grad_w",
+    smem: 0,
+};
+
+const TC_BACKWARD: BackwardTiles = BackwardTiles {
+    rows: GT_OWN,
+    classes: GT_PN,
+    dchunk: GT_DCH,
+    max_x_splits: MAX_TC_X_SPLITS,
+    x_kernel: "fm_grad_x_tc",
+    w_kernel: "fm_grad_w_tc",
+    smem: GT_SMEM_BYTES,
+};
+
+/// The backward: the dx partials per class split, finished by fm_x_finish, then dw. The
+/// tensor-core kernels (opt-in, f16/bf16, same conditions as the tensor-core forward) also take
+/// K from fm_grad_scale, the power of two that keeps their 16-bit operand xh r g / K in range.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     h: &FusedMarginLoss,
@@ -302,28 +345,21 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     let mut p = *p;
     p.tf32_dots = (fwd.tensor_cores && T::DTYPE == DType::F32) as i32;
     let p = &p;
-    if h.tensor_cores
-        && h.tc_backward
-        && T::DTYPE != DType::F32
-        && d % 8 == 0
-        && aligned16(h, x)
-        && aligned16(h, w)
-    {
-        return backward_tc::<T, O>(h, k, p, fwd, x, w, labels, up);
-    }
-    let row_tiles = b.div_ceil(BM);
-    let ntiles = c.div_ceil(BN);
-    let dchunks = d.div_ceil(DC);
+    let tc = h.tc_backward && T::DTYPE != DType::F32 && tc_eligible(h, x, w, d);
+    let t = if tc { &TC_BACKWARD } else { &SIMT_BACKWARD };
+    let row_tiles = b.div_ceil(t.rows);
+    let ntiles = c.div_ceil(t.classes);
+    let dchunks = d.div_ceil(t.dchunk);
     let sp = splits(
         ntiles,
         row_tiles * dchunks,
         h.sm_count as usize,
-        MAX_X_SPLITS,
+        t.max_x_splits,
     );
     let mut dxh_part = h.alloc::<f32>(k, sp.nsplit * b * d)?;
     let mut proj_part = h.alloc::<f32>(k, sp.nsplit * b)?;
     let mut dn_part = h.alloc::<f32>(k, sp.nsplit * b)?;
-    let workspace_bytes = 4 * sp.nsplit * (b * d + 2 * b);
+    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + tc as usize);
 
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
     let (tps, ns) = (
@@ -331,7 +367,22 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         sp.nsplit as i32,
     );
 
-    let f = k.get("fm_grad_x_partial")?;
+    let scale = if tc {
+        let mut scale = h.alloc::<f32>(k, 1)?;
+        let f = k.get("fm_grad_scale")?;
+        let mut lb = h.stream.launch_builder(&f);
+        lb.arg(labels).arg(&fwd.x_norm);
+        arg_or_null(&mut lb, up.g_rows);
+        lb.arg(&up.g_scalar).arg(p).arg(&bi).arg(&mut scale);
+        // SAFETY: one block of 1024 threads reads rows < B of labels, x_norm and g_rows (length
+        // checked == B, or null) and writes scale[0] (allocated 1).
+        unsafe { lb.launch(one_block(1024)) }.map_err(|e| cuda_err("launch fm_grad_scale", e))?;
+        Some(scale)
+    } else {
+        None
+    };
+
+    let f = k.get_with_smem(t.x_kernel, t.smem)?;
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(x)
         .arg(w)
@@ -348,137 +399,38 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         .arg(&tps)
         .arg(&ns);
     lb.arg(&mut dxh_part).arg(&mut proj_part).arg(&mut dn_part);
-    // SAFETY: grid (row_tiles, nsplit, dchunks): reads x (B*D), w (C*D), labels/x_norm/lse/g_rows
-    // (B; g_rows length checked == B or null), w_norm (C) within bounds; writes dxh_part at
-    // (split*B + row)*D + d < nsplit*B*D and proj/dn_part at split*B + row < nsplit*B.
-    unsafe { lb.launch(grid(row_tiles, sp.nsplit, dchunks, "fm_grad_x_partial")?) }
-        .map_err(|e| cuda_err("launch fm_grad_x_partial", e))?;
+    // SAFETY: both kernels take these arguments. Grid (row_tiles, nsplit, dchunks) over tiles of
+    // t.rows rows, t.classes classes and t.dchunk columns: reads rows < B of x (B*D) and of
+    // labels/x_norm/lse/g_rows (B; g_rows length checked == B or null), classes < C of w (C*D)
+    // and w_norm (C); writes dxh_part at (split*B + row)*D + d < nsplit*B*D and proj/dn_part at
+    // split*B + row < nsplit*B. The tensor-core kernel's 16-byte loads need D % 8 == 0 and 16-byte
+    // aligned x, w (tc_eligible); chunks past B, C or D are zero-filled without reading. Its
+    // dynamic shared memory is sizeof(FmGtSmem) (static_assert in grad_tc.cu).
+    let cfg = LaunchConfig {
+        shared_mem_bytes: t.smem,
+        ..grid(row_tiles, sp.nsplit, dchunks, t.x_kernel)?
+    };
+    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {}", t.x_kernel), e))?;
 
     let mut dx = h.alloc::<O>(k, b * d)?;
-    finish_x(
-        h, k, p, fwd, x, &dxh_part, &proj_part, &dn_part, ns, &mut dx,
-    )?;
-
-    let mut dw = h.alloc::<O>(k, c * d)?;
-    let name = out_entry::<T, O>("fm_grad_w");
+    let name = out_entry::<T, O>("fm_x_finish");
     let f = k.get(&name)?;
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(x)
-        .arg(w)
-        .arg(labels)
         .arg(&fwd.x_norm)
-        .arg(&fwd.w_norm)
-        .arg(&fwd.lse);
-    arg_or_null(&mut lb, up.g_rows);
-    lb.arg(&up.g_scalar)
-        .arg(p)
-        .arg(&bi)
-        .arg(&ci)
-        .arg(&di)
-        .arg(&mut dw);
-    // SAFETY: grid (ntiles, dchunks): each block reads all rows of x/labels/x_norm/lse/g_rows
-    // (B) and its classes < C of w/w_norm, and writes dw[col*D + d] for its own classes < C and
-    // dims < D only (C*D of type O allocated).
-    unsafe { lb.launch(grid(ntiles, dchunks, 1, "fm_grad_w")?) }
+        .arg(&dxh_part)
+        .arg(&proj_part)
+        .arg(&dn_part)
+        .arg(&ns);
+    lb.arg(&bi).arg(&di).arg(p).arg(&mut dx);
+    // SAFETY: one thread per element e < B*D: reads x[e], x_norm[e/D], nsplit partials at
+    // s*B*D + e and s*B + row (all allocated nsplit*...), writes dx[e] (B*D of type O).
+    unsafe { lb.launch(grid_1d((b * d) as u64, 256)?) }
         .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
 
-    Ok(GpuGradients {
-        dx,
-        dw,
-        workspace_bytes,
-        tensor_cores: false,
-    })
-}
-
-/// The tensor-core backward (kernels/grad_tc.cu): K = fm_grad_scale, then the dx partials per
-/// class split (fm_grad_x_tc) finished by fm_x_finish, and dw (fm_grad_w_tc). Same outputs and
-/// determinism as the SIMT backward; needs D % 8 == 0 and 16-byte aligned x and w (checked by
-/// the caller).
-#[allow(clippy::too_many_arguments)]
-fn backward_tc<T: CudaElement, O: CudaElement>(
-    h: &FusedMarginLoss,
-    k: &Kernels,
-    p: &FmParams,
-    fwd: &GpuForward,
-    x: &CudaView<'_, T>,
-    w: &CudaView<'_, T>,
-    labels: &CudaView<'_, i32>,
-    up: &Upstream<'_>,
-) -> Result<GpuGradients<O>> {
-    let shape = fwd.shape;
-    let (b, d, c) = (shape.b, shape.d, shape.c);
-    let row_tiles = b.div_ceil(GT_OWN);
-    let dchunks = d.div_ceil(GT_DCH);
-    let sp = splits(
-        c.div_ceil(GT_PN),
-        row_tiles * dchunks,
-        h.sm_count as usize,
-        MAX_TC_X_SPLITS,
-    );
-    let mut scale = h.alloc::<f32>(k, 1)?;
-    let mut dxh_part = h.alloc::<f32>(k, sp.nsplit * b * d)?;
-    let mut proj_part = h.alloc::<f32>(k, sp.nsplit * b)?;
-    let mut dn_part = h.alloc::<f32>(k, sp.nsplit * b)?;
-    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + 1);
-    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
-    let (tps, ns) = (
-        i32_of(sp.tiles_per_split, "tiles per split")?,
-        sp.nsplit as i32,
-    );
-
-    let f = k.get("fm_grad_scale")?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(labels).arg(&fwd.x_norm);
-    arg_or_null(&mut lb, up.g_rows);
-    lb.arg(&up.g_scalar).arg(p).arg(&bi).arg(&mut scale);
-    // SAFETY: one block of 1024 threads reads rows < B of labels, x_norm and g_rows (length
-    // checked == B, or null) and writes scale[0] (allocated 1).
-    unsafe {
-        lb.launch(LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-    .map_err(|e| cuda_err("launch fm_grad_scale", e))?;
-
-    let f = k.get("fm_grad_x_tc")?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(x)
-        .arg(w)
-        .arg(labels)
-        .arg(&fwd.x_norm)
-        .arg(&fwd.w_norm)
-        .arg(&fwd.lse);
-    arg_or_null(&mut lb, up.g_rows);
-    lb.arg(&up.g_scalar)
-        .arg(p)
-        .arg(&bi)
-        .arg(&ci)
-        .arg(&di)
-        .arg(&tps)
-        .arg(&ns);
-    lb.arg(&mut dxh_part).arg(&mut proj_part).arg(&mut dn_part);
-    // SAFETY: grid (row_tiles, nsplit, dchunks) over 64-row tiles, class tiles of 64 and 256-wide
-    // column chunks: reads rows < B of x (B*D), labels/x_norm/lse/g_rows (B), classes < C of w
-    // (C*D) and w_norm (C) (16-byte loads: D % 8 == 0 and 16-byte aligned x, w, checked by the
-    // caller; chunks past B, C or D are zero-filled without reading); writes dxh_part at
-    // (split*B + row)*D + d < nsplit*B*D and proj/dn_part at split*B + row < nsplit*B. Dynamic
-    // shared memory: sizeof(FmGtSmem) (static_assert in grad_tc.cu).
-    let cfg = LaunchConfig {
-        shared_mem_bytes: GT_SMEM_BYTES,
-        ..grid(row_tiles, sp.nsplit, dchunks, "fm_grad_x_tc")?
-    };
-    unsafe { lb.launch(cfg) }.map_err(|e| cuda_err("launch fm_grad_x_tc", e))?;
-
-    let mut dx = h.alloc::<O>(k, b * d)?;
-    finish_x(
-        h, k, p, fwd, x, &dxh_part, &proj_part, &dn_part, ns, &mut dx,
-    )?;
-
     let mut dw = h.alloc::<O>(k, c * d)?;
-    let name = out_entry::<T, O>("fm_grad_w_tc");
-    let f = k.get(&name)?;
+    let name = out_entry::<T, O>(t.w_kernel);
+    let f = k.get_with_smem(&name, t.smem)?;
     let mut lb = h.stream.launch_builder(&f);
     lb.arg(x)
         .arg(w)
@@ -487,20 +439,18 @@ fn backward_tc<T: CudaElement, O: CudaElement>(
         .arg(&fwd.w_norm)
         .arg(&fwd.lse);
     arg_or_null(&mut lb, up.g_rows);
-    lb.arg(&up.g_scalar)
-        .arg(&scale)
-        .arg(p)
-        .arg(&bi)
-        .arg(&ci)
-        .arg(&di)
-        .arg(&mut dw);
-    // SAFETY: grid (ceil(C/64), dchunks): each block reads all rows of x (B*D, 16-byte loads as
-    // above), labels/x_norm/lse/g_rows (B), scale[0], its classes < C of w/w_norm, and writes
-    // dw[col*D + d] for its own classes < C and dims < D only (C*D of type O allocated). Dynamic
-    // shared memory: sizeof(FmGtSmem) (static_assert in grad_tc.cu).
+    lb.arg(&up.g_scalar);
+    if let Some(scale) = &scale {
+        lb.arg(scale); // fm_grad_w_tc only: K
+    }
+    lb.arg(p).arg(&bi).arg(&ci).arg(&di).arg(&mut dw);
+    // SAFETY: grid (ceil(C / t.classes), dchunks): each block reads all rows of x (B*D) and
+    // labels/x_norm/lse/g_rows (B), scale[0] (tensor cores), its classes < C of w/w_norm, and
+    // writes dw[col*D + d] for its own classes < C and dims < D only (C*D of type O allocated).
+    // Loads and shared memory as for the dx kernel above.
     let cfg = LaunchConfig {
-        shared_mem_bytes: GT_SMEM_BYTES,
-        ..grid(c.div_ceil(GT_OWN), dchunks, 1, &name)?
+        shared_mem_bytes: t.smem,
+        ..grid(ntiles, dchunks, 1, &name)?
     };
     unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
 
@@ -508,40 +458,6 @@ fn backward_tc<T: CudaElement, O: CudaElement>(
         dx,
         dw,
         workspace_bytes,
-        tensor_cores: true,
+        tensor_cores: tc,
     })
-}
-
-/// fm_x_finish: dx from the `nsplit` partials of dxh, proj and dn (fixed order). Shared by both
-/// backward kernels.
-#[allow(clippy::too_many_arguments)]
-fn finish_x<T: CudaElement, O: CudaElement>(
-    h: &FusedMarginLoss,
-    k: &Kernels,
-    p: &FmParams,
-    fwd: &GpuForward,
-    x: &CudaView<'_, T>,
-    dxh_part: &CudaSlice<f32>,
-    proj_part: &CudaSlice<f32>,
-    dn_part: &CudaSlice<f32>,
-    nsplit: i32,
-    dx: &mut CudaSlice<O>,
-) -> Result<()> {
-    let (b, d) = (fwd.shape.b, fwd.shape.d);
-    let (bi, di) = (b as i64, i32_of(d, "D")?);
-    let name = out_entry::<T, O>("fm_x_finish");
-    let f = k.get(&name)?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(x)
-        .arg(&fwd.x_norm)
-        .arg(dxh_part)
-        .arg(proj_part)
-        .arg(dn_part)
-        .arg(&nsplit);
-    lb.arg(&bi).arg(&di).arg(p).arg(dx);
-    // SAFETY: one thread per element e < B*D: reads x[e], x_norm[e/D], nsplit partials at
-    // s*B*D + e and s*B + row (all allocated nsplit*...), writes dx[e] (B*D of type O).
-    unsafe { lb.launch(grid_1d((b * d) as u64, 256)?) }
-        .map_err(|e| cuda_err(&format!("launch {name}"), e))?;
-    Ok(())
 }

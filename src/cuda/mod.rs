@@ -251,6 +251,13 @@ pub(crate) struct Kernels {
 impl Kernels {
     /// The entry point `base` for this module's dtype (e.g. `fm_grad_w` -> `fm_grad_w_bf16`).
     pub(crate) fn get(&self, base: &str) -> Result<CudaFunction> {
+        self.get_with_smem(base, 0)
+    }
+
+    /// `get` for a kernel launched with `smem_bytes` of dynamic shared memory (always the same
+    /// for one entry point): on first load the function is allowed that much, which CUDA
+    /// requires above 48 KB. Cached with the function, so launches pay no driver call for it.
+    pub(crate) fn get_with_smem(&self, base: &str, smem_bytes: u32) -> Result<CudaFunction> {
         let name = entry_name(base, self.dtype);
         let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fns.get(&name) {
@@ -260,6 +267,13 @@ impl Kernels {
             .module
             .load_function(&name)
             .map_err(|e| cuda_err(&format!("load kernel {name}"), e))?;
+        if smem_bytes > 0 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem_bytes as i32,
+            )
+            .map_err(|e| cuda_err(&format!("allow {smem_bytes} B of dynamic shared memory for {name}"), e))?;
+        }
         fns.insert(name, f.clone());
         Ok(f)
     }

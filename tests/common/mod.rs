@@ -450,3 +450,18 @@ pub fn limit_specs() -> Vec<MarginLoss> {
     }
     v
 }
+
+/// MATH.md's precision bars (loss, gradients; normwise relative) per input dtype; f32 is exact
+/// f32 arithmetic.
+pub fn bars(dt: fused_margin::DType) -> (f64, f64) {
+    use fused_margin::DType;
+    match dt {
+        DType::F32 => (1e-5, 1e-4),
+        DType::F16 => (1e-3, 5e-3),
+        DType::BF16 => (5e-3, 2e-2),
+        DType::F64 => unreachable!("the GPU kernels take f32, f16, bf16"),
+    }
+}
+
+/// MATH.md's bars for f32 inputs through TF32 tensor cores (loss, gradients).
+pub const TF32_BARS: (f64, f64) = (1e-3, 5e-3);
