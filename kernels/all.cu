@@ -6,6 +6,7 @@
 #include "logits.cu"
 #include "logits_tc.cu"
 #include "combine.cu"
+#include "labels.cu"
 #include "grad.cu"
 #include "grad_tc.cu"
 #include "naive.cu"

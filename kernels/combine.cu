@@ -3,11 +3,13 @@
 #include "common.cuh"
 
 // One thread per row: lse_i = M + log(sum_s part_s * exp(part_m - M)) over the splits in order;
-// l_i = lse_i - z_iy for counted rows, 0 for ignored ones.
+// l_i = lse_i - z_iy for counted rows, 0 for ignored ones. A label >= C (possible only under
+// LabelCheck::Device, which checks on the device instead of before the launch) gives NaN: no tile
+// wrote its z_iy.
 extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ part_m,
                                                      const float* __restrict__ part_s, int nsplit,
                                                      const float* __restrict__ zy,
-                                                     const int* __restrict__ labels, i64 B,
+                                                     const int* __restrict__ labels, i64 B, i64 C,
                                                      float* __restrict__ lse, float* __restrict__ row_loss) {
     i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= B) return;
@@ -17,7 +19,8 @@ extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ p
     for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, pm[k], ps[k]);
     float l = m + logf(s);
     lse[row] = l;
-    row_loss[row] = labels[row] >= 0 ? l - zy[row] : 0.0f;
+    const int y = labels[row];
+    row_loss[row] = y < 0 ? 0.0f : ((i64)y < C ? l - zy[row] : FM_NAN);
 }
 
 // One block of 1024 threads: loss = sum_i l_i (or its mean over counted rows; 0 when none count).

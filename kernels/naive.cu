@@ -84,7 +84,8 @@ extern "C" __global__ void FM_ENTRY(naive_softmax)(const float* __restrict__ log
     if (threadIdx.x == 0) {
         lse[i] = l;
         int y = labels[i];
-        row_loss[i] = y >= 0 ? l - z[y] : 0.0f;
+        // y >= C only under LabelCheck::Device (checked on the device, not before the launch).
+        row_loss[i] = y < 0 ? 0.0f : ((i64)y < C ? l - z[y] : FM_NAN);
     }
 }
 

@@ -112,6 +112,9 @@ struct Case {
     zero_rows: bool,
     /// Counted rows labelled 0 and C - 1 alternately.
     labels_at_ends: bool,
+    /// `LabelCheck::Device`: the label status and the backward's upstream come from the device
+    /// kernels (kernels/labels.cu) instead of the host.
+    device_labels: bool,
     seed: u64,
 }
 
@@ -121,6 +124,8 @@ struct Outputs {
     row_loss: Vec<f64>,
     dx: Vec<f64>,
     dw: Vec<f64>,
+    /// With `device_labels`: the forward's and the backward's status records (6 i64 each).
+    status: Vec<i64>,
 }
 
 fn floats(bytes: &[u8]) -> Vec<f64> {
@@ -136,11 +141,14 @@ fn run<T: Element + Bits>(
     x: &[T],
     w: &[T],
     labels: &[i32],
+    bwd_labels: &[i32],
     up: &[f32],
 ) -> Outputs {
     let Shape { b, d, c } = case.shape;
     let counted = labels.iter().filter(|&&l| l >= 0).count();
     let (mean, g_scalar, g_rows): (i32, f32, _) = match case.spec.reduction {
+        // Under LabelCheck::Device the kernels divide by the counted rows themselves.
+        Reduction::Mean if case.device_labels => (1, 1.0, None),
         Reduction::Mean => (
             1,
             if counted > 0 {
@@ -171,6 +179,7 @@ fn run<T: Element + Bits>(
     buf.extend(case.fwd_tps.to_le_bytes());
     buf.extend(case.bwd_tps.to_le_bytes());
     buf.extend((case.naive as i32).to_le_bytes());
+    buf.extend((case.device_labels as i32).to_le_bytes());
     for v in x.iter().chain(w) {
         buf.extend(v.to_le_bits());
     }
@@ -179,6 +188,11 @@ fn run<T: Element + Bits>(
     }
     for g in g_rows.unwrap_or(&[]) {
         buf.extend(g.to_le_bytes());
+    }
+    if case.device_labels {
+        for l in bwd_labels {
+            buf.extend(l.to_le_bytes());
+        }
     }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let tag = format!("{}_{}_{}", std::process::id(), case.seed, T::DTYPE.suffix());
@@ -202,9 +216,16 @@ fn run<T: Element + Bits>(
     let out = std::fs::read(&outp).unwrap();
     let _ = std::fs::remove_file(&inp);
     let _ = std::fs::remove_file(&outp);
-    let f = floats(&out);
-    assert_eq!(f.len(), 1 + 2 * b + b * d + c * d, "emulator output size");
+    let n = 1 + 2 * b + b * d + c * d;
+    let status_len = if case.device_labels { 12 } else { 0 };
+    assert_eq!(out.len(), 4 * n + 8 * status_len, "emulator output size");
+    let f = floats(&out[..4 * n]);
+    let status = out[4 * n..]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     Outputs {
+        status,
         loss: f[0],
         lse: f[1..1 + b].to_vec(),
         row_loss: f[1 + b..1 + 2 * b].to_vec(),
@@ -289,7 +310,23 @@ fn check<T: Element + Bits>(case: &Case) {
     )
     .unwrap();
 
-    let out = run(&exe, case, &x, &w, &inp.labels, &up32);
+    let out = run(&exe, case, &x, &w, &inp.labels, &inp.labels, &up32);
+    if case.device_labels {
+        let counted = inp.labels.iter().filter(|&&l| l >= 0).count() as i64;
+        // Forward status: counted, no bad row; backward: same fingerprint, no mismatch.
+        assert_eq!(
+            &out.status[..3],
+            &[counted, -1, 0],
+            "{what}: forward label status"
+        );
+        assert_eq!(
+            out.status[6..9],
+            out.status[..3],
+            "{what}: backward label status"
+        );
+        assert_eq!(out.status[9], out.status[3], "{what}: fingerprints differ");
+        assert_eq!(&out.status[10..], &[0, counted], "{what}: mismatch flag");
+    }
     let (lbar, gbar) = if T::DTYPE == DType::F32 && case.fwd_tc {
         TF32_BARS
     } else {
@@ -341,6 +378,7 @@ fn case(
         wide: false,
         zero_rows: false,
         labels_at_ends: false,
+        device_labels: false,
         seed,
     }
 }
@@ -433,7 +471,7 @@ fn non_finite_case<T: Element + Bits>(tc: bool, naive: bool, spec: MarginLoss, s
                 seed,
             );
             case.naive = naive;
-            let out = run(&exe, &case, x, w, labels, up);
+            let out = run(&exe, &case, x, w, labels, labels, up);
             (out.row_loss, out.dx, out.dw)
         },
     );
@@ -518,11 +556,11 @@ fn no_races_under_other_schedules() {
         let run_bits = |c: &Case| match dt {
             DType::BF16 => {
                 let (x, w, l, u) = inputs::<bf16>(c);
-                bits(&run(&exe, c, &x, &w, &l, &u))
+                bits(&run(&exe, c, &x, &w, &l, &l, &u))
             }
             _ => {
                 let (x, w, l, u) = inputs::<f32>(c);
-                bits(&run(&exe, c, &x, &w, &l, &u))
+                bits(&run(&exe, c, &x, &w, &l, &l, &u))
             }
         };
         let reference = run_bits(&c);
@@ -686,13 +724,13 @@ fn margins_at_their_limits() {
                     let x: Vec<bf16> = inp.x.iter().map(|&v| bf16::from_f64(v)).collect();
                     let w: Vec<bf16> = inp.w.iter().map(|&v| bf16::from_f64(v)).collect();
                     let r = cpu::forward(&spec, &x, &w, &inp.labels, c.shape).unwrap();
-                    (run(&exe, &c, &x, &w, &inp.labels, &[]), r.loss)
+                    (run(&exe, &c, &x, &w, &inp.labels, &inp.labels, &[]), r.loss)
                 }
                 _ => {
                     let x: Vec<f32> = inp.x.iter().map(|&v| v as f32).collect();
                     let w: Vec<f32> = inp.w.iter().map(|&v| v as f32).collect();
                     let r = cpu::forward(&spec, &x, &w, &inp.labels, c.shape).unwrap();
-                    (run(&exe, &c, &x, &w, &inp.labels, &[]), r.loss)
+                    (run(&exe, &c, &x, &w, &inp.labels, &inp.labels, &[]), r.loss)
                 }
             };
             let (o, reference) = out;
@@ -735,4 +773,134 @@ fn labels_at_both_ends() {
             ..c
         });
     }
+}
+
+/// `LabelCheck::Device`: the label status and the per-row upstream computed on the device
+/// (kernels/labels.cu) give the host path's results for every reduction, on the tensor-core, SIMT
+/// and naive kernels, and the status records the counted rows and no error (checked in `check`).
+#[test]
+fn device_label_check_matches_the_host_check() {
+    let specs = [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).reduction(Reduction::Sum),
+        MarginLoss::sphereface(4.0).reduction(Reduction::None),
+    ];
+    for (k, spec) in specs.into_iter().enumerate() {
+        let seed = 1_200 + 10 * k as u64;
+        let mut c = case(spec, (45, 40, 150), true, (1, 2), seed);
+        c.device_labels = true;
+        check::<bf16>(&c);
+        let mut c = case(spec, (38, 36, 90), false, (2, 1), seed + 1);
+        c.device_labels = true;
+        check::<f32>(&c);
+        c.naive = true;
+        check::<f32>(&c);
+    }
+}
+
+/// `LabelCheck::Device` with bad labels: the first out-of-range row and its label are in the
+/// status, that row's loss and the reduced loss are NaN and every counted row's gradients are NaN
+/// (nothing plausible), and the kernels never index with the bad label (the run completes,
+/// every other row's loss is right). Backward labels that are not the forward's (another order, or
+/// another count) set the mismatch flag and poison the gradients the same way.
+#[test]
+fn device_label_check_reports_bad_labels() {
+    fn one<T: Element + Bits>(tc: bool, naive: bool, seed: u64) {
+        let Some(exe) = driver(T::DTYPE) else { return };
+        let spec = MarginLoss::arcface(0.5);
+        let mut c = case(spec, (33, 24, 70), tc, (1, 1), seed);
+        c.device_labels = true;
+        c.naive = naive;
+        let what = format!("{:?} tensor cores {tc} naive {naive}", T::DTYPE);
+        let (b, d) = (c.shape.b, c.shape.d);
+        let inp = margin_inputs(c.shape, seed);
+        let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
+        let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
+        let up: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
+        let good = inp.labels.clone();
+        let counted = good.iter().filter(|&&l| l >= 0).count() as i64;
+        let counted_rows: Vec<usize> = (0..b).filter(|&i| good[i] >= 0).collect();
+        let nan_rows = |dx: &[f64]| {
+            counted_rows
+                .iter()
+                .all(|&i| dx[i * d..(i + 1) * d].iter().all(|v| v.is_nan()))
+        };
+
+        // Rows 4 and 20 count (margin_inputs ignores rows 3 and 5 mod 7): both out of range.
+        let mut bad = good.clone();
+        bad[4] = 70 + 2;
+        bad[20] = 70;
+        let out = run(&exe, &c, &x, &w, &bad, &bad, &up);
+        assert_eq!(
+            &out.status[..3],
+            &[counted, 4, 72],
+            "{what}: forward status"
+        );
+        assert_eq!(
+            &out.status[6..9],
+            &[counted, 4, 72],
+            "{what}: backward status"
+        );
+        assert_eq!(out.status[10], 0, "{what}: same labels are no mismatch");
+        assert!(out.loss.is_nan(), "{what}: loss {}", out.loss);
+        assert!(
+            out.row_loss[4].is_nan() && out.row_loss[20].is_nan(),
+            "{what}"
+        );
+        let mut fixed = bad.clone();
+        fixed[4] = -1;
+        fixed[20] = -1;
+        let reference = cpu::forward(&spec, &x, &w, &fixed, c.shape).unwrap();
+        for i in (0..b).filter(|&i| fixed[i] >= 0) {
+            let e = (out.row_loss[i] - reference.row_loss[i]).abs()
+                / reference.row_loss[i].abs().max(1.0);
+            assert!(
+                e < 1e-2,
+                "{what}: row {i} loss {} vs {}",
+                out.row_loss[i],
+                reference.row_loss[i]
+            );
+        }
+        assert!(nan_rows(&out.dx), "{what}: dx of counted rows not NaN");
+        assert!(out.dw.iter().all(|v| v.is_nan()), "{what}: dw not NaN");
+
+        // Valid labels, but the backward's are another order or another count.
+        let mut swapped = good.clone();
+        let (i, j) = (
+            counted_rows[0],
+            *counted_rows
+                .iter()
+                .find(|&&j| good[j] != good[counted_rows[0]])
+                .unwrap(),
+        );
+        swapped.swap(i, j);
+        let mut fewer = good.clone();
+        fewer[counted_rows[1]] = -1;
+        for (bwd, bwd_counted) in [(swapped, counted), (fewer, counted - 1)] {
+            let out = run(&exe, &c, &x, &w, &good, &bwd, &up);
+            assert_eq!(
+                &out.status[..3],
+                &[counted, -1, 0],
+                "{what}: forward status"
+            );
+            assert_eq!(
+                &out.status[6..9],
+                &[bwd_counted, -1, 0],
+                "{what}: backward status"
+            );
+            assert_eq!(
+                &out.status[10..],
+                &[1, counted],
+                "{what}: mismatch not flagged"
+            );
+            assert!(out.loss.is_finite(), "{what}: the forward is valid");
+            let rows_ok = counted_rows
+                .iter()
+                .all(|&r| bwd[r] < 0 || out.dx[r * d..(r + 1) * d].iter().all(|v| v.is_nan()));
+            assert!(rows_ok, "{what}: dx not NaN after a label mismatch");
+        }
+    }
+    one::<bf16>(true, false, 1_300);
+    one::<f32>(false, false, 1_301);
+    one::<f32>(false, true, 1_302);
 }

@@ -5,7 +5,7 @@
 //! Without a GPU every test prints why and passes; with `FUSED_MARGIN_REQUIRE_GPU=1` (the GPU
 //! machine's bundle sets it) a missing device fails instead.
 use cudarc::driver::CudaStream;
-use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, Plan};
+use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, LabelCheck, Plan};
 use fused_margin::{
     cpu, DType, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream,
 };
@@ -153,6 +153,13 @@ fn check_with<T: CudaElement>(
         g.tensor_cores, tc_bwd_expected,
         "{what}: tensor-core backward path"
     );
+    g.check()
+        .unwrap_or_else(|e| panic!("{what}: gradients' label check: {e}"));
+    assert_eq!(
+        fwd.counted().unwrap(),
+        reference.counted,
+        "{what}: counted rows"
+    );
     let dx = to_f64(&s.clone_dtoh(&g.dx).unwrap());
     let dw = to_f64(&s.clone_dtoh(&g.dw).unwrap());
     assert!(
@@ -241,6 +248,7 @@ struct Opts {
     tc_backward: bool,
     tf32: bool,
     wide: bool,
+    label_check: LabelCheck,
 }
 
 impl Default for Opts {
@@ -251,6 +259,7 @@ impl Default for Opts {
             tc_backward: false,
             tf32: false,
             wide: false,
+            label_check: LabelCheck::Host,
         }
     }
 }
@@ -265,6 +274,7 @@ fn run_all_opts<T: CudaElement>(plan: Plan, o: Opts) {
         .with_tensor_core_backward(o.tc_backward)
         .with_tf32(o.tf32)
         .with_wide_forward_tiles(o.wide)
+        .with_label_check(o.label_check)
         .with_poison(true);
     if plan == Plan::Naive {
         eprintln!(
@@ -371,6 +381,103 @@ fn fused_wide_tiles_bf16_and_tf32() {
         },
     );
 }
+/// `LabelCheck::Device`: the label status and the mean's 1/counted computed on the device give
+/// the same results (fused plan on tensor cores and SIMT, naive plan), every spec.
+#[test]
+fn device_label_check_bf16_f32_and_naive() {
+    let o = || Opts {
+        label_check: LabelCheck::Device,
+        ..Opts::default()
+    };
+    run_all_opts::<bf16>(Plan::Fused, o());
+    run_all_opts::<f32>(Plan::Fused, o());
+    run_all_opts::<f16>(Plan::Naive, o());
+}
+
+/// `LabelCheck::Device` with bad labels: the calls succeed, reading a result returns the typed
+/// error (the same LabelOutOfRange the host check gives), the loss and gradients are NaN, labels
+/// that are not the forward's are a ForwardMismatch from `GpuGradients::check`, and mixing
+/// label-check modes between forward and backward is a ForwardMismatch before any launch.
+#[test]
+fn device_label_check_reports_errors_when_read() {
+    let Some(stream) = gpu_or_skip() else { return };
+    for plan in [Plan::Fused, Plan::Naive] {
+        let gpu = FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_plan(plan)
+            .with_label_check(LabelCheck::Device);
+        let shape = Shape::new(4, 8, 10);
+        let xs: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+        let ws: Vec<f32> = (0..80).map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0).collect();
+        let x = stream.clone_htod(&xs).unwrap();
+        let w = stream.clone_htod(&ws).unwrap();
+        let l = stream.clone_htod(&[1i32, 2, 3, 4]).unwrap();
+        let bad_l = stream.clone_htod(&[1i32, -1, 10, 12]).unwrap();
+        let permuted_l = stream.clone_htod(&[2i32, 1, 3, 4]).unwrap();
+        let spec = MarginLoss::arcface(0.5);
+        let (xv, wv) = (x.as_view(), w.as_view());
+
+        let f = gpu
+            .forward(&spec, &xv, &wv, &bad_l.as_view(), shape)
+            .unwrap();
+        for e in [f.check().unwrap_err(), f.loss_host().unwrap_err()] {
+            assert!(
+                matches!(
+                    e,
+                    fused_margin::Error::LabelOutOfRange {
+                        row: 2,
+                        label: 10,
+                        classes: 10
+                    }
+                ),
+                "{plan:?}: {e}"
+            );
+        }
+        let raw_loss = stream.clone_dtoh(&f.loss).unwrap()[0];
+        assert!(
+            raw_loss.is_nan(),
+            "{plan:?}: loss {raw_loss} with a bad label"
+        );
+        let g = gpu
+            .backward(&spec, &f, &xv, &wv, &bad_l.as_view(), GpuUpstream::ONE)
+            .unwrap();
+        assert!(matches!(
+            g.check(),
+            Err(fused_margin::Error::LabelOutOfRange { row: 2, .. })
+        ));
+        let dw = stream.clone_dtoh(&g.dw).unwrap();
+        assert!(dw.iter().all(|v| v.is_nan()), "{plan:?}: dw not poisoned");
+
+        let f = gpu.forward(&spec, &xv, &wv, &l.as_view(), shape).unwrap();
+        assert_eq!(f.counted().unwrap(), 4);
+        assert!(f.loss_host().unwrap().is_finite());
+        let g = gpu
+            .backward(&spec, &f, &xv, &wv, &permuted_l.as_view(), GpuUpstream::ONE)
+            .unwrap();
+        assert!(
+            matches!(g.check(), Err(fused_margin::Error::ForwardMismatch { .. })),
+            "{plan:?}: permuted labels"
+        );
+        let dx = stream.clone_dtoh(&g.dx).unwrap();
+        assert!(dx.iter().all(|v| v.is_nan()), "{plan:?}: dx not poisoned");
+        let g = gpu
+            .backward(&spec, &f, &xv, &wv, &l.as_view(), GpuUpstream::ONE)
+            .unwrap();
+        g.check().unwrap();
+
+        let host = FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_plan(plan);
+        let e = host
+            .backward(&spec, &f, &xv, &wv, &l.as_view(), GpuUpstream::ONE)
+            .unwrap_err();
+        assert!(
+            matches!(e, fused_margin::Error::ForwardMismatch { .. }),
+            "{e}"
+        );
+    }
+}
+
 #[test]
 fn naive_plain_kernels_f32() {
     // The naive plan's own matrix-product kernels (used where libcublas is missing).

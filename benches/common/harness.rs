@@ -6,7 +6,7 @@
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaStream};
 use fused_margin::cuda::measure::{EventTimer, L2Flush, PoolPeak};
-use fused_margin::cuda::{CudaElement, FusedMarginLoss, GpuUpstream, Plan};
+use fused_margin::cuda::{CudaElement, FusedMarginLoss, GpuUpstream, LabelCheck, Plan};
 use fused_margin::{MarginLoss, Result, Shape};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -228,7 +228,8 @@ pub fn handle(stream: &Arc<CudaStream>, plan: Plan) -> FusedMarginLoss {
 
 /// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
 /// tensor-core forward for f16/bf16, SIMT backward), "fused_tcbwd" (plus the opt-in
-/// tensor-core backward; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
+/// tensor-core backward; f16/bf16 only), "fused_devlabels" (the default with
+/// `LabelCheck::Device`: no synchronous label copy per call; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
 /// "fused_wide" (the 128 x 256 forward tiles; TF32 for f32), "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
 /// f16/bf16 only).
 pub fn variants(
@@ -242,6 +243,10 @@ pub fn variants(
         v.push((
             "fused_tcbwd",
             handle(stream, Plan::Fused).with_tensor_core_backward(true),
+        ));
+        v.push((
+            "fused_devlabels",
+            handle(stream, Plan::Fused).with_label_check(LabelCheck::Device),
         ));
     }
     if !half {

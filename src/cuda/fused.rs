@@ -115,7 +115,7 @@ fn tc_eligible<T: CudaElement>(
 }
 
 /// One block of `threads` threads (the fixed-order reductions).
-fn one_block(threads: u32) -> LaunchConfig {
+pub(crate) fn one_block(threads: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (threads, 1, 1),
@@ -238,10 +238,11 @@ pub(crate) fn forward<T: CudaElement>(
         .arg(&ns)
         .arg(&zy)
         .arg(labels)
-        .arg(&bi);
+        .arg(&bi)
+        .arg(&ci);
     lb.arg(&mut lse).arg(&mut row_loss);
     // SAFETY: one thread per row < B reads nsplit partials of its row (B*nsplit allocated),
-    // zy/labels[row] (B) and writes lse/row_loss[row] (B).
+    // labels[row] (B), zy[row] (B; only for a label in 0..C) and writes lse/row_loss[row] (B).
     unsafe { lb.launch(grid_1d(b as u64, 256)?) }
         .map_err(|e| cuda_err("launch fm_combine_rows", e))?;
 
@@ -459,5 +460,6 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         dw,
         workspace_bytes,
         tensor_cores: tc,
+        label_status: None,
     })
 }

@@ -18,16 +18,21 @@
 //! # let _ = grads; Ok(()) }
 //! ```
 //!
-//! Validation happens in Rust before any launch, including the label range: the B labels are
-//! copied to the host for that (one small synchronous copy per call).
+//! Validation happens in Rust before any launch. By default that includes the label range: the
+//! B labels are copied to the host for it (one small synchronous copy per call).
+//! [`LabelCheck::Device`] checks them on the device instead, with no synchronization, and reports
+//! a bad label when a result is read ([`GpuForward::check`], [`GpuGradients::check`]).
 
 mod compile;
 mod fused;
+mod labels;
 mod libs;
 pub mod measure;
 mod naive;
 mod params;
 pub mod raw;
+
+pub use labels::LabelCheck;
 
 pub use compile::{
     compile_ptx, compile_ptx_uncached, entry_name, nvrtc_available, source, ENTRY_POINTS,
@@ -42,6 +47,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
     DeviceSlice, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
+use labels::LabelState;
 use params::FmParams;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -153,14 +159,23 @@ pub struct GpuForward {
     shape: Shape,
     dtype: DType,
     plan: Plan,
-    counted: usize,
-    labels_fingerprint: u64,
+    labels: LabelState,
     stream: Arc<CudaStream>,
 }
 
 impl GpuForward {
-    /// Copies the reduced loss to the host (synchronizes the stream).
+    /// Ok when the labels were valid. Under [`LabelCheck::Host`] that was checked before the
+    /// launch and this costs nothing; under [`LabelCheck::Device`] it copies the device's label
+    /// status to the host (synchronizes the stream) and returns the
+    /// [`Error::LabelOutOfRange`] it reports.
+    pub fn check(&self) -> Result<()> {
+        self.counted().map(|_| ())
+    }
+
+    /// Copies the reduced loss to the host (synchronizes the stream). Checks the labels first
+    /// ([`Self::check`]).
     pub fn loss_host(&self) -> Result<f32> {
+        self.check()?;
         let v = self
             .stream
             .clone_dtoh(&self.loss)
@@ -168,23 +183,41 @@ impl GpuForward {
         Ok(v[0])
     }
 
-    /// Copies the per-row losses to the host (synchronizes the stream).
+    /// Copies the per-row losses to the host (synchronizes the stream). Checks the labels first.
     pub fn row_loss_host(&self) -> Result<Vec<f32>> {
+        self.check()?;
         self.stream
             .clone_dtoh(&self.row_loss)
             .map_err(|e| cuda_err("copy row losses to host", e))
     }
 
-    /// Copies the per-row logsumexps to the host (synchronizes the stream).
+    /// Copies the per-row logsumexps to the host (synchronizes the stream). Checks the labels
+    /// first.
     pub fn lse_host(&self) -> Result<Vec<f32>> {
+        self.check()?;
         self.stream
             .clone_dtoh(&self.lse)
             .map_err(|e| cuda_err("copy lse to host", e))
     }
 
-    /// The number of rows that count (label >= 0).
-    pub fn counted(&self) -> usize {
-        self.counted
+    /// The number of rows that count (label >= 0). Under [`LabelCheck::Device`] it is known on
+    /// the device only: this copies the label status (synchronizes the stream) and returns the
+    /// label error it reports, if any.
+    pub fn counted(&self) -> Result<usize> {
+        match &self.labels {
+            LabelState::Host { counted, .. } => Ok(*counted),
+            LabelState::Device(status) => {
+                Ok(labels::read_status(&self.stream, status, self.shape)?.counted)
+            }
+        }
+    }
+
+    /// How this forward checked its labels.
+    pub fn label_check(&self) -> LabelCheck {
+        match self.labels {
+            LabelState::Host { .. } => LabelCheck::Host,
+            LabelState::Device(_) => LabelCheck::Device,
+        }
     }
 
     /// The shape this result was computed for.
@@ -205,6 +238,25 @@ pub struct GpuGradients<O> {
     pub workspace_bytes: usize,
     /// True when the tensor-core backward (kernels/grad_tc.cu) computed these gradients.
     pub tensor_cores: bool,
+    /// Under [`LabelCheck::Device`]: the backward's label status and the shape, for
+    /// [`Self::check`].
+    label_status: Option<(CudaSlice<i64>, Arc<CudaStream>, Shape)>,
+}
+
+impl<O> GpuGradients<O> {
+    /// Ok when the backward's labels were valid and the forward's. Under [`LabelCheck::Host`]
+    /// that was checked before the launch and this costs nothing; under [`LabelCheck::Device`] it
+    /// copies the device's label status to the host (synchronizes the stream) and returns the
+    /// [`Error::LabelOutOfRange`] or [`Error::ForwardMismatch`] it reports (the gradients are
+    /// then NaN).
+    pub fn check(&self) -> Result<()> {
+        match &self.label_status {
+            None => Ok(()),
+            Some((status, stream, shape)) => {
+                labels::read_status(stream, status, *shape).map(|_| ())
+            }
+        }
+    }
 }
 
 /// The GPU loss operator bound to one stream. Kernels are compiled by NVRTC once per
@@ -221,6 +273,7 @@ pub struct FusedMarginLoss {
     tc_backward: bool,
     tf32: bool,
     wide_tiles: bool,
+    label_check: LabelCheck,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
 }
@@ -348,6 +401,7 @@ impl FusedMarginLoss {
             tc_backward: false,
             tf32: false,
             wide_tiles: false,
+            label_check: LabelCheck::Host,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
         })
@@ -422,6 +476,19 @@ impl FusedMarginLoss {
     /// Whether the tensor-core backward is requested (see [`Self::with_tensor_core_backward`]).
     pub fn tensor_core_backward_enabled(&self) -> bool {
         self.tc_backward
+    }
+
+    /// Where labels are checked (default [`LabelCheck::Host`]: before any launch, one synchronous
+    /// copy per call). [`LabelCheck::Device`] removes that synchronization; see its documentation
+    /// for how errors are reported then. Forward and backward must use the same setting.
+    pub fn with_label_check(mut self, check: LabelCheck) -> Self {
+        self.label_check = check;
+        self
+    }
+
+    /// Where labels are checked (see [`Self::with_label_check`]).
+    pub fn label_check(&self) -> LabelCheck {
+        self.label_check
     }
 
     /// Whether the naive plan may use cuBLAS for its three matrix products (default true, as
@@ -554,8 +621,9 @@ impl FusedMarginLoss {
         Ok(())
     }
 
-    /// Checks spec, shape, buffer lengths and labels (copied to the host) before any launch.
-    /// Returns (counted rows, `Shape::labels_fingerprint`, to match forward and backward).
+    /// Checks spec, shape, buffer lengths and devices before any launch, then the labels as
+    /// [`LabelCheck`] says: copied to the host and checked there, or on the device (the status
+    /// kernel is launched here; `prev` is the forward's status when the backward calls).
     fn validate<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -563,7 +631,8 @@ impl FusedMarginLoss {
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         shape: Shape,
-    ) -> Result<(usize, u64)> {
+        prev: Option<&CudaSlice<i64>>,
+    ) -> Result<LabelState> {
         spec.validate()?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
         self.check_device("x", x.stream())?;
@@ -575,12 +644,24 @@ impl FusedMarginLoss {
                 detail: format!("D = {} must be < 2^31", shape.d),
             });
         }
-        let host = self
-            .stream
-            .clone_dtoh(labels)
-            .map_err(|e| cuda_err("copy labels to host for validation", e))?;
-        let counted = shape.check_labels(&host)?;
-        Ok((counted, Shape::labels_fingerprint(&host)))
+        match self.label_check {
+            LabelCheck::Host => {
+                let host = self
+                    .stream
+                    .clone_dtoh(labels)
+                    .map_err(|e| cuda_err("copy labels to host for validation", e))?;
+                let counted = shape.check_labels(&host)?;
+                Ok(LabelState::Host {
+                    counted,
+                    fingerprint: Shape::labels_fingerprint(&host),
+                })
+            }
+            LabelCheck::Device => {
+                let k = self.kernels(T::DTYPE)?;
+                let status = labels::device_status(self, &k, labels, shape, prev)?;
+                Ok(LabelState::Device(status))
+            }
+        }
     }
 
     /// Forward pass on the GPU (MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
@@ -593,7 +674,7 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
     ) -> Result<GpuForward> {
-        let (counted, labels_fingerprint) = self.validate(spec, x, w, labels, shape)?;
+        let label_state = self.validate(spec, x, w, labels, shape, None)?;
         let k = self.kernels(T::DTYPE)?;
         let p = FmParams::from_spec(spec);
         let mean = spec.reduction == Reduction::Mean;
@@ -613,8 +694,7 @@ impl FusedMarginLoss {
             shape,
             dtype: T::DTYPE,
             plan: self.plan,
-            counted,
-            labels_fingerprint,
+            labels: label_state,
             stream: self.stream.clone(),
         })
     }
@@ -656,7 +736,15 @@ impl FusedMarginLoss {
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<O>> {
         let shape = fwd.shape;
-        let (counted, labels_fingerprint) = self.validate(spec, x, w, labels, shape)?;
+        if fwd.label_check() != self.label_check {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "the forward checked labels with {:?}, this handle with {:?}",
+                    fwd.label_check(),
+                    self.label_check
+                ),
+            });
+        }
         if fwd.spec != *spec {
             return Err(Error::ForwardMismatch {
                 detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
@@ -673,33 +761,97 @@ impl FusedMarginLoss {
                 ),
             });
         }
-        if fwd.counted != counted || fwd.labels_fingerprint != labels_fingerprint {
-            return Err(Error::ForwardMismatch {
-                detail: format!(
-                    "labels differ from the forward's (counted {} vs {} of B = {}; same count \
-                     means other values or another order)",
-                    fwd.counted, counted, shape.b
-                ),
-            });
-        }
-        let (g_rows, g_scalar) = match upstream {
+        // The upstream is checked before anything is launched; its per-row value for a scalar
+        // needs the counted rows, known here only under LabelCheck::Host.
+        let per_row = match upstream {
             GpuUpstream::Scalar(v) => {
-                let g = scalar_upstream_per_row(spec.reduction, v as f64, shape.b, counted)?;
-                (None, g as f32)
+                // Counted 1 stands in for the unknown count: this only checks v and the reduction.
+                scalar_upstream_per_row(spec.reduction, v as f64, shape.b, 1)?;
+                None
             }
             GpuUpstream::PerRow(view) => {
                 check_per_row_upstream(spec.reduction, view.len(), shape.b)?;
                 self.check_device("upstream", view.stream())?;
-                (Some(view), 0.0)
+                Some(view)
             }
         };
+        let prev = match &fwd.labels {
+            LabelState::Device(status) => Some(status),
+            LabelState::Host { .. } => None,
+        };
+        let state = self.validate(spec, x, w, labels, shape, prev)?;
         let k = self.kernels(T::DTYPE)?;
         let p = FmParams::from_spec(spec);
-        let up = fused::Upstream { g_rows, g_scalar };
-        match self.plan {
-            Plan::Fused => fused::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up),
-            Plan::Naive => naive::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up),
-        }
+        let mean = spec.reduction == Reduction::Mean;
+        let mut device_g = None;
+        let mut label_status = None;
+        let (g_rows, g_scalar) = match (state, &fwd.labels) {
+            (
+                LabelState::Host {
+                    counted,
+                    fingerprint,
+                },
+                LabelState::Host {
+                    counted: fc,
+                    fingerprint: ff,
+                },
+            ) => {
+                if *fc != counted || *ff != fingerprint {
+                    return Err(Error::ForwardMismatch {
+                        detail: format!(
+                            "labels differ from the forward's (counted {fc} vs {counted} of B = \
+                             {}; same count means other values or another order)",
+                            shape.b
+                        ),
+                    });
+                }
+                match upstream {
+                    GpuUpstream::Scalar(v) => {
+                        let g =
+                            scalar_upstream_per_row(spec.reduction, v as f64, shape.b, counted)?;
+                        (None, g as f32)
+                    }
+                    GpuUpstream::PerRow(_) => (per_row, 0.0),
+                }
+            }
+            (LabelState::Device(status), LabelState::Device(_)) => {
+                // The per-row upstream comes from the device status (1/counted for the mean),
+                // poisoned there when the labels are bad or not the forward's.
+                let g_scalar = match upstream {
+                    GpuUpstream::Scalar(v) => v,
+                    GpuUpstream::PerRow(_) => 0.0,
+                };
+                device_g = Some(labels::device_upstream(
+                    self, &k, labels, shape.b, &status, per_row, g_scalar, mean,
+                )?);
+                label_status = Some((status, self.stream.clone(), shape));
+                (None, 0.0)
+            }
+            // Ruled out by the label_check comparison above; kept as the typed error it would be.
+            (state, _) => {
+                return Err(Error::ForwardMismatch {
+                    detail: format!(
+                        "the forward checked labels with {:?}, this backward with {:?}",
+                        fwd.label_check(),
+                        match state {
+                            LabelState::Host { .. } => LabelCheck::Host,
+                            LabelState::Device(_) => LabelCheck::Device,
+                        }
+                    ),
+                })
+            }
+        };
+        let device_view = device_g.as_ref().map(|g| g.as_view());
+        let up = fused::Upstream {
+            g_rows: device_view.as_ref().or(g_rows),
+            g_scalar,
+        };
+        let mut grads = match self.plan {
+            Plan::Fused => fused::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up)?,
+            Plan::Naive => naive::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up)?,
+        };
+        grads.label_status = label_status;
+        Ok(grads)
     }
 }
 

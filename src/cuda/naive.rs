@@ -350,5 +350,6 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         dw,
         workspace_bytes,
         tensor_cores: false,
+        label_status: None,
     })
 }

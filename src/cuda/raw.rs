@@ -136,8 +136,9 @@ impl RawForward {
         self.fwd.loss_host()
     }
 
-    /// The number of rows that count (label >= 0).
-    pub fn counted(&self) -> usize {
+    /// The number of rows that count (label >= 0). (Raw entry points check labels on the host,
+    /// before the launch; the `Result` is [`GpuForward::counted`]'s.)
+    pub fn counted(&self) -> Result<usize> {
         self.fwd.counted()
     }
 

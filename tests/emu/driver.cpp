@@ -7,8 +7,13 @@
 // IN (little endian): i64 B, i64 C, i32 D, FmParams (48 bytes), i32 mean, f32 g_scalar,
 //   i32 has_g_rows, i32 fwd_tc, i32 bwd_tc, i32 fwd_tiles_per_split, i32 bwd_tiles_per_split,
 //   i32 naive (1: the naive plan with its plain kernels, as src/cuda/naive.rs without cuBLAS),
-//   x (B*D of T_IN), w (C*D of T_IN), labels (B i32), g_rows (B f32, when has_g_rows).
-// OUT: f32 loss, lse (B f32), row_loss (B f32), dx (B*D f32), dw (C*D f32).
+//   i32 device_labels (1: LabelCheck::Device, as src/cuda/mod.rs and labels.rs),
+//   x (B*D of T_IN), w (C*D of T_IN), labels (B i32), g_rows (B f32, when has_g_rows),
+//   backward labels (B i32, when device_labels: what the backward is called with).
+// OUT: f32 loss, lse (B f32), row_loss (B f32), dx (B*D f32), dw (C*D f32), then with
+//   device_labels the forward's and the backward's status records (2 x FM_STATUS_LEN i64).
+// With device_labels, g_scalar is the caller's upstream (the kernels divide by the counted rows);
+// without, it is the per-row value the host computes (1/counted for the mean).
 // Every output and workspace is filled with NaN before the launches, so unwritten elements show.
 #include "fm_emu.hpp"
 #include "all.cu"
@@ -46,17 +51,21 @@ std::vector<float> poisoned(size_t n) { return std::vector<float>(n, std::numeri
 fm_uint3 g3(i64 x, i64 y = 1, i64 z = 1) { return {(unsigned)x, (unsigned)y, (unsigned)z}; }
 i64 cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
 
+// The label status records of LabelCheck::Device, written after the outputs when present.
+std::vector<long long> g_status;
+
 void write_out(const char* path, std::initializer_list<const std::vector<float>*> parts) {
     std::ofstream out(path, std::ios::binary);
     for (const auto* v : parts)
         out.write(reinterpret_cast<const char*>(v->data()), (std::streamsize)(v->size() * sizeof(float)));
+    out.write(reinterpret_cast<const char*>(g_status.data()), (std::streamsize)(g_status.size() * sizeof(long long)));
     if (!out) Reader::fail("cannot write output");
 }
 
 // The naive plan with its plain kernels, in the order of src/cuda/naive.rs (materialize, then
 // the backward's recompute, dlogits, row mask, products and normalization backward).
 void run_naive(const std::vector<T_IN>& x, const std::vector<T_IN>& w, const std::vector<int>& labels,
-               const float* g_ptr, float g_scalar, const FmParams& p, int mean, i64 B, i64 C, int D,
+               const std::vector<int>& blabels, const float* g_ptr, float g_scalar, const FmParams& p, int mean, i64 B, i64 C, int D,
                const char* out_path) {
     auto xnorm = poisoned(B), wnorm = poisoned(C);
     fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
@@ -78,10 +87,10 @@ void run_naive(const std::vector<T_IN>& x, const std::vector<T_IN>& w, const std
     fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_reduce_loss)(row_loss.data(), labels.data(), B, mean, loss.data()); });
     auto dn = poisoned(B);
     fm_emu::launch(g3(B), g3(256), [&] {
-        FM_ENTRY(naive_dlogits)(prob.data(), tval.data(), dt.data(), labels.data(), xnorm.data(), g_ptr, g_scalar, p, B,
+        FM_ENTRY(naive_dlogits)(prob.data(), tval.data(), dt.data(), blabels.data(), xnorm.data(), g_ptr, g_scalar, p, B,
                                 C, dn.data());
     });
-    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_mask_rows)(xh.data(), labels.data(), B, D); });
+    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_mask_rows)(xh.data(), blabels.data(), B, D); });
     auto dxh = poisoned(B * D), dwh = poisoned(C * D);
     fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_matmul)(prob.data(), wh.data(), B, C, D, 0, dxh.data()); });
     fm_emu::launch(g3(cdiv(C * D, 256)), g3(256), [&] { FM_ENTRY(naive_matmul)(prob.data(), xh.data(), C, B, D, 1, dwh.data()); });
@@ -110,18 +119,38 @@ int main(int argc, char** argv) {
     const float g_scalar = r.get<float>();
     const int has_g = r.get<int>(), fwd_tc = r.get<int>(), bwd_tc = r.get<int>();
     const int fwd_tps = r.get<int>(), bwd_tps = r.get<int>(), naive = r.get<int>();
+    const int device_labels = r.get<int>();
     auto x = r.vec<T_IN>((size_t)(B * D));
     auto w = r.vec<T_IN>((size_t)(C * D));
     auto labels = r.vec<int>((size_t)B);
     std::vector<float> g_rows;
     if (has_g) g_rows = r.vec<float>((size_t)B);
     const float* g_ptr = has_g ? g_rows.data() : nullptr;
+    float g_scalar_b = g_scalar;
+    std::vector<int> blabels = labels;
+    std::vector<float> g_dev;
+    if (device_labels) {
+        // mod.rs: the forward's status (in validate), then in backward the status against the
+        // forward's and the per-row upstream from it; the backward kernels take that buffer.
+        blabels = r.vec<int>((size_t)B);
+        g_status.assign(2 * FM_STATUS_LEN, std::numeric_limits<long long>::min());
+        long long* sf = g_status.data();
+        long long* sb = sf + FM_STATUS_LEN;
+        fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_label_status)(labels.data(), B, C, nullptr, sf); });
+        fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_label_status)(blabels.data(), B, C, sf, sb); });
+        g_dev = poisoned(B);
+        fm_emu::launch(g3(cdiv(B, 256)), g3(256), [&] {
+            FM_ENTRY(fm_upstream_rows)(blabels.data(), B, sb, g_ptr, g_scalar, mean, g_dev.data());
+        });
+        g_ptr = g_dev.data();
+        g_scalar_b = 0.0f;
+    }
 #if FM_DTYPE == FM_F32
     if (bwd_tc) Reader::fail("the tensor-core backward exists for f16/bf16 only");
 #endif
 
     if (naive) {
-        run_naive(x, w, labels, g_ptr, g_scalar, p, mean, B, C, D, argv[2]);
+        run_naive(x, w, labels, blabels, g_ptr, g_scalar_b, p, mean, B, C, D, argv[2]);
         return 0;
     }
     // ---- forward (fused.rs: forward) ----
@@ -139,6 +168,9 @@ int main(int argc, char** argv) {
     const i64 ntiles = cdiv(C, bn);
     const int nsplit = (int)cdiv(ntiles, fwd_tps);
     auto part_m = poisoned(B * nsplit), part_s = poisoned(B * nsplit), zy = poisoned(B);
+    // Under device_labels zy starts at 0, as the GPU's allocation does (not poisoned): a row whose
+    // label is >= C has no z_iy written, and the combine must give NaN without reading it.
+    if (device_labels) std::fill(zy.begin(), zy.end(), 0.0f);
     fm_emu::launch(g3(cdiv(B, bm), nsplit), g3(256), [&] {
         if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc[_wide]; f32: the TF32 kernels
 #if FM_DTYPE != FM_F32
@@ -155,7 +187,7 @@ int main(int argc, char** argv) {
     }, smem);
     auto lse = poisoned(B), row_loss = poisoned(B), loss = poisoned(1);
     fm_emu::launch(g3(cdiv(B, 256)), g3(256), [&] {
-        FM_ENTRY(fm_combine_rows)(part_m.data(), part_s.data(), nsplit, zy.data(), labels.data(), B, lse.data(),
+        FM_ENTRY(fm_combine_rows)(part_m.data(), part_s.data(), nsplit, zy.data(), labels.data(), B, C, lse.data(),
                                   row_loss.data());
     });
     fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_reduce_loss)(row_loss.data(), labels.data(), B, mean, loss.data()); });
@@ -170,8 +202,8 @@ int main(int argc, char** argv) {
         const i64 dchunks = cdiv(D, 128);
         auto dxh_part = poisoned(ns * B * D), proj_part = poisoned(ns * B), dn_part = poisoned(ns * B);
         fm_emu::launch(g3(cdiv(B, 32), ns, dchunks), g3(256), [&] {
-            FM_ENTRY(fm_grad_x_partial)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), lse.data(),
-                                        g_ptr, g_scalar, pb, B, C, D, bwd_tps, ns, dxh_part.data(),
+            FM_ENTRY(fm_grad_x_partial)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(),
+                                        g_ptr, g_scalar_b, pb, B, C, D, bwd_tps, ns, dxh_part.data(),
                                         proj_part.data(), dn_part.data());
         });
         fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
@@ -179,8 +211,8 @@ int main(int argc, char** argv) {
                                          ns, B, D, pb, dx.data());
         });
         fm_emu::launch(g3(ntl, dchunks), g3(256), [&] {
-            FM_ENTRY_F32OUT(fm_grad_w)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), lse.data(),
-                                       g_ptr, g_scalar, pb, B, C, D, dw.data());
+            FM_ENTRY_F32OUT(fm_grad_w)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(),
+                                       g_ptr, g_scalar_b, pb, B, C, D, dw.data());
         });
     } else {
 #if FM_DTYPE != FM_F32
@@ -189,12 +221,12 @@ int main(int argc, char** argv) {
         const i64 dchunks = cdiv(D, GT_DCH);
         auto scale = poisoned(1);
         fm_emu::launch(g3(1), g3(1024), [&] {
-            FM_ENTRY(fm_grad_scale)(labels.data(), xnorm.data(), g_ptr, g_scalar, p, B, scale.data());
+            FM_ENTRY(fm_grad_scale)(blabels.data(), xnorm.data(), g_ptr, g_scalar_b, p, B, scale.data());
         });
         auto dxh_part = poisoned(ns * B * D), proj_part = poisoned(ns * B), dn_part = poisoned(ns * B);
         fm_emu::launch(g3(cdiv(B, GT_OWN), ns, dchunks), g3(256), [&] {
-            FM_ENTRY(fm_grad_x_tc)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr,
-                                   g_scalar, p, B, C, D, bwd_tps, ns, dxh_part.data(), proj_part.data(),
+            FM_ENTRY(fm_grad_x_tc)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr,
+                                   g_scalar_b, p, B, C, D, bwd_tps, ns, dxh_part.data(), proj_part.data(),
                                    dn_part.data());
         }, sizeof(FmGtSmem));
         fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
@@ -202,8 +234,8 @@ int main(int argc, char** argv) {
                                          ns, B, D, p, dx.data());
         });
         fm_emu::launch(g3(cdiv(C, GT_OWN), dchunks), g3(256), [&] {
-            FM_ENTRY_F32OUT(fm_grad_w_tc)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(),
-                                          lse.data(), g_ptr, g_scalar, scale.data(), p, B, C, D, dw.data());
+            FM_ENTRY_F32OUT(fm_grad_w_tc)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(),
+                                          lse.data(), g_ptr, g_scalar_b, scale.data(), p, B, C, D, dw.data());
         }, sizeof(FmGtSmem));
 #endif
     }
