@@ -410,6 +410,16 @@ fn tensor_core_forward_and_backward_bf16() {
     }
 }
 
+/// D > 256: the backward's FmGt<32> tiles (32 own rows x 512 columns, fm_grad_*_tc_d512), for
+/// every option, with B and C off the tile multiples, D = 512 exactly and a partial chunk.
+#[test]
+fn tensor_core_backward_d512_tiles() {
+    for (k, spec) in tc_specs().into_iter().enumerate() {
+        check::<bf16>(&case(spec, (45, 296, 230), true, (1, 2), 150 + k as u64));
+        check::<f16>(&case(spec, (33, 512, 97), true, (2, 1), 160 + k as u64));
+    }
+}
+
 #[test]
 fn tensor_core_forward_and_backward_f16() {
     for (k, spec) in tc_specs().into_iter().enumerate() {
@@ -417,8 +427,9 @@ fn tensor_core_forward_and_backward_f16() {
     }
 }
 
-/// Shapes at the tile edges: B and C of 1, one class, D of 8 (one chunk), D past one output chunk
-/// (GT_DCH = 256), every class in one split and one class tile per split.
+/// Shapes at the tile edges: B and C of 1, one class, D of 8 (one chunk), D past 256 (the
+/// backward's FmGt<32> tiles of 512 columns) and past 512 (two of its chunks), every class in one
+/// split and one class tile per split.
 #[test]
 fn tensor_core_edge_shapes() {
     let spec = MarginLoss::arcface(0.5);
@@ -543,9 +554,12 @@ fn no_races_under_other_schedules() {
         )
     }
     let spec = MarginLoss::arcface(0.5).reduction(Reduction::None);
-    // Tensor-core forward and backward (bf16), the SIMT kernels (f32) and the naive plan.
+    // Tensor-core forward and backward (bf16, both backward tile shapes), the SIMT kernels (f32)
+    // and the naive plan.
     let mut cases = vec![
         (DType::BF16, case(spec, (70, 40, 200), true, (1, 2), 800)),
+        // D > 256: the backward's 32 x 512 tiles (fm_grad_*_tc_d512).
+        (DType::BF16, case(spec, (40, 264, 150), true, (1, 2), 803)),
         (DType::F32, case(spec, (40, 36, 70), false, (1, 1), 801)),
     ];
     let mut naive = case(spec, (20, 24, 40), false, (1, 1), 802);

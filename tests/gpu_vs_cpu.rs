@@ -285,11 +285,14 @@ fn run_all_opts<T: CudaElement>(plan: Plan, o: Opts) {
     // D not a multiple of 8 and C not a multiple of the 32-class tile; the second shape spans
     // several class splits and two 128-wide gradient column chunks; the third has D % 8 == 0
     // (the tensor-core forward for f16/bf16) with a partial last k step (136 = 4*32 + 8), a
-    // partial last 128-class tile and a partial last 64-row tile.
+    // partial last 128-class tile and a partial last 64-row tile; the fourth has D > 256 (the
+    // tensor-core backward's 32 x 512 tiles, fm_grad_*_tc_d512, with a partial column chunk) and
+    // B = 33 (one row past a 32-row tile).
     let shapes = [
         Shape::new(37, 77, 301),
         Shape::new(70, 130, 2051),
         Shape::new(45, 136, 1000),
+        Shape::new(33, 264, 700),
     ];
     for (n, spec) in specs().iter().enumerate() {
         for (m, &shape) in shapes.iter().enumerate() {

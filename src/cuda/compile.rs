@@ -45,13 +45,16 @@ pub const ENTRY_POINTS: [&str; 21] = [
 ];
 
 /// Entry points built only for f16 and bf16 inputs (tensor cores).
-pub const HALF_ENTRY_POINTS: [&str; 6] = [
+pub const HALF_ENTRY_POINTS: [&str; 9] = [
     "fm_fwd_tiles_tc",
     "fm_fwd_tiles_tc_wide",
     "fm_grad_scale",
     "fm_grad_x_tc",
     "fm_grad_w_tc",
     "fm_grad_w_tc_f32out",
+    "fm_grad_x_tc_d512",
+    "fm_grad_w_tc_d512",
+    "fm_grad_w_tc_d512_f32out",
 ];
 
 /// Entry points built only for f32 inputs (the TF32 tensor-core forward).

@@ -29,18 +29,11 @@ const TC_WIDE: (usize, usize) = (128, 256);
 fn tc_smem_bytes(bm: usize, bn: usize) -> u32 {
     (3 * (bm + bn) * 80 + 32 * bm) as u32
 }
-/// Dynamic shared memory of a tensor-core backward block: sizeof(FmGtSmem) in grad_tc.cu.
-const GT_SMEM_BYTES: u32 = 45312;
 /// Gradient columns per backward block (FM_DC).
 const DC: usize = 128;
-/// Own rows per tensor-core backward block (GT_OWN in kernels/grad_tc.cu).
-const GT_OWN: usize = 64;
-/// Partner rows per tensor-core backward tile (GT_PN): class tiles of the dx kernel.
+/// Partner rows per tensor-core backward tile (GT_PN in kernels/grad_tc.cu): the dx kernel's
+/// class tiles.
 const GT_PN: usize = 64;
-// The dw kernel tiles classes by GT_OWN, the dx kernel by GT_PN: BackwardTiles has one count.
-const _: () = assert!(GT_OWN == GT_PN);
-/// Gradient columns per tensor-core backward block (GT_DCH).
-const GT_DCH: usize = 256;
 /// Upper bound on class splits of the tensor-core dx kernel: its partials are
 /// `nsplit x B x D` f32 (32 MiB at B = D = 512).
 const MAX_TC_X_SPLITS: usize = 32;
@@ -293,9 +286,11 @@ pub(crate) fn out_entry<T: CudaElement, O: CudaElement>(base: &str) -> String {
 
 /// The backward's tiling: the SIMT kernels (grad.cu) or the tensor-core ones (grad_tc.cu).
 struct BackwardTiles {
-    /// Rows of x per dx block, classes per partner tile of the dx kernel and per dw block.
+    /// Rows of x per dx block and classes per partner tile of the dx kernel.
     rows: usize,
     classes: usize,
+    /// Classes per dw block.
+    w_classes: usize,
     /// Columns of D per block (blocks of one tile along D recompute its logits).
     dchunk: usize,
     max_x_splits: usize,
@@ -308,6 +303,7 @@ struct BackwardTiles {
 const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
     rows: BM,
     classes: BN,
+    w_classes: BN,
     dchunk: DC,
     max_x_splits: MAX_X_SPLITS,
     x_kernel: "fm_grad_x_partial",
@@ -315,14 +311,31 @@ const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
     smem: 0,
 };
 
+/// The tensor-core backward, FmGt<64> of kernels/grad_tc.cu: 64 own rows (or classes) x 256
+/// columns of D per block. For D <= 256, where one chunk covers D.
 const TC_BACKWARD: BackwardTiles = BackwardTiles {
-    rows: GT_OWN,
+    rows: 64,
     classes: GT_PN,
-    dchunk: GT_DCH,
+    w_classes: 64,
+    dchunk: 256,
     max_x_splits: MAX_TC_X_SPLITS,
     x_kernel: "fm_grad_x_tc",
     w_kernel: "fm_grad_w_tc",
-    smem: GT_SMEM_BYTES,
+    smem: 45312, // sizeof(FmGt<64>::Smem), static_assert in grad_tc.cu
+};
+
+/// FmGt<32>: 32 own rows x 512 columns per block, so up to D = 512 each block recomputes its
+/// logits once, where TC_BACKWARD's two D chunks recompute them twice (fewer FLOPs: about
+/// 4 instead of 6 matrix products of the step's size for the backward at D = 512).
+const TC_BACKWARD_D512: BackwardTiles = BackwardTiles {
+    rows: 32,
+    classes: GT_PN,
+    w_classes: 32,
+    dchunk: 512,
+    max_x_splits: MAX_TC_X_SPLITS,
+    x_kernel: "fm_grad_x_tc_d512",
+    w_kernel: "fm_grad_w_tc_d512",
+    smem: 72448, // sizeof(FmGt<32>::Smem), static_assert in grad_tc.cu
 };
 
 /// The backward: the dx partials per class split, finished by fm_x_finish, then dw. The
@@ -347,7 +360,11 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     p.tf32_dots = (fwd.tensor_cores && T::DTYPE == DType::F32) as i32;
     let p = &p;
     let tc = h.tc_backward && T::DTYPE != DType::F32 && tc_eligible(h, x, w, d);
-    let t = if tc { &TC_BACKWARD } else { &SIMT_BACKWARD };
+    let t = match (tc, d <= TC_BACKWARD.dchunk) {
+        (false, _) => &SIMT_BACKWARD,
+        (true, true) => &TC_BACKWARD,
+        (true, false) => &TC_BACKWARD_D512,
+    };
     let row_tiles = b.div_ceil(t.rows);
     let ntiles = c.div_ceil(t.classes);
     let dchunks = d.div_ceil(t.dchunk);
@@ -406,7 +423,7 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     // and w_norm (C); writes dxh_part at (split*B + row)*D + d < nsplit*B*D and proj/dn_part at
     // split*B + row < nsplit*B. The tensor-core kernel's 16-byte loads need D % 8 == 0 and 16-byte
     // aligned x, w (tc_eligible); chunks past B, C or D are zero-filled without reading. Its
-    // dynamic shared memory is sizeof(FmGtSmem) (static_assert in grad_tc.cu).
+    // dynamic shared memory is t.smem = sizeof(FmGt<OWN>::Smem) (static_asserts in grad_tc.cu).
     let cfg = LaunchConfig {
         shared_mem_bytes: t.smem,
         ..grid(row_tiles, sp.nsplit, dchunks, t.x_kernel)?
@@ -445,13 +462,13 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
         lb.arg(scale); // fm_grad_w_tc only: K
     }
     lb.arg(p).arg(&bi).arg(&ci).arg(&di).arg(&mut dw);
-    // SAFETY: grid (ceil(C / t.classes), dchunks): each block reads all rows of x (B*D) and
+    // SAFETY: grid (ceil(C / t.w_classes), dchunks): each block reads all rows of x (B*D) and
     // labels/x_norm/lse/g_rows (B), scale[0] (tensor cores), its classes < C of w/w_norm, and
     // writes dw[col*D + d] for its own classes < C and dims < D only (C*D of type O allocated).
     // Loads and shared memory as for the dx kernel above.
     let cfg = LaunchConfig {
         shared_mem_bytes: t.smem,
-        ..grid(ntiles, dchunks, 1, &name)?
+        ..grid(c.div_ceil(t.w_classes), dchunks, 1, &name)?
     };
     unsafe { lb.launch(cfg) }.map_err(|e| cuda_err(&format!("launch {name}"), e))?;
 

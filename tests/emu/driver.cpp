@@ -216,27 +216,32 @@ int main(int argc, char** argv) {
         });
     } else {
 #if FM_DTYPE != FM_F32
+        // fused.rs: FmGt<64> (fm_grad_*_tc) for D <= 256, else FmGt<32> (fm_grad_*_tc_d512).
+        const bool d512 = D > FmGt<64>::DCH;
+        const i64 own = d512 ? 32 : 64, dch = d512 ? FmGt<32>::DCH : FmGt<64>::DCH;
+        const size_t gsmem = d512 ? sizeof(FmGt<32>::Smem) : sizeof(FmGt<64>::Smem);
         const i64 ntl = cdiv(C, GT_PN);
         const int ns = (int)cdiv(ntl, bwd_tps);
-        const i64 dchunks = cdiv(D, GT_DCH);
+        const i64 dchunks = cdiv(D, dch);
         auto scale = poisoned(1);
         fm_emu::launch(g3(1), g3(1024), [&] {
             FM_ENTRY(fm_grad_scale)(blabels.data(), xnorm.data(), g_ptr, g_scalar_b, p, B, scale.data());
         });
         auto dxh_part = poisoned(ns * B * D), proj_part = poisoned(ns * B), dn_part = poisoned(ns * B);
-        fm_emu::launch(g3(cdiv(B, GT_OWN), ns, dchunks), g3(256), [&] {
-            FM_ENTRY(fm_grad_x_tc)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr,
-                                   g_scalar_b, p, B, C, D, bwd_tps, ns, dxh_part.data(), proj_part.data(),
-                                   dn_part.data());
-        }, sizeof(FmGtSmem));
+        fm_emu::launch(g3(cdiv(B, own), ns, dchunks), g3(256), [&] {
+            auto k = d512 ? FM_ENTRY(fm_grad_x_tc_d512) : FM_ENTRY(fm_grad_x_tc);
+            k(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr, g_scalar_b, p, B, C,
+              D, bwd_tps, ns, dxh_part.data(), proj_part.data(), dn_part.data());
+        }, gsmem);
         fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
             FM_ENTRY_F32OUT(fm_x_finish)(x.data(), xnorm.data(), dxh_part.data(), proj_part.data(), dn_part.data(),
                                          ns, B, D, p, dx.data());
         });
-        fm_emu::launch(g3(cdiv(C, GT_OWN), dchunks), g3(256), [&] {
-            FM_ENTRY_F32OUT(fm_grad_w_tc)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(),
-                                          lse.data(), g_ptr, g_scalar_b, scale.data(), p, B, C, D, dw.data());
-        }, sizeof(FmGtSmem));
+        fm_emu::launch(g3(cdiv(C, own), dchunks), g3(256), [&] {
+            auto k = d512 ? FM_ENTRY_F32OUT(fm_grad_w_tc_d512) : FM_ENTRY_F32OUT(fm_grad_w_tc);
+            k(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr, g_scalar_b,
+              scale.data(), p, B, C, D, dw.data());
+        }, gsmem);
 #endif
     }
 
