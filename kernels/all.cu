@@ -5,6 +5,7 @@
 #include "normalize.cu"
 #include "logits.cu"
 #include "logits_tc.cu"
+#include "logits_wg.cu"
 #include "combine.cu"
 #include "labels.cu"
 #include "grad.cu"

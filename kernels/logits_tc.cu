@@ -197,40 +197,12 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
             const i64 col0 = (t_begin + it / ksteps) * S::BN;
             float inv_w[NI][2];
             bool cin[NI][2];
-#pragma unroll
-            for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    i64 col = col0 + wn + ni * 8 + t * 2 + j;
-                    cin[ni][j] = col < C;
-                    inv_w[ni][j] = cin[ni][j] ? fm_inv_norm(wnorm[col]) : 0.0f;
-                }
+            fm_tc_col_factors<NI>(wnorm, C, col0 + wn + 2 * t, inv_w, cin);
 #pragma unroll
             for (int q = 0; q < 2 * MI; ++q) {
                 const int mi = q >> 1, h = q & 1;
-                const i64 row = row0 + wm + mi * 16 + g + 8 * h;
-                float z[2 * NI];
-                float mx = FM_NEG_INF;
-#pragma unroll
-                for (int ni = 0; ni < NI; ++ni)
-#pragma unroll
-                    for (int j = 0; j < 2; ++j) {
-                        i64 col = col0 + wn + ni * 8 + t * 2 + j;
-                        float v = FM_NEG_INF;
-                        if (cin[ni][j] && row < B) {
-                            bool tgt = lab[q] == col;
-                            FmElem e = fm_elem(p, acc[mi][ni][h * 2 + j], inv_x[q], inv_w[ni][j], rs[q], tgt);
-                            v = e.z;
-                            if (tgt) zy[row] = e.z;
-                        }
-                        z[ni * 2 + j] = v;
-                        mx = fmaxf(mx, v);
-                    }
-                float sum = 0.0f;
-#pragma unroll
-                for (int e = 0; e < 2 * NI; ++e) sum += z[e] == FM_NEG_INF ? 0.0f : expf(z[e] - mx);
-                // A NaN logit makes sum NaN (fmaxf skipped it in mx): merged as NaN, never dropped.
-                fm_online_merge(run_m[q], run_s[q], sum != sum ? sum : mx, sum);
+                fm_tc_row_epilogue<NI>(p, acc[mi], h, row0 + wm + mi * 16 + g + 8 * h, B, col0 + wn + 2 * t, cin,
+                                       inv_w, lab[q], inv_x[q], rs[q], zy, run_m[q], run_s[q]);
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)

@@ -1,6 +1,7 @@
 // fused-margin: every inline-PTX instruction the kernels use, in one place: f16/bf16/TF32
-// conversion, cp.async, ldmatrix and mma.sync (m16n8k16 f16/bf16, m16n8k8 TF32). Each wrapper states the fragment layout it assumes (PTX ISA,
-// "Warp-level matrix fragments").
+// conversion, cp.async, ldmatrix, mma.sync (m16n8k16 f16/bf16, m16n8k8 TF32) and wgmma (sm_90a).
+// Each wrapper states the fragment layout it assumes (PTX ISA, "Warp-level matrix fragments",
+// "Asynchronous warpgroup level matrix multiply-accumulate").
 //
 // Under FM_EMU (tests/emu: the CPU emulator that runs these kernels in the test suite) each
 // wrapper calls the emulator's model of the same instruction instead, so the kernels' indexing is
@@ -148,5 +149,102 @@ __device__ __forceinline__ void fm_mma1688_tf32(float d[4], const unsigned a[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 #endif
 }
+
+// ---- wgmma (sm_90a: H100 / H200) --------------------------------------------------------------------
+// Built only where the architecture has it (NVRTC --gpu-architecture=sm_90a defines
+// __CUDA_ARCH_FEAT_SM90_ALL) and in the emulator. The forward that uses it (logits_wg.cu) reads
+// both operands from shared memory through 64-bit matrix descriptors (PTX ISA, "Matrix Descriptor
+// Format"): start address >> 4 in bits 0-13, leading byte offset >> 4 in bits 16-29 (unused for
+// swizzled K-major layouts: 1), stride byte offset >> 4 in bits 32-45, base offset in bits
+// 49-51 (0: every tile starts on a 1024-byte boundary), swizzle in bits 62-63 (1: 128-byte).
+// The 128-byte swizzled K-major layout: row r of a tile (64 halves = 128 bytes of K) at
+// tile + r * 128, its 16-byte chunk c at chunk position c ^ (r % 8); 8-row groups 1024 bytes apart
+// (the stride byte offset). A k16 step inside the row advances the start address by 32 bytes.
+#if defined(FM_EMU) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define FM_HAS_WGMMA 1
+
+// The address of a shared-memory pointer in the shared window (what descriptors and the swizzle
+// are defined on).
+__device__ __forceinline__ unsigned fm_smem_addr(const void* p) {
+#ifdef FM_EMU
+    return fm_emu::smem_addr(p);
+#else
+    return (unsigned)__cvta_generic_to_shared(p);
+#endif
+}
+
+// The descriptor of a 128-byte-swizzled K-major tile starting at shared address `saddr`.
+__device__ __forceinline__ unsigned long long fm_wgmma_desc_sw128(unsigned saddr) {
+    return (unsigned long long)((saddr & 0x3FFFFu) >> 4) | (1ull << 16) | ((unsigned long long)(1024 >> 4) << 32) |
+           (1ull << 62);
+}
+
+// Orders this thread's earlier generic-proxy writes to shared memory (cp.async, st.shared) before
+// later reads by wgmma (async proxy), as the PTX ISA requires; then a barrier publishes them.
+__device__ __forceinline__ void fm_fence_proxy_async() {
+#ifndef FM_EMU
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// wgmma.fence: before the first wgmma of a sequence and after registers it uses were touched.
+__device__ __forceinline__ void fm_wgmma_fence() {
+#ifdef FM_EMU
+    fm_emu::wgmma_fence();
+#else
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fm_wgmma_commit() {
+#ifdef FM_EMU
+    fm_emu::wgmma_commit();
+#else
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+// Waits until at most N committed wgmma groups of this warpgroup are pending; only then may the
+// accumulators be read or the shared memory they read be overwritten.
+template <int N>
+__device__ __forceinline__ void fm_wgmma_wait() {
+#ifdef FM_EMU
+    fm_emu::wgmma_wait(N);
+#else
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// wgmma.mma_async m64n128k16, f32 accumulate, A and B K-major from descriptors:
+// D[m][n] (+)= sum_k A[m][k] B[n][k] over the warpgroup's 64 x 128 tile; scale_d = 0 drops the old
+// D. Thread t of the warpgroup (warp w = t / 32, g = lane / 4, c = lane % 4) holds
+//   d[4 j + 2 h + i] = D(16 w + g + 8 h, 8 j + 2 c + i),  j < 16, h, i < 2
+// (the mma.sync C-fragment layout per n8 block). `bf16` selects bf16 inputs, else f16.
+template <bool BF16>
+__device__ __forceinline__ void fm_wgmma_m64n128k16(float d[64], unsigned long long desc_a, unsigned long long desc_b,
+                                                    int scale_d) {
+#ifdef FM_EMU
+    fm_emu::wgmma_m64nk16(d, 128, desc_a, desc_b, scale_d, BF16);
+#else
+    if (BF16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+            : "memory");
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+            "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, "
+            "%64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(desc_a), "l"(desc_b), "r"(scale_d)
+            : "memory");
+    }
+#endif
+}
+#endif  // FM_HAS_WGMMA
 
 #endif  // FM_PTX_CUH

@@ -139,4 +139,55 @@ __device__ __forceinline__ void fm_split_range(i64 ntiles, int split, int tiles_
     if (t_end > ntiles) t_end = ntiles;
 }
 
+
+// ---- the tensor-core forwards' epilogue (logits_tc.cu, logits_wg.cu) ------------------------------
+// Their accumulators share mma's C-fragment layout: per n8 block ni, a thread holds rows g and g+8
+// (h = 0, 1) at columns 2t and 2t+1 (j = 0, 1) in acc[ni][h * 2 + j].
+
+// 1 / max(|w_j|, eps) and "inside C" for the thread's columns col_base + ni * 8 + j.
+template <int NI>
+__device__ __forceinline__ void fm_tc_col_factors(const float* __restrict__ wnorm, i64 C, i64 col_base,
+                                                  float (&inv_w)[NI][2], bool (&cin)[NI][2]) {
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const i64 col = col_base + ni * 8 + j;
+            cin[ni][j] = col < C;
+            inv_w[ni][j] = cin[ni][j] ? fm_inv_norm(wnorm[col]) : 0.0f;
+        }
+}
+
+// One row's share of a class tile (MATH.md steps 2-5): the logits z of its 2 NI columns from the
+// raw dot products, z_iy written when the label is among them, and the tile's (max, sum-exp)
+// merged into the row's running pair.
+template <int NI>
+__device__ __forceinline__ void fm_tc_row_epilogue(const FmParams& p, const float (&acc)[NI][4], int h, i64 row,
+                                                   i64 B, i64 col_base, const bool (&cin)[NI][2],
+                                                   const float (&inv_w)[NI][2], int lab, float inv_x, float rs,
+                                                   float* __restrict__ zy, float& run_m, float& run_s) {
+    float z[2 * NI];
+    float mx = FM_NEG_INF;
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const i64 col = col_base + ni * 8 + j;
+            float v = FM_NEG_INF;
+            if (cin[ni][j] && row < B) {
+                const bool tgt = lab == col;
+                FmElem e = fm_elem(p, acc[ni][h * 2 + j], inv_x, inv_w[ni][j], rs, tgt);
+                v = e.z;
+                if (tgt) zy[row] = e.z;
+            }
+            z[ni * 2 + j] = v;
+            mx = fmaxf(mx, v);
+        }
+    float sum = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 2 * NI; ++e) sum += z[e] == FM_NEG_INF ? 0.0f : expf(z[e] - mx);
+    // A NaN logit makes sum NaN (fmaxf skipped it in mx): merged as NaN, never dropped.
+    fm_online_merge(run_m, run_s, sum != sum ? sum : mx, sum);
+}
+
 #endif  // FM_TILE_CUH

@@ -108,6 +108,8 @@ struct Case {
     outliers: bool,
     /// The wide tensor-core forward tiles (128 x 256) instead of the default 64 x 128.
     wide: bool,
+    /// The wgmma forward (kernels/logits_wg.cu, 128 x 128 tiles; f16/bf16).
+    wgmma: bool,
     /// Inputs with a zero feature row and a zero class row (tests/common: `zero_row_inputs`).
     zero_rows: bool,
     /// Counted rows labelled 0 and C - 1 alternately.
@@ -169,10 +171,10 @@ fn run<T: Element + Bits>(
     buf.extend(mean.to_le_bytes());
     buf.extend(g_scalar.to_le_bytes());
     buf.extend((g_rows.is_some() as i32).to_le_bytes());
-    let fwd = if case.fwd_tc && case.wide {
-        2
-    } else {
-        case.fwd_tc as i32
+    let fwd = match (case.fwd_tc, case.wgmma, case.wide) {
+        (true, true, _) => 3,
+        (true, false, true) => 2,
+        (tc, _, _) => tc as i32,
     };
     buf.extend(fwd.to_le_bytes());
     buf.extend((case.bwd_tc as i32).to_le_bytes());
@@ -259,12 +261,13 @@ impl Bits for bf16 {
 fn check<T: Element + Bits>(case: &Case) {
     let Some(exe) = driver(T::DTYPE) else { return };
     let what = format!(
-        "{:?} {:?} naive={} fwd_tc={} wide={} bwd_tc={} tps=({}, {}) {:?}",
+        "{:?} {:?} naive={} fwd_tc={} wide={} wgmma={} bwd_tc={} tps=({}, {}) {:?}",
         T::DTYPE,
         case.shape,
         case.naive,
         case.fwd_tc,
         case.wide,
+        case.wgmma,
         case.bwd_tc,
         case.fwd_tps,
         case.bwd_tps,
@@ -376,6 +379,7 @@ fn case(
         schedule: ("forward", "eager"),
         outliers: true,
         wide: false,
+        wgmma: false,
         zero_rows: false,
         labels_at_ends: false,
         device_labels: false,
@@ -534,6 +538,8 @@ fn no_races_under_other_schedules() {
         ("reverse", "deferred"),
         ("shuffle:1", "deferred"),
         ("shuffle:2", "eager"),
+        ("greedy", "deferred"),
+        ("greedy-reverse", "eager"),
     ];
     let bits = |o: &Outputs| -> Vec<u64> {
         std::iter::once(o.loss)
@@ -560,6 +566,14 @@ fn no_races_under_other_schedules() {
         (DType::BF16, case(spec, (70, 40, 200), true, (1, 2), 800)),
         // D > 256: the backward's 32 x 512 tiles (fm_grad_*_tc_d512).
         (DType::BF16, case(spec, (40, 264, 150), true, (1, 2), 803)),
+        // The wgmma forward: deferred copies and wgmma catch a missing wait or fence.
+        (
+            DType::BF16,
+            Case {
+                wgmma: true,
+                ..case(spec, (70, 136, 300), true, (1, 2), 804)
+            },
+        ),
         (DType::F32, case(spec, (40, 36, 70), false, (1, 1), 801)),
     ];
     let mut naive = case(spec, (20, 24, 40), false, (1, 1), 802);
@@ -593,7 +607,8 @@ fn no_races_under_other_schedules() {
 
 /// Random specs (the property tests' generator, tests/property_cases) on random shapes with
 /// D % 8 == 0, random class splits, through the tensor-core kernels (bf16, f16; a third of them
-/// with the wide tiles), the SIMT kernels (f32) and the TF32 forward. `FUSED_MARGIN_EMU_CASES` sets the number of cases (default 24).
+/// with the wide tiles, a third with the wgmma forward), the SIMT kernels (f32) and the TF32
+/// forward. `FUSED_MARGIN_EMU_CASES` sets the number of cases (default 24).
 #[test]
 fn random_specs_and_shapes() {
     use property_cases::{random_spec, Preset};
@@ -622,10 +637,17 @@ fn random_specs_and_shapes() {
         );
         let tps = (r.random_range(1..=3), r.random_range(1..=4));
         let mut c = case(spec, shape, true, tps, 9_000 + seed);
-        c.wide = r.random_range(0..3) == 0;
+        let tiles = r.random_range(0..3);
+        c.wide = tiles == 0;
         match seed % 4 {
-            0 => check::<bf16>(&c),
-            1 => check::<f16>(&c),
+            0 => check::<bf16>(&Case {
+                wgmma: tiles == 1,
+                ..c
+            }),
+            1 => check::<f16>(&Case {
+                wgmma: tiles == 1,
+                ..c
+            }),
             2 => check::<f32>(&Case {
                 fwd_tc: false,
                 bwd_tc: false,
@@ -687,6 +709,36 @@ fn wide_forward_tiles() {
     {
         let mut c = case(MarginLoss::arcface(0.5), shape, true, tps, 1200 + k as u64);
         c.wide = true;
+        check::<bf16>(&c);
+    }
+}
+
+/// The wgmma forward (kernels/logits_wg.cu: 128 x 128 tiles, both operands from shared memory
+/// through 128-byte swizzled descriptors) for every option, f16 and bf16, with the tensor-core
+/// backward after it; then edge shapes: one row and class, B and C one past a tile, D of 8 (a
+/// partial 64-wide k step), D past 64 with a partial last step, several splits.
+#[test]
+fn wgmma_forward() {
+    for (k, spec) in tc_specs().into_iter().enumerate() {
+        let mut c = case(spec, (130, 136, 300), true, (1, 2), 1_400 + k as u64);
+        c.wgmma = true;
+        if k % 2 == 0 {
+            check::<bf16>(&c);
+        } else {
+            check::<f16>(&c);
+        }
+    }
+    for (k, (shape, tps)) in [
+        ((1, 8, 1), (1, 1)),
+        ((129, 8, 129), (1, 1)),
+        ((64, 72, 257), (2, 1)),
+        ((30, 200, 600), (1, 1)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = case(MarginLoss::arcface(0.5), shape, true, tps, 1_450 + k as u64);
+        c.wgmma = true;
         check::<bf16>(&c);
     }
 }

@@ -106,6 +106,8 @@ fn check_with<T: CudaElement>(
             shape.d % 8 == 0
         };
     assert_eq!(fwd.tensor_cores, tc_expected, "{what}: tensor-core path");
+    let wg_expected = tc_expected && T::DTYPE != DType::F32 && gpu.wgmma_enabled();
+    assert_eq!(fwd.wgmma, wg_expected, "{what}: wgmma path");
     let (lbar, gbar) = if T::DTYPE == DType::F32 && fwd.tensor_cores {
         common::TF32_BARS
     } else {
@@ -248,6 +250,7 @@ struct Opts {
     tc_backward: bool,
     tf32: bool,
     wide: bool,
+    wgmma: bool,
     label_check: LabelCheck,
 }
 
@@ -259,6 +262,7 @@ impl Default for Opts {
             tc_backward: false,
             tf32: false,
             wide: false,
+            wgmma: false,
             label_check: LabelCheck::Host,
         }
     }
@@ -274,6 +278,7 @@ fn run_all_opts<T: CudaElement>(plan: Plan, o: Opts) {
         .with_tensor_core_backward(o.tc_backward)
         .with_tf32(o.tf32)
         .with_wide_forward_tiles(o.wide)
+        .with_wgmma(o.wgmma)
         .with_label_check(o.label_check)
         .with_poison(true);
     if plan == Plan::Naive {
@@ -384,6 +389,19 @@ fn fused_wide_tiles_bf16_and_tf32() {
         },
     );
 }
+/// The wgmma forward (sm_90a; on other GPUs the handle falls back to mma.sync, which the
+/// assertion on `fwd.wgmma` in `check_with` verifies), then with the tensor-core backward after it.
+#[test]
+fn fused_wgmma_bf16_f16() {
+    let o = |tc_backward| Opts {
+        wgmma: true,
+        tc_backward,
+        ..Opts::default()
+    };
+    run_all_opts::<bf16>(Plan::Fused, o(false));
+    run_all_opts::<f16>(Plan::Fused, o(true));
+}
+
 /// `LabelCheck::Device`: the label status and the mean's 1/counted computed on the device give
 /// the same results (fused plan on tensor cores and SIMT, naive plan), every spec.
 #[test]

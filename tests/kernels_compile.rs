@@ -3,7 +3,7 @@
 //! `FUSED_MARGIN_REQUIRE_NVRTC=1` (as CI sets it).
 use fused_margin::cuda::{
     compile_ptx_uncached, entry_name, nvrtc_available, ENTRY_POINTS, F32_ENTRY_POINTS,
-    HALF_ENTRY_POINTS, KERNEL_DTYPES,
+    HALF_ENTRY_POINTS, KERNEL_DTYPES, SM90A_HALF_ENTRY_POINTS,
 };
 
 fn nvrtc_or_skip() -> bool {
@@ -37,6 +37,21 @@ fn compiles(dtype: fused_margin::DType, arch: &str) {
             "{name} missing from the {dtype:?} PTX for {arch}"
         );
     }
+    // The wgmma forward exists exactly in the f16/bf16 modules for sm_90a, and uses wgmma there.
+    let sm90a = arch == "sm_90a" && dtype != fused_margin::DType::F32;
+    for base in SM90A_HALF_ENTRY_POINTS {
+        let name = entry_name(base, dtype);
+        assert_eq!(
+            ptx.contains(&format!(".entry {name}(")),
+            sm90a,
+            "{name} in the {dtype:?} PTX for {arch}"
+        );
+    }
+    assert_eq!(
+        ptx.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32"),
+        sm90a,
+        "wgmma in the {dtype:?} PTX for {arch}"
+    );
     // Accurate maths (no silent fast-math): IEEE square root and division, never the approximations
     // that --use_fast_math substitutes.
     assert!(
@@ -66,6 +81,14 @@ fn f16_kernels_compile_for_sm90() {
 #[test]
 fn bf16_kernels_compile_for_sm90() {
     compiles(fused_margin::DType::BF16, "sm_90");
+}
+
+/// The architecture-specific Hopper target (`with_wgmma`): every kernel plus the wgmma forward.
+#[test]
+fn kernels_compile_for_sm90a() {
+    for dt in KERNEL_DTYPES {
+        compiles(dt, "sm_90a");
+    }
 }
 
 #[test]

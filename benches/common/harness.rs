@@ -229,7 +229,8 @@ pub fn handle(stream: &Arc<CudaStream>, plan: Plan) -> FusedMarginLoss {
 /// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
 /// tensor-core forward for f16/bf16, SIMT backward), "fused_tcbwd" (plus the opt-in
 /// tensor-core backward; f16/bf16 only), "fused_devlabels" (the default with
-/// `LabelCheck::Device`: no synchronous label copy per call; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
+/// `LabelCheck::Device`: no synchronous label copy per call; f16/bf16 only), "fused_wgmma" (the
+/// opt-in wgmma forward on sm_90a; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
 /// "fused_wide" (the 128 x 256 forward tiles; TF32 for f32), "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
 /// f16/bf16 only).
 pub fn variants(
@@ -248,6 +249,7 @@ pub fn variants(
             "fused_devlabels",
             handle(stream, Plan::Fused).with_label_check(LabelCheck::Device),
         ));
+        v.push(("fused_wgmma", handle(stream, Plan::Fused).with_wgmma(true)));
     }
     if !half {
         v.push(("fused_tf32", handle(stream, Plan::Fused).with_tf32(true)));

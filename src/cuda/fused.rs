@@ -23,6 +23,11 @@ const TC_BM: usize = 64;
 const TC_BN: usize = 128;
 /// Rows and classes per wide tensor-core forward tile (FmTcShape<Op, 4, 8>).
 const TC_WIDE: (usize, usize) = (128, 256);
+/// Rows and classes per wgmma forward tile (WG_BM, WG_BN in kernels/logits_wg.cu).
+const WG_TILE: usize = 128;
+/// Dynamic shared memory of a wgmma forward block: 4 stages of 32 KB plus 1 KB to align them to
+/// 1024 bytes (WG_SMEM_BYTES, static_assert in logits_wg.cu).
+const WG_SMEM_BYTES: u32 = 132_096;
 /// Dynamic shared memory of a tensor-core forward block: 3 stages of (rows + classes) rows of 80
 /// bytes (32 halves or 16 floats of D, padded), then 4 warps' (max, sum) pairs per row:
 /// FmTcShape::SMEM_BYTES.
@@ -170,8 +175,10 @@ pub(crate) fn forward<T: CudaElement>(
     // floats: D % 4 == 0).
     let half = T::DTYPE != DType::F32;
     let tensor_cores = (half || h.tf32) && tc_eligible(h, x, w, d);
+    let wgmma = tensor_cores && half && h.wgmma_enabled();
     let wide = tensor_cores && h.wide_tiles;
     let (bm, bn, name) = match (tensor_cores, half, wide) {
+        _ if wgmma => (WG_TILE, WG_TILE, "fm_fwd_tiles_wg"),
         (true, true, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tc"),
         (true, true, true) => (TC_WIDE.0, TC_WIDE.1, "fm_fwd_tiles_tc_wide"),
         (true, false, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tf32"),
@@ -180,10 +187,10 @@ pub(crate) fn forward<T: CudaElement>(
     };
     // The tensor-core kernels take their pipeline in dynamic shared memory (96 KB for the wide
     // tiles: above the 48 KB default; get_with_smem opts the function in once).
-    let smem = if tensor_cores {
-        tc_smem_bytes(bm, bn)
-    } else {
-        0
+    let smem = match (wgmma, tensor_cores) {
+        (true, _) => WG_SMEM_BYTES,
+        (false, true) => tc_smem_bytes(bm, bn),
+        (false, false) => 0,
     };
     let row_tiles = b.div_ceil(bm);
     let ntiles = c.div_ceil(bn);
@@ -208,14 +215,16 @@ pub(crate) fn forward<T: CudaElement>(
         .arg(p);
     lb.arg(&bi).arg(&ci).arg(&di).arg(&tps).arg(&ns);
     lb.arg(&mut part_m).arg(&mut part_s).arg(&mut zy);
-    // SAFETY: all five kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
+    // SAFETY: all six kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
     // (bm, bn): every block reads rows < B of x (B*D), classes < C of w (C*D) and of w_norm (C),
     // rows < B of labels/x_norm, and writes part_m/part_s at row*nsplit + split < B*nsplit
     // (allocated B*nsplit) and zy[row] < B. All offsets 64-bit. The tensor-core kernels' 16-byte
     // copies need D % 8 == 0 (16-bit inputs) or D % 4 == 0 (f32) and 16-byte aligned x and w,
     // checked above; chunks past B, C or D are zero-filled without reading. The dynamic shared
     // memory is what the kernel's FmTcShape<Op, MI, NI>::SMEM_BYTES asks for (tc_smem_bytes;
-    // static_asserts in logits_tc.cu hold the two to the same formula).
+    // static_asserts in logits_tc.cu hold the two to the same formula), or WG_SMEM_BYTES for the
+    // wgmma kernel (static_assert in logits_wg.cu), which exists only in an sm_90a module
+    // (wgmma_enabled).
     let cfg = LaunchConfig {
         shared_mem_bytes: smem,
         ..grid(row_tiles, sp.nsplit, 1, name)?
@@ -248,6 +257,7 @@ pub(crate) fn forward<T: CudaElement>(
         w_norm,
         workspace_bytes,
         tensor_cores,
+        wgmma,
     })
 }
 

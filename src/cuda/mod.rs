@@ -36,7 +36,7 @@ pub use labels::LabelCheck;
 
 pub use compile::{
     compile_ptx, compile_ptx_uncached, entry_name, nvrtc_available, source, ENTRY_POINTS,
-    F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES,
+    F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES, SM90A_HALF_ENTRY_POINTS,
 };
 
 use crate::dtype::{DType, Element};
@@ -155,6 +155,8 @@ pub struct GpuForward {
     /// 16-byte aligned inputs, and f16/bf16 with `D % 8 == 0` or f32 through TF32
     /// ([`FusedMarginLoss::with_tf32`]) with `D % 4 == 0`.
     pub tensor_cores: bool,
+    /// Whether they ran on Hopper's wgmma (kernels/logits_wg.cu; [`FusedMarginLoss::with_wgmma`]).
+    pub wgmma: bool,
     spec: MarginLoss,
     shape: Shape,
     dtype: DType,
@@ -273,6 +275,9 @@ pub struct FusedMarginLoss {
     tc_backward: bool,
     tf32: bool,
     wide_tiles: bool,
+    wgmma: bool,
+    /// Compute capability (major, minor).
+    cc: (i32, i32),
     label_check: LabelCheck,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
@@ -401,6 +406,8 @@ impl FusedMarginLoss {
             tc_backward: false,
             tf32: false,
             wide_tiles: false,
+            wgmma: false,
+            cc: (major, minor),
             label_check: LabelCheck::Host,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
@@ -459,6 +466,36 @@ impl FusedMarginLoss {
     /// Whether the wide forward tiles are selected (see [`Self::with_wide_forward_tiles`]).
     pub fn wide_forward_tiles(&self) -> bool {
         self.wide_tiles
+    }
+
+    /// Experimental (default false): on compute capability 9.0 (H100, H200) the f16/bf16 forward
+    /// on wgmma, Hopper's warpgroup tensor-core instruction (kernels/logits_wg.cu: 128 x 128
+    /// tiles, both operands read from shared memory through descriptors, a 4-stage `cp.async`
+    /// pipeline), under the tensor-core forward's conditions (tensor cores on, `D % 8 == 0`,
+    /// 16-byte aligned `x` and `w`). The kernels are then compiled for `sm_90a`, the
+    /// architecture-specific target that has wgmma. Elsewhere this changes nothing. Takes
+    /// precedence over [`Self::with_wide_forward_tiles`].
+    ///
+    /// Status: matches the reference within MATH.md's bars on the CPU emulator of the kernels
+    /// (which models wgmma's descriptors and 128-byte swizzle from the PTX ISA); not yet run on
+    /// a GPU.
+    pub fn with_wgmma(mut self, on: bool) -> Self {
+        self.wgmma = on;
+        let arch = if on && self.cc == (9, 0) {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{}{}", self.cc.0, self.cc.1)
+        };
+        if arch != self.arch {
+            self.arch = arch;
+            self.modules = Mutex::new(HashMap::new());
+        }
+        self
+    }
+
+    /// Whether the forward may use wgmma: requested and the device is compute capability 9.0.
+    pub fn wgmma_enabled(&self) -> bool {
+        self.wgmma && self.arch == "sm_90a"
     }
 
     /// Opt-in (default false): the fused backward on tensor cores for f16/bf16 inputs
@@ -534,7 +571,8 @@ impl FusedMarginLoss {
         &self.stream
     }
 
-    /// The device architecture the kernels are compiled for, e.g. `"sm_90"`.
+    /// The device architecture the kernels are compiled for, e.g. `"sm_90"` (`"sm_90a"` with
+    /// [`Self::with_wgmma`] on an H100/H200).
     pub fn arch(&self) -> &str {
         &self.arch
     }
@@ -690,6 +728,7 @@ impl FusedMarginLoss {
             w_norm: out.w_norm,
             workspace_bytes: out.workspace_bytes,
             tensor_cores: out.tensor_cores,
+            wgmma: out.wgmma,
             spec: *spec,
             shape,
             dtype: T::DTYPE,
@@ -858,6 +897,7 @@ impl FusedMarginLoss {
 /// What a plan's forward hands back to [`FusedMarginLoss::forward`].
 pub(crate) struct ForwardOut {
     pub tensor_cores: bool,
+    pub wgmma: bool,
     pub loss: CudaSlice<f32>,
     pub row_loss: CudaSlice<f32>,
     pub lse: CudaSlice<f32>,

@@ -231,6 +231,7 @@ pub(crate) fn forward<T: CudaElement>(
         w_norm: m.w_norm,
         workspace_bytes: m.bytes,
         tensor_cores: false,
+        wgmma: false,
     })
 }
 

@@ -157,14 +157,21 @@ int main(int argc, char** argv) {
     auto xnorm = poisoned(B), wnorm = poisoned(C);
     fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
     fm_emu::launch(g3(cdiv(C * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(w.data(), C, D, wnorm.data()); });
-    // fwd_tc: 0 SIMT, 1 tensor cores (64 x 128 tiles), 2 tensor cores, wide (128 x 256 tiles).
+    // fwd_tc: 0 SIMT, 1 tensor cores (64 x 128 tiles), 2 tensor cores, wide (128 x 256 tiles),
+    // 3 wgmma (128 x 128 tiles; f16/bf16 only).
 #if FM_DTYPE != FM_F32
     typedef FmTcHalf TcOp;
 #else
     typedef FmTcTf32 TcOp;
 #endif
-    const i64 bm = fwd_tc == 2 ? 128 : fwd_tc ? 64 : 32, bn = fwd_tc == 2 ? 256 : fwd_tc ? 128 : 32;
-    const size_t smem = fwd_tc == 2 ? FmTcShape<TcOp, 4, 8>::SMEM_BYTES : fwd_tc ? FmTcShape<TcOp, 2, 4>::SMEM_BYTES : 0;
+#if FM_DTYPE == FM_F32
+    if (fwd_tc == 3) Reader::fail("the wgmma forward exists for f16/bf16 only");
+#endif
+    const i64 bm = fwd_tc >= 2 ? 128 : fwd_tc ? 64 : 32, bn = fwd_tc == 2 ? 256 : fwd_tc ? 128 : 32;
+    size_t smem = fwd_tc == 2 ? FmTcShape<TcOp, 4, 8>::SMEM_BYTES : fwd_tc ? FmTcShape<TcOp, 2, 4>::SMEM_BYTES : 0;
+#if FM_DTYPE != FM_F32
+    if (fwd_tc == 3) smem = WG_SMEM_BYTES;
+#endif
     const i64 ntiles = cdiv(C, bn);
     const int nsplit = (int)cdiv(ntiles, fwd_tps);
     auto part_m = poisoned(B * nsplit), part_s = poisoned(B * nsplit), zy = poisoned(B);
@@ -172,9 +179,11 @@ int main(int argc, char** argv) {
     // label is >= C has no z_iy written, and the combine must give NaN without reading it.
     if (device_labels) std::fill(zy.begin(), zy.end(), 0.0f);
     fm_emu::launch(g3(cdiv(B, bm), nsplit), g3(256), [&] {
-        if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc[_wide]; f32: the TF32 kernels
+        if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc[_wide], fm_fwd_tiles_wg; f32: the TF32 kernels
 #if FM_DTYPE != FM_F32
-            auto k = fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tc_wide) : FM_ENTRY(fm_fwd_tiles_tc);
+            auto k = fwd_tc == 3   ? FM_ENTRY(fm_fwd_tiles_wg)
+                     : fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tc_wide)
+                                   : FM_ENTRY(fm_fwd_tiles_tc);
 #else
             auto k = fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tf32_wide) : FM_ENTRY(fm_fwd_tiles_tf32);
 #endif

@@ -8,10 +8,18 @@
 //   so every thread of a block really runs the kernel code, interleaved;
 // - blocks run one after another, so `__shared__` variables become function statics;
 // - ldmatrix and mma.sync by their PTX ISA definitions (fragment layouts in kernels/ptx.cuh);
+// - wgmma (warpgroup-collective: a barrier of the 4 warps) reading shared memory through its
+//   matrix descriptors (128-byte swizzled K-major layouts), with dynamic shared memory placed at a
+//   shared-window address that is 16- but not 1024-byte aligned, as a kernel must not assume more;
 // - cp.async as a copy made at issue (FM_EMU_CP=eager, the default) or only when a
-//   cp.async.wait_group retires its group (FM_EMU_CP=deferred);
+//   cp.async.wait_group retires its group (FM_EMU_CP=deferred); in the deferred mode wgmma too
+//   reads its operands and writes its accumulators only when wgmma.wait_group retires it, so a
+//   kernel that reads the accumulators early or refills a stage too soon gets wrong results;
 // - the order in which the threads of a block run between barriers: FM_EMU_ORDER=forward (the
-//   default), reverse, or shuffle:SEED (a new permutation at every scheduling pass).
+//   default), reverse, or shuffle:SEED (a new permutation at every scheduling pass), each running
+//   every runnable thread once per pass; or greedy / greedy-reverse, which always resume the
+//   lowest (highest) runnable thread, so one warp or warpgroup runs as far ahead of the others as
+//   its barriers allow (a missing __syncthreads between warpgroups shows there).
 // The kernels' results do not depend on thread order or copy timing unless a barrier or a wait is
 // missing, so running them under several orders and copy modes and comparing bit for bit is a
 // race check (tests/emulated_kernels.rs: `no_races_under_other_schedules`).
@@ -51,12 +59,23 @@ namespace fm_emu {
 
 // ---- fibers ---------------------------------------------------------------------------------------
 constexpr size_t kStack = 96 * 1024;
-enum Wait { kRunnable, kBlockBarrier, kWarpBarrier, kDone };
+enum Wait { kRunnable, kBlockBarrier, kWarpBarrier, kGroupBarrier, kDone };
 
 struct Copy {
     void* dst;
     const void* src;
     bool valid;
+    int group;
+};
+
+// A wgmma issued by one thread: its share of the warpgroup's product, computed at issue or, when
+// deferred, when wgmma.wait_group retires its group.
+struct Mma {
+    float* d;
+    int n;
+    unsigned long long da, db;
+    int scale_d;
+    bool bf16;
     int group;
 };
 
@@ -66,16 +85,21 @@ struct Fiber {
     unsigned long gen = 0;   // the barrier generation this fiber waits to pass
     std::vector<Copy> pending;   // deferred cp.async copies
     int committed = 0;           // cp.async groups committed so far
+    std::vector<Mma> mmas;       // wgmma not yet retired
+    int wg_committed = 0;        // wgmma groups committed so far
 };
 
 // Scheduling and copy modes, from the environment (read once).
 struct Modes {
     int order = 0;   // 0 forward, 1 reverse, 2 shuffle
+    bool greedy = false;
     unsigned long long seed = 0;
     bool deferred = false;
     Modes() {
         if (const char* o = std::getenv("FM_EMU_ORDER")) {
             if (std::strcmp(o, "reverse") == 0) order = 1;
+            else if (std::strcmp(o, "greedy") == 0) greedy = true;
+            else if (std::strcmp(o, "greedy-reverse") == 0) { greedy = true; order = 1; }
             else if (std::strncmp(o, "shuffle:", 8) == 0) { order = 2; seed = std::strtoull(o + 8, nullptr, 10); }
             else if (std::strcmp(o, "forward") != 0) { std::fprintf(stderr, "emu: bad FM_EMU_ORDER %s\n", o); std::abort(); }
         }
@@ -96,6 +120,8 @@ struct Block {
     unsigned long bar_gen = 0;
     std::vector<int> warp_count, warp_active;
     std::vector<unsigned long> warp_gen;
+    std::vector<int> wg_count, wg_active;   // warpgroups (4 warps): wgmma's .sync.aligned
+    std::vector<unsigned long> wg_gen;
     std::vector<unsigned char> xch;   // per warp, per lane: 64 bytes of exchange space
     std::vector<unsigned char> dyn;   // dynamic shared memory, refilled with 0xff for every block
     const std::function<void()>* body = nullptr;
@@ -115,6 +141,10 @@ inline void release_block_barrier() {
 inline void release_warp_barrier(int w) {
     g_block.warp_count[w] = 0;
     ++g_block.warp_gen[w];
+}
+inline void release_group_barrier(int q) {
+    g_block.wg_count[q] = 0;
+    ++g_block.wg_gen[q];
 }
 
 inline void syncthreads() {
@@ -143,6 +173,20 @@ inline void warp_sync() {
     yield();
 }
 
+// All active threads of this warpgroup meet here (wgmma's .sync.aligned).
+inline void group_sync() {
+    Block& b = g_block;
+    int q = b.cur >> 7;
+    unsigned long gen = b.wg_gen[q];
+    if (++b.wg_count[q] == b.wg_active[q]) {
+        release_group_barrier(q);
+        return;
+    }
+    b.fibers[b.cur].wait = kGroupBarrier;
+    b.fibers[b.cur].gen = gen;
+    yield();
+}
+
 inline void fiber_main() {
     (*g_block.body)();
     Block& b = g_block;
@@ -151,10 +195,18 @@ inline void fiber_main() {
                      b.cur, blockIdx.x, blockIdx.y, blockIdx.z);
         std::abort();
     }
+    if (!b.fibers[b.cur].mmas.empty()) {
+        std::fprintf(stderr, "emu: thread %d of block (%u,%u,%u) exited with wgmma not waited for\n", b.cur,
+                     blockIdx.x, blockIdx.y, blockIdx.z);
+        std::abort();
+    }
     b.fibers[b.cur].wait = kDone;
     --b.active;
     int w = warp();
     --b.warp_active[w];
+    const int q = b.cur >> 7;
+    --b.wg_active[q];
+    if (b.wg_count[q] > 0 && b.wg_count[q] == b.wg_active[q]) release_group_barrier(q);
     // A thread that exits no longer holds up barriers the others wait at.
     if (b.bar_count > 0 && b.bar_count == b.active) release_block_barrier();
     if (b.warp_count[w] > 0 && b.warp_count[w] == b.warp_active[w]) release_warp_barrier(w);
@@ -166,6 +218,7 @@ inline bool runnable(const Fiber& f, int tid) {
         case kRunnable: return true;
         case kBlockBarrier: return g_block.bar_gen != f.gen;
         case kWarpBarrier: return g_block.warp_gen[tid >> 5] != f.gen;
+        case kGroupBarrier: return g_block.wg_gen[tid >> 7] != f.gen;
         default: return false;
     }
 }
@@ -173,6 +226,21 @@ inline bool runnable(const Fiber& f, int tid) {
 // The block's dynamic shared memory (the launch's `smem_bytes`; 0xff bytes, NaN as floats and
 // halves, until written, so a read of an unwritten element shows).
 inline unsigned char* dynamic_smem() { return g_block.dyn.data(); }
+
+// The shared-window address of dynamic shared memory's first byte: 16-byte aligned, not 1024 (a
+// kernel that needs 1024-byte aligned tiles must align them itself).
+constexpr unsigned kDynBase = 0x210;
+
+// cvta.to.shared of a pointer into the block's dynamic shared memory.
+inline unsigned smem_addr(const void* p) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    const unsigned char* base = g_block.dyn.data();
+    if (c < base || c > base + g_block.dyn.size()) {
+        std::fprintf(stderr, "emu: smem_addr of a pointer outside dynamic shared memory (thread %d)\n", g_block.cur);
+        std::abort();
+    }
+    return kDynBase + (unsigned)(c - base);
+}
 
 // Runs `body` for every thread of every block of the grid, blocks in order, with `smem_bytes` of
 // dynamic shared memory per block.
@@ -202,6 +270,11 @@ inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& b
                 b.warp_gen.assign(nwarps, 0);
                 b.warp_active.assign(nwarps, 0);
                 for (int t = 0; t < n; ++t) ++b.warp_active[t >> 5];
+                const int ngroups = (n + 127) / 128;
+                b.wg_count.assign(ngroups, 0);
+                b.wg_gen.assign(ngroups, 0);
+                b.wg_active.assign(ngroups, 0);
+                for (int t = 0; t < n; ++t) ++b.wg_active[t >> 7];
                 for (int t = 0; t < n; ++t) {
                     Fiber& f = b.fibers[t];
                     getcontext(&f.ctx);
@@ -229,6 +302,7 @@ inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& b
                                      (unsigned)(t / (block.x * block.y))};
                         swapcontext(&b.sched, &f.ctx);
                         progressed = true;
+                        if (g_modes.greedy) break;   // start again from the first thread in order
                     }
                     if (!progressed) {
                         std::fprintf(stderr, "emu: deadlock in block (%u,%u,%u)\n", bx, by, bz);
@@ -386,6 +460,86 @@ inline void mma1688_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
     }
     warp_sync();
     for (int v = 0; v < 4; ++v) d[v] = out[v];
+}
+
+// ---- wgmma (kernels/ptx.cuh) ------------------------------------------------------------------------
+// Element (r, k) of a K-major operand tile described by `desc`: 128-byte swizzle only (what the
+// kernels use; anything else aborts). Logical address start + (r / 8) * SBO + (r % 8) * 128 + 2k,
+// then the swizzle on the shared address: bits 4-6 ^= bits 7-9.
+inline float wgmma_operand(unsigned long long desc, int r, int k, bool bf16) {
+    const unsigned start = (unsigned)(desc & 0x3FFFu) << 4;
+    const unsigned sbo = (unsigned)((desc >> 32) & 0x3FFFu) << 4;
+    const unsigned base_offset = (unsigned)((desc >> 49) & 7u), swizzle = (unsigned)(desc >> 62);
+    if (swizzle != 1 || base_offset != 0) {
+        std::fprintf(stderr, "emu: wgmma descriptor %llx: only 128-byte swizzle, base offset 0 is modelled\n", desc);
+        std::abort();
+    }
+    const unsigned l = start + (unsigned)(r >> 3) * sbo + (unsigned)(r & 7) * 128 + 2u * (unsigned)k;
+    const unsigned phys = l ^ ((l >> 3) & 0x70u);
+    if (phys < kDynBase || phys + 2 > kDynBase + g_block.dyn.size()) {
+        std::fprintf(stderr, "emu: wgmma reads shared address %#x outside dynamic shared memory\n", phys);
+        std::abort();
+    }
+    unsigned short bits;
+    std::memcpy(&bits, g_block.dyn.data() + (phys - kDynBase), 2);
+    return bf16 ? bf16_to_f32(bits) : f16_to_f32(bits);
+}
+
+// One thread's share of D (+)= A . B^T for the warpgroup's m64 x n tile:
+// d[4 j + 2 h + i] = D(16 (warp % 4) + g + 8 h, 8 j + 2 c + i).
+inline void wgmma_compute(const Mma& m, int tid) {
+    const int w = (tid >> 5) & 3, g = (tid & 31) >> 2, c = tid & 3;
+    for (int e = 0; e < m.n / 2; ++e) {
+        const int row = 16 * w + g + 8 * ((e >> 1) & 1), col = 8 * (e >> 2) + 2 * c + (e & 1);
+        float acc = m.scale_d ? m.d[e] : 0.0f;
+        for (int k = 0; k < 16; ++k)
+            acc += wgmma_operand(m.da, row, k, m.bf16) * wgmma_operand(m.db, col, k, m.bf16);   // exact products
+        m.d[e] = acc;
+    }
+}
+
+inline void wgmma_fence() { group_sync(); }
+
+// wgmma.mma_async m64nNk16 with both operands from descriptors. The descriptors and scale-d must
+// be the same in every thread of the warpgroup (checked).
+inline void wgmma_m64nk16(float* d, int n, unsigned long long da, unsigned long long db, int scale_d, bool bf16) {
+    Block& b = g_block;
+    const int q = b.cur >> 7;
+    unsigned long long mine[3] = {da, db, (unsigned long long)scale_d};
+    std::memcpy(slot(warp(), lane()), mine, sizeof(mine));
+    group_sync();
+    unsigned long long lead[3];
+    std::memcpy(lead, slot(q * 4, 0), sizeof(lead));
+    if (std::memcmp(lead, mine, sizeof(mine)) != 0) {
+        std::fprintf(stderr, "emu: wgmma operands differ across the warpgroup (thread %d)\n", b.cur);
+        std::abort();
+    }
+    group_sync();
+    Fiber& f = b.fibers[b.cur];
+    Mma m{d, n, da, db, scale_d, bf16, f.wg_committed};
+    if (g_modes.deferred)
+        f.mmas.push_back(m);
+    else
+        wgmma_compute(m, b.cur);
+}
+
+inline void wgmma_commit() {
+    group_sync();
+    ++g_block.fibers[g_block.cur].wg_committed;
+}
+
+// wgmma.wait_group n: every wgmma group but the n most recently committed has completed.
+inline void wgmma_wait(int n) {
+    group_sync();
+    Fiber& f = g_block.fibers[g_block.cur];
+    std::vector<Mma> keep;
+    for (const Mma& m : f.mmas) {
+        if (m.group < f.wg_committed - n)
+            wgmma_compute(m, g_block.cur);
+        else
+            keep.push_back(m);
+    }
+    f.mmas.swap(keep);
 }
 
 inline void copy16(void* smem, const void* gmem, bool valid) {
