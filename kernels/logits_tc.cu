@@ -30,7 +30,7 @@
 // 16-bit operands: 32 columns of D per k step, rows padded to 40 halves (80 bytes).
 struct FmTcHalf {
     typedef unsigned short E;
-    enum { BK = 32, LD = 40, VEC = 8 };
+    static constexpr int BK = 32, LD = 40, VEC = 8;
     // One k step of the warp's (16 MI) x (8 NI) tile: rows xs + (wm..) * LD, classes ws + (wn..) * LD.
     template <int MI, int NI>
     __device__ static __forceinline__ void step(float (&acc)[MI][NI][4], const E* xs, const E* ws, int wm, int wn,
@@ -60,7 +60,7 @@ struct FmTcHalf {
 // 32-bit fragment loads of a warp (row g, column t) hit 32 distinct banks.
 struct FmTcTf32 {
     typedef float E;
-    enum { BK = 16, LD = 20, VEC = 4 };
+    static constexpr int BK = 16, LD = 20, VEC = 4;
     template <int MI, int NI>
     __device__ static __forceinline__ void step(float (&acc)[MI][NI][4], const E* xs, const E* ws, int wm, int wn,
                                                 int lane) {
@@ -94,11 +94,11 @@ struct FmTcTf32 {
 // (dynamic) holds TC_STAGES stages of x rows then w rows, LD elements each.
 template <class Op, int MI, int NI>
 struct FmTcShape {
-    enum { BM = TC_WARPS_M * 16 * MI, BN = TC_WARPS_N * 8 * NI };
-    enum { STAGE_X = BM * Op::LD, STAGE_W = BN * Op::LD };
-    enum { PIPE_BYTES = TC_STAGES * (STAGE_X + STAGE_W) * (int)sizeof(typename Op::E) };
+    static constexpr int BM = TC_WARPS_M * 16 * MI, BN = TC_WARPS_N * 8 * NI;
+    static constexpr int STAGE_X = BM * Op::LD, STAGE_W = BN * Op::LD;
+    static constexpr int PIPE_BYTES = TC_STAGES * (STAGE_X + STAGE_W) * (int)sizeof(typename Op::E);
     // The pipeline, then the cross-warp (max, sum) pairs: red_m and red_s, TC_WARPS_N x BM each.
-    enum { SMEM_BYTES = PIPE_BYTES + 2 * TC_WARPS_N * BM * (int)sizeof(float) };
+    static constexpr int SMEM_BYTES = PIPE_BYTES + 2 * TC_WARPS_N * BM * (int)sizeof(float);
 };
 
 // The host sizes the dynamic shared memory as 3 stages x (rows + classes) x 80 bytes plus 32 bytes

@@ -10,12 +10,14 @@
 //
 // Block: 256 threads = 2 warpgroups; block tile 128 rows x 128 classes, warpgroup wg owns rows
 // 64 wg .. 64 wg + 63 and all 128 classes (64 f32 accumulators per thread). x and w tiles of 64
-// columns of D (128 bytes per row: one row of the 128-byte swizzle) stream through a 4-stage
+// columns of D (128 bytes per row: one row of the 128-byte swizzle) stream through a 5-stage
 // cp.async pipeline, written in the swizzled K-major layout the descriptors describe
 // (kernels/ptx.cuh); each stage is 32 KB and starts on a 1024-byte boundary. Per stage each
-// warpgroup issues 4 wgmma (k = 0, 16, 32, 48), commits, and waits for them before the epilogue
-// reads the accumulators and before the stage is refilled. The (class tile, k step) iterations of
-// a split form one sequence, as in logits_tc.cu. The epilogue is the mma.sync kernels'
+// warpgroup issues 4 wgmma (k = 0, 16, 32, 48) and commits them as one group; one group stays in
+// flight while the threads pass the next barrier and issue the next copies (wait_group 1), and
+// the copies run 3 stages ahead, so a stage is refilled only after the group that read it has
+// completed. Before the epilogue of a class tile every group is waited for (wait_group 0). The
+// (class tile, k step) iterations of a split form one sequence, as in logits_tc.cu. The epilogue is the mma.sync kernels'
 // (tile.cuh: fm_tc_row_epilogue): wgmma's accumulator layout is mma's C fragment per n8 block.
 // Each row lives in one warp, so the per-split merge needs only the quad's shuffles.
 //
@@ -27,13 +29,16 @@
 #define WG_BM 128
 #define WG_BN 128
 #define WG_BK 64          // halves per row and k step: 128 bytes
-#define WG_STAGES 4
+#define WG_STAGES 5
 #define WG_TILE_BYTES (128 * 128)                      // 128 rows x 128 bytes, x or w
 #define WG_STAGE_BYTES (2 * WG_TILE_BYTES)             // x tile, then w tile
 // Dynamic shared memory: the stages, plus up to 1008 bytes to move their start to a 1024-byte
 // boundary (the swizzle pattern is defined on address bits 4-9). src/cuda/fused.rs: WG_SMEM_BYTES.
 #define WG_SMEM_BYTES (WG_STAGES * WG_STAGE_BYTES + 1024)
-static_assert(WG_SMEM_BYTES == 132096, "WG_SMEM_BYTES in src/cuda/fused.rs");
+static_assert(WG_SMEM_BYTES == 164864, "WG_SMEM_BYTES in src/cuda/fused.rs");
+// Copies run WG_AHEAD stages ahead: the stage they refill was read by the group before last, which
+// wait_group 1 has retired (the last group may still be reading its own stage).
+#define WG_AHEAD (WG_STAGES - 2)
 
 // Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / ksteps, columns
 // k0 .. k0 + 64 of D) into the stage at shared address `stage`: 256 rows of eight 16-byte chunks,
@@ -75,7 +80,7 @@ FM_ENTRY(fm_fwd_tiles_wg)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
     i64 ntiles = (C + WG_BN - 1) / WG_BN, t_begin, t_end;
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
     const int ksteps = (D + WG_BK - 1) / WG_BK;
-    const i64 total = (t_end - t_begin) * ksteps;
+    const i64 total = t_end > t_begin ? (t_end - t_begin) * ksteps : 0;
 
     // This thread's 2 rows: h = 0, 1 is row wrow + g + 8h of the block tile.
     int lab[2];
@@ -94,41 +99,51 @@ FM_ENTRY(fm_fwd_tiles_wg)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
     float acc[1][16][4];   // [the warp's m16 block][n8 block][C-fragment element]
 
 #pragma unroll
-    for (int s = 0; s < WG_STAGES - 1; ++s) {
+    for (int s = 0; s < WG_AHEAD; ++s) {
         if (s < total) fm_wg_load(smem + s * WG_STAGE_BYTES, s, ksteps, t_begin, x, w, row0, B, C, D);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
-    for (i64 it = 0; it < total; ++it) {
-        fm_cp_async_wait<WG_STAGES - 2>();
-        fm_fence_proxy_async();   // this thread's copies of stage `it`, before wgmma reads them
-        __syncthreads();          // everyone's copies landed; every wgmma of it-1 has completed
-        const i64 nxt = it + WG_STAGES - 1;
-        if (nxt < total)
-            fm_wg_load(smem + (int)(nxt % WG_STAGES) * WG_STAGE_BYTES, nxt, ksteps, t_begin, x, w, row0, B, C, D);
-        fm_cp_async_commit();
+    // Class tiles outer, k steps inner: the inner loop keeps one wgmma group in flight
+    // (wait_group 1) and only the tile's end waits for all (wait_group 0). Written as one flat loop
+    // with a per-iteration choice of wait, ptxas injected a full wait into every iteration (info
+    // C7517) to reach the accumulators the epilogue branch uses.
+    i64 it = 0;   // the pipeline iteration: (tile - t_begin) * ksteps + ks
+    for (i64 tile = t_begin; tile < t_end; ++tile) {
+        for (int ks = 0; ks < ksteps; ++ks, ++it) {
+            // WG_AHEAD + it copy groups are committed; the oldest it + 1 (this stage's) have landed.
+            fm_cp_async_wait<WG_AHEAD - 1>();
+            fm_fence_proxy_async();   // this thread's copies of stage `it`, before wgmma reads them
+            __syncthreads();          // everyone's copies landed; both warpgroups retired group it-2
+            const i64 nxt = it + WG_AHEAD;   // refills the stage of it-2
+            if (nxt < total)
+                fm_wg_load(smem + (int)(nxt % WG_STAGES) * WG_STAGE_BYTES, nxt, ksteps, t_begin, x, w, row0, B, C,
+                           D);
+            fm_cp_async_commit();
 
-        const unsigned st = fm_smem_addr(smem + (int)(it % WG_STAGES) * WG_STAGE_BYTES);
-        const unsigned xa = st + wg * 64 * 128, wa = st + WG_TILE_BYTES;
-        const bool first = it % ksteps == 0;   // a new class tile: drop the previous tile's sums
-        fm_wgmma_fence();
+            const unsigned st = fm_smem_addr(smem + (int)(it % WG_STAGES) * WG_STAGE_BYTES);
+            const unsigned xa = st + wg * 64 * 128, wa = st + WG_TILE_BYTES;
+            fm_wgmma_acc_fence(&acc[0][0][0]);
+            fm_wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < WG_BK / 16; ++kk)
-            fm_wgmma_m64n128k16<FM_DTYPE == FM_BF16>(&acc[0][0][0], fm_wgmma_desc_sw128(xa + kk * 32),
-                                                     fm_wgmma_desc_sw128(wa + kk * 32), first && kk == 0 ? 0 : 1);
-        fm_wgmma_commit();
-        fm_wgmma_wait<0>();
-
-        if ((int)(it % ksteps) == ksteps - 1) {
-            // Epilogue of class tile `tile`: the accumulators hold raw dot products.
-            const i64 col0 = (t_begin + it / ksteps) * WG_BN;
-            float inv_w[16][2];
-            bool cin[16][2];
-            fm_tc_col_factors<16>(wnorm, C, col0 + 2 * t, inv_w, cin);
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-                fm_tc_row_epilogue<16>(p, acc[0], h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w, lab[h],
-                                       inv_x[h], rs[h], zy, run_m[h], run_s[h]);
+            for (int kk = 0; kk < WG_BK / 16; ++kk)   // scale-d 0 first: a new tile drops the old sums
+                fm_wgmma_m64n128k16<FM_DTYPE == FM_BF16>(&acc[0][0][0], fm_wgmma_desc_sw128(xa + kk * 32),
+                                                         fm_wgmma_desc_sw128(wa + kk * 32), ks == 0 && kk == 0 ? 0 : 1);
+            fm_wgmma_commit();
+            fm_wgmma_wait<1>();   // group it-1 is done: its stage may be refilled after the barrier
+            fm_wgmma_acc_fence(&acc[0][0][0]);
         }
+        fm_wgmma_wait<0>();
+        fm_wgmma_acc_fence(&acc[0][0][0]);
+
+        // Epilogue of the class tile: the accumulators hold raw dot products.
+        const i64 col0 = tile * WG_BN;
+        float inv_w[16][2];
+        bool cin[16][2];
+        fm_tc_col_factors<16>(wnorm, C, col0 + 2 * t, inv_w, cin);
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+            fm_tc_row_epilogue<16>(p, acc[0], h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w, lab[h],
+                                   inv_x[h], rs[h], zy, run_m[h], run_s[h]);
     }
     fm_cp_async_wait<0>();
 

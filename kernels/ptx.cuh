@@ -187,6 +187,17 @@ __device__ __forceinline__ void fm_fence_proxy_async() {
 #endif
 }
 
+// A compiler-level fence on the 64 accumulators (no instruction): keeps the compiler from moving
+// their reads and writes across the wgmma issue and wait asm, as CUTLASS's
+// warpgroup_fence_operand does. The "memory" clobbers of those asm statements order memory only.
+__device__ __forceinline__ void fm_wgmma_acc_fence(float d[64]) {
+#ifdef FM_EMU
+    (void)d;
+#else
+    asm volatile("" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) :: "memory");
+#endif
+}
+
 // wgmma.fence: before the first wgmma of a sequence and after registers it uses were touched.
 __device__ __forceinline__ void fm_wgmma_fence() {
 #ifdef FM_EMU

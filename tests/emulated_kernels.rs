@@ -102,7 +102,8 @@ struct Case {
     bwd_tps: i32,
     /// The naive plan (its plain kernels) instead of the fused one.
     naive: bool,
-    /// The emulator's thread order and cp.async mode (`FM_EMU_ORDER`, `FM_EMU_CP`; fm_emu.hpp).
+    /// The emulator's thread order and when asynchronous work lands (`FM_EMU_ORDER`, `FM_EMU_CP`;
+    /// fm_emu.hpp).
     schedule: (&'static str, &'static str),
     /// Inputs with the suite's large outliers (tests/common: `margin_inputs`).
     outliers: bool,
@@ -527,8 +528,8 @@ fn naive_plain_kernels() {
 }
 
 /// A race check: the kernels' results do not depend on the order in which a block's threads run
-/// between barriers, nor on when cp.async copies land (at issue, or only at the wait that retires
-/// them), unless a barrier or a wait is missing. Every schedule must give the default schedule's
+/// between barriers, nor on when cp.async copies and wgmma complete (at issue, or only at the wait
+/// that retires them), unless a barrier or a wait is missing. Every schedule must give the default schedule's
 /// outputs bit for bit (the kernels are deterministic by design: fixed reduction orders).
 #[test]
 fn no_races_under_other_schedules() {
@@ -540,6 +541,9 @@ fn no_races_under_other_schedules() {
         ("shuffle:2", "eager"),
         ("greedy", "deferred"),
         ("greedy-reverse", "eager"),
+        ("forward", "wgmma"),
+        ("greedy", "wgmma"),
+        ("reverse", "copies"),
     ];
     let bits = |o: &Outputs| -> Vec<u64> {
         std::iter::once(o.loss)
@@ -566,12 +570,13 @@ fn no_races_under_other_schedules() {
         (DType::BF16, case(spec, (70, 40, 200), true, (1, 2), 800)),
         // D > 256: the backward's 32 x 512 tiles (fm_grad_*_tc_d512).
         (DType::BF16, case(spec, (40, 264, 150), true, (1, 2), 803)),
-        // The wgmma forward: deferred copies and wgmma catch a missing wait or fence.
+        // The wgmma forward, 9 pipeline iterations per block (3 class tiles x 3 k steps), so
+        // stages are refilled: deferred copies and wgmma catch a missing wait or barrier.
         (
             DType::BF16,
             Case {
                 wgmma: true,
-                ..case(spec, (70, 136, 300), true, (1, 2), 804)
+                ..case(spec, (70, 136, 300), true, (3, 2), 804)
             },
         ),
         (DType::F32, case(spec, (40, 36, 70), false, (1, 1), 801)),
@@ -716,7 +721,8 @@ fn wide_forward_tiles() {
 /// The wgmma forward (kernels/logits_wg.cu: 128 x 128 tiles, both operands from shared memory
 /// through 128-byte swizzled descriptors) for every option, f16 and bf16, with the tensor-core
 /// backward after it; then edge shapes: one row and class, B and C one past a tile, D of 8 (a
-/// partial 64-wide k step), D past 64 with a partial last step, several splits.
+/// partial 64-wide k step), D past 64 with a partial last step, several splits, and long
+/// pipelines (20 and 27 iterations per block) that refill every stage several times.
 #[test]
 fn wgmma_forward() {
     for (k, spec) in tc_specs().into_iter().enumerate() {
@@ -732,7 +738,8 @@ fn wgmma_forward() {
         ((1, 8, 1), (1, 1)),
         ((129, 8, 129), (1, 1)),
         ((64, 72, 257), (2, 1)),
-        ((30, 200, 600), (1, 1)),
+        ((30, 200, 600), (5, 1)),
+        ((20, 520, 300), (3, 1)),
     ]
     .into_iter()
     .enumerate()

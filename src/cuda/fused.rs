@@ -25,9 +25,9 @@ const TC_BN: usize = 128;
 const TC_WIDE: (usize, usize) = (128, 256);
 /// Rows and classes per wgmma forward tile (WG_BM, WG_BN in kernels/logits_wg.cu).
 const WG_TILE: usize = 128;
-/// Dynamic shared memory of a wgmma forward block: 4 stages of 32 KB plus 1 KB to align them to
+/// Dynamic shared memory of a wgmma forward block: 5 stages of 32 KB plus 1 KB to align them to
 /// 1024 bytes (WG_SMEM_BYTES, static_assert in logits_wg.cu).
-const WG_SMEM_BYTES: u32 = 132_096;
+const WG_SMEM_BYTES: u32 = 164_864;
 /// Dynamic shared memory of a tensor-core forward block: 3 stages of (rows + classes) rows of 80
 /// bytes (32 halves or 16 floats of D, padded), then 4 warps' (max, sum) pairs per row:
 /// FmTcShape::SMEM_BYTES.

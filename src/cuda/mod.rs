@@ -470,7 +470,7 @@ impl FusedMarginLoss {
 
     /// Experimental (default false): on compute capability 9.0 (H100, H200) the f16/bf16 forward
     /// on wgmma, Hopper's warpgroup tensor-core instruction (kernels/logits_wg.cu: 128 x 128
-    /// tiles, both operands read from shared memory through descriptors, a 4-stage `cp.async`
+    /// tiles, both operands read from shared memory through descriptors, a 5-stage `cp.async`
     /// pipeline), under the tensor-core forward's conditions (tensor cores on, `D % 8 == 0`,
     /// 16-byte aligned `x` and `w`). The kernels are then compiled for `sm_90a`, the
     /// architecture-specific target that has wgmma. Elsewhere this changes nothing. Takes

@@ -11,10 +11,14 @@
 // - wgmma (warpgroup-collective: a barrier of the 4 warps) reading shared memory through its
 //   matrix descriptors (128-byte swizzled K-major layouts), with dynamic shared memory placed at a
 //   shared-window address that is 16- but not 1024-byte aligned, as a kernel must not assume more;
-// - cp.async as a copy made at issue (FM_EMU_CP=eager, the default) or only when a
-//   cp.async.wait_group retires its group (FM_EMU_CP=deferred); in the deferred mode wgmma too
-//   reads its operands and writes its accumulators only when wgmma.wait_group retires it, so a
-//   kernel that reads the accumulators early or refills a stage too soon gets wrong results;
+// - when asynchronous work completes, FM_EMU_CP: `eager` (the default: cp.async copies and wgmma
+//   at issue), `deferred` (a copy only when cp.async.wait_group retires its group, a wgmma only
+//   when wgmma.wait_group retires its group), `wgmma` (copies at issue, wgmma at its wait: a
+//   stage refilled while a wgmma may still read it shows only this way) or `copies` (copies at
+//   their wait, wgmma at issue: a wgmma issued before its stage's copies landed shows at once). A
+//   kernel that reads the
+//   accumulators early, reads a stage before its copies landed or refills it too soon then gets
+//   wrong results;
 // - the order in which the threads of a block run between barriers: FM_EMU_ORDER=forward (the
 //   default), reverse, or shuffle:SEED (a new permutation at every scheduling pass), each running
 //   every runnable thread once per pass; or greedy / greedy-reverse, which always resume the
@@ -94,7 +98,8 @@ struct Modes {
     int order = 0;   // 0 forward, 1 reverse, 2 shuffle
     bool greedy = false;
     unsigned long long seed = 0;
-    bool deferred = false;
+    bool deferred = false;      // cp.async copies land at their wait
+    bool wg_deferred = false;   // wgmma completes at its wait
     Modes() {
         if (const char* o = std::getenv("FM_EMU_ORDER")) {
             if (std::strcmp(o, "reverse") == 0) order = 1;
@@ -104,7 +109,9 @@ struct Modes {
             else if (std::strcmp(o, "forward") != 0) { std::fprintf(stderr, "emu: bad FM_EMU_ORDER %s\n", o); std::abort(); }
         }
         if (const char* c = std::getenv("FM_EMU_CP")) {
-            if (std::strcmp(c, "deferred") == 0) deferred = true;
+            if (std::strcmp(c, "deferred") == 0) deferred = wg_deferred = true;
+            else if (std::strcmp(c, "wgmma") == 0) wg_deferred = true;
+            else if (std::strcmp(c, "copies") == 0) deferred = true;
             else if (std::strcmp(c, "eager") != 0) { std::fprintf(stderr, "emu: bad FM_EMU_CP %s\n", c); std::abort(); }
         }
     }
@@ -517,7 +524,7 @@ inline void wgmma_m64nk16(float* d, int n, unsigned long long da, unsigned long 
     group_sync();
     Fiber& f = b.fibers[b.cur];
     Mma m{d, n, da, db, scale_d, bf16, f.wg_committed};
-    if (g_modes.deferred)
+    if (g_modes.wg_deferred)
         f.mmas.push_back(m);
     else
         wgmma_compute(m, b.cur);
