@@ -182,7 +182,9 @@ __device__ __forceinline__ unsigned long long fm_wgmma_desc_sw128(unsigned saddr
 // Orders this thread's earlier generic-proxy writes to shared memory (cp.async, st.shared) before
 // later reads by wgmma (async proxy), as the PTX ISA requires; then a barrier publishes them.
 __device__ __forceinline__ void fm_fence_proxy_async() {
-#ifndef FM_EMU
+#ifdef FM_EMU
+    fm_emu::fence_proxy_async();
+#else
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }

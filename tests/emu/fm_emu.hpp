@@ -16,9 +16,11 @@
 //   when wgmma.wait_group retires its group), `wgmma` (copies at issue, wgmma at its wait: a
 //   stage refilled while a wgmma may still read it shows only this way) or `copies` (copies at
 //   their wait, wgmma at issue: a wgmma issued before its stage's copies landed shows at once). A
-//   kernel that reads the
-//   accumulators early, reads a stage before its copies landed or refills it too soon then gets
-//   wrong results;
+//   kernel that reads the accumulators early, reads a stage before its copies landed or refills
+//   it too soon then gets wrong results;
+// - the async proxy: wgmma may not read shared memory a cp.async wrote until the writing thread
+//   has executed fence.proxy.async (plain stores are not tracked), and a wgmma needs a
+//   wgmma.fence after the start and after every wgmma.wait_group (both abort otherwise);
 // - the order in which the threads of a block run between barriers: FM_EMU_ORDER=forward (the
 //   default), reverse, or shuffle:SEED (a new permutation at every scheduling pass), each running
 //   every runnable thread once per pass; or greedy / greedy-reverse, which always resume the
@@ -90,7 +92,9 @@ struct Fiber {
     std::vector<Copy> pending;   // deferred cp.async copies
     int committed = 0;           // cp.async groups committed so far
     std::vector<Mma> mmas;       // wgmma not yet retired
+    std::vector<size_t> unfenced;   // 16-byte chunks of dynamic shared memory its landed copies wrote
     int wg_committed = 0;        // wgmma groups committed so far
+    bool wg_fenced = false;      // a wgmma.fence since the start or the last wgmma.wait_group
 };
 
 // Scheduling and copy modes, from the environment (read once).
@@ -131,6 +135,9 @@ struct Block {
     std::vector<unsigned long> wg_gen;
     std::vector<unsigned char> xch;   // per warp, per lane: 64 bytes of exchange space
     std::vector<unsigned char> dyn;   // dynamic shared memory, refilled with 0xff for every block
+    // Per 16-byte chunk of `dyn`: written by a landed cp.async whose thread has not yet executed
+    // fence.proxy.async (wgmma, in the async proxy, must not read it then).
+    std::vector<unsigned char> dirty;
     const std::function<void()>* body = nullptr;
 };
 inline Block g_block;
@@ -269,6 +276,7 @@ inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& b
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 blockIdx = {bx, by, bz};
                 b.dyn.assign(smem_bytes, 0xff);
+                b.dirty.assign(smem_bytes / 16 + 1, 0);
                 b.fibers.assign(n, Fiber());
                 b.nthreads = b.active = n;
                 b.bar_count = 0;
@@ -487,6 +495,13 @@ inline float wgmma_operand(unsigned long long desc, int r, int k, bool bf16) {
         std::fprintf(stderr, "emu: wgmma reads shared address %#x outside dynamic shared memory\n", phys);
         std::abort();
     }
+    if (g_block.dirty[(phys - kDynBase) / 16]) {
+        std::fprintf(stderr,
+                     "emu: wgmma reads shared address %#x, written by cp.async without a fence.proxy.async by "
+                     "the writing thread before the wgmma (PTX ISA: async proxy)\n",
+                     phys);
+        std::abort();
+    }
     unsigned short bits;
     std::memcpy(&bits, g_block.dyn.data() + (phys - kDynBase), 2);
     return bf16 ? bf16_to_f32(bits) : f16_to_f32(bits);
@@ -505,13 +520,23 @@ inline void wgmma_compute(const Mma& m, int tid) {
     }
 }
 
-inline void wgmma_fence() { group_sync(); }
+// wgmma.fence. The model requires one before the first wgmma after the start and after every
+// wgmma.wait_group (after which a kernel may touch the accumulators): the PTX ISA's rule, as far
+// as the emulator can see register accesses.
+inline void wgmma_fence() {
+    group_sync();
+    g_block.fibers[g_block.cur].wg_fenced = true;
+}
 
 // wgmma.mma_async m64nNk16 with both operands from descriptors. The descriptors and scale-d must
 // be the same in every thread of the warpgroup (checked).
 inline void wgmma_m64nk16(float* d, int n, unsigned long long da, unsigned long long db, int scale_d, bool bf16) {
     Block& b = g_block;
     const int q = b.cur >> 7;
+    if (!b.fibers[b.cur].wg_fenced) {
+        std::fprintf(stderr, "emu: wgmma without a wgmma.fence since the start or the last wait (thread %d)\n", b.cur);
+        std::abort();
+    }
     unsigned long long mine[3] = {da, db, (unsigned long long)scale_d};
     std::memcpy(slot(warp(), lane()), mine, sizeof(mine));
     group_sync();
@@ -539,6 +564,7 @@ inline void wgmma_commit() {
 inline void wgmma_wait(int n) {
     group_sync();
     Fiber& f = g_block.fibers[g_block.cur];
+    f.wg_fenced = false;
     std::vector<Mma> keep;
     for (const Mma& m : f.mmas) {
         if (m.group < f.wg_committed - n)
@@ -549,11 +575,27 @@ inline void wgmma_wait(int n) {
     f.mmas.swap(keep);
 }
 
+// A landed cp.async: the copy, and (into dynamic shared memory) the chunk marked as written by the
+// generic proxy until its thread's next fence.proxy.async.
 inline void copy16(void* smem, const void* gmem, bool valid) {
     if (valid)
         std::memcpy(smem, gmem, 16);
     else
         std::memset(smem, 0, 16);
+    Block& b = g_block;
+    const unsigned char* c = static_cast<const unsigned char*>(smem);
+    if (c >= b.dyn.data() && c < b.dyn.data() + b.dyn.size()) {
+        const size_t chunk = (size_t)(c - b.dyn.data()) / 16;
+        b.dirty[chunk] = 1;
+        b.fibers[b.cur].unfenced.push_back(chunk);
+    }
+}
+
+// fence.proxy.async.shared::cta: this thread's landed copies become visible to the async proxy.
+inline void fence_proxy_async() {
+    Fiber& f = g_block.fibers[g_block.cur];
+    for (size_t chunk : f.unfenced) g_block.dirty[chunk] = 0;
+    f.unfenced.clear();
 }
 inline void cp_async16(void* smem, const void* gmem, bool valid) {
     check_aligned16(smem, "cp.async shared");
