@@ -122,6 +122,30 @@ struct Modes {
 };
 inline Modes g_modes;
 
+// One barrier per warp (threads >> 5) or warpgroup (threads >> 7): arrivals, threads still
+// running, and a generation that a waiting thread watches change.
+struct Barriers {
+    int shift;
+    std::vector<int> count, active;
+    std::vector<unsigned long> gen;
+    void reset(int nthreads) {
+        const int n = ((nthreads - 1) >> shift) + 1;
+        count.assign(n, 0);
+        gen.assign(n, 0);
+        active.assign(n, 0);
+        for (int t = 0; t < nthreads; ++t) ++active[t >> shift];
+    }
+    void release(int i) {
+        count[i] = 0;
+        ++gen[i];
+    }
+    // A thread of barrier i exits: it no longer holds up the others waiting there.
+    void leave(int i) {
+        --active[i];
+        if (count[i] > 0 && count[i] == active[i]) release(i);
+    }
+};
+
 struct Block {
     std::vector<Fiber> fibers;
     std::vector<std::vector<char>> stacks;
@@ -129,10 +153,8 @@ struct Block {
     int nthreads = 0, active = 0, cur = 0;
     int bar_count = 0;
     unsigned long bar_gen = 0;
-    std::vector<int> warp_count, warp_active;
-    std::vector<unsigned long> warp_gen;
-    std::vector<int> wg_count, wg_active;   // warpgroups (4 warps): wgmma's .sync.aligned
-    std::vector<unsigned long> wg_gen;
+    Barriers warps{5};    // the .sync of warp-level instructions
+    Barriers groups{7};   // warpgroups (4 warps): wgmma's .sync.aligned
     std::vector<unsigned char> xch;   // per warp, per lane: 64 bytes of exchange space
     std::vector<unsigned char> dyn;   // dynamic shared memory, refilled with 0xff for every block
     // Per 16-byte chunk of `dyn`: written by a landed cp.async whose thread has not yet executed
@@ -152,14 +174,7 @@ inline void release_block_barrier() {
     g_block.bar_count = 0;
     ++g_block.bar_gen;
 }
-inline void release_warp_barrier(int w) {
-    g_block.warp_count[w] = 0;
-    ++g_block.warp_gen[w];
-}
-inline void release_group_barrier(int q) {
-    g_block.wg_count[q] = 0;
-    ++g_block.wg_gen[q];
-}
+
 
 inline void syncthreads() {
     Block& b = g_block;
@@ -173,33 +188,26 @@ inline void syncthreads() {
     yield();
 }
 
-// All active lanes of this warp meet here (the .sync of the warp-level instructions).
-inline void warp_sync() {
+// The current thread arrives at its barrier of `bs` and waits until every running thread of it
+// has arrived.
+inline void meet(Barriers& bs, Wait kind) {
     Block& b = g_block;
-    int w = warp();
-    unsigned long gen = b.warp_gen[w];
-    if (++b.warp_count[w] == b.warp_active[w]) {
-        release_warp_barrier(w);
+    const int i = b.cur >> bs.shift;
+    unsigned long gen = bs.gen[i];
+    if (++bs.count[i] == bs.active[i]) {
+        bs.release(i);
         return;
     }
-    b.fibers[b.cur].wait = kWarpBarrier;
+    b.fibers[b.cur].wait = kind;
     b.fibers[b.cur].gen = gen;
     yield();
 }
 
+// All active lanes of this warp meet here (the .sync of the warp-level instructions).
+inline void warp_sync() { meet(g_block.warps, kWarpBarrier); }
+
 // All active threads of this warpgroup meet here (wgmma's .sync.aligned).
-inline void group_sync() {
-    Block& b = g_block;
-    int q = b.cur >> 7;
-    unsigned long gen = b.wg_gen[q];
-    if (++b.wg_count[q] == b.wg_active[q]) {
-        release_group_barrier(q);
-        return;
-    }
-    b.fibers[b.cur].wait = kGroupBarrier;
-    b.fibers[b.cur].gen = gen;
-    yield();
-}
+inline void group_sync() { meet(g_block.groups, kGroupBarrier); }
 
 inline void fiber_main() {
     (*g_block.body)();
@@ -216,14 +224,10 @@ inline void fiber_main() {
     }
     b.fibers[b.cur].wait = kDone;
     --b.active;
-    int w = warp();
-    --b.warp_active[w];
-    const int q = b.cur >> 7;
-    --b.wg_active[q];
-    if (b.wg_count[q] > 0 && b.wg_count[q] == b.wg_active[q]) release_group_barrier(q);
     // A thread that exits no longer holds up barriers the others wait at.
     if (b.bar_count > 0 && b.bar_count == b.active) release_block_barrier();
-    if (b.warp_count[w] > 0 && b.warp_count[w] == b.warp_active[w]) release_warp_barrier(w);
+    b.warps.leave(b.cur >> b.warps.shift);
+    b.groups.leave(b.cur >> b.groups.shift);
     // Returning resumes uc_link (the scheduler).
 }
 
@@ -231,8 +235,8 @@ inline bool runnable(const Fiber& f, int tid) {
     switch (f.wait) {
         case kRunnable: return true;
         case kBlockBarrier: return g_block.bar_gen != f.gen;
-        case kWarpBarrier: return g_block.warp_gen[tid >> 5] != f.gen;
-        case kGroupBarrier: return g_block.wg_gen[tid >> 7] != f.gen;
+        case kWarpBarrier: return g_block.warps.gen[tid >> g_block.warps.shift] != f.gen;
+        case kGroupBarrier: return g_block.groups.gen[tid >> g_block.groups.shift] != f.gen;
         default: return false;
     }
 }
@@ -281,15 +285,8 @@ inline void launch(fm_uint3 grid, fm_uint3 block, const std::function<void()>& b
                 b.nthreads = b.active = n;
                 b.bar_count = 0;
                 b.bar_gen = 0;
-                b.warp_count.assign(nwarps, 0);
-                b.warp_gen.assign(nwarps, 0);
-                b.warp_active.assign(nwarps, 0);
-                for (int t = 0; t < n; ++t) ++b.warp_active[t >> 5];
-                const int ngroups = (n + 127) / 128;
-                b.wg_count.assign(ngroups, 0);
-                b.wg_gen.assign(ngroups, 0);
-                b.wg_active.assign(ngroups, 0);
-                for (int t = 0; t < n; ++t) ++b.wg_active[t >> 7];
+                b.warps.reset(n);
+                b.groups.reset(n);
                 for (int t = 0; t < n; ++t) {
                     Fiber& f = b.fibers[t];
                     getcontext(&f.ctx);
