@@ -173,10 +173,12 @@ pub(crate) fn forward<T: CudaElement>(
     // legal: D % 8 == 0 and both matrices 16-byte aligned. Otherwise the SIMT tiles.
     // f32 inputs take the TF32 variant of the same kernel when opted in (16-byte chunks of 4
     // floats: D % 4 == 0).
+    // Tile shapes come from the device too: each needs its dynamic shared memory within what a
+    // block of this device may opt into, else the next smaller shape runs.
     let half = T::DTYPE != DType::F32;
     let tensor_cores = (half || h.tf32) && tc_eligible(h, x, w, d);
-    let wgmma = tensor_cores && half && h.wgmma_enabled();
-    let wide = tensor_cores && h.wide_tiles;
+    let wgmma = tensor_cores && half && h.wgmma_enabled() && WG_SMEM_BYTES <= h.smem_optin;
+    let wide = tensor_cores && h.wide_tiles && tc_smem_bytes(TC_WIDE.0, TC_WIDE.1) <= h.smem_optin;
     let (bm, bn, name) = match (tensor_cores, half, wide) {
         _ if wgmma => (WG_TILE, WG_TILE, "fm_fwd_tiles_wg"),
         (true, true, false) => (TC_BM, TC_BN, "fm_fwd_tiles_tc"),
@@ -370,10 +372,12 @@ pub(crate) fn backward<T: CudaElement, O: CudaElement>(
     p.tf32_dots = (fwd.tensor_cores && T::DTYPE == DType::F32) as i32;
     let p = &p;
     let tc = h.tc_backward && T::DTYPE != DType::F32 && tc_eligible(h, x, w, d);
-    let t = match (tc, d <= TC_BACKWARD.dchunk) {
+    // The 32 x 512 tiles for D > 256 when the device gives a block their 72 KB of shared memory.
+    let d512 = d > TC_BACKWARD.dchunk && TC_BACKWARD_D512.smem <= h.smem_optin;
+    let t = match (tc, d512) {
         (false, _) => &SIMT_BACKWARD,
-        (true, true) => &TC_BACKWARD,
-        (true, false) => &TC_BACKWARD_D512,
+        (true, false) => &TC_BACKWARD,
+        (true, true) => &TC_BACKWARD_D512,
     };
     let row_tiles = b.div_ceil(t.rows);
     let ntiles = c.div_ceil(t.classes);

@@ -268,6 +268,9 @@ pub struct FusedMarginLoss {
     stream: Arc<CudaStream>,
     arch: String,
     sm_count: u32,
+    /// The most dynamic shared memory a block may opt into (99 KB on sm_86/89, 163 KB on sm_80,
+    /// 227 KB on sm_90): tile shapes that need more are not selected.
+    smem_optin: u32,
     plan: Plan,
     poison: bool,
     use_cublas: bool,
@@ -288,6 +291,7 @@ impl std::fmt::Debug for FusedMarginLoss {
         f.debug_struct("FusedMarginLoss")
             .field("arch", &self.arch)
             .field("sm_count", &self.sm_count)
+            .field("smem_optin", &self.smem_optin)
             .field("plan", &self.plan)
             .field("poison", &self.poison)
             .field("use_cublas", &self.use_cublas)
@@ -395,10 +399,16 @@ impl FusedMarginLoss {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| cuda_err("query SM count", e))? as u32;
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| cuda_err("query the shared memory per block", e))? as u32;
         Ok(Self {
             stream,
             arch: format!("sm_{major}{minor}"),
             sm_count,
+            smem_optin,
             plan: Plan::Fused,
             poison: false,
             use_cublas: true,
@@ -457,7 +467,8 @@ impl FusedMarginLoss {
     /// Experimental (default false): the tensor-core forward with 128 x 256 block tiles (warps of
     /// 64 x 64: four times the products per fragment load of the default 64 x 128 tiles, 92 KB of
     /// shared memory, one block per SM). Same results up to f32 summation order; kept as a
-    /// candidate until the benchmarks decide between the two (BENCHMARKS.md).
+    /// candidate until the benchmarks decide between the two (BENCHMARKS.md). A device whose
+    /// blocks cannot have that much shared memory keeps the default tiles.
     pub fn with_wide_forward_tiles(mut self, on: bool) -> Self {
         self.wide_tiles = on;
         self
