@@ -460,30 +460,40 @@ impl Upstream<'_> {
     }
 }
 
+/// Checks a scalar upstream `v` against the reduction: it must be finite, and the reduction
+/// `Mean` or `Sum` (`None` needs one value per row). Shared by every backend; a backend that
+/// divides by the counted rows on the device checks with this alone.
+pub fn check_scalar_upstream(reduction: Reduction, v: f64, b: usize) -> Result<()> {
+    if !v.is_finite() {
+        return Err(Error::Upstream {
+            detail: format!("scalar upstream gradient {v} is not finite"),
+        });
+    }
+    if reduction == Reduction::None {
+        return Err(Error::Upstream {
+            detail: format!(
+                "reduction none needs one upstream value per row (B = {b}), got the scalar {v}"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The per-row `g_i` a scalar upstream `v` gives (MATH.md "Backward"): `v/N` for mean over `N`
-/// counted rows (0 when `N = 0`), `v` for sum. Errors when `v` is not finite or the reduction is
-/// `None` (which needs one value per row). Shared by every backend.
+/// counted rows (0 when `N = 0`), `v` for sum. Errors as [`check_scalar_upstream`]. Shared by
+/// every backend.
 pub fn scalar_upstream_per_row(
     reduction: Reduction,
     v: f64,
     b: usize,
     counted: usize,
 ) -> Result<f64> {
-    if !v.is_finite() {
-        return Err(Error::Upstream {
-            detail: format!("scalar upstream gradient {v} is not finite"),
-        });
-    }
-    match reduction {
-        Reduction::Mean if counted == 0 => Ok(0.0),
-        Reduction::Mean => Ok(v / counted as f64),
-        Reduction::Sum => Ok(v),
-        Reduction::None => Err(Error::Upstream {
-            detail: format!(
-                "reduction none needs one upstream value per row (B = {b}), got the scalar {v}"
-            ),
-        }),
-    }
+    check_scalar_upstream(reduction, v, b)?;
+    Ok(match reduction {
+        Reduction::Mean if counted == 0 => 0.0,
+        Reduction::Mean => v / counted as f64,
+        _ => v,
+    })
 }
 
 /// Checks a per-row upstream of `len` values against the reduction (only `None` takes one) and

@@ -754,14 +754,7 @@ fn wgmma_forward() {
 /// the zero row's dx) through every kernel path, against the reference with the usual bars.
 #[test]
 fn zero_norm_rows() {
-    for (k, spec) in [
-        MarginLoss::arcface(0.5),
-        MarginLoss::cosface(0.35).normalize_features(false),
-        MarginLoss::sphereface(4.0).lambda(5.0),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, spec) in common::zero_row_specs().into_iter().enumerate() {
         let seed = 1300 + k as u64;
         let mut tc = case(spec, (40, 16, 70), true, (1, 1), seed);
         tc.zero_rows = true;

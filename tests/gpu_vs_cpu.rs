@@ -4,8 +4,10 @@
 //!
 //! Without a GPU every test prints why and passes; with `FUSED_MARGIN_REQUIRE_GPU=1` (the GPU
 //! machine's bundle sets it) a missing device fails instead.
-use cudarc::driver::CudaStream;
-use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, LabelCheck, Plan};
+use cudarc::driver::{CudaSlice, CudaStream};
+use fused_margin::cuda::{
+    self, CudaElement, FusedMarginLoss, GpuForward, GpuGradients, GpuUpstream, LabelCheck, Plan,
+};
 use fused_margin::{
     cpu, DType, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream,
 };
@@ -38,6 +40,46 @@ fn gpu_or_skip() -> Option<Arc<CudaStream>> {
 
 fn to_f64<T: CudaElement>(v: &[T]) -> Vec<f64> {
     v.iter().map(|e| e.to_f64()).collect()
+}
+
+/// `v` rounded to `T` and uploaded on `s`.
+fn upload<T: CudaElement>(s: &Arc<CudaStream>, v: &[f64]) -> CudaSlice<T> {
+    s.clone_htod(&v.iter().map(|&e| T::from_f64(e)).collect::<Vec<T>>())
+        .unwrap()
+}
+
+/// Forward, then backward with upstream 1 and gradients in the input dtype.
+fn step<T: CudaElement>(
+    gpu: &FusedMarginLoss,
+    spec: &MarginLoss,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    l: &CudaSlice<i32>,
+    shape: Shape,
+) -> (GpuForward, GpuGradients<T>) {
+    let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
+    let f = gpu.forward(spec, &xv, &wv, &lv, shape).unwrap();
+    let g = gpu
+        .backward(spec, &f, &xv, &wv, &lv, GpuUpstream::ONE)
+        .unwrap();
+    (f, g)
+}
+
+/// `step` with f32 gradients.
+fn step_f32<T: CudaElement>(
+    gpu: &FusedMarginLoss,
+    spec: &MarginLoss,
+    x: &CudaSlice<T>,
+    w: &CudaSlice<T>,
+    l: &CudaSlice<i32>,
+    shape: Shape,
+) -> (GpuForward, GpuGradients<f32>) {
+    let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
+    let f = gpu.forward(spec, &xv, &wv, &lv, shape).unwrap();
+    let g = gpu
+        .backward_f32(spec, &f, &xv, &wv, &lv, GpuUpstream::ONE)
+        .unwrap();
+    (f, g)
 }
 
 /// Runs one case through `gpu` and the CPU reference and checks every output against the bars.
@@ -530,21 +572,8 @@ fn tiny_shapes_and_all_ignored() {
             .clone_htod(&(0..96).map(|i| i as f32 * 0.01).collect::<Vec<_>>())
             .unwrap();
         let l = s.clone_htod(&[-1i32; 9]).unwrap();
-        let spec = MarginLoss::arcface(0.5);
-        let f = gpu
-            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
-            .unwrap();
+        let (f, g) = step(&gpu, &MarginLoss::arcface(0.5), &x, &w, &l, shape);
         assert_eq!(f.loss_host().unwrap(), 0.0);
-        let g = gpu
-            .backward(
-                &spec,
-                &f,
-                &x.as_view(),
-                &w.as_view(),
-                &l.as_view(),
-                GpuUpstream::ONE,
-            )
-            .unwrap();
         assert!(s.clone_dtoh(&g.dx).unwrap().iter().all(|&v| v == 0.0));
         assert!(s.clone_dtoh(&g.dw).unwrap().iter().all(|&v| v == 0.0));
     }
@@ -583,19 +612,7 @@ fn fused_memory_is_not_b_by_c() {
         let gpu = FusedMarginLoss::new(stream.clone())
             .unwrap()
             .with_plan(plan);
-        let f = gpu
-            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
-            .unwrap();
-        let g = gpu
-            .backward(
-                &spec,
-                &f,
-                &x.as_view(),
-                &w.as_view(),
-                &l.as_view(),
-                GpuUpstream::ONE,
-            )
-            .unwrap();
+        let (f, g) = step(&gpu, &spec, &x, &w, &l, shape);
         eprintln!(
             "{plan:?}: forward workspace {} B, backward workspace {} B, one B x C f32 buffer {bc_bytes} B",
             f.workspace_bytes, g.workspace_bytes
@@ -635,28 +652,12 @@ fn deterministic(tc_backward: bool) {
         .with_tensor_core_backward(tc_backward);
     let shape = Shape::new(150, 96, 7001);
     let inp = inputs(shape, 9);
-    let x = stream
-        .clone_htod(&inp.x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
-        .unwrap();
-    let w = stream
-        .clone_htod(&inp.w.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
-        .unwrap();
+    let x = upload::<bf16>(&stream, &inp.x);
+    let w = upload::<bf16>(&stream, &inp.w);
     let l = stream.clone_htod(&inp.labels).unwrap();
     let spec = MarginLoss::arcface(0.5);
     let run = || {
-        let f = gpu
-            .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
-            .unwrap();
-        let g = gpu
-            .backward_f32(
-                &spec,
-                &f,
-                &x.as_view(),
-                &w.as_view(),
-                &l.as_view(),
-                GpuUpstream::ONE,
-            )
-            .unwrap();
+        let (f, g) = step_f32(&gpu, &spec, &x, &w, &l, shape);
         assert_eq!(g.tensor_cores, tc_backward, "backward path");
         (
             f.loss_host().unwrap().to_bits(),
@@ -796,9 +797,7 @@ fn huge_b_times_c() {
         let gpu = FusedMarginLoss::new(stream.clone())
             .unwrap()
             .with_plan(plan);
-        let f = gpu
-            .forward(&spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
-            .unwrap();
+        let (f, g) = step(&gpu, &spec, &xd, &wd, &ld, shape);
         let loss = f.loss_host().unwrap() as f64;
         assert!(loss.is_finite() && loss > 0.0, "{plan:?}: loss {loss}");
         let rows: Vec<f64> = f.row_loss_host().unwrap()[..sub.b]
@@ -807,16 +806,6 @@ fn huge_b_times_c() {
             .collect();
         let e = rel(&rows, &reference.row_loss);
         assert!(e < 1e-5, "{plan:?}: row losses rel {e:e}");
-        let g = gpu
-            .backward(
-                &spec,
-                &f,
-                &xd.as_view(),
-                &wd.as_view(),
-                &ld.as_view(),
-                GpuUpstream::ONE,
-            )
-            .unwrap();
         let dx: Vec<f64> = stream.clone_dtoh(&g.dx).unwrap()[..sub.b * sub.d]
             .iter()
             .map(|&v| v as f64)
@@ -930,14 +919,7 @@ fn zero_norm_rows() {
         base().with_plan(Plan::Naive),
     ];
     let shape = Shape::new(40, 16, 70);
-    for (k, spec) in [
-        MarginLoss::arcface(0.5),
-        MarginLoss::cosface(0.35).normalize_features(false),
-        MarginLoss::sphereface(4.0).lambda(5.0),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    for (k, spec) in common::zero_row_specs().into_iter().enumerate() {
         for gpu in &handles {
             check_with::<f32>(
                 gpu,
@@ -1011,19 +993,7 @@ fn margins_at_their_limits() {
                 let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
                 let reference = cpu::forward(spec, &x, &w, &inp.labels, shape).unwrap().loss;
                 let (xd, wd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
-                let f = gpu
-                    .forward(spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
-                    .unwrap();
-                let g = gpu
-                    .backward_f32(
-                        spec,
-                        &f,
-                        &xd.as_view(),
-                        &wd.as_view(),
-                        &ld.as_view(),
-                        GpuUpstream::ONE,
-                    )
-                    .unwrap();
+                let (f, g) = step_f32(gpu, spec, &xd, &wd, ld, shape);
                 let what = format!("{:?} {:?} {spec:?}", gpu.plan(), T::DTYPE);
                 let loss = f.loss_host().unwrap() as f64;
                 let lse = f.lse_host().unwrap();
@@ -1062,26 +1032,10 @@ fn deterministic_across_streams_and_threads() {
         let run = |gpu: &FusedMarginLoss| -> Bits {
             // Inputs uploaded on the handle's own stream, so each run reads its own buffers.
             let s = gpu.stream();
-            let x = s
-                .clone_htod(&inp.x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
-                .unwrap();
-            let w = s
-                .clone_htod(&inp.w.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
-                .unwrap();
+            let x = upload::<bf16>(s, &inp.x);
+            let w = upload::<bf16>(s, &inp.w);
             let l = s.clone_htod(&inp.labels).unwrap();
-            let f = gpu
-                .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
-                .unwrap();
-            let g = gpu
-                .backward(
-                    &spec,
-                    &f,
-                    &x.as_view(),
-                    &w.as_view(),
-                    &l.as_view(),
-                    GpuUpstream::ONE,
-                )
-                .unwrap();
+            let (f, g) = step(gpu, &spec, &x, &w, &l, shape);
             let bits = |v: Vec<bf16>| v.iter().map(|e| e.to_bits()).collect::<Vec<_>>();
             (
                 f.loss_host().unwrap().to_bits(),
@@ -1118,12 +1072,8 @@ fn deterministic_across_streams_and_threads() {
         }
         // Inputs written on stream 0, read by a handle on stream 1 without any explicit sync.
         let s0 = &streams[0];
-        let x = s0
-            .clone_htod(&inp.x.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
-            .unwrap();
-        let w = s0
-            .clone_htod(&inp.w.iter().map(|&v| bf16::from_f64(v)).collect::<Vec<_>>())
-            .unwrap();
+        let x = upload::<bf16>(s0, &inp.x);
+        let w = upload::<bf16>(s0, &inp.w);
         let l = s0.clone_htod(&inp.labels).unwrap();
         let h1 = &handles[1];
         let f = h1

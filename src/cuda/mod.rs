@@ -41,7 +41,10 @@ pub use compile::{
 
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
-use crate::spec::{check_per_row_upstream, scalar_upstream_per_row, MarginLoss, Reduction, Shape};
+use crate::spec::{
+    check_per_row_upstream, check_scalar_upstream, scalar_upstream_per_row, MarginLoss, Reduction,
+    Shape,
+};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
@@ -821,8 +824,7 @@ impl FusedMarginLoss {
         // needs the counted rows, known here only under LabelCheck::Host.
         let per_row = match upstream {
             GpuUpstream::Scalar(v) => {
-                // Counted 1 stands in for the unknown count: this only checks v and the reduction.
-                scalar_upstream_per_row(spec.reduction, v as f64, shape.b, 1)?;
+                check_scalar_upstream(spec.reduction, v as f64, shape.b)?;
                 None
             }
             GpuUpstream::PerRow(view) => {

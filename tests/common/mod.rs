@@ -425,6 +425,16 @@ pub fn zero_row_inputs(shape: Shape, seed: u64) -> Inputs {
     inp
 }
 
+/// The specs the zero-norm-row cases run: normalized, unnormalized features, and a blended
+/// multiplicative margin (the eps path through each kind of target).
+pub fn zero_row_specs() -> [MarginLoss; 3] {
+    [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).normalize_features(false),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+    ]
+}
+
 /// Specs at `validate()`'s limits: m1 = 16, m2 just below pi, m3 = 2, s = 1000, alone and
 /// together, under every overflow policy, with and without lambda and feature normalization.
 pub fn limit_specs() -> Vec<MarginLoss> {

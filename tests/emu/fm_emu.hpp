@@ -399,6 +399,23 @@ inline void ldmatrix_x4(unsigned d[4], const unsigned short* p, bool trans) {
     warp_sync();
 }
 
+// The end of both mma.sync models: lane l's C fragment (rows g, g+8; columns 2t, 2t+1) plus
+// A . B over k < kdim from the gathered operands, written after the warp's second barrier (every
+// lane has read the exchange slots by then).
+template <class FA, class FB>
+inline void mma_finish(float d[4], int kdim, FA A, FB Bm) {
+    const int l = lane(), g = l >> 2, t = l & 3;
+    float out[4];
+    for (int v = 0; v < 4; ++v) {
+        int row = g + 8 * (v >> 1), col = 2 * t + (v & 1);
+        float acc = d[v];
+        for (int k = 0; k < kdim; ++k) acc += A(row, k) * Bm(k, col);   // products exact in f32
+        out[v] = acc;
+    }
+    warp_sync();
+    for (int v = 0; v < 4; ++v) d[v] = out[v];
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: every lane's fragments are gathered into the
 // full A (16x16) and B (16x8), and each lane computes its four D elements.
 inline void mma16816(float d[4], const unsigned a[4], const unsigned b[2], bool bf16) {
@@ -417,16 +434,7 @@ inline void mma16816(float d[4], const unsigned a[4], const unsigned b[2], bool 
         unsigned v = f[4 + (k >= 8 ? 1 : 0)];
         return val((k & 1) ? hi16(v) : lo16(v));
     };
-    const int g = l >> 2, t = l & 3;
-    float out[4];
-    for (int v = 0; v < 4; ++v) {
-        int row = g + 8 * (v >> 1), col = 2 * t + (v & 1);
-        float acc = d[v];
-        for (int k = 0; k < 16; ++k) acc += A(row, k) * Bm(k, col);   // products exact in f32
-        out[v] = acc;
-    }
-    warp_sync();
-    for (int v = 0; v < 4; ++v) d[v] = out[v];
+    mma_finish(d, 16, A, Bm);
 }
 
 // cvt.rna.tf32.f32: keep 10 mantissa bits, round half away from zero; NaN and Inf unchanged. The
@@ -462,16 +470,7 @@ inline void mma1688_tf32(float d[4], const unsigned a[4], const unsigned b[2]) {
         const unsigned* f = (const unsigned*)slot(w, n * 4 + (k & 3));
         return val(f[4 + (k >= 4 ? 1 : 0)]);
     };
-    const int g = l >> 2, t = l & 3;
-    float out[4];
-    for (int v = 0; v < 4; ++v) {
-        int row = g + 8 * (v >> 1), col = 2 * t + (v & 1);
-        float acc = d[v];
-        for (int k = 0; k < 8; ++k) acc += A(row, k) * Bm(k, col);   // products exact in f32
-        out[v] = acc;
-    }
-    warp_sync();
-    for (int v = 0; v < 4; ++v) d[v] = out[v];
+    mma_finish(d, 8, A, Bm);
 }
 
 // ---- wgmma (kernels/ptx.cuh) ------------------------------------------------------------------------
