@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 /// Rows handled together, so each class row of `w` is read once per block, not once per row.
 const ROW_BLOCK: usize = 16;
-/// Classes handled per backward step; bounds the `B x CLASS_CHUNK` scratch of `dc`.
+/// Classes handled per backward step; bounds the `B x min(C, CLASS_CHUNK)` scratch of `dc`.
 const CLASS_CHUNK: usize = 512;
 
 /// What forward returns and backward consumes (MATH.md step 6: the saved per-row statistics and
@@ -36,6 +36,9 @@ pub struct Forward {
     pub spec: MarginLoss,
     /// The shape this result was computed with (backward checks it).
     pub shape: Shape,
+    /// A 64-bit fingerprint of every element of `x` and `w` (their bits, in order): backward
+    /// checks it, so other inputs are an error even where every row norm is the same.
+    pub inputs_fingerprint: u64,
 }
 
 /// Gradients of the loss with respect to `x` (B x D) and `w` (C x D), in f64.
@@ -70,22 +73,64 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 struct Prepared {
     unit: Vec<f64>,
     norm: Vec<f64>,
+    /// The rows' bits hashed in order (see [`row_hash`]), for [`Forward::inputs_fingerprint`].
+    fingerprint: u64,
+}
+
+/// A hash of one row's values (their f64 bits: the widening from f32/f16/bf16 is exact, so equal
+/// bits here mean equal inputs). Multiply-xorshift per element: a changed element or a swap of
+/// two changes the hash; cheap next to the O(C) dot products the row takes part in.
+fn row_hash(row: &[f64]) -> u64 {
+    let mut h: u64 = 0x243f_6a88_85a3_08d3;
+    for e in row {
+        h = (h ^ e.to_bits()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 29;
+    }
+    h
 }
 
 fn prepare<T: Element>(v: &[T], d: usize, normalize: bool) -> Prepared {
     let mut unit: Vec<f64> = v.iter().map(|e| e.to_f64()).collect();
-    let norm: Vec<f64> = unit
+    let (norm, hashes): (Vec<f64>, Vec<u64>) = unit
         .par_chunks_mut(d)
         .map(|row| {
+            let h = row_hash(row);
             let n = dot(row, row).sqrt();
             if normalize {
                 let inv = 1.0 / n.max(NORM_EPS);
                 row.iter_mut().for_each(|e| *e *= inv);
             }
-            n
+            (n, h)
         })
-        .collect();
-    Prepared { unit, norm }
+        .unzip();
+    // Rows combined in order (a fixed sequence whatever rayon's split): deterministic.
+    let fingerprint = hashes.iter().fold(0x1319_8a2e_0370_7344u64, |acc, &h| {
+        (acc.rotate_left(23) ^ h).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+    });
+    Prepared {
+        unit,
+        norm,
+        fingerprint,
+    }
+}
+
+/// Adds one logit to a running (max, sum-exp) pair of the online logsumexp, so that the result
+/// does not depend on the order of the classes: `-Inf` contributes `exp(-Inf) = 0` (it would
+/// otherwise give `exp(-Inf - -Inf) = NaN` while the max is still `-Inf`), and a logit equal to
+/// the max (two `+Inf`s included) contributes exactly 1. NaN makes the sum NaN.
+#[inline]
+fn push_logit(m: &mut f64, s: &mut f64, z: f64) {
+    if z == f64::NEG_INFINITY {
+        return;
+    }
+    if z > *m {
+        *s = *s * (*m - z).exp() + 1.0;
+        *m = z;
+    } else if z == *m {
+        *s += 1.0;
+    } else {
+        *s += (z - *m).exp();
+    }
 }
 
 /// Everything forward and backward share: validated inputs in f64.
@@ -225,12 +270,7 @@ pub fn forward<T: Element>(
                     if labels[i] >= 0 && labels[i] as usize == j {
                         zy[k] = z;
                     }
-                    if z > m[k] {
-                        s[k] = s[k] * (m[k] - z).exp() + 1.0;
-                        m[k] = z;
-                    } else {
-                        s[k] += (z - m[k]).exp();
-                    }
+                    push_logit(&mut m[k], &mut s[k], z);
                 }
             }
             for k in 0..rows {
@@ -258,7 +298,13 @@ pub fn forward<T: Element>(
         labels_fingerprint: Shape::labels_fingerprint(labels),
         spec: *spec,
         shape,
+        inputs_fingerprint: inputs_fingerprint(&p),
     })
+}
+
+/// [`Forward::inputs_fingerprint`] of a problem: x's and w's row hashes combined.
+fn inputs_fingerprint(p: &Problem<'_>) -> u64 {
+    p.x.fingerprint.rotate_left(32) ^ p.w.fingerprint.wrapping_mul(0x94d0_49bb_1331_11eb)
 }
 
 /// Backward pass (MATH.md "Backward"): `dx` (B x D) and `dw` (C x D) in f64, from the saved
@@ -267,9 +313,20 @@ pub fn forward<T: Element>(
 /// `upstream` is `Upstream::Scalar` for mean/sum (usually [`Upstream::ONE`]) and
 /// `Upstream::PerRow` (B values) for `Reduction::None`. `fwd` must come from [`forward`] with the
 /// same spec, shape and inputs: another spec or shape, other labels (a fingerprint of their values
-/// and order: permuted labels too), or `x` / `w` rows whose norms differ from the forward's is
-/// [`Error::ForwardMismatch`] (an O(B + C) check; a change of `x` or `w` that keeps every row norm
-/// is not detected).
+/// and order: permuted labels too), or other `x` / `w` is [`Error::ForwardMismatch`]. Inputs are
+/// compared by their row norms (the error names the first row that differs) and by a 64-bit
+/// fingerprint of every element's bits, so a change that keeps every row norm (a permuted or
+/// rotated row) is caught too; both cost O(B*D + C*D), next to the backward's O(B*C*D). A spec
+/// that is itself invalid (a field of `fwd.spec` edited after the forward) is
+/// [`Error::InvalidSpec`].
+///
+/// # Memory
+///
+/// Besides the inputs and the returned gradients, the backward holds the inputs in f64
+/// (`8 * (B*D + C*D)` bytes), the gradient accumulators (`8 * (B*D + C*D)`), one class chunk of
+/// `dc` (`8 * B * min(C, 512)`) and per-row and per-class values: at most
+/// `8 * (2*B*D + 2*C*D + B*min(C, 512) + 6*B + 3*C)` bytes whatever the ratio of B to C
+/// ([`forward`]: `8 * (B*D + C*D + 6*B + 3*C)`; both measured by `tests/memory.rs`).
 pub fn backward<T: Element>(
     spec: &MarginLoss,
     fwd: &Forward,
@@ -279,6 +336,9 @@ pub fn backward<T: Element>(
     shape: Shape,
     upstream: Upstream<'_>,
 ) -> Result<Gradients> {
+    // An invalid spec is named as such, before it is compared with the forward's.
+    spec.validate()?;
+    fwd.spec.validate()?;
     if fwd.spec != *spec {
         return Err(Error::ForwardMismatch {
             detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
@@ -332,6 +392,13 @@ pub fn backward<T: Element>(
             });
         }
     }
+    if fwd.inputs_fingerprint != inputs_fingerprint(&p) {
+        return Err(Error::ForwardMismatch {
+            detail: "x or w differs from the forward's (every row norm is the same, the values \
+                     are not: a permuted, rotated or otherwise edited row)"
+                .into(),
+        });
+    }
     let g = upstream.per_row(spec.reduction, labels)?;
     let (b, d, c) = (shape.b, shape.d, shape.c);
 
@@ -339,11 +406,14 @@ pub fn backward<T: Element>(
     let mut dxh = vec![0.0f64; b * d];
     let mut dn = vec![0.0f64; b];
     let mut dwh = vec![0.0f64; c * d];
-    let mut dc = vec![0.0f64; b * CLASS_CHUNK];
-    for j0 in (0..c).step_by(CLASS_CHUNK) {
-        let cols = CLASS_CHUNK.min(c - j0);
+    // One class chunk of dc at a time: B x min(C, CLASS_CHUNK) values, so a large batch with few
+    // classes allocates by its real width (B = 500,000 with C = 1 asked for 2 GB at a fixed 512).
+    let chunk = CLASS_CHUNK.min(c);
+    let mut dc = vec![0.0f64; b * chunk];
+    for j0 in (0..c).step_by(chunk) {
+        let cols = chunk.min(c - j0);
         // dc for this class chunk, row blocks in parallel; each block owns its rows of dxh and dn.
-        dc.par_chunks_mut(ROW_BLOCK * CLASS_CHUNK)
+        dc.par_chunks_mut(ROW_BLOCK * chunk)
             .zip(dxh.par_chunks_mut(ROW_BLOCK * d))
             .zip(dn.par_chunks_mut(ROW_BLOCK))
             .enumerate()
@@ -351,7 +421,7 @@ pub fn backward<T: Element>(
                 let i0 = blk * ROW_BLOCK;
                 for (k, dn_i) in dn_blk.iter_mut().enumerate() {
                     let i = i0 + k;
-                    let row = &mut dc_blk[k * CLASS_CHUNK..k * CLASS_CHUNK + cols];
+                    let row = &mut dc_blk[k * chunk..k * chunk + cols];
                     if g[i] == 0.0 {
                         row.fill(0.0);
                         continue;
@@ -377,7 +447,7 @@ pub fn backward<T: Element>(
             .enumerate()
             .for_each(|(jj, dwh_j)| {
                 for i in 0..b {
-                    let v = dc[i * CLASS_CHUNK + jj];
+                    let v = dc[i * chunk + jj];
                     if v != 0.0 {
                         for (a, xv) in dwh_j.iter_mut().zip(p.xh(i)) {
                             *a += v * xv;
@@ -387,38 +457,36 @@ pub fn backward<T: Element>(
             });
     }
 
-    // Back through the normalization: dv = (dvh - vh (vh . dvh)) / max(|v|, eps).
-    let dx: Vec<f64> = dxh
-        .par_chunks(d)
-        .enumerate()
-        .flat_map_iter(|(i, dxh_i)| {
-            let xh = p.xh(i);
-            let proj = dot(xh, dxh_i);
-            let inv = 1.0 / p.x.norm[i].max(NORM_EPS);
-            let extra = if spec.normalize_features { 0.0 } else { dn[i] };
-            dxh_i
-                .iter()
-                .zip(xh)
-                .map(move |(a, xv)| (a - xv * proj) * inv + extra * xv)
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let dw: Vec<f64> = if spec.normalize_weights {
-        dwh.par_chunks(d)
-            .enumerate()
-            .flat_map_iter(|(j, dwh_j)| {
-                let wh = p.wh(j);
-                let proj = dot(wh, dwh_j);
-                let inv = 1.0 / p.w.norm[j].max(NORM_EPS);
-                dwh_j
-                    .iter()
-                    .zip(wh)
-                    .map(move |(a, wv)| (a - wv * proj) * inv)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    } else {
-        dwh
+    // Back through the normalization, the derivative of vh = v / max(|v|, eps):
+    // dv = (dvh - vh (vh . dvh)) / |v| where |v| >= eps; dv = dvh / eps where |v| < eps (vh is
+    // then v / eps, linear in v: no projection term). Written in place over the accumulators.
+    let unnormalize = |dvh: &mut [f64], vh: &[f64], norm: f64| {
+        if norm < NORM_EPS {
+            dvh.iter_mut().for_each(|a| *a /= NORM_EPS);
+        } else {
+            let proj = dot(vh, dvh);
+            let inv = 1.0 / norm;
+            for (a, v) in dvh.iter_mut().zip(vh) {
+                *a = (*a - v * proj) * inv;
+            }
+        }
     };
+    let mut dx = dxh;
+    dx.par_chunks_mut(d).enumerate().for_each(|(i, dx_i)| {
+        let xh = p.xh(i);
+        unnormalize(dx_i, xh, p.x.norm[i]);
+        if !spec.normalize_features {
+            // The row scale s|x_i|: d|x_i|/dx_i = xh_i.
+            for (a, v) in dx_i.iter_mut().zip(xh) {
+                *a += dn[i] * v;
+            }
+        }
+    });
+    let mut dw = dwh;
+    if spec.normalize_weights {
+        dw.par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(j, dw_j)| unnormalize(dw_j, p.wh(j), p.w.norm[j]));
+    }
     Ok(Gradients { dx, dw })
 }

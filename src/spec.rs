@@ -96,6 +96,15 @@ pub const NORM_EPS: f64 = 1e-12;
 pub const M1_MAX: f64 = 16.0;
 /// Upper bound accepted for `m3` (a cosine shift beyond 2 exceeds the cosine's whole range).
 pub const M3_MAX: f64 = 2.0;
+/// Upper bound accepted for the scale `s`. Published values are 1 to 64 (NormFace 16-32, SphereFace
+/// 1 with the feature norm, CosFace/ArcFace 64); the bound keeps the kernels' f32 logits, whose
+/// magnitude is at most `36 s` with both normalizations on (docs/MATH.md, "Range"), far from
+/// overflow, where `s = 1e300` or `f64::MAX` gave infinite or NaN losses.
+pub const S_MAX: f64 = 1e6;
+/// Upper bound accepted for the magnitude of an upstream gradient (scalar or per row). Loss
+/// scaling for f16 training uses factors of 2^16 to 2^24; 1e12 leaves room for those and keeps
+/// `s * g` products (the scale of every `dc`) inside f32 and f64.
+pub const UPSTREAM_MAX: f64 = 1e12;
 
 impl Default for MarginLoss {
     /// ArcFace with m = 0.5, s = 64 (the most common configuration).
@@ -229,7 +238,7 @@ impl MarginLoss {
     }
 
     /// Checks every field against its documented range and names the first bad one:
-    /// `s` finite and `> 0`; `m1` finite in `[1, 16]`; `m2` finite in `[0, pi)`; `m3` finite in
+    /// `s` finite in `(0, 1e6]` ([`S_MAX`]); `m1` finite in `[1, 16]`; `m2` finite in `[0, pi)`; `m3` finite in
     /// `[0, 2]`; `lambda` finite and `>= 0`.
     pub fn validate(&self) -> Result<()> {
         fn check(field: &'static str, value: f64, ok: bool, rule: &'static str) -> Result<()> {
@@ -240,7 +249,12 @@ impl MarginLoss {
             }
         }
         let s = self.s;
-        check("s", s, s.is_finite() && s > 0.0, "must be finite and > 0")?;
+        check(
+            "s",
+            s,
+            s.is_finite() && s > 0.0 && s <= S_MAX,
+            "must be finite, > 0 and <= 1e6",
+        )?;
         let m1 = self.m1;
         check(
             "m1",
@@ -301,10 +315,33 @@ impl Default for SphereFaceSchedule {
 }
 
 impl SphereFaceSchedule {
-    /// `lambda` at iteration `iter`: `max(lambda_min, base * (1 + gamma*iter)^-power)`.
-    pub fn lambda_at(&self, iter: u64) -> f64 {
+    /// Checks every field and names the first bad one: `base` and `lambda_min` finite and `>= 0`,
+    /// `gamma` and `power` finite and `>= 0` (a negative rate or exponent would make lambda grow,
+    /// and a NaN anywhere would silently give `lambda_min` through `max`).
+    pub fn validate(&self) -> Result<()> {
+        for (field, value) in [
+            ("schedule.base", self.base),
+            ("schedule.gamma", self.gamma),
+            ("schedule.power", self.power),
+            ("schedule.lambda_min", self.lambda_min),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(Error::InvalidSpec {
+                    field,
+                    value,
+                    rule: "must be finite and >= 0",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `lambda` at iteration `iter`: `max(lambda_min, base * (1 + gamma*iter)^-power)`, after
+    /// [`validate`](Self::validate).
+    pub fn lambda_at(&self, iter: u64) -> Result<f64> {
+        self.validate()?;
         let decayed = self.base * (1.0 + self.gamma * iter as f64).powf(-self.power);
-        decayed.max(self.lambda_min)
+        Ok(decayed.max(self.lambda_min))
     }
 }
 
@@ -424,7 +461,8 @@ impl Shape {
 pub enum Upstream<'a> {
     /// For `Reduction::Mean` and `Reduction::Sum`: `dObjective/dloss`, usually 1.
     Scalar(f64),
-    /// For `Reduction::None`: one value per row (B values; ignored rows' values are unused).
+    /// For `Reduction::None`: one value per row (B values; ignored rows' values are unused and
+    /// not checked, so a NaN there is fine).
     PerRow(&'a [f64]),
 }
 
@@ -434,7 +472,8 @@ impl Upstream<'_> {
 
     /// The per-row upstream `g_i` of MATH.md ("Backward"): `dL/N` for mean over `N` counted rows
     /// (0 when `N = 0`), `dL` for sum, the given values for none; 0 for ignored rows. Checks that
-    /// the variant fits the reduction, the length is B and the values are finite.
+    /// the variant fits the reduction, the length is B and the values of counted rows are finite
+    /// and at most [`UPSTREAM_MAX`] in magnitude (ignored rows' values are never read).
     pub fn per_row(&self, reduction: Reduction, labels: &[i32]) -> Result<Vec<f64>> {
         let b = labels.len();
         let counted = labels.iter().filter(|&&l| l >= 0).count();
@@ -444,10 +483,10 @@ impl Upstream<'_> {
             }
             Upstream::PerRow(values) => {
                 check_per_row_upstream(reduction, values.len(), b)?;
-                if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                    return Err(Error::Upstream {
-                        detail: format!("upstream gradient of row {i} is {v}, not finite"),
-                    });
+                for (i, (&v, &l)) in values.iter().zip(labels).enumerate() {
+                    if l >= 0 {
+                        check_upstream_value(v, &format!("upstream gradient of row {i}"))?;
+                    }
                 }
                 values.to_vec()
             }
@@ -464,15 +503,30 @@ impl Upstream<'_> {
 /// `Mean` or `Sum` (`None` needs one value per row). Shared by every backend; a backend that
 /// divides by the counted rows on the device checks with this alone.
 pub fn check_scalar_upstream(reduction: Reduction, v: f64, b: usize) -> Result<()> {
-    if !v.is_finite() {
-        return Err(Error::Upstream {
-            detail: format!("scalar upstream gradient {v} is not finite"),
-        });
-    }
+    check_upstream_value(v, "scalar upstream gradient")?;
     if reduction == Reduction::None {
         return Err(Error::Upstream {
             detail: format!(
                 "reduction none needs one upstream value per row (B = {b}), got the scalar {v}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// One upstream value: finite and `|v| <= UPSTREAM_MAX`; `what` names it in the error.
+/// Shared by every backend.
+pub fn check_upstream_value(v: f64, what: &str) -> Result<()> {
+    if !v.is_finite() {
+        return Err(Error::Upstream {
+            detail: format!("{what} is {v}, not finite"),
+        });
+    }
+    if v.abs() > UPSTREAM_MAX {
+        return Err(Error::Upstream {
+            detail: format!(
+                "{what} is {v}: |g| must be <= 1e12 (beyond that the gradients can overflow; \
+                 scale the loss instead)"
             ),
         });
     }

@@ -586,3 +586,58 @@ fn entries_at_the_ends_of_the_f32_range() {
         );
     }
 }
+
+#[test]
+fn rows_below_eps_take_the_derivative_of_the_forward() {
+    // Below eps the forward is vh = v / eps, linear in v, so the normalization backward is
+    // dv = dvh / eps with no projection term (as F.normalize's autograd). The former formula
+    // (dvh - vh (vh . dvh)) / eps differs by up to |vh|^2 ~ 50 % for a row just below eps; finite
+    // differences of the forward decide. Row 1 of x and class 2 of w have norms 0.7 eps.
+    let shape = Shape::new(4, 6, 5);
+    let mut r = rng(77);
+    let mut x = rows(&mut r, shape.b, shape.d, (0.5, 2.0));
+    let mut w = rows(&mut r, shape.c, shape.d, (0.5, 2.0));
+    let d = shape.d;
+    for (v, row) in [(&mut x, 1usize), (&mut w, 2)] {
+        let n = norm(&v[row * d..(row + 1) * d]);
+        v[row * d..(row + 1) * d]
+            .iter_mut()
+            .for_each(|e| *e *= 0.7 * EPS / n);
+    }
+    let labels = vec![2, 2, 0, 4];
+    for spec in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+        MarginLoss::nsl(16.0),
+    ] {
+        let (_, g) = run(&spec, &x, &w, &labels, shape, None);
+        let loss = |x: &[f64], w: &[f64]| cpu::forward(&spec, x, w, &labels, shape).unwrap().loss;
+        // A step of 1e-3 of the tiny rows' entries keeps them below eps; the forward is smooth.
+        for (what, grad, row, is_x) in [("dx", &g.dx, 1usize, true), ("dw", &g.dw, 2, false)] {
+            if is_x && !spec.normalize_features {
+                // The row scale s|x_i| ~ 1e-12 makes that row's loss flat to f64: nothing to
+                // difference. Its dx is checked where the row is normalized.
+                continue;
+            }
+            let v = if is_x { &x } else { &w };
+            let h = 1e-3 * 0.7 * EPS / (d as f64).sqrt();
+            let mut f = |p: &[f64]| {
+                let mut full = v.clone();
+                full[row * d..(row + 1) * d].copy_from_slice(p);
+                if is_x {
+                    loss(&full, &w)
+                } else {
+                    loss(&x, &full)
+                }
+            };
+            let fd = central_diff(&v[row * d..(row + 1) * d], h, &mut f);
+            let got = &grad[row * d..(row + 1) * d];
+            let e = rel(got, &fd);
+            assert!(
+                e < 1e-5,
+                "{spec:?} {what} row {row}: rel {e:e}, {got:?} vs {fd:?}"
+            );
+        }
+    }
+}

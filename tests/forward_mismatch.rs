@@ -119,3 +119,44 @@ fn backward_rejects_permuted_or_changed_labels() {
         Shape::labels_fingerprint(&[2, 1])
     );
 }
+
+#[test]
+fn backward_rejects_other_inputs_with_the_same_row_norms() {
+    // A row permuted within itself (or rotated) keeps its norm: the norm comparison alone let
+    // such an x through and gave dx off by orders of magnitude. The fingerprint of the elements
+    // catches it.
+    let (shape, x, w, labels) = valid();
+    let spec = MarginLoss::arcface(0.5);
+    let fwd = cpu::forward(&spec, &x, &w, &labels, shape).unwrap();
+    let mut x2 = x.clone();
+    x2.swap(4, 5); // row 1, same norm
+    let d =
+        mismatch(cpu::backward(&spec, &fwd, &x2, &w, &labels, shape, Upstream::ONE).unwrap_err());
+    assert!(d.contains("x or w differs"), "{d}");
+    let mut w2 = w.clone();
+    w2.swap(0, 1); // class 0, same norm
+    let d =
+        mismatch(cpu::backward(&spec, &fwd, &x, &w2, &labels, shape, Upstream::ONE).unwrap_err());
+    assert!(d.contains("x or w differs"), "{d}");
+    // x's rows swapped with each other: every norm moves, the first differing row is named.
+    let mut x3 = x.clone();
+    x3[..8].rotate_left(4);
+    assert!(cpu::backward(&spec, &fwd, &x3, &w, &labels, shape, Upstream::ONE).is_err());
+}
+
+#[test]
+fn an_edited_invalid_spec_is_named_as_invalid() {
+    // A forward whose spec was edited to NaN reported ForwardMismatch with two identical-looking
+    // specs; the bad field is what the caller needs to see.
+    let (shape, x, w, labels) = valid();
+    let spec = MarginLoss::arcface(0.5);
+    let mut fwd = cpu::forward(&spec, &x, &w, &labels, shape).unwrap();
+    fwd.spec.m2 = f64::NAN;
+    let bad = fwd.spec;
+    for s in [spec, bad] {
+        match cpu::backward(&s, &fwd, &x, &w, &labels, shape, Upstream::ONE) {
+            Err(Error::InvalidSpec { field: "m2", .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -225,3 +225,69 @@ fn non_finite_low_precision_inputs_propagate_the_same_way() {
         assert!(fwd.row_loss[0].is_finite() && fwd.row_loss[2].is_finite());
     }
 }
+
+#[test]
+fn a_minus_inf_class_leaves_the_softmax_at_every_position() {
+    // The reported case: arcface 0.5 with raw weights, x = [0.5, 1.0], label 1, the class
+    // [-inf, 0] first gave NaN and last gave 49.35. Every order of the three classes must give
+    // the loss of the two finite classes alone.
+    let spec = MarginLoss::arcface(0.5)
+        .normalize_weights(false)
+        .reduction(Reduction::None);
+    let x = [0.5, 1.0];
+    let classes = [[f64::NEG_INFINITY, 0.0], [0.0, 1.0], [1.0, 1.0]];
+    let (two, _) = run(
+        &spec,
+        &x,
+        &[0.0, 1.0, 1.0, 1.0],
+        &[0],
+        Shape::new(1, 2, 2),
+        Some(&[1.0]),
+    );
+    for perm in [
+        [0, 1, 2],
+        [0, 2, 1],
+        [1, 0, 2],
+        [1, 2, 0],
+        [2, 0, 1],
+        [2, 1, 0],
+    ] {
+        let w: Vec<f64> = perm.iter().flat_map(|&k| classes[k]).collect();
+        let label = perm.iter().position(|&k| k == 1).unwrap() as i32;
+        let (fwd, g) = run(&spec, &x, &w, &[label], Shape::new(1, 2, 3), Some(&[1.0]));
+        let want = two.row_loss[0];
+        assert!(
+            (fwd.row_loss[0] - want).abs() <= 1e-12 * want,
+            "order {perm:?}: {} vs {want}",
+            fwd.row_loss[0]
+        );
+        assert!(g.dx.iter().any(|v| !v.is_finite()), "order {perm:?}: dx");
+    }
+}
+
+#[test]
+fn an_infinite_raw_class_follows_the_policy_at_every_position() {
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35),
+        MarginLoss::nsl(8.0),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        infinite_class_policy::<f64>(
+            spec.normalize_weights(false),
+            Shape::new(6, 5, 7),
+            40 + k as u64,
+            (1e-12, 1e-12),
+            "cpu",
+            &mut |shape, x, w, labels, up| {
+                let s = spec.normalize_weights(false).reduction(Reduction::None);
+                let up: Vec<f64> = up.iter().map(|&v| v as f64).collect();
+                let (f, g) = run(&s, x, w, labels, shape, Some(&up));
+                (f.row_loss, g.dx, g.dw)
+            },
+        );
+    }
+}

@@ -130,17 +130,17 @@ fn sphereface_schedule_original_defaults() {
     // lambda = max(5, 1000 * (1 + 0.12 iter)^-1)
     for iter in [0u64, 1, 10, 100, 500, 1000, 1658, 1659, 5000, 1_000_000] {
         let want = (1000.0 / (1.0 + 0.12 * iter as f64)).max(5.0);
-        let got = s.lambda_at(iter);
+        let got = s.lambda_at(iter).unwrap();
         assert!(
             (got - want).abs() <= 1e-12 * want,
             "iter {iter}: {got} vs {want}"
         );
     }
-    assert_eq!(s.lambda_at(0), 1000.0);
+    assert_eq!(s.lambda_at(0), Ok(1000.0));
     // The floor takes over between iterations 1658 and 1659 (1000/(1 + 0.12 i) = 5 at i = 1658.3).
-    assert!(s.lambda_at(1658) > 5.0);
-    assert_eq!(s.lambda_at(1659), 5.0);
-    assert_eq!(s.lambda_at(u64::MAX), 5.0);
+    assert!(s.lambda_at(1658).unwrap() > 5.0);
+    assert_eq!(s.lambda_at(1659), Ok(5.0));
+    assert_eq!(s.lambda_at(u64::MAX), Ok(5.0));
 }
 
 #[test]
@@ -152,10 +152,10 @@ fn sphereface_schedule_custom_power() {
         lambda_min: 0.0,
     };
     // 100 * (1 + 0.5*4)^-2 = 100/9
-    assert!((s.lambda_at(4) - 100.0 / 9.0).abs() < 1e-12);
+    assert!((s.lambda_at(4).unwrap() - 100.0 / 9.0).abs() < 1e-12);
     let mut prev = f64::INFINITY;
     for iter in 0..1000 {
-        let l = s.lambda_at(iter);
+        let l = s.lambda_at(iter).unwrap();
         assert!(l <= prev && l >= 0.0);
         prev = l;
     }
@@ -191,4 +191,89 @@ fn per_row_upstream_follows_the_reduction() {
     // Mean with nothing counted: zero, not NaN.
     let g = Upstream::ONE.per_row(Reduction::Mean, &[-1, -1]).unwrap();
     assert_eq!(g, vec![0.0, 0.0]);
+}
+
+#[test]
+fn sphereface_schedule_rejects_bad_fields() {
+    // NaN anywhere used to give lambda_min silently through max().
+    let ok = SphereFaceSchedule::default();
+    for (field, s) in [
+        (
+            "schedule.gamma",
+            SphereFaceSchedule {
+                gamma: f64::NAN,
+                ..ok
+            },
+        ),
+        (
+            "schedule.base",
+            SphereFaceSchedule {
+                base: f64::NAN,
+                ..ok
+            },
+        ),
+        ("schedule.power", SphereFaceSchedule { power: -1.0, ..ok }),
+        (
+            "schedule.lambda_min",
+            SphereFaceSchedule {
+                lambda_min: f64::INFINITY,
+                ..ok
+            },
+        ),
+    ] {
+        match s.lambda_at(3) {
+            Err(fused_margin::Error::InvalidSpec { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {other:?}"),
+        }
+        assert!(s.validate().is_err());
+    }
+    assert_eq!(ok.validate(), Ok(()));
+}
+
+#[test]
+fn scale_is_bounded() {
+    // s = 1e300 or f64::MAX overflowed the logits (infinite or NaN loss) although validate()
+    // accepted them.
+    for s in [1e300, f64::MAX, 1e6 * (1.0 + 1e-15), f64::INFINITY] {
+        match MarginLoss::arcface(0.5).scale(s).validate() {
+            Err(fused_margin::Error::InvalidSpec { field: "s", .. }) => {}
+            other => panic!("s = {s}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        MarginLoss::arcface(0.5)
+            .scale(fused_margin::spec::S_MAX)
+            .validate(),
+        Ok(())
+    );
+}
+
+#[test]
+fn upstream_values_are_bounded_and_ignored_rows_unchecked() {
+    let labels = [0, -1, 2];
+    for v in [1e308, -1e13, f64::NAN, f64::INFINITY] {
+        assert!(
+            Upstream::Scalar(v)
+                .per_row(Reduction::Sum, &labels)
+                .is_err(),
+            "{v}"
+        );
+        let per = [1.0, 1.0, v];
+        assert!(
+            Upstream::PerRow(&per)
+                .per_row(Reduction::None, &labels)
+                .is_err(),
+            "{v} on a counted row"
+        );
+        // Row 1 is ignored: its value is never read, so it is not checked.
+        let per = [1.0, v, 1.0];
+        assert_eq!(
+            Upstream::PerRow(&per).per_row(Reduction::None, &labels),
+            Ok(vec![1.0, 0.0, 1.0]),
+            "{v} on an ignored row"
+        );
+    }
+    assert!(Upstream::Scalar(1e12)
+        .per_row(Reduction::Sum, &labels)
+        .is_ok());
 }

@@ -483,11 +483,7 @@ fn check_grad_out(
     let mut reads = input_buffers(inputs)?.to_vec();
     match (upstream, spec.reduction) {
         (RawUpstream::Scalar(v), Reduction::Mean | Reduction::Sum) => {
-            if !v.is_finite() {
-                return Err(Error::Upstream {
-                    detail: format!("scalar upstream {v} is not finite"),
-                });
-            }
+            crate::spec::check_upstream_value(v as f64, "scalar upstream")?;
         }
         (RawUpstream::PerRow(buf), Reduction::None) => {
             let g = Named {

@@ -475,3 +475,116 @@ pub fn bars(dt: fused_margin::DType) -> (f64, f64) {
 
 /// MATH.md's bars for f32 inputs through TF32 tensor cores (loss, gradients).
 pub const TF32_BARS: (f64, f64) = (1e-3, 5e-3);
+
+/// The documented policy for an infinite entry in a class row without weight normalization,
+/// checked with the bad class at every position (so first, last, inside a class tile and at a
+/// tile or split boundary): an online logsumexp that starts from `max = -Inf` must not give
+/// `exp(-Inf - -Inf) = NaN` when the bad class comes first.
+///
+/// - `-Inf` (a logit of `-Inf` for every row, whose features are positive): the class leaves the
+///   softmax. Every row loss equals the loss of the same problem without that class (within the
+///   bars), the other classes' `dw` equal that problem's, the bad class's `dw` is 0, and the
+///   counted rows' `dx` is non-finite (`0 * -Inf` in `dxh`).
+/// - `+Inf`: every counted row's loss is non-finite, of the same kind (NaN or +Inf) at every
+///   position of the class.
+///
+/// `run` gets the problem and returns (row losses, dx, dw); `spec` must not normalize weights.
+pub fn infinite_class_policy<T: fused_margin::Element>(
+    spec: MarginLoss,
+    shape: Shape,
+    seed: u64,
+    (lbar, gbar): (f64, f64),
+    what: &str,
+    run: &mut PolicyRun<'_, T>,
+) {
+    assert!(!spec.normalize_weights);
+    let spec = spec.reduction(Reduction::None);
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let mut r = rng(seed);
+    // Positive features: x_i . w_j = -Inf for a class with one -Inf entry.
+    let x: Vec<f64> = (0..b * d).map(|_| r.random_range(0.1..1.0)).collect();
+    // The clean classes 0..c-1 (moderate raw logits), and which of them each row is labelled.
+    let clean: Vec<f64> = (0..(c - 1) * d)
+        .map(|_| 0.25 * r.random_range(-1.0..1.0))
+        .collect();
+    let mut lab: Vec<i32> = (0..b).map(|_| r.random_range(0..(c - 1) as i32)).collect();
+    if b > 2 {
+        lab[2] = -1;
+    }
+    let up: Vec<f32> = (0..b).map(|i| 0.5 + (i % 3) as f32).collect();
+    let up64: Vec<f64> = up.iter().map(|&v| v as f64).collect();
+    let cast = |v: &[f64]| v.iter().map(|&e| T::from_f64(e)).collect::<Vec<T>>();
+    let reduced = Shape::new(b, d, c - 1);
+    let rf = cpu::forward(&spec, &cast(&x), &cast(&clean), &lab, reduced).unwrap();
+    let rg = cpu::backward(
+        &spec,
+        &rf,
+        &cast(&x),
+        &cast(&clean),
+        &lab,
+        reduced,
+        Upstream::PerRow(&up64),
+    )
+    .unwrap();
+    for bad in [f64::NEG_INFINITY, f64::INFINITY] {
+        let mut kinds: Option<Vec<(bool, bool)>> = None;
+        for pos in 0..c {
+            // Class `pos` is the bad one; clean class k sits at k, or k + 1 from pos on.
+            let at = |k: usize| if k < pos { k } else { k + 1 };
+            let mut w = vec![0.0; c * d];
+            for k in 0..c - 1 {
+                w[at(k) * d..(at(k) + 1) * d].copy_from_slice(&clean[k * d..(k + 1) * d]);
+            }
+            for e in &mut w[pos * d..(pos + 1) * d] {
+                *e = 0.1;
+            }
+            w[pos * d + d / 2] = bad;
+            let labels: Vec<i32> = lab
+                .iter()
+                .map(|&l| if l < 0 { l } else { at(l as usize) as i32 })
+                .collect();
+            let wt = cast(&w);
+            let (row_loss, dx, dw) = run(shape, &cast(&x), &wt, &labels, &up);
+            let what = format!("{what}, {spec:?}, class {pos} of {c} has {bad}");
+            if bad < 0.0 {
+                let e = rel(&row_loss, &rf.row_loss);
+                assert!(
+                    e <= lbar,
+                    "{what}: row losses rel {e:e} vs the class removed"
+                );
+                let mut others = Vec::new();
+                for k in 0..c - 1 {
+                    others.extend_from_slice(&dw[at(k) * d..(at(k) + 1) * d]);
+                }
+                let e = rel(&others, &rg.dw);
+                assert!(e <= gbar, "{what}: other classes' dw rel {e:e}");
+                assert!(
+                    dw[pos * d..(pos + 1) * d].iter().all(|&v| v == 0.0),
+                    "{what}: the bad class's dw {:?}",
+                    &dw[pos * d..(pos + 1) * d]
+                );
+                for (i, &l) in labels.iter().enumerate().filter(|(_, &l)| l >= 0) {
+                    assert!(
+                        dx[i * d..(i + 1) * d].iter().any(|v| !v.is_finite()),
+                        "{what}: dx row {i} (label {l}) all finite"
+                    );
+                }
+            } else {
+                let k: Vec<(bool, bool)> = labels
+                    .iter()
+                    .zip(&row_loss)
+                    .filter(|(&l, _)| l >= 0)
+                    .map(|(_, v)| (v.is_nan(), v.is_infinite()))
+                    .collect();
+                assert!(
+                    k.iter().all(|&(nan, inf)| nan || inf),
+                    "{what}: row losses {row_loss:?}"
+                );
+                match &kinds {
+                    None => kinds = Some(k),
+                    Some(first) => assert_eq!(first, &k, "{what}: kinds depend on the position"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The CPU path's memory is bounded by the problem, as `cpu::forward` and `cpu::backward`
+//! document: a counting allocator (this binary's global allocator) records the peak of live heap
+//! bytes during each call and the test compares it with the stated formula. A large batch with
+//! one class used to allocate `B * 512` f64 of backward scratch whatever C was (B = 500,000,
+//! D = C = 1: 2 GB for 2 MB of input).
+
+use fused_margin::{cpu, MarginLoss, Shape, Upstream};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call forwards to the system allocator with the caller's layout; the counters
+// are only statistics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
+            PEAK.fetch_max(now, Ordering::SeqCst);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Serializes the tests of this binary: the counters are global.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Peak heap bytes allocated above the level at entry while `f` runs.
+fn peak_during<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = LIVE.load(Ordering::SeqCst);
+    PEAK.store(base, Ordering::SeqCst);
+    let r = f();
+    (r, PEAK.load(Ordering::SeqCst) - base)
+}
+
+/// The documented bounds (bytes), plus a fixed allowance for rayon's per-task bookkeeping.
+fn forward_bound(s: Shape) -> usize {
+    8 * (s.b * s.d + s.c * s.d + 6 * s.b + 3 * s.c) + (1 << 20)
+}
+fn backward_bound(s: Shape) -> usize {
+    8 * (2 * s.b * s.d + 2 * s.c * s.d + s.b * s.c.min(512) + 6 * s.b + 3 * s.c) + (1 << 20)
+}
+
+fn check(shape: Shape) {
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let spec = MarginLoss::cosface(0.35);
+    let x: Vec<f32> = (0..shape.b * shape.d)
+        .map(|k| 0.5 + (k % 7) as f32 * 0.1)
+        .collect();
+    let w: Vec<f32> = (0..shape.c * shape.d)
+        .map(|k| 1.0 - (k % 5) as f32 * 0.1)
+        .collect();
+    let labels: Vec<i32> = (0..shape.b).map(|i| (i % shape.c) as i32).collect();
+    let (fwd, pf) = peak_during(|| cpu::forward(&spec, &x, &w, &labels, shape).unwrap());
+    assert!(fwd.loss.is_finite());
+    assert!(
+        pf <= forward_bound(shape),
+        "{shape:?}: forward peak {pf} B > {} B",
+        forward_bound(shape)
+    );
+    let (g, pb) =
+        peak_during(|| cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::ONE).unwrap());
+    assert!(g.dx.iter().chain(&g.dw).all(|v| v.is_finite()));
+    assert!(
+        pb <= backward_bound(shape),
+        "{shape:?}: backward peak {pb} B > {} B",
+        backward_bound(shape)
+    );
+}
+
+#[test]
+fn a_large_batch_with_one_class_allocates_by_its_size() {
+    // 500,000 x 1 inputs: the backward's bound is ~40 MB; a fixed 512-class chunk was 2 GB.
+    check(Shape::new(500_000, 1, 1));
+}
+
+#[test]
+fn wide_and_tall_problems_stay_within_the_formula() {
+    check(Shape::new(3, 64, 20_000));
+    check(Shape::new(20_000, 8, 3));
+    check(Shape::new(700, 33, 1100));
+}
