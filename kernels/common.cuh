@@ -137,6 +137,14 @@ __device__ __forceinline__ float fm_inv_norm(float norm) {
     return 1.0f / (norm < FM_NORM_EPS ? FM_NORM_EPS : norm);
 }
 
+// The projection term of the normalization backward dv = (dvh - vh proj) / max(|v|, eps), with
+// proj = vh . dvh: kept where |v| >= eps; 0 below eps, where vh = v / eps is linear in v and the
+// derivative of the forward is dv = dvh / eps (docs/MATH.md "Backward", as F.normalize's
+// autograd). A NaN norm keeps proj, so a non-finite row stays NaN.
+__device__ __forceinline__ float fm_norm_proj(float norm, float proj) {
+    return norm < FM_NORM_EPS ? 0.0f : proj;
+}
+
 // Per-row upstream g_i: the per-row buffer when given, else the scalar; 0 for ignored rows.
 __device__ __forceinline__ float fm_upstream(const float* g_rows, float g_scalar, i64 row, int label) {
     if (label < 0) return 0.0f;

@@ -181,6 +181,7 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
         if (col >= C) continue;
         float proj = 0.0f;
         for (int u = 0; u < 16; ++u) proj += projs[u][cl];
+        proj = fm_norm_proj(wnorm[col], proj);
         float inv = fm_inv_norm(wnorm[col]);
         for (int q = 0; q < FM_DC / 16; ++q) {
             int d = d0 + tx + 16 * q;

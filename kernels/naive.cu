@@ -137,7 +137,8 @@ extern "C" __global__ void FM_ENTRY(naive_matmul)(const float* __restrict__ a, c
     out[e] = acc;
 }
 
-// One block per row: dv = (dvh - vh (vh . dvh)) / max(|v|, eps) [+ dn vh] when `normalize`, else dvh.
+// One block per row: dv = (dvh - vh (vh . dvh)) / max(|v|, eps) [+ dn vh] when `normalize`, else dvh;
+// no projection term below eps (fm_norm_proj).
 template <typename OUT>
 __device__ __forceinline__ void naive_norm_backward(const float* __restrict__ dvh, const float* __restrict__ vh,
                                                     const float* __restrict__ norms, const float* __restrict__ dn,
@@ -154,6 +155,7 @@ __device__ __forceinline__ void naive_norm_backward(const float* __restrict__ dv
     proj = 0.0f;
     for (int k = 0; k < (int)(blockDim.x >> 5); ++k) proj += red[k];
     const float n = norms[r];
+    proj = fm_norm_proj(n, proj);
     float inv = fm_inv_norm(n);
     float extra = dn ? dn[r] : 0.0f;
     // A row whose norm is not finite (NaN/Inf in v) gets NaN, as xh . dvh does in PyTorch; the

@@ -1,5 +1,6 @@
 // fused-margin: row norms and the backward through the L2 normalization (MATH.md steps 1, 3 and
-// "Backward": dv = (dvh - vh (vh . dvh)) / max(|v|, eps), plus dn * vh without feature norm).
+// "Backward": dv = (dvh - vh (vh . dvh)) / |v| where |v| >= eps, dvh / eps below it (the
+// derivative of the forward: fm_norm_proj), plus dn * vh without feature norm).
 #include "common.cuh"
 
 // norms[r] = |v_r| (raw, before the eps floor). One warp per row, f32 accumulation.
@@ -40,7 +41,7 @@ __device__ __forceinline__ void fm_x_finish(const T_IN* __restrict__ x, const fl
     const float n = xnorm[row];
     float inv = fm_inv_norm(n);
     float xh = fm_to_f32(x[e]) * inv;
-    float g = (dxh - xh * proj) * inv;
+    float g = (dxh - xh * fm_norm_proj(n, proj)) * inv;
     if (!p.normalize_features) g += dn * xh;
     // A row whose norm is not finite (NaN or Inf in it) has xh . dxh = NaN in the normalization
     // backward, so its whole dx row is NaN, as in PyTorch and the CPU reference; proj computed as

@@ -279,6 +279,7 @@ fn an_infinite_raw_class_follows_the_policy_at_every_position() {
         infinite_class_policy::<f64>(
             spec.normalize_weights(false),
             Shape::new(6, 5, 7),
+            &[0, 1, 2, 3, 4, 5, 6],
             40 + k as u64,
             (1e-12, 1e-12),
             "cpu",

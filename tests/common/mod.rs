@@ -425,6 +425,21 @@ pub fn zero_row_inputs(shape: Shape, seed: u64) -> Inputs {
     inp
 }
 
+/// `zero_row_inputs` with x row 1 and class row 5 scaled to norm 0.7 eps instead of zero: below
+/// the floor with a direction, where the normalization backward is `dv = dvh / eps`.
+pub fn tiny_row_inputs(shape: Shape, seed: u64) -> Inputs {
+    let mut inp = margin_inputs_opts(shape, seed, false);
+    let d = shape.d;
+    for (v, row, n) in [(&mut inp.x, 1, shape.b), (&mut inp.w, 5, shape.c)] {
+        if n > row {
+            let r = &mut v[row * d..(row + 1) * d];
+            let k = 0.7 * EPS / norm(r);
+            r.iter_mut().for_each(|e| *e *= k);
+        }
+    }
+    inp
+}
+
 /// The specs the zero-norm-row cases run: normalized, unnormalized features, and a blended
 /// multiplicative margin (the eps path through each kind of target).
 pub fn zero_row_specs() -> [MarginLoss; 3] {
@@ -477,7 +492,7 @@ pub fn bars(dt: fused_margin::DType) -> (f64, f64) {
 pub const TF32_BARS: (f64, f64) = (1e-3, 5e-3);
 
 /// The documented policy for an infinite entry in a class row without weight normalization,
-/// checked with the bad class at every position (so first, last, inside a class tile and at a
+/// checked with the bad class at each of `positions` (first, last, inside a class tile and at a
 /// tile or split boundary): an online logsumexp that starts from `max = -Inf` must not give
 /// `exp(-Inf - -Inf) = NaN` when the bad class comes first.
 ///
@@ -492,6 +507,7 @@ pub const TF32_BARS: (f64, f64) = (1e-3, 5e-3);
 pub fn infinite_class_policy<T: fused_margin::Element>(
     spec: MarginLoss,
     shape: Shape,
+    positions: &[usize],
     seed: u64,
     (lbar, gbar): (f64, f64),
     what: &str,
@@ -528,7 +544,7 @@ pub fn infinite_class_policy<T: fused_margin::Element>(
     .unwrap();
     for bad in [f64::NEG_INFINITY, f64::INFINITY] {
         let mut kinds: Option<Vec<(bool, bool)>> = None;
-        for pos in 0..c {
+        for &pos in positions {
             // Class `pos` is the bad one; clean class k sits at k, or k + 1 from pos on.
             let at = |k: usize| if k < pos { k } else { k + 1 };
             let mut w = vec![0.0; c * d];
