@@ -641,3 +641,77 @@ fn rows_below_eps_take_the_derivative_of_the_forward() {
         }
     }
 }
+
+/// The range `validate()` and the upstream checks allow, at its edges: s = 1e6, upstream
+/// gradients of 1e12, margins at their limits, zero and sub-eps rows, f32 entries near f32::MAX
+/// without normalization. The CPU reference (f64) gives finite results for every finite f32
+/// input there; just past the bounds is a typed error.
+#[test]
+fn the_accepted_range_gives_finite_results() {
+    use fused_margin::spec::{S_MAX, UPSTREAM_MAX};
+    // The reported cases: valid specs before, non-finite results.
+    let shape = Shape::new(1, 2, 3);
+    let x = [1e10f32, 0.0];
+    let w = [1.0f32, 0.0, 0.0, 1.0, -1.0, 0.5];
+    for spec in [
+        MarginLoss::sphereface(4.0).scale(1e300),
+        MarginLoss::arcface(0.5).scale(f64::MAX),
+    ] {
+        assert!(matches!(
+            cpu::forward(&spec, &x, &w, &[0], shape),
+            Err(fused_margin::Error::InvalidSpec { field: "s", .. })
+        ));
+    }
+    let spec = MarginLoss::arcface(0.5).reduction(Reduction::Sum);
+    let fwd = cpu::forward(&spec, &x, &w, &[0], shape).unwrap();
+    assert!(matches!(
+        cpu::backward(&spec, &fwd, &x, &w, &[0], shape, Upstream::Scalar(1e308)),
+        Err(fused_margin::Error::Upstream { .. })
+    ));
+
+    let shape = Shape::new(6, 8, 9);
+    let mut r = rng(91);
+    let mut xd = rows(&mut r, shape.b, shape.d, (0.5, 2.0));
+    let mut wd = rows(&mut r, shape.c, shape.d, (0.5, 2.0));
+    let d = shape.d;
+    xd[d..2 * d].iter_mut().for_each(|v| *v = 0.0); // zero row
+    wd[2 * d..3 * d].iter_mut().for_each(|v| *v *= 1e-13); // below eps
+    // Row 3 nearly along its class 4, row 4 nearly opposite it: the steepest target slopes.
+    let w4: Vec<f64> = wd[4 * d..5 * d].to_vec();
+    for (row, sign) in [(3usize, 1.0), (4, -1.0)] {
+        for k in 0..d {
+            xd[row * d + k] = sign * w4[k] + 1e-6 * (k as f64 - 3.5);
+        }
+    }
+    let labels = vec![0, 1, 8, 4, 4, -1];
+    let mut specs = limit_specs();
+    specs.push(MarginLoss::sphereface(4.0).lambda(5.0));
+    for base in specs {
+        for (scale_x, scale_w) in [(1.0, 1.0), (1e37, 1.0), (1.0, 1e37)] {
+            let spec = base
+                .scale(S_MAX)
+                .normalize_features(scale_x == 1.0 && base.normalize_features)
+                .normalize_weights(scale_w == 1.0)
+                .reduction(Reduction::Sum);
+            let x: Vec<f32> = xd.iter().map(|&v| (v * scale_x) as f32).collect();
+            let w: Vec<f32> = wd.iter().map(|&v| (v * scale_w) as f32).collect();
+            assert!(x.iter().chain(&w).all(|v| v.is_finite()));
+            let fwd = cpu::forward(&spec, &x, &w, &labels, shape).unwrap();
+            let what = format!("{spec:?}, x * {scale_x}, w * {scale_w}");
+            assert!(
+                fwd.loss.is_finite() && fwd.lse.iter().all(|v| v.is_finite()),
+                "{what}: loss {}",
+                fwd.loss
+            );
+            for g in [UPSTREAM_MAX, -UPSTREAM_MAX] {
+                let gr =
+                    cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::Scalar(g))
+                        .unwrap();
+                assert!(
+                    all_finite(&gr.dx) && all_finite(&gr.dw),
+                    "{what}, upstream {g}: gradients"
+                );
+            }
+        }
+    }
+}
