@@ -233,11 +233,16 @@ impl<'a> Problem<'a> {
 /// (`v / max(|v|, eps)`): finite loss and gradients. A zero feature row has every cosine 0; its
 /// `dx` is `dxh / eps` (large, finite) and it adds nothing to `dw`.
 ///
-/// Norms, cosines and the logsumexp are computed in f64 (the logsumexp with a running max), so
-/// any finite f32 / f16 / bf16 input and any valid spec (`s` up to 1000 and beyond, margins at
-/// their `validate()` limits) gives finite results. f64 inputs whose squared row norm overflows
-/// f64 (entries beyond ~1e154) are out of range: that row's norm is `+Inf` and it is treated as
-/// the zero direction.
+/// Norms, cosines and the logsumexp are computed in f64 (the logsumexp with a running max that
+/// ignores `-Inf` logits, so the class order never matters). Every finite f32 / f16 / bf16 input
+/// with a valid spec ([`MarginLoss::validate`]: `s <= 1e6`, margins at their limits) and an
+/// upstream within [`check_upstream_value`](crate::spec::check_upstream_value)'s bound
+/// (`|g| <= 1e12`) gives finite results, with or without the normalizations: logits are at most
+/// `s |x_i| (|w_j| + 36)` (below 1e90 for any f32 entries) and the gradients below 1e140 (the
+/// target slope is at most `16 / sin(theta_clamp) < 4e4`, the eps floor multiplies by 1e12),
+/// far inside f64's 1.8e308 (`tests/extreme.rs`: `the_accepted_range_gives_finite_results`). f64 inputs whose squared row norm overflows f64
+/// (entries beyond ~1e154) are out of range: that row's norm is `+Inf` and it is treated as the
+/// zero direction.
 ///
 /// The CPU path has no shared state and no order-dependent parallel reduction: concurrent calls
 /// from many threads on shared inputs, and any size of rayon's pool, give bit-identical results.

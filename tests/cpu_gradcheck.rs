@@ -531,3 +531,41 @@ fn detached_equals_full_where_the_target_derivative_is_one() {
     assert_close("fallback dx", &detached.dx, &full.dx, 1e-15, 1e-13);
     assert_close("fallback dw", &detached.dw, &full.dw, 1e-15, 1e-13);
 }
+
+#[test]
+fn the_shifted_reference_of_the_tests_is_the_crate_reference_at_zero_shift() {
+    // tests/common's conditioning allowance rests on reference_with_target_shift: at shift 0 it
+    // must be the crate's reference (every option that changes the maths).
+    let shape = Shape::new(7, 6, 9);
+    for (k, spec) in [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).normalize_features(false),
+        MarginLoss::sphereface(4.0).lambda(5.0),
+        MarginLoss::combined(2.0, 0.3, 0.2).normalize_weights(false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let inp = zero_row_inputs(shape, 900 + k as u64);
+        let spec = spec.reduction(fused_margin::Reduction::None);
+        let g: Vec<f64> = inp
+            .labels
+            .iter()
+            .zip(&inp.upstream)
+            .map(|(&l, &u)| if l >= 0 { u } else { 0.0 })
+            .collect();
+        let (f, gr) = run(
+            &spec,
+            &inp.x,
+            &inp.w,
+            &inp.labels,
+            shape,
+            Some(&inp.upstream),
+        );
+        let (rows, dx, dw) =
+            reference_with_target_shift(&spec, &inp.x, &inp.w, &inp.labels, shape, &g, 0.0);
+        assert!(rel(&rows, &f.row_loss) < 1e-12, "{spec:?} rows");
+        assert!(rel(&dx, &gr.dx) < 1e-12, "{spec:?} dx");
+        assert!(rel(&dw, &gr.dw) < 1e-12, "{spec:?} dw");
+    }
+}

@@ -759,6 +759,22 @@ impl FusedMarginLoss {
     }
 
     /// Backward pass (MATH.md "Backward"), gradients in the input dtype.
+    ///
+    /// # What is checked against the forward
+    ///
+    /// Before any launch: the spec is valid and equal to the forward's, the dtype, plan and
+    /// [`LabelCheck`] mode are the forward's, every buffer's length fits the forward's shape and
+    /// lives on this handle's device, and the upstream fits the reduction (finite, `|g| <= 1e12`
+    /// for a scalar). Labels: under [`LabelCheck::Host`] their count and order-sensitive
+    /// fingerprint are compared with the forward's (a typed error here); under
+    /// [`LabelCheck::Device`] the device record is (reported by [`GpuGradients::check`]).
+    ///
+    /// **`x` and `w` are not compared with the forward's.** The backward recomputes the logits
+    /// from the `x` and `w` given and the norms and logsumexp the forward saved, so other inputs
+    /// (even of the same shape) give wrong gradients without an error. The CPU reference does
+    /// compare them (row norms and a fingerprint of every element); on the GPU that would be one
+    /// more pass over `x` and `w` per step, and keeping them unchanged between the two calls is
+    /// the caller's part, as with any saved activation.
     pub fn backward<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -794,6 +810,8 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<O>> {
+        // An invalid spec is named as such, before it is compared with the forward's.
+        spec.validate()?;
         let shape = fwd.shape;
         if fwd.label_check() != self.label_check {
             return Err(Error::ForwardMismatch {

@@ -604,3 +604,157 @@ pub fn infinite_class_policy<T: fused_margin::Element>(
         }
     }
 }
+
+/// The conditioning clause of the contract: a target within ~1 degree of the angle clamp (0 or
+/// pi), with an angular margin, where `dtarget/dc` is steep enough that one rounding of the
+/// cosine moves the results more than the bars allow. "Steep" is what ArcFace's slope is 1 degree
+/// from the clamp (`sin(theta + 0.5) / sin(theta)` ~ 27): a larger m1 reaches it farther from the
+/// clamp (m1 = 16: `16 sin(16 theta) / sin(theta)` is ~240 at 2 degrees), so the rows counted are
+/// those within 1 degree of the clamp or with `|dtarget/dc| >= 25`.
+pub fn near_clamp_rows(
+    spec: &MarginLoss,
+    x: &[f64],
+    w: &[f64],
+    labels: &[i32],
+    shape: Shape,
+) -> Vec<usize> {
+    if !spec.has_angular_margin() {
+        return Vec::new();
+    }
+    let cos1 = (1.0f64).to_radians().cos();
+    (0..shape.b)
+        .filter(|&i| {
+            labels[i] >= 0 && {
+                let c = target_cosine(spec, x, w, shape.d, i, labels[i] as usize);
+                c.abs() > cos1 || fused_margin::math::target(spec, c).deriv.abs() >= 25.0
+            }
+        })
+        .collect()
+}
+
+/// MATH.md's forward and backward in f64 (written out here, with the crate's `math::target`),
+/// with every counted row's target cosine moved by `shift`: (row losses, dx, dw). The spread of
+/// these over `shift = +-delta` is how far one rounding of the cosine moves the reference.
+pub fn reference_with_target_shift(
+    spec: &MarginLoss,
+    x: &[f64],
+    w: &[f64],
+    labels: &[i32],
+    shape: Shape,
+    g_rows: &[f64],
+    shift: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let xn: Vec<f64> = (0..b).map(|i| norm(&x[i * d..(i + 1) * d])).collect();
+    let wn: Vec<f64> = (0..c).map(|j| norm(&w[j * d..(j + 1) * d])).collect();
+    let xh: Vec<f64> = (0..b).flat_map(|i| unit(&x[i * d..(i + 1) * d])).collect();
+    let wh: Vec<f64> = if spec.normalize_weights {
+        (0..c).flat_map(|j| unit(&w[j * d..(j + 1) * d])).collect()
+    } else {
+        w.to_vec()
+    };
+    let mut rows = vec![0.0; b];
+    let mut dxh = vec![0.0; b * d];
+    let mut dn = vec![0.0; b];
+    let mut dwh = vec![0.0; c * d];
+    for i in 0..b {
+        let y = labels[i];
+        if y < 0 {
+            continue;
+        }
+        let r = if spec.normalize_features {
+            spec.s
+        } else {
+            spec.s * xn[i]
+        };
+        let xi = &xh[i * d..(i + 1) * d];
+        let mut t = vec![0.0; c];
+        let mut dt = vec![1.0; c];
+        for j in 0..c {
+            let cj = dot(xi, &wh[j * d..(j + 1) * d]);
+            if j == y as usize {
+                let tg = fused_margin::math::target(spec, cj + shift);
+                (t[j], dt[j]) = (tg.value, tg.deriv);
+            } else {
+                t[j] = cj;
+            }
+        }
+        let z: Vec<f64> = t.iter().map(|v| r * v).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        rows[i] = lse - z[y as usize];
+        for j in 0..c {
+            let onehot = if j == y as usize { 1.0 } else { 0.0 };
+            let dz = g_rows[i] * ((z[j] - lse).exp() - onehot);
+            dn[i] += spec.s * dz * t[j];
+            let dc = r * dz * dt[j];
+            for k in 0..d {
+                dxh[i * d + k] += dc * wh[j * d + k];
+                dwh[j * d + k] += dc * xi[k];
+            }
+        }
+    }
+    let back = |dvh: &mut [f64], vh: &[f64], n: f64| {
+        if n < EPS {
+            dvh.iter_mut().for_each(|a| *a /= EPS);
+        } else {
+            let p = dot(vh, dvh);
+            for (a, v) in dvh.iter_mut().zip(vh) {
+                *a = (*a - v * p) / n;
+            }
+        }
+    };
+    for i in 0..b {
+        back(&mut dxh[i * d..(i + 1) * d], &xh[i * d..(i + 1) * d], xn[i]);
+        if !spec.normalize_features {
+            for k in 0..d {
+                dxh[i * d + k] += dn[i] * xh[i * d + k];
+            }
+        }
+    }
+    if spec.normalize_weights {
+        for j in 0..c {
+            back(&mut dwh[j * d..(j + 1) * d], &wh[j * d..(j + 1) * d], wn[j]);
+        }
+    }
+    (rows, dxh, dwh)
+}
+
+/// The allowance the conditioning clause gives a case, as relative amounts to add to the bars
+/// (row losses, dx, dw): zero unless some counted row's target is within ~1 degree of the clamp
+/// (`near_clamp_rows`); else the normwise spread of the reference over target cosines moved by
+/// `+-delta` (the path's rounding of a cosine), relative to the reference. `g_rows` is the
+/// per-row upstream (0 on ignored rows).
+pub fn conditioning_allowance(
+    spec: &MarginLoss,
+    x: &[f64],
+    w: &[f64],
+    labels: &[i32],
+    shape: Shape,
+    g_rows: &[f64],
+    delta: f64,
+) -> (f64, f64, f64) {
+    if near_clamp_rows(spec, x, w, labels, shape).is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let base = reference_with_target_shift(spec, x, w, labels, shape, g_rows, 0.0);
+    let mut out = (0.0f64, 0.0f64, 0.0f64);
+    for sh in [delta, -delta] {
+        let p = reference_with_target_shift(spec, x, w, labels, shape, g_rows, sh);
+        out.0 = out.0.max(rel(&p.0, &base.0));
+        out.1 = out.1.max(rel(&p.1, &base.1));
+        out.2 = out.2.max(rel(&p.2, &base.2));
+    }
+    out
+}
+
+/// The rounding of a cosine on a path that accumulates D products in f32 (`2^-23 sqrt(D)`, a
+/// random walk of D roundings at twice f32's unit roundoff) or with TF32-rounded operands
+/// (`2^-10`: both operands rounded at 2^-11).
+pub fn cosine_rounding(d: usize, tf32: bool) -> f64 {
+    if tf32 {
+        2f64.powi(-10)
+    } else {
+        2f64.powi(-23) * (d as f64).sqrt()
+    }
+}
