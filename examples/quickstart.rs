@@ -13,6 +13,10 @@
 //! hand. Held-out accuracy: the predicted class is the class weight with the highest cosine. The
 //! verification figure at the end: accuracy and the mean angle between a held-out embedding and
 //! its own class weight, before and after training.
+//!
+//! The default scale is 30, not the presets' 64: see `--help` (common/quickstart_args.rs). Bad
+//! options (`--epochs -1`, `--classes 0`, `--scale 0`) are refused with a message naming the
+//! flag and the value, and exit status 2.
 
 use fused_margin::{MarginLoss, Shape, SphereFaceSchedule};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,125 +24,40 @@ use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 #[path = "common/train.rs"]
 mod train;
-use train::{Adam, DeviceChoice, InputDType, Split};
+use train::{Adam, Split};
+#[path = "common/quickstart_args.rs"]
+mod quickstart_args;
+use quickstart_args::{Args, Command, HELD_OUT, USAGE};
 
 /// Input dimension of the synthetic data.
 const D_IN: usize = 64;
 /// Embedding dimension.
 const D: usize = 32;
-/// Points of every class held out for the accuracy.
-const HELD_OUT: usize = 4;
 /// Mini-batch size.
 const BATCH: usize = 256;
 /// Per-coordinate noise around the class centers (the centers are standard normal); large
 /// enough that classes overlap in places and the task is not solved by the first step.
 const NOISE: f64 = 1.5;
 
-const USAGE: &str = "usage: quickstart [options]
-  --loss NAME      arcface (default) | cosface | sphereface | nsl | combined
-  --m1 X --m2 X --m3 X
-                   margins of cos(m1*theta + m2) - m3 (default: the preset's)
-  --scale S        scale s (default 30; sphereface: 1 with the feature norm, as the paper)
-  --classes N      number of classes (default 300)
-  --per-class N    points per class, 4 of them held out (default 20)
-  --epochs N       epochs (default 20)
-  --seed N         data and initialization seed (default 42)
-  --device D       auto (default: the GPU when present) | cpu | gpu
-  --dtype T        f32 (default) | f16 | bf16: the element type the loss sees
-  -h, --help       this text";
-
-/// Command-line options.
-struct Args {
-    loss: String,
-    m: [Option<f64>; 3],
-    scale: Option<f64>,
-    classes: usize,
-    per_class: usize,
-    epochs: usize,
-    seed: u64,
-    device: DeviceChoice,
-    dtype: InputDType,
-}
-
-fn usage(msg: &str) -> ! {
-    if !msg.is_empty() {
-        eprintln!("{msg}\n");
+/// The parsed and checked command line, or the process ends: `--help` prints the usage (exit
+/// 0); a bad option prints what is wrong with it, naming the flag and the value, then the usage
+/// (exit 2).
+fn args_and_spec() -> (Args, MarginLoss) {
+    fn fail(msg: String) -> ! {
+        eprintln!("quickstart: {msg}\n\n{USAGE}");
+        std::process::exit(2)
     }
-    eprintln!("{USAGE}");
-    std::process::exit(if msg.is_empty() { 0 } else { 2 })
-}
-
-fn parse_args() -> Args {
-    let mut a = Args {
-        loss: "arcface".into(),
-        m: [None; 3],
-        scale: None,
-        classes: 300,
-        per_class: 20,
-        epochs: 20,
-        seed: 42,
-        device: DeviceChoice::Auto,
-        dtype: InputDType::F32,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
-            usage("");
+    match quickstart_args::parse(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            std::process::exit(0)
         }
-        let v = it
-            .next()
-            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
-        let num = |v: &str| -> f64 {
-            v.parse()
-                .unwrap_or_else(|_| usage(&format!("{flag} needs a number, got {v}")))
-        };
-        match flag.as_str() {
-            "--loss" => a.loss = v,
-            "--m1" => a.m[0] = Some(num(&v)),
-            "--m2" => a.m[1] = Some(num(&v)),
-            "--m3" => a.m[2] = Some(num(&v)),
-            "--scale" => a.scale = Some(num(&v)),
-            "--classes" => a.classes = (num(&v) as usize).max(2),
-            "--per-class" => a.per_class = (num(&v) as usize).max(HELD_OUT + 1),
-            "--epochs" => a.epochs = (num(&v) as usize).max(1),
-            "--seed" => a.seed = num(&v) as u64,
-            "--device" => {
-                a.device = DeviceChoice::parse(&v)
-                    .unwrap_or_else(|| usage("--device needs auto, cpu or gpu"))
-            }
-            "--dtype" => {
-                a.dtype =
-                    InputDType::parse(&v).unwrap_or_else(|| usage("--dtype needs f32, f16 or bf16"))
-            }
-            other => usage(&format!("unknown option {other}")),
-        }
+        Ok(Command::Run(args)) => match quickstart_args::spec_of(&args) {
+            Ok(spec) => (args, spec),
+            Err(msg) => fail(msg),
+        },
+        Err(msg) => fail(msg),
     }
-    a
-}
-
-/// The preset named by `--loss`, with `--m*` and `--scale` applied; validated.
-fn spec_of(a: &Args) -> MarginLoss {
-    let mut spec = match a.loss.as_str() {
-        "arcface" => MarginLoss::arcface(0.5).scale(30.0),
-        "cosface" => MarginLoss::cosface(0.35).scale(30.0),
-        "sphereface" => MarginLoss::sphereface(4.0),
-        "nsl" => MarginLoss::nsl(30.0),
-        "combined" => MarginLoss::combined(1.0, 0.3, 0.2).scale(30.0),
-        other => usage(&format!("unknown loss {other}")),
-    };
-    let [m1, m2, m3] = a.m;
-    spec = spec.margins(
-        m1.unwrap_or(spec.m1),
-        m2.unwrap_or(spec.m2),
-        m3.unwrap_or(spec.m3),
-    );
-    if let Some(s) = a.scale {
-        spec = spec.scale(s);
-    }
-    if let Err(e) = spec.validate() {
-        usage(&e.to_string());
-    }
-    spec
 }
 
 /// `emb = x W_e^T` for a batch: `x` is `n x D_IN`, `we` is `D x D_IN`, the result `n x D`.
@@ -169,8 +88,7 @@ fn evaluate(test: &Split, we: &[f32], w: &[f32]) -> (f64, f64) {
 }
 
 fn main() -> fused_margin::Result<()> {
-    let args = parse_args();
-    let spec0 = spec_of(&args);
+    let (args, spec0) = args_and_spec();
     let mut rng = StdRng::seed_from_u64(args.seed);
     let (train, test) = train::clusters(
         &mut rng,
@@ -234,7 +152,7 @@ fn main() -> fused_margin::Result<()> {
             let yb: Vec<i32> = batch.iter().map(|&i| train.y[i]).collect();
             let emb = embed(&xb, &we);
             let spec = match &schedule {
-                Some(s) => spec0.lambda(s.lambda_at(iter)?),
+                Some(s) => spec0.lambda(s.lambda_at(iter)),
                 None => spec0,
             };
             let out = train::loss_and_grads(

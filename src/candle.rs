@@ -23,6 +23,11 @@
 //! same inputs that computes `dx` and `dw` together, on the same device as the forward; `dw`
 //! leaves that op through a third, trivial op, because a candle op returns one tensor. Gradients
 //! are in the input dtype; they are not themselves differentiable (no second-order gradients).
+//!
+//! Loss dtype: the scalar loss of `Reduction::Mean` and `Reduction::Sum` is f32 for every input
+//! dtype, as PyTorch's autocast computes losses in f32. The sum of B row losses outgrows f16
+//! (65,504) quickly: ArcFace at s = 64 on 2,048 rows sums to about 125,000. The per-row losses
+//! of `Reduction::None` keep the input dtype (each row is at most about `2 s + ln C`, which fits).
 
 use crate::cpu;
 use crate::dtype::Element;
@@ -44,8 +49,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 ///   `0 <= y < C`, and a negative label (signed dtypes only) ignores its row (MATH.md). `i32`
 ///   labels are used as they are; the other dtypes are converted to `i32` through the host (one
 ///   copy of B integers each way).
-/// - The result has the dtype of `x`: a scalar for `Reduction::Mean` and `Reduction::Sum`, the
-///   B per-row losses for `Reduction::None` (ignored rows give 0).
+/// - The result: for `Reduction::Mean` and `Reduction::Sum` a scalar of dtype **f32** whatever
+///   the input dtype (the sum, accumulated in f64 on the CPU and f32 on CUDA, would overflow f16
+///   beyond 65,504; PyTorch's autocast returns losses in f32 for the same reason); for
+///   `Reduction::None` the B per-row losses in the dtype of `x` (ignored rows give 0). The
+///   gradients `dx` and `dw` have the dtype of `x` and `w` either way.
 ///
 /// Every bad argument is a candle error naming the values: a wrong rank or shape (with the shapes),
 /// a non-contiguous tensor (with its shape and stride), mismatched dtypes or devices, a label out
@@ -246,6 +254,16 @@ fn cpu_dispatch<O: CpuTyped>(
 }
 
 impl MarginOp {
+    /// The result's dtype for inputs of `input`: f32 for a scalar loss (see [`margin_loss`]), the
+    /// input dtype for per-row losses.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    fn out_dtype(&self, input: DType) -> DType {
+        match self.spec.reduction {
+            Reduction::None => input,
+            Reduction::Mean | Reduction::Sum => DType::F32,
+        }
+    }
+
     fn out_shape(&self) -> candle_core::Shape {
         match self.spec.reduction {
             Reduction::None => candle_core::Shape::from(self.shape.b),
@@ -262,16 +280,18 @@ impl CpuTyped for MarginOp {
         labels: &[i32],
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
         let fwd = cpu::forward(&self.spec, x, w, labels, self.shape).map_err(wrap)?;
-        let out: Vec<T> = match self.spec.reduction {
-            Reduction::None => fwd
-                .row_loss
-                .iter()
-                .map(|&v| <T as Element>::from_f64(v))
-                .collect(),
-            Reduction::Mean | Reduction::Sum => vec![<T as Element>::from_f64(fwd.loss)],
+        let out = match self.spec.reduction {
+            Reduction::None => T::to_cpu_storage_owned(
+                fwd.row_loss
+                    .iter()
+                    .map(|&v| <T as Element>::from_f64(v))
+                    .collect(),
+            ),
+            // f32 for every input dtype: the f64 sum rounded once (see margin_loss).
+            Reduction::Mean | Reduction::Sum => CpuStorage::F32(vec![fwd.loss as f32]),
         };
         *lock(&self.saved) = Some(Saved::Cpu(fwd));
-        Ok((T::to_cpu_storage_owned(out), self.out_shape()))
+        Ok((out, self.out_shape()))
     }
 }
 
@@ -542,17 +562,18 @@ mod gpu {
         Ok(s.as_cuda_slice::<T>()?.slice(start..end))
     }
 
-    /// f32 device values as a candle storage of dtype `T` (candle's own cast kernel).
-    fn to_dtype<T: WithDType>(
+    /// f32 device values as a candle storage of `dtype` (candle's own cast kernel).
+    fn to_dtype(
         dev: &CudaDevice,
         values: cudarc::driver::CudaSlice<f32>,
+        dtype: candle_core::DType,
     ) -> candle_core::Result<CudaStorage> {
         let n = values.len();
         let s = CudaStorage::wrap_cuda_slice(values, dev.clone());
-        if T::DTYPE == candle_core::DType::F32 {
+        if dtype == candle_core::DType::F32 {
             Ok(s)
         } else {
-            s.to_dtype(&Layout::contiguous(n), T::DTYPE)
+            s.to_dtype(&Layout::contiguous(n), dtype)
         }
     }
 
@@ -584,7 +605,8 @@ mod gpu {
             .stream()
             .clone_dtod(src)
             .map_err(|e| msg(format!("fused_margin::candle: copy the loss: {e:?}")))?;
-        let storage = to_dtype::<T>(s1.device(), out)?;
+        // The scalar loss stays f32 (see margin_loss); row losses take the input dtype.
+        let storage = to_dtype(s1.device(), out, op.out_dtype(<T as WithDType>::DTYPE))?;
         Ok((Saved::Cuda(Box::new(fwd)), storage))
     }
 

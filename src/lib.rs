@@ -4,16 +4,16 @@
 //! SphereFace, CosFace, ArcFace and the combined `cos(m1*theta + m2) - m3` — as one call that
 //! normalizes embeddings and class weights, forms the cosine logits, injects the margin at the
 //! target, scales, takes the log-softmax and cross-entropy, and returns the gradients for both
-//! inputs through the normalization. The contract is `../shared/MATH.md`, summarized here:
+//! inputs through the normalization. The contract is `../shared/MATH.md`, summarized here
+//! (`norm(v)` is the Euclidean norm of `v`):
 //!
-//! | step | formula |
-//! |---|---|
-//! | normalize | `xh_i = x_i / max(|x_i|, 1e-12)`, `wh_j = w_j / max(|w_j|, 1e-12)` |
-//! | cosine | `c_ij = xh_i . wh_j` |
-//! | row scale | `r_i = s` (or `s*|x_i|` without feature normalization) |
-//! | target | `psi(c) = cos(m1*theta + m2) - m3`, `theta = acos(clamp(c, -1+1e-7, 1-1e-7))` |
-//! | logits | `z_ij = r_i c_ij`, `z_iy = r_i psi(c_iy)` |
-//! | loss | `l_i = logsumexp_j z_ij - z_iy`, then mean / sum / none |
+//! - normalize: `xh_i = x_i / max(norm(x_i), 1e-12)`, `wh_j = w_j / max(norm(w_j), 1e-12)`;
+//! - cosine: `c_ij = xh_i . wh_j`;
+//! - row scale: `r_i = s` (or `s * norm(x_i)` without feature normalization);
+//! - target: `psi(c) = cos(m1*theta + m2) - m3` with
+//!   `theta = acos(clamp(c, -1 + 1e-7, 1 - 1e-7))`;
+//! - logits: `z_ij = r_i c_ij` for `j != y_i`, `z_iy = r_i psi(c_iy)`;
+//! - loss: `l_i = logsumexp_j z_ij - z_iy`, then mean, sum or none.
 //!
 //! Backends: [`cpu`] (the f64 reference, always available) and [`cuda`] (NVRTC-compiled kernels
 //! through cudarc; needs a GPU at run time, never at build time). Framework entries: `candle`
@@ -34,6 +34,18 @@
 //! # Ok::<(), fused_margin::Error>(())
 //! ```
 #![warn(missing_docs)]
+
+// README.md's and docs/INTEGRATION.md's ```rust blocks, compiled and run as doctests so they
+// cannot drift from the API. Only with feature `candle`: both files show the candle op, which
+// does not exist without it. CI runs `cargo test --release --features candle`, so every block is
+// checked there; `cargo test --doc --features candle` runs them alone.
+#[cfg(all(doctest, feature = "candle"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
+#[cfg(all(doctest, feature = "candle"))]
+#[doc = include_str!("../docs/INTEGRATION.md")]
+pub struct IntegrationDoctests;
 
 #[cfg(feature = "candle")]
 pub mod candle;

@@ -94,7 +94,13 @@ fn run_op(
     assert_eq!(dw.dims(), &[shape.c, shape.d]);
     assert_eq!(dx.dtype(), dtype);
     assert_eq!(dw.dtype(), dtype);
-    assert_eq!(loss.dtype(), dtype);
+    // A scalar loss is f32 for every input dtype (as autocast); row losses keep the dtype.
+    let loss_dtype = if spec.reduction == Reduction::None {
+        dtype
+    } else {
+        DType::F32
+    };
+    assert_eq!(loss.dtype(), loss_dtype);
     Ok((
         Outputs {
             loss: to64(&loss)?,
@@ -184,11 +190,54 @@ fn cpu_op_equals_the_reference_rounded_for_every_dtype_preset_and_reduction() {
                 let (out, g) = run_op(&Device::Cpu, dtype, &spec, shape, seed).unwrap();
                 let r = reference_as(dtype, &spec, shape, seed, &g);
                 let what = format!("{name} {dtype:?} {reduction:?}");
-                assert_eq!(out.loss, rounded_as(dtype, &r.loss), "loss, {what}");
+                let loss_dtype = if reduction == Reduction::None {
+                    dtype
+                } else {
+                    DType::F32
+                };
+                assert_eq!(out.loss, rounded_as(loss_dtype, &r.loss), "loss, {what}");
                 assert_eq!(out.dx, rounded_as(dtype, &r.dx), "dx, {what}");
                 assert_eq!(out.dw, rounded_as(dtype, &r.dw), "dw, {what}");
                 assert!(out.dx.iter().any(|&v| v != 0.0), "dx all zero, {what}");
             }
+        }
+    }
+}
+
+/// ArcFace at s = 64 summed over 2,048 rows is about 125,000, beyond f16's 65,504: the f16 and
+/// bf16 ops return that sum in f32 (finite), close to the f32 op's (inputs rounded to f16 or
+/// bf16 move it a little), and the mean as well; backward still gives f16/bf16 gradients.
+#[test]
+fn half_precision_sum_over_2048_rows_is_a_finite_f32_loss() {
+    let shape = Shape::new(2048, 32, 300);
+    let (x, w, labels) = inputs(shape, 12);
+    let dev = Device::Cpu;
+    let labels = Tensor::from_vec(labels, shape.b, &dev).unwrap();
+    let x32 = Tensor::from_vec(x, (shape.b, shape.d), &dev).unwrap();
+    let w32 = Tensor::from_vec(w, (shape.c, shape.d), &dev).unwrap();
+    for reduction in [Reduction::Sum, Reduction::Mean] {
+        let spec = MarginLoss::arcface(0.5).scale(64.0).reduction(reduction);
+        let full = margin_loss(&x32, &w32, &labels, &spec)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        if reduction == Reduction::Sum {
+            assert!(full > 65504.0, "the case must overflow f16: sum {full}");
+        }
+        for (dtype, bar) in [(DType::F16, 1e-4), (DType::BF16, 1e-3)] {
+            let x = Var::from_tensor(&x32.to_dtype(dtype).unwrap()).unwrap();
+            let w = Var::from_tensor(&w32.to_dtype(dtype).unwrap()).unwrap();
+            let loss = margin_loss(x.as_tensor(), w.as_tensor(), &labels, &spec).unwrap();
+            assert_eq!(loss.dtype(), DType::F32, "{dtype:?} {reduction:?}");
+            let v = loss.to_scalar::<f32>().unwrap();
+            assert!(v.is_finite(), "{dtype:?} {reduction:?}: loss {v}");
+            let e = ((v - full) / full).abs();
+            assert!(e <= bar, "{dtype:?} {reduction:?}: {v} vs f32 {full} ({e})");
+            let grads = loss.backward().unwrap();
+            let dx = grads.get(x.as_tensor()).unwrap();
+            assert_eq!(dx.dtype(), dtype);
+            let dx = dx.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+            assert!(dx.to_vec1::<f32>().unwrap().iter().all(|g| g.is_finite()));
         }
     }
 }

@@ -1,5 +1,8 @@
 //! NVRTC compilation of the kernel translation unit, one PTX per (input dtype, architecture),
-//! cached process-wide (the first compile costs ~0.4 s; every later handle reuses it).
+//! cached process-wide: every later handle reuses it, but nothing is kept on disk. The first
+//! compile is slow: for `sm_90`, 32 s (f32) to 53 s (bf16) with NVRTC 13.0 on one core of a
+//! 2-core AMD EPYC machine (tests/compile_time.rs measures it; README, "Usage (GPU)"), before the
+//! driver's JIT of the PTX at module load.
 //!
 //! The loss options are kernel arguments, not compile-time constants: only the B target elements
 //! read them, so specializing would multiply compiles for no measurable gain.
@@ -85,6 +88,9 @@ fn dtype_define(dtype: DType) -> Result<&'static str> {
 /// a GPU (only libnvrtc is needed). Accurate maths: no fast-math flags.
 pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
     let module = format!("fused-margin kernels ({}, {arch})", dtype.suffix());
+    // The dtype first: an f64 request is wrong on every machine, and saying "libnvrtc not found"
+    // to it would send the caller after the wrong problem.
+    let define = dtype_define(dtype)?;
     if !nvrtc_available() {
         return Err(Error::Compile {
             module,
@@ -93,7 +99,7 @@ pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
     }
     let opts = CompileOptions {
         options: vec![
-            dtype_define(dtype)?.to_string(),
+            define.to_string(),
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
         ],
@@ -131,4 +137,30 @@ pub fn compile_ptx(dtype: DType, arch: &str) -> Result<Ptx> {
 /// The symbol of `base` for `dtype`: `fm_grad_w` + bf16 -> `fm_grad_w_bf16`.
 pub fn entry_name(base: &str, dtype: DType) -> String {
     format!("{base}_{}", dtype.suffix())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 is refused for what it is, with or without libnvrtc on the machine (the error used to
+    /// be "libnvrtc not found" where NVRTC was missing).
+    #[test]
+    fn f64_is_unsupported_whether_or_not_nvrtc_is_present() {
+        for result in [
+            compile_ptx_uncached(DType::F64, "sm_90"),
+            compile_ptx(DType::F64, "sm_80"),
+        ] {
+            match result {
+                Err(Error::Unsupported { detail }) => {
+                    assert!(
+                        detail.contains("f64"),
+                        "detail {detail:?} does not name f64"
+                    )
+                }
+                Err(other) => panic!("expected Error::Unsupported for f64, got {other}"),
+                Ok(_) => panic!("expected Error::Unsupported for f64, got PTX"),
+            }
+        }
+    }
 }

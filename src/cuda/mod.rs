@@ -1,21 +1,35 @@
 //! The GPU path: NVRTC-compiled kernels launched through cudarc on the caller's stream.
 //!
-//! ```no_run
-//! use cudarc::driver::CudaContext;
-//! use fused_margin::{cuda::{FusedMarginLoss, GpuUpstream}, MarginLoss, Shape};
+//! [`default_stream`] opens a device and returns [`Error::NoDevice`] (never a panic) where there
+//! is no driver or no GPU; the cudarc types a caller handles ([`CudaStream`], [`CudaSlice`],
+//! [`CudaView`]) are re-exported here, and the whole of [`cudarc`] for the rest, so the caller
+//! needs no cudarc dependency of its own (one of the same version also works: it is the same
+//! crate).
+//!
+//! ```
+//! use fused_margin::cuda::{default_stream, FusedMarginLoss, GpuUpstream};
+//! use fused_margin::{Error, MarginLoss, Shape};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let ctx = CudaContext::new(0)?;
-//! let stream = ctx.default_stream();
+//! let stream = match default_stream(0) {
+//!     Ok(stream) => stream,
+//!     Err(Error::NoDevice { reason }) => {
+//!         println!("no GPU here ({reason}); the CPU reference is fused_margin::cpu");
+//!         return Ok(());
+//!     }
+//!     Err(e) => return Err(e.into()),
+//! };
 //! let gpu = FusedMarginLoss::new(stream.clone())?;
 //! let shape = Shape::new(2, 4, 3);
 //! let x = stream.clone_htod(&[0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])?;
 //! let w = stream.clone_htod(&[1.0f32; 12])?;
 //! let labels = stream.clone_htod(&[0i32, 2])?;
 //! let spec = MarginLoss::arcface(0.5);
-//! let fwd = gpu.forward(&spec, &x.as_view(), &w.as_view(), &labels.as_view(), shape)?;
+//! let (xv, wv, lv) = (x.as_view(), w.as_view(), labels.as_view());
+//! let fwd = gpu.forward(&spec, &xv, &wv, &lv, shape)?;
 //! println!("loss {}", fwd.loss_host()?);
-//! let grads = gpu.backward(&spec, &fwd, &x.as_view(), &w.as_view(), &labels.as_view(), GpuUpstream::ONE)?;
-//! # let _ = grads; Ok(()) }
+//! let grads = gpu.backward(&spec, &fwd, &xv, &wv, &lv, GpuUpstream::ONE)?;
+//! assert_eq!((grads.dx.len(), grads.dw.len()), (8, 12));
+//! # Ok(()) }
 //! ```
 //!
 //! Validation happens in Rust before any launch. By default that includes the label range: the
@@ -34,6 +48,12 @@ pub mod raw;
 
 pub use labels::LabelCheck;
 
+/// The cudarc this crate is built against (0.19): its device buffers, views and streams are what
+/// [`FusedMarginLoss`] takes.
+pub use cudarc;
+/// cudarc's types in this module's signatures, re-exported so a caller can name them.
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+
 pub use compile::{
     compile_ptx, compile_ptx_uncached, entry_name, nvrtc_available, source, ENTRY_POINTS,
     F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES, SM90A_HALF_ENTRY_POINTS,
@@ -47,8 +67,8 @@ use crate::spec::{
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr,
-    DeviceSlice, DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, DeviceRepr, DeviceSlice, DriverError, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use labels::LabelState;
 use params::FmParams;
@@ -98,7 +118,10 @@ pub fn device_available() -> bool {
     matches!(CudaContext::device_count(), Ok(n) if n > 0)
 }
 
-/// Opens device `ordinal` and returns its default stream, or `Error::NoDevice` saying why not.
+/// Opens device `ordinal` and returns its default stream, or `Error::NoDevice` saying why not:
+/// no driver library (checked before cudarc is asked, since cudarc panics without one), no such
+/// device, or a driver that fails to initialize. Prefer it to `CudaContext::new(ordinal)`,
+/// which panics on a machine without libcuda.
 pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
     if !libs::driver_present() {
         return Err(Error::NoDevice {
