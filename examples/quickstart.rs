@@ -152,7 +152,7 @@ fn main() -> fused_margin::Result<()> {
             let yb: Vec<i32> = batch.iter().map(|&i| train.y[i]).collect();
             let emb = embed(&xb, &we);
             let spec = match &schedule {
-                Some(s) => spec0.lambda(s.lambda_at(iter)),
+                Some(s) => spec0.lambda(s.lambda_at(iter)?),
                 None => spec0,
             };
             let out = train::loss_and_grads(
