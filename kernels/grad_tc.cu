@@ -8,11 +8,19 @@
 //   1. S = own . partner^T, the raw dot products (m16n8k16 mma.sync, ldmatrix fragments, a
 //      3-stage cp.async pipeline over 32-wide steps of D), as in logits_tc.cu;
 //   2. the epilogue recomputes the logit and softmax from the saved lse and forms the unit
-//      gradient e_ij = (softmax - onehot) dtarget/dc (|softmax - onehot| <= 1, so e fits f16),
-//      accumulating proj = sum dc c (and dn for x) in f32; e goes to shared memory in T_IN;
+//      gradient e_ij = (softmax - onehot) dtarget/dc, accumulating proj = sum dc c (and dn for x)
+//      in f32; e goes to shared memory in T_IN, except the target entries (below);
 //   3. the partners' D chunk is scaled into shared memory (wh_j for dx; xh_i r_i g_i / K for dw,
 //      K a power of two >= max |r_i g_i| from fm_grad_scale, so the 16-bit operand stays <= 1);
 //   4. out += e . chunk on tensor cores (ldmatrix.trans for the [partner][d] chunk).
+// The target entry e_iy (one per row of x) stays out of the 16-bit product: its dtarget/dc reaches
+// m1 sin(m1 theta + m2) / sin(theta), ~1000 at the angle clamp (Raw, or Monotonic with m2 > 0),
+// and the normalization backward then cancels most of e_iy wh_y against xh_i proj_i, which is
+// formed in f32 from unrounded e and c: rounding e_iy and wh_y (or xh_i) to 16 bits left errors of
+// ~0.6 (bf16) there. So e_iy wh_y (dx row i) and e_iy xh_i r_i g_i (dw row y) are added in f32
+// by the thread that owns that output element, in a fixed order (O(B D) in all): off the target
+// every e_ij is a probability in [0, 1], which the 16-bit operand holds to its precision.
+// In f16 the dw kernel also scales each class row's e by a running power of two (fm_grad_w_tc).
 // dx partials are multiplied by r_i g_i and reduced over splits by fm_x_finish (normalize.cu);
 // dw is multiplied by K and finished here with the normalization backward.
 //
@@ -55,12 +63,26 @@ struct FmGt {
         Pipe pipe;
         unsigned short chunk[GT_PN][CLD];
     };
+    // The dw kernel's per-tile view of `red` during its loop: the partial row maxima of |e| (f16
+    // scaling), each partner's target entry e_iy and the bit mask of the partners whose target is
+    // one of the block's classes.
+    struct Tgt {
+        float part[4][OWN];
+        float e[GT_PN];
+        unsigned mask[GT_PN / 32];
+    };
+    union Red {
+        float red[2][4][OWN];   // cross-warp reductions (proj, dn); in the dx loop red[1][0][row]
+                                // holds own row's target entry e_iy
+        Tgt tgt;
+    };
     struct Smem {
         Buf u;
         unsigned short es[OWN][GT_ELD];   // e tile, [own][partner]
         float pscale[GT_PN];              // per-partner factor of the chunk
-        float red[2][4][OWN];             // cross-warp reductions (proj, dn)
+        Red r;
     };
+    static_assert(sizeof(Tgt) <= sizeof(float[2][4][OWN]), "Tgt fits in red: Smem keeps its size");
 };
 // Dynamic shared memory of the kernels; the host passes the same numbers (src/cuda/fused.rs:
 // TC_BACKWARD and TC_BACKWARD_D512).
@@ -240,13 +262,42 @@ __device__ __forceinline__ float fm_gt_rowsum(typename FmGt<OWN>::Smem& sm, int 
         float a = v[q];
         a += __shfl_xor_sync(0xffffffffu, a, 1);
         a += __shfl_xor_sync(0xffffffffu, a, 2);
-        if (t == 0) sm.red[slot][warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = a;
+        if (t == 0) sm.r.red[slot][warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = a;
     }
     __syncthreads();
     float s = 0.0f;
     if (tid_row < OWN)
-        for (int k = 0; k < 4; ++k) s += sm.red[slot][k][tid_row];
+        for (int k = 0; k < 4; ++k) s += sm.r.red[slot][k][tid_row];
     return s;
+}
+
+// Two adjacent 16-bit elements m[idx], m[idx + 1] (idx even: one aligned 32-bit load) in f32.
+__device__ __forceinline__ void fm_gt_pair(const T_IN* __restrict__ m, i64 idx, float& a, float& b) {
+    const unsigned v = *reinterpret_cast<const unsigned*>(m + idx);
+    T_IN lo, hi;
+    lo.bits = (unsigned short)(v & 0xffffu);
+    hi.bits = (unsigned short)(v >> 16);
+    a = fm_to_f32(lo);
+    b = fm_to_f32(hi);
+}
+
+// 2^k as a float, k in [-126, 127] (exact).
+__device__ __forceinline__ float fm_gt_pow2(int k) { return __int_as_float((k + 127) << 23); }
+
+// The index of the lowest set bit of m != 0 (its power of two converts to float exactly).
+__device__ __forceinline__ int fm_gt_ctz(unsigned m) {
+    return (int)(__float_as_uint((float)(m & (0u - m))) >> 23) - 127;
+}
+
+// The f16 scale of the dw kernel's e rows: the exponent k of the power of two 2^k with
+// max |e| 2^k < 1 for a row whose largest |e| is m, as large as FM_GT_KMAX; m = 0 and non-finite m
+// (NaN and Inf propagate through the product by themselves) ask for no smaller k.
+#define FM_GT_KMAX 125
+__device__ __forceinline__ int fm_gt_exp_for(float m) {
+    const int E = (__float_as_int(m) >> 23) & 0xff;   // biased exponent: m < 2^(E - 126)
+    if (E == 0xff) return FM_GT_KMAX;
+    const int k = 126 - (E > 0 ? E : 1);
+    return k > FM_GT_KMAX ? FM_GT_KMAX : (k < -126 ? -126 : k);
 }
 
 // Grid (ceil(B / OWN), nsplit, ceil(D / DCH)). Block (rt, split, dc) writes rows rt*OWN.. x
@@ -275,6 +326,17 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
 #pragma unroll
     for (int q = 0; q < 2 * MI; ++q)
         R[q] = fm_load_row(p, own0 + wm + (q >> 1) * 16 + g + 8 * (q & 1), B, labels, xnorm, lse, g_rows, g_scalar);
+    // The product warp's rows (not its S rows when OWN = 32) and their labels, -1 where there is
+    // no target term to add (ignored rows, g = 0, a label outside the classes).
+    int pm, pd;
+    fm_gt_product_warp<OWN>(warp, pm, pd);
+    int plab[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const i64 row = own0 + pm + (q >> 1) * 16 + g + 8 * (q & 1);
+        const int lab = row < B ? labels[row] : -1;
+        plab[q] = (row < B && lab < C && fm_upstream(g_rows, g_scalar, row, lab) != 0.0f) ? lab : -1;
+    }
     float out[2][8][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -300,7 +362,7 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
             }
 #pragma unroll
             for (int q = 0; q < 2 * MI; ++q) {
-                const int mi = q >> 1, h = q & 1;
+                const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
                 float e2[2];
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
@@ -308,13 +370,16 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
                     e2[j] = 0.0f;
                     if (col < C && R[q].g != 0.0f) {
                         FmGradElem ge = fm_grad_elem(p, R[q], col, s[mi][ni][h * 2 + j], inv_w[j]);
-                        e2[j] = ge.e;
                         ec[q] = fmaf(ge.e, ge.c, ec[q]);
                         dt[q] += ge.dt;
+                        if (col == R[q].label)
+                            sm.r.red[1][0][lr] = ge.e;   // the target: added in f32 below, not in es
+                        else
+                            e2[j] = ge.e;
                     }
                 }
                 unsigned pk = (unsigned)fm_from_f32<T_IN>(e2[0]).bits | ((unsigned)fm_from_f32<T_IN>(e2[1]).bits << 16);
-                *reinterpret_cast<unsigned*>(&sm.es[wm + mi * 16 + g + 8 * h][wn + ni * 8 + 2 * t]) = pk;
+                *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
             }
         }
         if (tid < GT_PN) {
@@ -322,6 +387,25 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
             sm.pscale[tid] = (col < C && p.normalize_weights) ? fm_inv_norm(wnorm[col]) : 1.0f;
         }
         __syncthreads();
+        // out_i += e_iy wh_y in f32 for the product rows whose target is in this tile, before
+        // the tile's product (a fixed order); wh_y from the unrounded w_y / |w_y|.
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int y = plab[q];
+            if (y < par0 || y >= par0 + GT_PN) continue;
+            const int mi = q >> 1, h = q & 1;
+            const float ey = sm.r.red[1][0][pm + mi * 16 + g + 8 * h];
+            const float f = p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f;
+#pragma unroll
+            for (int nj = 0; nj < 8; ++nj) {
+                const int d = d0 + pd + nj * 8 + 2 * t;
+                if (d >= D) continue;
+                float a, b;
+                fm_gt_pair(w, (i64)y * D + d, a, b);
+                out[mi][nj][h * 2] = fmaf(ey, a * f, out[mi][nj][h * 2]);
+                out[mi][nj][h * 2 + 1] = fmaf(ey, b * f, out[mi][nj][h * 2 + 1]);
+            }
+        }
         fm_gt_fill_chunk<OWN>(sm, w, par0, C, d0, D);
         __syncthreads();
         fm_gt_product<OWN>(sm, out);
@@ -329,8 +413,6 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
 
     // dxh_i = r_i g_i * out (rows of ignored labels: g = 0, exact zeros). The product warp's
     // rows differ from its S rows when OWN = 32, so their factors are loaded here.
-    int pm, pd;
-    fm_gt_product_warp<OWN>(warp, pm, pd);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int mi = q >> 1, h = q & 1;
@@ -361,6 +443,16 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
 
 // Grid (ceil(C / OWN), ceil(D / DCH)). Block (ct, dc) owns classes ct*OWN.. x dims dc*DCH.. of
 // dw and loops over every row tile of the batch. scale[0] = K from fm_grad_scale.
+//
+// f16 keeps 11 significant bits only down to 2^-14 and nothing below 2^-24, while a class row's
+// probabilities e_ij can all lie far below that (s = 64, many classes: a class never near any row;
+// a zero-norm class row has c = 0, so e_ij = exp(-lse_i), and its dw = dwh / eps dominates dw).
+// So in f16 each class row j carries a running power of two 2^k_j: a tile's e_ij are stored as
+// e_ij 2^k_j with k_j the largest exponent (at most FM_GT_KMAX) for which every |e_ij 2^k_j| < 1
+// so far, the target entries (added in f32 at the same scale) included. When a tile lowers k_j the
+// row's f32 accumulators are multiplied by the power of two 2^(k_new - k_old) first, as the online
+// softmax rescales its sum; at the end out 2^-k_j is the unscaled sum. Powers of two are exact,
+// and the accumulated terms keep the precision they had. bf16 has f32's exponent range: k_j = 0.
 template <int OWN, typename OUT>
 __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                              const int* __restrict__ labels, const float* __restrict__ xnorm,
@@ -370,13 +462,17 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
                                              int D, OUT* __restrict__ dw) {
     typedef FmGt<OWN> G;
     constexpr int MI = G::MI;
+    constexpr bool SCALED = FM_DTYPE == FM_F16;
     FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem), set by the host
     typename G::Smem& sm = *reinterpret_cast<typename G::Smem*>(smem_raw);
+    typename G::Tgt& tg = sm.r.tgt;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * (OWN / 2), wn = (warp & 3) * 16, g = lane >> 2, t = lane & 3;
     const i64 own0 = (i64)blockIdx.x * OWN;
     const int d0 = blockIdx.y * G::DCH;
     const float K = scale[0], inv_K = 1.0f / K;
+    int pm, pd;
+    fm_gt_product_warp<OWN>(warp, pm, pd);
 
     float inv_w[2 * MI];   // S classes q = mi*2 + h
 #pragma unroll
@@ -394,17 +490,32 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
     float pj[2 * MI];
 #pragma unroll
     for (int q = 0; q < 2 * MI; ++q) pj[q] = 0.0f;
+    // Scale exponents k_j of the S rows and of the product rows (the same rows when OWN = 64).
+    int ks[2 * MI], kp[4];
+#pragma unroll
+    for (int q = 0; q < 2 * MI; ++q) ks[q] = SCALED ? FM_GT_KMAX : 0;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) kp[q] = SCALED ? FM_GT_KMAX : 0;
 
     for (i64 par0 = 0; par0 < B; par0 += GT_PN) {
         float s[MI][2][4];
         fm_gt_dots<OWN>(sm, w, own0, C, x, par0, B, D, s);
+        float mx[2 * MI];   // f16: the row's largest |e| in this tile (this thread's share)
+#pragma unroll
+        for (int q = 0; q < 2 * MI; ++q) mx[q] = 0.0f;
 #pragma unroll
         for (int ni = 0; ni < 2; ++ni) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-                const i64 row = par0 + wn + ni * 8 + 2 * t + j;
-                const FmRow R = fm_load_row(p, row, B, labels, xnorm, lse, g_rows, g_scalar);
+                const int pl = wn + ni * 8 + 2 * t + j;
+                const FmRow R = fm_load_row(p, par0 + pl, B, labels, xnorm, lse, g_rows, g_scalar);
                 const float coef = R.g == 0.0f ? 0.0f : R.r * R.g;
+                // A zero x row's chunk is exactly zero, so its e_ij (up to ~1: its logits are all
+                // 0) contribute nothing to dwh; left in the scale's maximum they would set k_j and
+                // flush every other partner's tiny e_ij (the ones that make up dwh_j). So they
+                // are left out of the maximum and, when finite, stored as 0 (exact: 0 * e = 0);
+                // a non-finite e is kept so that it propagates as on the reference.
+                const bool zero_x = SCALED && par0 + pl < B && xnorm[par0 + pl] == 0.0f;
 #pragma unroll
                 for (int q = 0; q < 2 * MI; ++q) {
                     const int mi = q >> 1, h = q & 1;
@@ -412,46 +523,133 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
                     float e = 0.0f;
                     if (col < C && R.g != 0.0f) {
                         FmGradElem ge = fm_grad_elem(p, R, col, s[mi][ni][h * 2 + j], inv_w[q]);
-                        e = ge.e;
                         pj[q] = fmaf(coef * ge.e, ge.c, pj[q]);
+                        if (zero_x && fm_finite(ge.e)) ge.e = 0.0f;
+                        if (SCALED) mx[q] = fmaxf(mx[q], fabsf(ge.e));
+                        if (R.label == col)
+                            tg.e[pl] = ge.e;   // the target: added in f32 below, not in es
+                        else
+                            e = ge.e;
                     }
-                    sm.es[wm + mi * 16 + g + 8 * h][wn + ni * 8 + 2 * t + j] = fm_from_f32<T_IN>(e).bits;
+                    s[mi][ni][h * 2 + j] = e;   // e kept until the scale is known
                 }
             }
         }
-        if (tid < GT_PN) {
+        if (SCALED) {
+#pragma unroll
+            for (int q = 0; q < 2 * MI; ++q) {
+                float m = mx[q];
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                if (t == 0) tg.part[warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = m;
+            }
+        }
+        if (tid < GT_PN) {   // warps 0 and 1 whole: one partner row per thread
             const FmRow R = fm_load_row(p, par0 + tid, B, labels, xnorm, lse, g_rows, g_scalar);
             sm.pscale[tid] = R.g == 0.0f ? 0.0f : R.inv_x * (R.r * R.g) * inv_K;
+            // Bit `lane` of mask[warp]: this partner row's target is one of the block's classes.
+            const bool hit = R.g != 0.0f && R.label >= own0 && R.label < own0 + OWN && R.label < C;
+            unsigned m = hit ? 1u << lane : 0u;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) m |= __shfl_xor_sync(0xffffffffu, m, o);
+            if (lane == 0) tg.mask[warp] = m;
         }
         __syncthreads();
+        // The tile's scale per row from the partial maxima, then es = e 2^k.
+#pragma unroll
+        for (int q = 0; q < 2 * MI; ++q) {
+            const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
+            if (SCALED) {
+                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
+                const int k = fm_gt_exp_for(m);
+                ks[q] = k < ks[q] ? k : ks[q];
+            }
+            const float f = fm_gt_pow2(ks[q]);
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+                const unsigned pk = (unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2] * f).bits |
+                                    ((unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2 + 1] * f).bits << 16);
+                *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
+            }
+        }
+        // The product rows: the same scale (same maxima, same history), the accumulators rescaled.
+        if (SCALED) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int mi = q >> 1, h = q & 1, lr = pm + mi * 16 + g + 8 * h;
+                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
+                const int k = fm_gt_exp_for(m);
+                if (k < kp[q]) {
+                    const int dk = k - kp[q];
+                    const float f = fm_gt_pow2(dk < -126 ? -126 : dk);   // past 2^-126: negligible
+#pragma unroll
+                    for (int nj = 0; nj < 8; ++nj) {
+                        out[mi][nj][h * 2] *= f;
+                        out[mi][nj][h * 2 + 1] *= f;
+                    }
+                    kp[q] = k;
+                }
+            }
+        }
+        // out_j += e_iy 2^k_j xh_i r_i g_i / K in f32 for the partners i whose target y = j is a
+        // product row, in increasing i, before the tile's product (a fixed order). xh_i r_i g_i / K
+        // from the unrounded x_i and the chunk's factor.
+#pragma unroll
+        for (int wd = 0; wd < GT_PN / 32; ++wd) {
+            unsigned m = tg.mask[wd];
+            while (m) {
+                const int i = wd * 32 + fm_gt_ctz(m);
+                m &= m - 1u;
+                const int lr = labels[par0 + i] - (int)own0;
+                const float ei = tg.e[i] * sm.pscale[i];
+                const T_IN* xr = x + (par0 + i) * D;
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const int mi = q >> 1, h = q & 1;
+                    if (lr != pm + mi * 16 + g + 8 * h) continue;
+                    const float f = ei * fm_gt_pow2(kp[q]);
+#pragma unroll
+                    for (int nj = 0; nj < 8; ++nj) {
+                        const int d = d0 + pd + nj * 8 + 2 * t;
+                        if (d >= D) continue;
+                        float a, b;
+                        fm_gt_pair(xr, d, a, b);
+                        out[mi][nj][h * 2] = fmaf(f, a, out[mi][nj][h * 2]);
+                        out[mi][nj][h * 2 + 1] = fmaf(f, b, out[mi][nj][h * 2 + 1]);
+                    }
+                }
+            }
+        }
         fm_gt_fill_chunk<OWN>(sm, x, par0, B, d0, D);
         __syncthreads();
         fm_gt_product<OWN>(sm, out);
     }
 
-    // dwh_j = K * out; with weight normalization dw_j = (dwh_j - wh_j proj_j) / max(|w_j|, eps).
+    // dwh_j = K 2^-k_j out. With weight normalization the forward is wh_j = w_j / max(|w_j|, eps):
+    // dw_j = (dwh_j - wh_j proj_j) / |w_j| where |w_j| >= eps, and dwh_j / eps below it (the
+    // derivative of w_j / eps, linear there; no projection term), as F.normalize's autograd.
     float pr = fm_gt_rowsum<OWN>(sm, 0, pj, tid);
-    if (tid < OWN) sm.red[1][0][tid] = pr;   // slot 1 is free: broadcast proj_j to all threads
+    if (tid < OWN) sm.r.red[1][0][tid] = pr;   // slot 1 is free: broadcast proj_j to all threads
     __syncthreads();
-    int pm, pd;
-    fm_gt_product_warp<OWN>(warp, pm, pd);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int mi = q >> 1, h = q & 1, lr = pm + mi * 16 + g + 8 * h;
         const i64 col = own0 + lr;
         if (col >= C) continue;
-        const float proj = sm.red[1][0][lr];
-        const float iw = fm_inv_norm(wnorm[col]);
+        const float proj = sm.r.red[1][0][lr];
+        const float nw = wnorm[col];
+        const float iw = fm_inv_norm(nw);
+        const float unscale = fm_gt_pow2(-kp[q]);
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj)
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 int d = d0 + pd + nj * 8 + 2 * t + j;
                 if (d >= D) continue;
-                float gv = K * out[mi][nj][h * 2 + j];
+                float gv = K * (out[mi][nj][h * 2 + j] * unscale);
                 if (p.normalize_weights) {
-                    float wh = fm_to_f32(w[col * D + d]) * iw;
-                    gv = (gv - wh * proj) * iw;
+                    const float wh = fm_to_f32(w[col * D + d]) * iw;
+                    gv = (gv - wh * fm_norm_proj(nw, proj)) * iw;
                 }
                 dw[col * D + d] = fm_from_f32<OUT>(gv);
             }

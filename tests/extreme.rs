@@ -676,7 +676,7 @@ fn the_accepted_range_gives_finite_results() {
     let d = shape.d;
     xd[d..2 * d].iter_mut().for_each(|v| *v = 0.0); // zero row
     wd[2 * d..3 * d].iter_mut().for_each(|v| *v *= 1e-13); // below eps
-    // Row 3 nearly along its class 4, row 4 nearly opposite it: the steepest target slopes.
+                                                           // Row 3 nearly along its class 4, row 4 nearly opposite it: the steepest target slopes.
     let w4: Vec<f64> = wd[4 * d..5 * d].to_vec();
     for (row, sign) in [(3usize, 1.0), (4, -1.0)] {
         for k in 0..d {
@@ -704,9 +704,8 @@ fn the_accepted_range_gives_finite_results() {
                 fwd.loss
             );
             for g in [UPSTREAM_MAX, -UPSTREAM_MAX] {
-                let gr =
-                    cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::Scalar(g))
-                        .unwrap();
+                let gr = cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::Scalar(g))
+                    .unwrap();
                 assert!(
                     all_finite(&gr.dx) && all_finite(&gr.dw),
                     "{what}, upstream {g}: gradients"

@@ -937,6 +937,62 @@ fn zero_norm_rows() {
     }
 }
 
+/// Issue 14's inputs on the GPU: rows below eps (the eps rule, `dv = dvh / eps`) through every
+/// path; through the tensor-core backward (both tile shapes), a zero class no row targets (its dw
+/// made of probabilities below f16's range) and targets near the angle clamp (the target entry
+/// kept out of the 16-bit product). The same cases pass on the emulator (tests/emulated_kernels.rs).
+#[test]
+fn eps_rule_tiny_probabilities_and_targets_near_the_clamp() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let base = || {
+        FusedMarginLoss::new(stream.clone())
+            .unwrap()
+            .with_poison(true)
+    };
+    let handles = [
+        base(),
+        base().with_plan(Plan::Naive),
+        base().with_tensor_core_backward(true),
+    ];
+    let tc = &handles[2];
+    let shape = Shape::new(40, 16, 70);
+    for (k, spec) in common::zero_row_specs().into_iter().enumerate() {
+        for gpu in &handles {
+            let inp = || common::tiny_row_inputs(shape, 80 + k as u64);
+            check_with::<f32>(gpu, &spec, shape, inp());
+            check_with::<bf16>(gpu, &spec, shape, inp());
+            check_with::<f16>(gpu, &spec, shape, inp());
+        }
+    }
+    let shapes = [(40, 16, 70), (40, 136, 300), (40, 264, 150), (33, 296, 97)];
+    for (k, spec) in common::zero_row_specs().into_iter().enumerate() {
+        for (n, &(b, d, c)) in shapes.iter().enumerate() {
+            let shape = Shape::new(b, d, c);
+            let seed = 1_600 + 10 * k as u64 + n as u64;
+            let inp = || common::untargeted_zero_class_inputs(shape, seed);
+            check_with::<f16>(tc, &spec, shape, inp());
+            check_with::<bf16>(tc, &spec, shape, inp());
+        }
+    }
+    let clamp_specs = [
+        MarginLoss::arcface(0.5).policy(OverflowPolicy::Raw),
+        MarginLoss::arcface(0.5).policy(OverflowPolicy::Monotonic),
+        MarginLoss::combined(2.0, 0.3, 0.0),
+    ];
+    for (k, spec) in clamp_specs.iter().enumerate() {
+        for (n, &(b, d, c)) in [(40, 136, 150), (40, 264, 150), (33, 296, 97)]
+            .iter()
+            .enumerate()
+        {
+            let shape = Shape::new(b, d, c);
+            let seed = 1_700 + 10 * k as u64 + n as u64;
+            let inp = || common::near_clamp_inputs(shape, seed);
+            check_with::<f16>(tc, spec, shape, inp());
+            check_with::<bf16>(tc, spec, shape, inp());
+        }
+    }
+}
+
 /// Labels at 0 and C - 1 only, at tile edges (C = 129, 257: one class past a tile), every GPU
 /// path (issue 9, item 3).
 #[test]
