@@ -155,6 +155,20 @@ fn check_with<T: CudaElement>(
     } else {
         bars(T::DTYPE)
     };
+    // MATH.md's conditioning clause, as on the emulator: within ~1 degree of the angle clamp the
+    // bars apply to the spread of the reference over target cosines moved by the path's rounding
+    // of a cosine; everywhere else the allowance is 0.
+    let (x64, w64) = (to_f64(&x), to_f64(&w));
+    let g_rows = cpu_up.per_row(spec.reduction, &inp.labels).unwrap();
+    let (a_rows, a_dx, a_dw) = common::conditioning_allowance(
+        spec,
+        &x64,
+        &w64,
+        &inp.labels,
+        shape,
+        &g_rows,
+        common::cosine_rounding(shape.d, T::DTYPE == DType::F32 && fwd.tensor_cores),
+    );
 
     let row_loss: Vec<f64> = fwd
         .row_loss_host()
@@ -170,8 +184,8 @@ fn check_with<T: CudaElement>(
     );
     let e_rows = rel(&row_loss, &reference.row_loss);
     assert!(
-        e_rows <= lbar,
-        "{what}: row losses rel err {e_rows:e} > {lbar:e}"
+        e_rows <= lbar + a_rows,
+        "{what}: row losses rel err {e_rows:e} > {lbar:e} (allowance {a_rows:e})"
     );
     let e_loss = if reference.loss == 0.0 {
         loss.abs()
@@ -179,13 +193,13 @@ fn check_with<T: CudaElement>(
         (loss - reference.loss).abs() / reference.loss.abs()
     };
     assert!(
-        e_loss <= lbar,
+        e_loss <= lbar + a_rows,
         "{what}: loss {loss} vs {} (rel {e_loss:e})",
         reference.loss
     );
     let lse: Vec<f64> = fwd.lse_host().unwrap().iter().map(|&v| v as f64).collect();
     let e_lse = rel(&lse, &reference.lse);
-    assert!(e_lse <= lbar, "{what}: lse rel err {e_lse:e}");
+    assert!(e_lse <= lbar + a_rows, "{what}: lse rel err {e_lse:e}");
 
     // Gradients in the input dtype, then in f32.
     let g = gpu
@@ -212,8 +226,8 @@ fn check_with<T: CudaElement>(
     );
     let (ex, ew) = (rel(&dx, &rgrad.dx), rel(&dw, &rgrad.dw));
     assert!(
-        ex <= gbar && ew <= gbar,
-        "{what}: dx rel {ex:e}, dw rel {ew:e} (bar {gbar:e})"
+        ex <= gbar + a_dx && ew <= gbar + a_dw,
+        "{what}: dx rel {ex:e}, dw rel {ew:e} (bar {gbar:e}, allowances {a_dx:e}, {a_dw:e})"
     );
 
     let g32 = gpu
@@ -233,7 +247,7 @@ fn check_with<T: CudaElement>(
         .collect();
     let (ex, ew) = (rel(&dx32, &rgrad.dx), rel(&dw32, &rgrad.dw));
     assert!(
-        ex <= gbar && ew <= gbar,
+        ex <= gbar + a_dx && ew <= gbar + a_dw,
         "{what}: f32 grads: dx rel {ex:e}, dw rel {ew:e}"
     );
 }
