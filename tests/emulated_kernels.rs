@@ -7,6 +7,7 @@
 //!
 //! Needs a C++20 compiler (`$CXX`, else `c++`/`g++`); without one every test prints why and
 //! passes, and `FUSED_MARGIN_REQUIRE_EMU=1` (set by .ci/run) turns that into a failure.
+use fused_margin::cuda::plan;
 use fused_margin::{cpu, cuda, DType, Element, GradientMode, MarginLoss, OverflowPolicy};
 use fused_margin::{Reduction, Shape, Upstream};
 use half::{bf16, f16};
@@ -132,6 +133,10 @@ struct Outputs {
     dw: Vec<f64>,
     /// With `device_labels`: the forward's and the backward's status records (6 i64 each).
     status: Vec<i64>,
+    /// Whether the forward's and the backward's main kernels were the tensor-core ones.
+    tensor_cores: (bool, bool),
+    /// Whether the forward ran on wgmma.
+    wgmma: bool,
 }
 
 fn floats(bytes: &[u8]) -> Vec<f64> {
@@ -141,77 +146,219 @@ fn floats(bytes: &[u8]) -> Vec<f64> {
         .collect()
 }
 
-fn run<T: Element + Bits>(
-    exe: &Path,
+/// The device the emulated plans are built for: an H200 (sm_90a module, 132 SMs, 227 KB), no
+/// cuBLAS (the emulator runs kernels only).
+const EMU_DEVICE: plan::DeviceFacts = plan::DeviceFacts {
+    sm90a: true,
+    ..plan::DeviceFacts::H100
+};
+
+/// The handle's choices a case stands for.
+fn choices(case: &Case, dtype: DType) -> plan::Choices {
+    let half = dtype != DType::F32;
+    plan::Choices {
+        plan: if case.naive {
+            cuda::Plan::Naive
+        } else {
+            cuda::Plan::Fused
+        },
+        tensor_cores: !half || case.fwd_tc,
+        tf32: !half && case.fwd_tc,
+        wide_tiles: case.wide,
+        wgmma: case.wgmma,
+        tc_backward: case.bwd_tc,
+        label_check: if case.device_labels {
+            cuda::LabelCheck::Device
+        } else {
+            cuda::LabelCheck::Host
+        },
+        tiles_per_split: Some((case.fwd_tps as usize, case.bwd_tps as usize)),
+    }
+}
+
+/// The forward and backward plans the crate builds for `case` (f32 gradients).
+fn plans(
     case: &Case,
-    x: &[T],
-    w: &[T],
+    dtype: DType,
     labels: &[i32],
-    bwd_labels: &[i32],
-    up: &[f32],
-) -> Outputs {
-    let Shape { b, d, c } = case.shape;
+    dev: &plan::DeviceFacts,
+    ch: &plan::Choices,
+) -> (plan::LaunchPlan, plan::LaunchPlan) {
+    let params = cuda::params::FmParams::from_spec(&case.spec);
+    let mean = case.spec.reduction == Reduction::Mean;
+    let fwd = plan::forward(
+        dev,
+        ch,
+        &plan::ForwardProblem {
+            dtype,
+            shape: case.shape,
+            aligned: true,
+            params,
+            mean,
+        },
+    )
+    .unwrap();
     let counted = labels.iter().filter(|&&l| l >= 0).count();
-    let (mean, g_scalar, g_rows): (i32, f32, _) = match case.spec.reduction {
-        // Under LabelCheck::Device the kernels divide by the counted rows themselves.
-        Reduction::Mean if case.device_labels => (1, 1.0, None),
-        Reduction::Mean => (
-            1,
-            if counted > 0 {
-                1.0 / counted as f32
-            } else {
-                0.0
-            },
-            None,
-        ),
-        Reduction::Sum => (0, 1.0, None),
-        Reduction::None => (0, 0.0, Some(up)),
+    // As FusedMarginLoss::backward: the host's per-row value of the scalar upstream 1 under
+    // LabelCheck::Host, the scalar itself under Device (the kernels divide by the count).
+    let upstream = match (case.spec.reduction, case.device_labels) {
+        (Reduction::None, _) => plan::PlanUpstream::PerRow,
+        (_, true) => plan::PlanUpstream::Scalar(1.0),
+        (Reduction::Mean, false) => plan::PlanUpstream::Scalar(if counted > 0 {
+            1.0 / counted as f32
+        } else {
+            0.0
+        }),
+        (Reduction::Sum, false) => plan::PlanUpstream::Scalar(1.0),
     };
-    let mut buf = Vec::new();
-    buf.extend((b as i64).to_le_bytes());
-    buf.extend((c as i64).to_le_bytes());
-    buf.extend((d as i32).to_le_bytes());
-    buf.extend(cuda::kernel_params_bytes(&case.spec).unwrap());
-    buf.extend(mean.to_le_bytes());
-    buf.extend(g_scalar.to_le_bytes());
-    buf.extend((g_rows.is_some() as i32).to_le_bytes());
-    let fwd = match (case.fwd_tc, case.wgmma, case.wide) {
-        (true, true, _) => 3,
-        (true, false, true) => 2,
-        (tc, _, _) => tc as i32,
-    };
-    buf.extend(fwd.to_le_bytes());
-    buf.extend((case.bwd_tc as i32).to_le_bytes());
-    buf.extend(case.fwd_tps.to_le_bytes());
-    buf.extend(case.bwd_tps.to_le_bytes());
-    buf.extend((case.naive as i32).to_le_bytes());
-    buf.extend((case.device_labels as i32).to_le_bytes());
-    for v in x.iter().chain(w) {
-        buf.extend(v.to_le_bits());
-    }
-    for l in labels {
-        buf.extend(l.to_le_bytes());
-    }
-    for g in g_rows.unwrap_or(&[]) {
-        buf.extend(g.to_le_bytes());
-    }
-    if case.device_labels {
-        for l in bwd_labels {
-            buf.extend(l.to_le_bytes());
+    let bwd = plan::backward(
+        dev,
+        ch,
+        &plan::BackwardProblem {
+            dtype,
+            grad_dtype: DType::F32,
+            shape: case.shape,
+            aligned: true,
+            params,
+            mean,
+            upstream,
+            fwd_tensor_cores: fwd.tensor_cores,
+        },
+    )
+    .unwrap();
+    (fwd, bwd)
+}
+
+/// A job for the emulator driver (tests/emu/driver.cpp): buffers, launches, outputs.
+#[derive(Default)]
+struct Job {
+    bufs: Vec<u8>,
+    nbuf: u32,
+    launches: Vec<u8>,
+    nlaunch: u32,
+    next_id: u32,
+}
+
+impl Job {
+    fn buffer(&mut self, elem: u32, len: usize, init: BufInit) -> u32 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.nbuf += 1;
+        self.bufs.extend(id.to_le_bytes());
+        self.bufs.extend(elem.to_le_bytes());
+        self.bufs.extend((len as u64).to_le_bytes());
+        match init {
+            BufInit::Data(d) => {
+                assert_eq!(d.len(), elem as usize * len, "buffer data length");
+                self.bufs.push(0);
+                self.bufs.extend(d);
+            }
+            BufInit::Fill(p) => {
+                self.bufs.push(1);
+                self.bufs.extend(p);
+            }
+            BufInit::Zero => self.bufs.push(2),
         }
+        id
     }
+
+    /// The plan's allocations (poisoned with NaN, as every GPU test poisons) and launches, with
+    /// `ids` mapping roles to buffers already in the job.
+    fn add_plan(&mut self, p: &plan::LaunchPlan, ids: &mut HashMap<plan::Buf, u32>) {
+        for spec in &p.buffers {
+            let (elem, init) = match (spec.elem, spec.init) {
+                (plan::Elem::I64, _) => (8, BufInit::Zero),
+                (_, plan::Init::Zeroed) => (4, BufInit::Zero),
+                // f32 buffers and the f32 gradients.
+                (_, plan::Init::Uninit) => (4, BufInit::Fill(f32::NAN.to_le_bytes().to_vec())),
+            };
+            let id = self.buffer(elem, spec.len.max(1), init);
+            ids.insert(spec.buf, id);
+        }
+        for l in p.launches() {
+            self.nlaunch += 1;
+            let out = &mut self.launches;
+            out.extend((l.entry.len() as u16).to_le_bytes());
+            out.extend(l.entry.as_bytes());
+            for g in l.grid {
+                out.extend(g.to_le_bytes());
+            }
+            out.extend(l.block.to_le_bytes());
+            out.extend(l.smem.to_le_bytes());
+            out.extend((l.args.len() as u32).to_le_bytes());
+            for a in &l.args {
+                match *a {
+                    plan::Arg::Read(b) | plan::Arg::Write(b) => {
+                        out.push(if matches!(a, plan::Arg::Read(_)) {
+                            0
+                        } else {
+                            1
+                        });
+                        let id = *ids
+                            .get(&b)
+                            .unwrap_or_else(|| panic!("{}: no buffer for {b:?}", l.entry));
+                        out.extend(id.to_le_bytes());
+                    }
+                    plan::Arg::Null => out.push(2),
+                    plan::Arg::I64(v) => {
+                        out.push(3);
+                        out.extend(v.to_le_bytes());
+                    }
+                    plan::Arg::I32(v) => {
+                        out.push(4);
+                        out.extend(v.to_le_bytes());
+                    }
+                    plan::Arg::F32(v) => {
+                        out.push(5);
+                        out.extend(v.to_le_bytes());
+                    }
+                    plan::Arg::Params(p) => {
+                        out.push(6);
+                        out.extend(bytemuck::bytes_of(&p));
+                    }
+                }
+            }
+        }
+        assert!(
+            p.steps.iter().all(|s| matches!(s, plan::Step::Kernel(_))),
+            "the emulator runs kernels only (no cuBLAS)"
+        );
+    }
+
+    fn bytes(&self, outputs: &[u32]) -> Vec<u8> {
+        let mut v = b"FMJ1".to_vec();
+        v.extend(self.nbuf.to_le_bytes());
+        v.extend(&self.bufs);
+        v.extend(self.nlaunch.to_le_bytes());
+        v.extend(&self.launches);
+        v.extend((outputs.len() as u32).to_le_bytes());
+        for o in outputs {
+            v.extend(o.to_le_bytes());
+        }
+        v
+    }
+}
+
+enum BufInit {
+    Data(Vec<u8>),
+    Fill(Vec<u8>),
+    Zero,
+}
+
+/// Runs a job on the emulator driver; returns the output bytes.
+fn run_job(exe: &Path, job: &Job, outputs: &[u32], tag: &str, schedule: (&str, &str)) -> Vec<u8> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let tag = format!("{}_{}_{}", std::process::id(), case.seed, T::DTYPE.suffix());
+    let tag = format!("{}_{tag}", std::process::id());
     let (inp, outp) = (
         dir.join(format!("in_{tag}")),
         dir.join(format!("out_{tag}")),
     );
-    std::fs::write(&inp, &buf).unwrap();
+    std::fs::write(&inp, job.bytes(outputs)).unwrap();
     let o = Command::new(exe)
         .arg(&inp)
         .arg(&outp)
-        .env("FM_EMU_ORDER", case.schedule.0)
-        .env("FM_EMU_CP", case.schedule.1)
+        .env("FM_EMU_ORDER", schedule.0)
+        .env("FM_EMU_CP", schedule.1)
         .output()
         .unwrap();
     assert!(
@@ -222,6 +369,70 @@ fn run<T: Element + Bits>(
     let out = std::fs::read(&outp).unwrap();
     let _ = std::fs::remove_file(&inp);
     let _ = std::fs::remove_file(&outp);
+    out
+}
+
+/// One emulated forward and backward of `case`: the plans the crate builds for it run on the
+/// emulator, every allocated buffer poisoned. `bwd_labels` are the labels the backward is
+/// called with (the forward's, unless a test feeds it others).
+fn run<T: Element + Bits>(
+    exe: &Path,
+    case: &Case,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    bwd_labels: &[i32],
+    up: &[f32],
+) -> Outputs {
+    let Shape { b, d, c } = case.shape;
+    let ch = choices(case, T::DTYPE);
+    let (fwd, bwd) = plans(case, T::DTYPE, labels, &EMU_DEVICE, &ch);
+    let esize = std::mem::size_of::<T>() as u32;
+    let bits = |v: &[T]| v.iter().flat_map(|e| e.to_le_bits()).collect::<Vec<u8>>();
+    let i32s = |v: &[i32]| v.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
+    let mut job = Job::default();
+    use plan::Buf;
+    let xid = job.buffer(esize, b * d, BufInit::Data(bits(x)));
+    let wid = job.buffer(esize, c * d, BufInit::Data(bits(w)));
+    let lid = job.buffer(4, b, BufInit::Data(i32s(labels)));
+    let gid = job.buffer(
+        4,
+        b,
+        BufInit::Data(up.iter().flat_map(|g| g.to_le_bytes()).collect()),
+    );
+    let mut fids = HashMap::from([
+        (Buf::X, xid),
+        (Buf::W, wid),
+        (Buf::Labels, lid),
+        (Buf::GRows, gid),
+    ]);
+    job.add_plan(&fwd, &mut fids);
+    let blid = job.buffer(4, b, BufInit::Data(i32s(bwd_labels)));
+    let mut bids = HashMap::from([
+        (Buf::X, xid),
+        (Buf::W, wid),
+        (Buf::Labels, blid),
+        (Buf::GRows, gid),
+    ]);
+    for r in [Buf::XNorm, Buf::WNorm, Buf::Lse] {
+        bids.insert(r, fids[&r]);
+    }
+    if let Some(&s) = fids.get(&Buf::Status) {
+        bids.insert(Buf::PrevStatus, s);
+    }
+    job.add_plan(&bwd, &mut bids);
+    let mut outs = vec![
+        fids[&Buf::Loss],
+        fids[&Buf::Lse],
+        fids[&Buf::RowLoss],
+        bids[&Buf::Dx],
+        bids[&Buf::Dw],
+    ];
+    if case.device_labels {
+        outs.extend([fids[&Buf::Status], bids[&Buf::Status]]);
+    }
+    let tag = format!("{}_{}", case.seed, T::DTYPE.suffix());
+    let out = run_job(exe, &job, &outs, &tag, case.schedule);
     let n = 1 + 2 * b + b * d + c * d;
     let status_len = if case.device_labels { 12 } else { 0 };
     assert_eq!(out.len(), 4 * n + 8 * status_len, "emulator output size");
@@ -232,12 +443,31 @@ fn run<T: Element + Bits>(
         .collect();
     Outputs {
         status,
+        tensor_cores: (fwd.tensor_cores, bwd.tensor_cores),
+        wgmma: fwd.wgmma,
         loss: f[0],
         lse: f[1..1 + b].to_vec(),
         row_loss: f[1 + b..1 + 2 * b].to_vec(),
         dx: f[1 + 2 * b..1 + 2 * b + b * d].to_vec(),
         dw: f[1 + 2 * b + b * d..].to_vec(),
     }
+}
+
+/// The plan the crate built ran the kernels the case asked for wherever the shape allows them
+/// (16-byte chunks: D % 8 == 0 for 16-bit inputs, D % 4 == 0 for f32; the tensor-core backward
+/// only after a tensor-core forward's choice of tensor cores), and the fallbacks elsewhere.
+fn assert_ran_as_asked<T: Element>(case: &Case, out: &Outputs) {
+    let half = T::DTYPE != DType::F32;
+    let eligible = case.shape.d % if half { 8 } else { 4 } == 0;
+    let fwd_tc = !case.naive && case.fwd_tc && eligible;
+    let what = format!("{:?} {:?}", T::DTYPE, case.shape);
+    assert_eq!(out.tensor_cores.0, fwd_tc, "{what}: tensor-core forward");
+    assert_eq!(out.wgmma, fwd_tc && half && case.wgmma, "{what}: wgmma");
+    assert_eq!(
+        out.tensor_cores.1,
+        fwd_tc && half && case.bwd_tc,
+        "{what}: tensor-core backward"
+    );
 }
 
 /// Little-endian bits of an input element, as the kernels read them.
@@ -320,6 +550,7 @@ fn check<T: Element + Bits>(case: &Case) {
     .unwrap();
 
     let out = run(&exe, case, &x, &w, &inp.labels, &inp.labels, &up32);
+    assert_ran_as_asked::<T>(case, &out);
     if case.device_labels {
         let counted = inp.labels.iter().filter(|&&l| l >= 0).count() as i64;
         // Forward status: counted, no bad row; backward: same fingerprint, no mismatch.
@@ -1158,6 +1389,7 @@ fn check_given<T: Element + Bits>(case: &Case, inp: &common::Inputs) -> Option<(
     )
     .unwrap();
     let out = run(&exe, case, &x, &w, &inp.labels, &inp.labels, &up32);
+    assert_ran_as_asked::<T>(case, &out);
     let (lbar, _) = bars(T::DTYPE);
     let e_rows = rel(&out.row_loss, &reference.row_loss);
     assert!(

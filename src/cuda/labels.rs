@@ -2,11 +2,10 @@
 //! default), or on the device with no synchronization ([`LabelCheck::Device`],
 //! kernels/labels.cu), the error then reported when a result is read.
 
-use super::fused::one_block;
-use super::{cuda_err, grid_1d, FusedMarginLoss, Kernels};
+use super::cuda_err;
 use crate::error::{Error, Result};
 use crate::spec::Shape;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::Arc;
 
 /// How a [`FusedMarginLoss`] checks the labels (each must be `< C`, or negative to ignore its
@@ -44,63 +43,8 @@ pub(crate) enum LabelState {
     Device(CudaSlice<i64>),
 }
 
-/// The status record's length (FM_STATUS_LEN in kernels/labels.cu).
-const STATUS_LEN: usize = 6;
-
-/// Launches fm_label_status over `labels` into a new status record; `prev` is the forward's
-/// record when the backward checks that its labels are the forward's.
-pub(crate) fn device_status(
-    h: &FusedMarginLoss,
-    k: &Kernels,
-    labels: &CudaView<'_, i32>,
-    shape: Shape,
-    prev: Option<&CudaSlice<i64>>,
-) -> Result<CudaSlice<i64>> {
-    let mut status = h
-        .stream
-        .alloc_zeros::<i64>(STATUS_LEN)
-        .map_err(|e| cuda_err("allocate the label status", e))?;
-    let (bi, ci) = (shape.b as i64, shape.c as i64);
-    let f = k.get("fm_label_status")?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(labels).arg(&bi).arg(&ci);
-    super::arg_or_null(&mut lb, prev);
-    lb.arg(&mut status);
-    // SAFETY: one block of 1024 threads reads the B labels (length checked == B by validate) and
-    // prev[0], prev[3] (a STATUS_LEN record, or null), and writes the STATUS_LEN i64 of status.
-    unsafe { lb.launch(one_block(1024)) }.map_err(|e| cuda_err("launch fm_label_status", e))?;
-    Ok(status)
-}
-
-/// Launches fm_upstream_rows: the backward's per-row upstream from the device status (the mean's
-/// 1/counted computed there), NaN for every counted row when the status reports an error.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn device_upstream(
-    h: &FusedMarginLoss,
-    k: &Kernels,
-    labels: &CudaView<'_, i32>,
-    b: usize,
-    status: &CudaSlice<i64>,
-    g_in: Option<&CudaView<'_, f32>>,
-    g_scalar: f32,
-    mean: bool,
-) -> Result<CudaSlice<f32>> {
-    let mut g = h
-        .stream
-        .alloc_zeros::<f32>(b.max(1))
-        .map_err(|e| cuda_err("allocate the per-row upstream", e))?;
-    let (bi, mean) = (b as i64, mean as i32);
-    let f = k.get("fm_upstream_rows")?;
-    let mut lb = h.stream.launch_builder(&f);
-    lb.arg(labels).arg(&bi).arg(status);
-    super::arg_or_null(&mut lb, g_in);
-    lb.arg(&g_scalar).arg(&mean).arg(&mut g);
-    // SAFETY: one thread per row < B reads labels[row] (B), status (STATUS_LEN), g_in[row] (length
-    // checked == B, or null) and writes g[row] (allocated max(B, 1)).
-    unsafe { lb.launch(grid_1d(b as u64, 256)?) }
-        .map_err(|e| cuda_err("launch fm_upstream_rows", e))?;
-    Ok(g)
-}
+// The status record's length (FM_STATUS_LEN in kernels/labels.cu).
+use super::plan::STATUS_LEN;
 
 /// Copies a status record to the host (synchronizes `stream`) and turns it into the error it
 /// reports, if any.

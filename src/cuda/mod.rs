@@ -38,12 +38,12 @@
 //! a bad label when a result is read ([`GpuForward::check`], [`GpuGradients::check`]).
 
 mod compile;
-mod fused;
+mod exec;
 mod labels;
 mod libs;
 pub mod measure;
-mod naive;
-mod params;
+pub mod params;
+pub mod plan;
 pub mod raw;
 
 pub use labels::LabelCheck;
@@ -67,8 +67,8 @@ use crate::spec::{
 };
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, DeviceRepr, DeviceSlice, DriverError, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, DevicePtr, DeviceRepr, DeviceSlice, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use labels::LabelState;
 use params::FmParams;
@@ -372,21 +372,6 @@ pub(crate) fn cuda_err(context: &str, e: DriverError) -> Error {
         context: context.to_string(),
         detail: format!("{e:?}"),
     }
-}
-
-/// What a kernel receives for an absent optional buffer (it tests the pointer for null).
-static NULL_DEVICE_PTR: u64 = 0;
-
-/// Pushes an optional device buffer argument: the buffer, or a null pointer. The one place the
-/// kernels' "nullable pointer" convention (`g_rows`, `dn`) is spelled on the host.
-pub(crate) fn arg_or_null<'a, A>(lb: &mut cudarc::driver::LaunchArgs<'a>, v: Option<A>)
-where
-    cudarc::driver::LaunchArgs<'a>: PushKernelArg<A>,
-{
-    match v {
-        Some(a) => lb.arg(a),
-        None => PushKernelArg::<&u64>::arg(lb, &NULL_DEVICE_PTR),
-    };
 }
 
 /// A 1-D launch of `n` threads in blocks of `threads`.
@@ -702,9 +687,9 @@ impl FusedMarginLoss {
         Ok(())
     }
 
-    /// Checks spec, shape, buffer lengths and devices before any launch, then the labels as
-    /// [`LabelCheck`] says: copied to the host and checked there, or on the device (the status
-    /// kernel is launched here; `prev` is the forward's status when the backward calls).
+    /// Checks spec, shape, buffer lengths and devices before any launch, then the labels under
+    /// [`LabelCheck::Host`]: copied to the host and checked there, giving (counted rows,
+    /// fingerprint). Under [`LabelCheck::Device`] (None) the plan's first launch checks them.
     fn validate<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -712,8 +697,7 @@ impl FusedMarginLoss {
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         shape: Shape,
-        prev: Option<&CudaSlice<i64>>,
-    ) -> Result<LabelState> {
+    ) -> Result<Option<(usize, u64)>> {
         spec.validate()?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
         self.check_device("x", x.stream())?;
@@ -732,17 +716,43 @@ impl FusedMarginLoss {
                     .clone_dtoh(labels)
                     .map_err(|e| cuda_err("copy labels to host for validation", e))?;
                 let counted = shape.check_labels(&host)?;
-                Ok(LabelState::Host {
-                    counted,
-                    fingerprint: Shape::labels_fingerprint(&host),
-                })
+                Ok(Some((counted, Shape::labels_fingerprint(&host))))
             }
-            LabelCheck::Device => {
-                let k = self.kernels(T::DTYPE)?;
-                let status = labels::device_status(self, &k, labels, shape, prev)?;
-                Ok(LabelState::Device(status))
-            }
+            LabelCheck::Device => Ok(None),
         }
+    }
+
+    /// What the plan builder knows of this handle's device.
+    pub fn device_facts(&self) -> plan::DeviceFacts {
+        plan::DeviceFacts {
+            cc: self.cc,
+            sm_count: self.sm_count as usize,
+            smem_optin: self.smem_optin,
+            sm90a: self.arch == "sm_90a",
+            cublas: self.plan == Plan::Naive && self.blas().is_some(),
+        }
+    }
+
+    /// The handle's switches as the plan builder reads them.
+    pub fn choices(&self) -> plan::Choices {
+        plan::Choices {
+            plan: self.plan,
+            tensor_cores: self.tensor_cores,
+            tf32: self.tf32,
+            wide_tiles: self.wide_tiles,
+            wgmma: self.wgmma,
+            tc_backward: self.tc_backward,
+            label_check: self.label_check,
+            tiles_per_split: None,
+        }
+    }
+
+    /// True when both views start at 16-byte aligned device addresses (cp.async's 16-byte copies
+    /// need it).
+    fn aligned16<T: CudaElement>(&self, x: &CudaView<'_, T>, w: &CudaView<'_, T>) -> bool {
+        let (px, _rx) = x.device_ptr(&self.stream);
+        let (pw, _rw) = w.device_ptr(&self.stream);
+        px % 16 == 0 && pw % 16 == 0
     }
 
     /// Forward pass on the GPU (MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
@@ -755,13 +765,50 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
     ) -> Result<GpuForward> {
-        let label_state = self.validate(spec, x, w, labels, shape, None)?;
+        let host_labels = self.validate(spec, x, w, labels, shape)?;
         let k = self.kernels(T::DTYPE)?;
-        let p = FmParams::from_spec(spec);
-        let mean = spec.reduction == Reduction::Mean;
-        let out = match self.plan {
-            Plan::Fused => fused::forward(self, &k, &p, x, w, labels, shape, mean)?,
-            Plan::Naive => naive::forward(self, &k, &p, x, w, labels, shape, mean)?,
+        let problem = plan::ForwardProblem {
+            dtype: T::DTYPE,
+            shape,
+            aligned: self.aligned16(x, w),
+            params: FmParams::from_spec(spec),
+            mean: spec.reduction == Reduction::Mean,
+        };
+        let lp = plan::forward(&self.device_facts(), &self.choices(), &problem)?;
+        let bound = exec::Bound {
+            x,
+            w,
+            labels,
+            g_rows: None,
+            saved: Vec::new(),
+            prev_status: None,
+        };
+        use plan::Buf;
+        let keep = [
+            Buf::Loss,
+            Buf::RowLoss,
+            Buf::Lse,
+            Buf::XNorm,
+            Buf::WNorm,
+            Buf::Status,
+        ];
+        let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, &keep)?;
+        let label_state = match host_labels {
+            Some((counted, fingerprint)) => LabelState::Host {
+                counted,
+                fingerprint,
+            },
+            None => LabelState::Device(kept.i64(Buf::Status)?),
+        };
+        let out = ForwardOut {
+            loss: kept.f32(Buf::Loss)?,
+            row_loss: kept.f32(Buf::RowLoss)?,
+            lse: kept.f32(Buf::Lse)?,
+            x_norm: kept.f32(Buf::XNorm)?,
+            w_norm: kept.f32(Buf::WNorm)?,
+            workspace_bytes: lp.workspace_bytes,
+            tensor_cores: lp.tensor_cores,
+            wgmma: lp.wgmma,
         };
         Ok(GpuForward {
             loss: out.loss,
@@ -874,22 +921,11 @@ impl FusedMarginLoss {
                 Some(view)
             }
         };
-        let prev = match &fwd.labels {
-            LabelState::Device(status) => Some(status),
-            LabelState::Host { .. } => None,
-        };
-        let state = self.validate(spec, x, w, labels, shape, prev)?;
+        let host_labels = self.validate(spec, x, w, labels, shape)?;
         let k = self.kernels(T::DTYPE)?;
-        let p = FmParams::from_spec(spec);
-        let mean = spec.reduction == Reduction::Mean;
-        let mut device_g = None;
-        let mut label_status = None;
-        let (g_rows, g_scalar) = match (state, &fwd.labels) {
+        let upstream = match (host_labels, &fwd.labels) {
             (
-                LabelState::Host {
-                    counted,
-                    fingerprint,
-                },
+                Some((counted, fingerprint)),
                 LabelState::Host {
                     counted: fc,
                     fingerprint: ff,
@@ -908,49 +944,72 @@ impl FusedMarginLoss {
                     GpuUpstream::Scalar(v) => {
                         let g =
                             scalar_upstream_per_row(spec.reduction, v as f64, shape.b, counted)?;
-                        (None, g as f32)
+                        plan::PlanUpstream::Scalar(g as f32)
                     }
-                    GpuUpstream::PerRow(_) => (per_row, 0.0),
+                    GpuUpstream::PerRow(_) => plan::PlanUpstream::PerRow,
                 }
             }
-            (LabelState::Device(status), LabelState::Device(_)) => {
-                // The per-row upstream comes from the device status (1/counted for the mean),
-                // poisoned there when the labels are bad or not the forward's.
-                let g_scalar = match upstream {
-                    GpuUpstream::Scalar(v) => v,
-                    GpuUpstream::PerRow(_) => 0.0,
-                };
-                device_g = Some(labels::device_upstream(
-                    self, &k, labels, shape.b, &status, per_row, g_scalar, mean,
-                )?);
-                label_status = Some((status, self.stream.clone(), shape));
-                (None, 0.0)
-            }
+            // The per-row upstream comes from the device status (1/counted for the mean),
+            // poisoned there when the labels are bad or not the forward's.
+            (None, LabelState::Device(_)) => match upstream {
+                GpuUpstream::Scalar(v) => plan::PlanUpstream::Scalar(v),
+                GpuUpstream::PerRow(_) => plan::PlanUpstream::PerRow,
+            },
             // Ruled out by the label_check comparison above; kept as the typed error it would be.
             (state, _) => {
                 return Err(Error::ForwardMismatch {
                     detail: format!(
                         "the forward checked labels with {:?}, this backward with {:?}",
                         fwd.label_check(),
-                        match state {
-                            LabelState::Host { .. } => LabelCheck::Host,
-                            LabelState::Device(_) => LabelCheck::Device,
+                        if state.is_some() {
+                            LabelCheck::Host
+                        } else {
+                            LabelCheck::Device
                         }
                     ),
                 })
             }
         };
-        let device_view = device_g.as_ref().map(|g| g.as_view());
-        let up = fused::Upstream {
-            g_rows: device_view.as_ref().or(g_rows),
-            g_scalar,
+        let problem = plan::BackwardProblem {
+            dtype: T::DTYPE,
+            grad_dtype: O::DTYPE,
+            shape,
+            aligned: self.aligned16(x, w),
+            params: FmParams::from_spec(spec),
+            mean: spec.reduction == Reduction::Mean,
+            upstream,
+            fwd_tensor_cores: fwd.tensor_cores,
         };
-        let mut grads = match self.plan {
-            Plan::Fused => fused::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up)?,
-            Plan::Naive => naive::backward::<T, O>(self, &k, &p, fwd, x, w, labels, &up)?,
+        let lp = plan::backward(&self.device_facts(), &self.choices(), &problem)?;
+        use plan::Buf;
+        let bound = exec::Bound {
+            x,
+            w,
+            labels,
+            g_rows: per_row,
+            saved: vec![
+                (Buf::XNorm, &fwd.x_norm),
+                (Buf::WNorm, &fwd.w_norm),
+                (Buf::Lse, &fwd.lse),
+            ],
+            prev_status: match &fwd.labels {
+                LabelState::Device(status) => Some(status),
+                LabelState::Host { .. } => None,
+            },
         };
-        grads.label_status = label_status;
-        Ok(grads)
+        let mut kept =
+            exec::execute::<T, O>(self, &k, &lp, &bound, &[Buf::Dx, Buf::Dw, Buf::Status])?;
+        let label_status = match host_labels {
+            Some(_) => None,
+            None => Some((kept.i64(Buf::Status)?, self.stream.clone(), shape)),
+        };
+        Ok(GpuGradients {
+            dx: kept.grad(Buf::Dx)?,
+            dw: kept.grad(Buf::Dw)?,
+            workspace_bytes: lp.workspace_bytes,
+            tensor_cores: lp.tensor_cores,
+            label_status,
+        })
     }
 }
 

@@ -1,22 +1,36 @@
 //! The kernels' option block, laid out exactly as `struct FmParams` in kernels/common.cuh.
+//! Every kernel family takes it by value; [`FmParams::from_spec`] is the one place a spec
+//! becomes kernel parameters.
 
 use crate::spec::{GradientMode, MarginLoss, OverflowPolicy};
 use cudarc::driver::DeviceRepr;
 
-/// `struct FmParams` of kernels/common.cuh: 12 four-byte fields, no padding.
+/// `struct FmParams` of kernels/common.cuh: 12 four-byte fields, no padding (48 bytes,
+/// static_assert there).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct FmParams {
+pub struct FmParams {
+    /// Scale `s`.
     pub s: f32,
+    /// Multiplicative angular margin `m1`.
     pub m1: f32,
+    /// Additive angular margin `m2`.
     pub m2: f32,
+    /// Additive cosine margin `m3`.
     pub m3: f32,
+    /// SphereFace's blend `lambda`.
     pub lambda: f32,
+    /// `m2 sin m2`, the Fallback policy's shift (taken in f64).
     pub fallback_shift: f32,
+    /// The effective overflow policy: 0 Monotonic, 1 Fallback, 2 Raw, 3 Easy.
     pub policy: i32,
+    /// 1: the target's margin term is detached from the gradient.
     pub detached: i32,
+    /// 1: the spec has an angular margin (m1 != 1 or m2 != 0).
     pub angular: i32,
+    /// 1: features are L2-normalized.
     pub normalize_features: i32,
+    /// 1: class weights are L2-normalized.
     pub normalize_weights: i32,
     /// 1: the SIMT backward rounds its dot-product operands to TF32 (after a TF32 forward).
     pub tf32_dots: i32,
@@ -25,6 +39,11 @@ pub(crate) struct FmParams {
 // SAFETY: a plain #[repr(C)] struct of f32/i32 fields, matching the C struct field for field;
 // kernels receive it by value.
 unsafe impl DeviceRepr for FmParams {}
+// SAFETY: #[repr(C)], twelve 4-byte fields (no padding), every bit pattern valid.
+unsafe impl bytemuck::Zeroable for FmParams {}
+// SAFETY: as for Zeroable; Copy and 'static.
+unsafe impl bytemuck::Pod for FmParams {}
+const _: () = assert!(std::mem::size_of::<FmParams>() == 48);
 
 impl FmParams {
     /// The kernels' view of a validated spec (margins rounded to f32; `m2 sin m2` taken in f64).

@@ -1,28 +1,40 @@
-// fused-margin: runs the fused plan's kernels (kernels/all.cu, compiled for FM_DTYPE) on the CPU
-// emulator (fm_emu.hpp), in the launch order and grids of src/cuda/fused.rs, for one case read
-// from a file. tests/emulated_kernels.rs writes the case, runs this and checks the outputs
-// against the f64 CPU reference.
+// fused-margin: runs a launch plan built by the crate (src/cuda/plan.rs) on the CPU emulator of
+// the kernels (fm_emu.hpp), for kernels/all.cu compiled for FM_DTYPE. It knows no launch order,
+// tiles or splits: it allocates the buffers the job lists, then runs each launch by entry-point
+// name from a table of the kernels, with the grid, block, dynamic shared memory and arguments
+// the job gives. tests/emulated_kernels.rs writes the job and reads the buffers back.
 //
-// Usage: driver IN OUT
-// IN (little endian): i64 B, i64 C, i32 D, FmParams (48 bytes), i32 mean, f32 g_scalar,
-//   i32 has_g_rows, i32 fwd_tc, i32 bwd_tc, i32 fwd_tiles_per_split, i32 bwd_tiles_per_split,
-//   i32 naive (1: the naive plan with its plain kernels, as src/cuda/naive.rs without cuBLAS),
-//   i32 device_labels (1: LabelCheck::Device, as src/cuda/mod.rs and labels.rs),
-//   x (B*D of T_IN), w (C*D of T_IN), labels (B i32), g_rows (B f32, when has_g_rows),
-//   backward labels (B i32, when device_labels: what the backward is called with).
-// OUT: f32 loss, lse (B f32), row_loss (B f32), dx (B*D f32), dw (C*D f32), then with
-//   device_labels the forward's and the backward's status records (2 x FM_STATUS_LEN i64).
-// With device_labels, g_scalar is the caller's upstream (the kernels divide by the counted rows);
-// without, it is the per-row value the host computes (1/counted for the mean).
-// Every output and workspace is filled with NaN before the launches, so unwritten elements show.
+// Each argument is converted to the kernel's own parameter type (deduced from its signature),
+// and the conversion checks the job's argument kind against it: a pointer for a pointer (and a
+// buffer of elements of the pointee's size), an i64 for `i64`, an i32 for `int`, an f32 for
+// `float`, the option block for `FmParams`, and the argument count. So a plan whose arguments do
+// not match a kernel's signature fails here, before the same plan reaches a GPU.
+//
+// Usage: driver JOB OUT
+// JOB (little endian): "FMJ1"; u32 nbuf; per buffer: u32 id, u32 elem_size, u64 len, u8 init
+//   (0: data follows, len * elem_size bytes; 1: fill, one elem_size pattern follows; 2: zero);
+//   u32 nlaunch; per launch: u16 name length, name, u32 grid[3], u32 block, u32 smem, u32 nargs,
+//   per argument u8 kind (0 read, 1 write: u32 buffer id; 2 null; 3 i64; 4 i32; 5 f32;
+//   6 FmParams: 48 bytes); u32 nout, u32 ids.
+// OUT: the bytes of each listed buffer, in the listed order.
 #include "fm_emu.hpp"
 #include "all.cu"
 
+#include <cstdint>
+#include <cstring>
 #include <fstream>
-#include <limits>
+#include <map>
 #include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 namespace {
+
+[[noreturn]] void fail(const std::string& what) {
+    std::fprintf(stderr, "driver: %s\n", what.c_str());
+    std::exit(2);
+}
 
 struct Reader {
     std::ifstream in;
@@ -30,230 +42,206 @@ struct Reader {
     T get() {
         T v;
         in.read(reinterpret_cast<char*>(&v), sizeof(T));
-        if (!in) fail("short input");
+        if (!in) fail("short job");
         return v;
     }
-    template <typename T>
-    std::vector<T> vec(size_t n) {
-        std::vector<T> v(n);
-        in.read(reinterpret_cast<char*>(v.data()), (std::streamsize)(n * sizeof(T)));
-        if (!in) fail("short input");
-        return v;
-    }
-    [[noreturn]] static void fail(const char* what) {
-        std::fprintf(stderr, "driver: %s\n", what);
-        std::exit(2);
+    void bytes(void* p, size_t n) {
+        in.read(reinterpret_cast<char*>(p), (std::streamsize)n);
+        if (!in) fail("short job");
     }
 };
 
-std::vector<float> poisoned(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
+struct Buffer {
+    std::vector<std::uint64_t> words;   // 8-byte aligned storage
+    size_t elem = 0, len = 0;
+    void* data() { return words.data(); }
+    size_t bytes() const { return elem * len; }
+};
+std::map<std::uint32_t, Buffer> g_bufs;
 
-fm_uint3 g3(i64 x, i64 y = 1, i64 z = 1) { return {(unsigned)x, (unsigned)y, (unsigned)z}; }
-i64 cdiv(i64 a, i64 b) { return (a + b - 1) / b; }
+enum Kind : std::uint8_t { READ = 0, WRITE = 1, NUL = 2, I64 = 3, I32 = 4, F32 = 5, PARAMS = 6 };
 
-// The label status records of LabelCheck::Device, written after the outputs when present.
-std::vector<long long> g_status;
+struct ArgV {
+    Kind kind;
+    std::uint32_t buf = 0;
+    long long i64 = 0;
+    int i32 = 0;
+    float f32 = 0.0f;
+    FmParams params{};
+};
 
-void write_out(const char* path, std::initializer_list<const std::vector<float>*> parts) {
-    std::ofstream out(path, std::ios::binary);
-    for (const auto* v : parts)
-        out.write(reinterpret_cast<const char*>(v->data()), (std::streamsize)(v->size() * sizeof(float)));
-    out.write(reinterpret_cast<const char*>(g_status.data()), (std::streamsize)(g_status.size() * sizeof(long long)));
-    if (!out) Reader::fail("cannot write output");
+struct Call {
+    std::string entry;
+    std::vector<ArgV> args;
+
+    [[noreturn]] void bad(size_t i, const char* want) const {
+        fail(entry + ": argument " + std::to_string(i) + " is not " + want + " (kind " +
+             std::to_string((int)args[i].kind) + ")");
+    }
+
+    // Argument i as the kernel's parameter type P, checked against the job's kind.
+    template <typename P>
+    P as(size_t i) const {
+        const ArgV& a = args[i];
+        if constexpr (std::is_pointer_v<P>) {
+            if (a.kind == NUL) return nullptr;
+            if (a.kind != READ && a.kind != WRITE) bad(i, "a buffer");
+            auto it = g_bufs.find(a.buf);
+            if (it == g_bufs.end()) fail(entry + ": unknown buffer " + std::to_string(a.buf));
+            using E = std::remove_cv_t<std::remove_pointer_t<P>>;
+            if constexpr (!std::is_void_v<E>) {
+                if (it->second.elem != sizeof(E))
+                    fail(entry + ": argument " + std::to_string(i) + " has " + std::to_string(it->second.elem) +
+                         "-byte elements, the kernel takes " + std::to_string(sizeof(E)));
+            }
+            if constexpr (!std::is_const_v<std::remove_pointer_t<P>>) {
+                if (a.kind != WRITE) bad(i, "a written buffer (the kernel's pointer is not const)");
+            }
+            return reinterpret_cast<P>(it->second.data());
+        } else if constexpr (std::is_same_v<P, long long>) {
+            if (a.kind != I64) bad(i, "an i64");
+            return a.i64;
+        } else if constexpr (std::is_same_v<P, int>) {
+            if (a.kind != I32) bad(i, "an i32");
+            return a.i32;
+        } else if constexpr (std::is_same_v<P, float>) {
+            if (a.kind != F32) bad(i, "an f32");
+            return a.f32;
+        } else if constexpr (std::is_same_v<P, FmParams>) {
+            if (a.kind != PARAMS) bad(i, "FmParams");
+            return a.params;
+        } else {
+            static_assert(sizeof(P) == 0, "a kernel parameter type the job format does not carry");
+        }
+    }
+};
+
+template <typename... P, size_t... I>
+std::function<void()> bind_impl(void (*k)(P...), const Call& c, std::index_sequence<I...>) {
+    auto t = std::make_tuple(c.template as<P>(I)...);
+    return [k, t] { std::apply(k, t); };
 }
 
-// The naive plan with its plain kernels, in the order of src/cuda/naive.rs (materialize, then
-// the backward's recompute, dlogits, row mask, products and normalization backward).
-void run_naive(const std::vector<T_IN>& x, const std::vector<T_IN>& w, const std::vector<int>& labels,
-               const std::vector<int>& blabels, const float* g_ptr, float g_scalar, const FmParams& p, int mean, i64 B, i64 C, int D,
-               const char* out_path) {
-    auto xnorm = poisoned(B), wnorm = poisoned(C);
-    fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
-    fm_emu::launch(g3(cdiv(C * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(w.data(), C, D, wnorm.data()); });
-    auto xh = poisoned(B * D), wh = poisoned(C * D);
-    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_normalize)(x.data(), xnorm.data(), B, D, 1, xh.data()); });
-    fm_emu::launch(g3(cdiv(C * D, 256)), g3(256), [&] {
-        FM_ENTRY(naive_normalize)(w.data(), wnorm.data(), C, D, p.normalize_weights, wh.data());
-    });
-    auto cos = poisoned(B * C), logits = poisoned(B * C), tval = poisoned(B * C), dt = poisoned(B * C);
-    fm_emu::launch(g3(cdiv(B * C, 256)), g3(256), [&] { FM_ENTRY(naive_cosine)(xh.data(), wh.data(), B, C, D, cos.data()); });
-    fm_emu::launch(g3(cdiv(B * C, 256)), g3(256), [&] {
-        FM_ENTRY(naive_logits)(cos.data(), labels.data(), xnorm.data(), p, B, C, logits.data(), tval.data(), dt.data());
-    });
-    auto prob = poisoned(B * C), lse = poisoned(B), row_loss = poisoned(B), loss = poisoned(1);
-    fm_emu::launch(g3(B), g3(256), [&] {
-        FM_ENTRY(naive_softmax)(logits.data(), labels.data(), B, C, prob.data(), lse.data(), row_loss.data());
-    });
-    fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_reduce_loss)(row_loss.data(), labels.data(), B, mean, loss.data()); });
-    auto dn = poisoned(B);
-    fm_emu::launch(g3(B), g3(256), [&] {
-        FM_ENTRY(naive_dlogits)(prob.data(), tval.data(), dt.data(), blabels.data(), xnorm.data(), g_ptr, g_scalar, p, B,
-                                C, dn.data());
-    });
-    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_mask_rows)(xh.data(), blabels.data(), B, D); });
-    auto dxh = poisoned(B * D), dwh = poisoned(C * D);
-    fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] { FM_ENTRY(naive_matmul)(prob.data(), wh.data(), B, C, D, 0, dxh.data()); });
-    fm_emu::launch(g3(cdiv(C * D, 256)), g3(256), [&] { FM_ENTRY(naive_matmul)(prob.data(), xh.data(), C, B, D, 1, dwh.data()); });
-    auto dx = poisoned(B * D), dw = poisoned(C * D);
-    fm_emu::launch(g3(B), g3(256), [&] {
-        FM_ENTRY_F32OUT(naive_norm_backward)(dxh.data(), xh.data(), xnorm.data(), p.normalize_features ? nullptr : dn.data(),
-                                             D, 1, dx.data());
-    });
-    fm_emu::launch(g3(C), g3(256), [&] {
-        FM_ENTRY_F32OUT(naive_norm_backward)(dwh.data(), wh.data(), wnorm.data(), nullptr, D, p.normalize_weights,
-                                             dw.data());
-    });
-    write_out(out_path, {&loss, &lse, &row_loss, &dx, &dw});
+// The kernel bound to the call's arguments (converted once, run by every emulated thread).
+template <typename... P>
+std::function<void()> bind(void (*k)(P...), const Call& c) {
+    if (c.args.size() != sizeof...(P))
+        fail(c.entry + ": " + std::to_string(c.args.size()) + " arguments, the kernel takes " +
+             std::to_string(sizeof...(P)));
+    return bind_impl(k, c, std::index_sequence_for<P...>{});
+}
+
+using Binder = std::function<std::function<void()>(const Call&)>;
+#define FM_K(key, fn) {key, [](const Call& c) { return bind(&fn, c); }}
+
+// Every entry point a plan can name, by its name without the dtype suffix.
+const std::map<std::string, Binder>& table() {
+    static const std::map<std::string, Binder> t = {
+        FM_K("fm_row_norms", FM_ENTRY(fm_row_norms)),
+        FM_K("fm_fwd_tiles", FM_ENTRY(fm_fwd_tiles)),
+        FM_K("fm_combine_rows", FM_ENTRY(fm_combine_rows)),
+        FM_K("fm_reduce_loss", FM_ENTRY(fm_reduce_loss)),
+        FM_K("fm_grad_x_partial", FM_ENTRY(fm_grad_x_partial)),
+        FM_K("fm_x_finish", FM_ENTRY(fm_x_finish)),
+        FM_K("fm_grad_w", FM_ENTRY(fm_grad_w)),
+        FM_K("fm_label_status", FM_ENTRY(fm_label_status)),
+        FM_K("fm_upstream_rows", FM_ENTRY(fm_upstream_rows)),
+        FM_K("naive_normalize", FM_ENTRY(naive_normalize)),
+        FM_K("naive_cosine", FM_ENTRY(naive_cosine)),
+        FM_K("naive_logits", FM_ENTRY(naive_logits)),
+        FM_K("naive_softmax", FM_ENTRY(naive_softmax)),
+        FM_K("naive_dlogits", FM_ENTRY(naive_dlogits)),
+        FM_K("naive_mask_rows", FM_ENTRY(naive_mask_rows)),
+        FM_K("naive_matmul", FM_ENTRY(naive_matmul)),
+        FM_K("naive_norm_backward", FM_ENTRY(naive_norm_backward)),
+#if FM_DTYPE != FM_F32
+        FM_K("fm_x_finish_f32out", FM_ENTRY_F32OUT(fm_x_finish)),
+        FM_K("fm_grad_w_f32out", FM_ENTRY_F32OUT(fm_grad_w)),
+        FM_K("naive_norm_backward_f32out", FM_ENTRY_F32OUT(naive_norm_backward)),
+        FM_K("fm_fwd_tiles_tc", FM_ENTRY(fm_fwd_tiles_tc)),
+        FM_K("fm_fwd_tiles_tc_wide", FM_ENTRY(fm_fwd_tiles_tc_wide)),
+        FM_K("fm_fwd_tiles_wg", FM_ENTRY(fm_fwd_tiles_wg)),
+        FM_K("fm_grad_scale", FM_ENTRY(fm_grad_scale)),
+        FM_K("fm_grad_x_tc", FM_ENTRY(fm_grad_x_tc)),
+        FM_K("fm_grad_w_tc", FM_ENTRY(fm_grad_w_tc)),
+        FM_K("fm_grad_w_tc_f32out", FM_ENTRY_F32OUT(fm_grad_w_tc)),
+        FM_K("fm_grad_x_tc_d512", FM_ENTRY(fm_grad_x_tc_d512)),
+        FM_K("fm_grad_w_tc_d512", FM_ENTRY(fm_grad_w_tc_d512)),
+        FM_K("fm_grad_w_tc_d512_f32out", FM_ENTRY_F32OUT(fm_grad_w_tc_d512)),
+#else
+        FM_K("fm_fwd_tiles_tf32", FM_ENTRY(fm_fwd_tiles_tf32)),
+        FM_K("fm_fwd_tiles_tf32_wide", FM_ENTRY(fm_fwd_tiles_tf32_wide)),
+#endif
+    };
+    return t;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc != 3) Reader::fail("usage: driver IN OUT");
+    if (argc != 3) fail("usage: driver JOB OUT");
     Reader r{std::ifstream(argv[1], std::ios::binary)};
-    if (!r.in) Reader::fail("cannot open input");
-    const i64 B = r.get<i64>(), C = r.get<i64>();
-    const int D = r.get<int>();
-    const FmParams p = r.get<FmParams>();
-    const int mean = r.get<int>();
-    const float g_scalar = r.get<float>();
-    const int has_g = r.get<int>(), fwd_tc = r.get<int>(), bwd_tc = r.get<int>();
-    const int fwd_tps = r.get<int>(), bwd_tps = r.get<int>(), naive = r.get<int>();
-    const int device_labels = r.get<int>();
-    auto x = r.vec<T_IN>((size_t)(B * D));
-    auto w = r.vec<T_IN>((size_t)(C * D));
-    auto labels = r.vec<int>((size_t)B);
-    std::vector<float> g_rows;
-    if (has_g) g_rows = r.vec<float>((size_t)B);
-    const float* g_ptr = has_g ? g_rows.data() : nullptr;
-    float g_scalar_b = g_scalar;
-    std::vector<int> blabels = labels;
-    std::vector<float> g_dev;
-    if (device_labels) {
-        // mod.rs: the forward's status (in validate), then in backward the status against the
-        // forward's and the per-row upstream from it; the backward kernels take that buffer.
-        blabels = r.vec<int>((size_t)B);
-        g_status.assign(2 * FM_STATUS_LEN, std::numeric_limits<long long>::min());
-        long long* sf = g_status.data();
-        long long* sb = sf + FM_STATUS_LEN;
-        fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_label_status)(labels.data(), B, C, nullptr, sf); });
-        fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_label_status)(blabels.data(), B, C, sf, sb); });
-        g_dev = poisoned(B);
-        fm_emu::launch(g3(cdiv(B, 256)), g3(256), [&] {
-            FM_ENTRY(fm_upstream_rows)(blabels.data(), B, sb, g_ptr, g_scalar, mean, g_dev.data());
-        });
-        g_ptr = g_dev.data();
-        g_scalar_b = 0.0f;
-    }
-#if FM_DTYPE == FM_F32
-    if (bwd_tc) Reader::fail("the tensor-core backward exists for f16/bf16 only");
-#endif
-
-    if (naive) {
-        run_naive(x, w, labels, blabels, g_ptr, g_scalar_b, p, mean, B, C, D, argv[2]);
-        return 0;
-    }
-    // ---- forward (fused.rs: forward) ----
-    auto xnorm = poisoned(B), wnorm = poisoned(C);
-    fm_emu::launch(g3(cdiv(B * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(x.data(), B, D, xnorm.data()); });
-    fm_emu::launch(g3(cdiv(C * 32, 256)), g3(256), [&] { FM_ENTRY(fm_row_norms)(w.data(), C, D, wnorm.data()); });
-    // fwd_tc: 0 SIMT, 1 tensor cores (64 x 128 tiles), 2 tensor cores, wide (128 x 256 tiles),
-    // 3 wgmma (128 x 128 tiles; f16/bf16 only).
-#if FM_DTYPE != FM_F32
-    typedef FmTcHalf TcOp;
-#else
-    typedef FmTcTf32 TcOp;
-#endif
-#if FM_DTYPE == FM_F32
-    if (fwd_tc == 3) Reader::fail("the wgmma forward exists for f16/bf16 only");
-#endif
-    const i64 bm = fwd_tc >= 2 ? 128 : fwd_tc ? 64 : 32, bn = fwd_tc == 2 ? 256 : fwd_tc ? 128 : 32;
-    size_t smem = fwd_tc == 2 ? FmTcShape<TcOp, 4, 8>::SMEM_BYTES : fwd_tc ? FmTcShape<TcOp, 2, 4>::SMEM_BYTES : 0;
-#if FM_DTYPE != FM_F32
-    if (fwd_tc == 3) smem = WG_SMEM_BYTES;
-#endif
-    const i64 ntiles = cdiv(C, bn);
-    const int nsplit = (int)cdiv(ntiles, fwd_tps);
-    auto part_m = poisoned(B * nsplit), part_s = poisoned(B * nsplit), zy = poisoned(B);
-    // Under device_labels zy starts at 0, as the GPU's allocation does (not poisoned): a row whose
-    // label is >= C has no z_iy written, and the combine must give NaN without reading it.
-    if (device_labels) std::fill(zy.begin(), zy.end(), 0.0f);
-    fm_emu::launch(g3(cdiv(B, bm), nsplit), g3(256), [&] {
-        if (fwd_tc) {   // f16/bf16: fm_fwd_tiles_tc[_wide], fm_fwd_tiles_wg; f32: the TF32 kernels
-#if FM_DTYPE != FM_F32
-            auto k = fwd_tc == 3   ? FM_ENTRY(fm_fwd_tiles_wg)
-                     : fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tc_wide)
-                                   : FM_ENTRY(fm_fwd_tiles_tc);
-#else
-            auto k = fwd_tc == 2 ? FM_ENTRY(fm_fwd_tiles_tf32_wide) : FM_ENTRY(fm_fwd_tiles_tf32);
-#endif
-            k(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D, fwd_tps, nsplit,
-              part_m.data(), part_s.data(), zy.data());
-            return;
+    if (!r.in) fail("cannot open the job");
+    char magic[4];
+    r.bytes(magic, 4);
+    if (std::memcmp(magic, "FMJ1", 4) != 0) fail("not a job file");
+    const auto nbuf = r.get<std::uint32_t>();
+    for (std::uint32_t i = 0; i < nbuf; ++i) {
+        const auto id = r.get<std::uint32_t>();
+        Buffer b;
+        b.elem = r.get<std::uint32_t>();
+        b.len = (size_t)r.get<std::uint64_t>();
+        const auto init = r.get<std::uint8_t>();
+        // At least one element, as the GPU allocations are.
+        b.words.assign((std::max<size_t>(b.len, 1) * b.elem + 7) / 8, 0);
+        auto* p = static_cast<unsigned char*>(b.data());
+        if (init == 0) {
+            r.bytes(p, b.bytes());
+        } else if (init == 1) {
+            unsigned char pat[8];
+            if (b.elem > 8) fail("fill pattern wider than 8 bytes");
+            r.bytes(pat, b.elem);
+            for (size_t e = 0; e < b.len; ++e) std::memcpy(p + e * b.elem, pat, b.elem);
+        } else if (init != 2) {
+            fail("unknown buffer init");
         }
-        FM_ENTRY(fm_fwd_tiles)(x.data(), w.data(), labels.data(), xnorm.data(), wnorm.data(), p, B, C, D, fwd_tps,
-                               nsplit, part_m.data(), part_s.data(), zy.data());
-    }, smem);
-    auto lse = poisoned(B), row_loss = poisoned(B), loss = poisoned(1);
-    fm_emu::launch(g3(cdiv(B, 256)), g3(256), [&] {
-        FM_ENTRY(fm_combine_rows)(part_m.data(), part_s.data(), nsplit, zy.data(), labels.data(), B, C, lse.data(),
-                                  row_loss.data());
-    });
-    fm_emu::launch(g3(1), g3(1024), [&] { FM_ENTRY(fm_reduce_loss)(row_loss.data(), labels.data(), B, mean, loss.data()); });
-
-    // ---- backward (fused.rs: backward / backward_tc) ----
-    auto dx = poisoned(B * D), dw = poisoned(C * D);
-    FmParams pb = p;   // after the TF32 forward the SIMT backward recomputes with TF32 operands
-    pb.tf32_dots = (FM_DTYPE == FM_F32 && fwd_tc != 0) ? 1 : 0;
-    if (!bwd_tc) {
-        const i64 ntl = cdiv(C, 32);
-        const int ns = (int)cdiv(ntl, bwd_tps);
-        const i64 dchunks = cdiv(D, 128);
-        auto dxh_part = poisoned(ns * B * D), proj_part = poisoned(ns * B), dn_part = poisoned(ns * B);
-        fm_emu::launch(g3(cdiv(B, 32), ns, dchunks), g3(256), [&] {
-            FM_ENTRY(fm_grad_x_partial)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(),
-                                        g_ptr, g_scalar_b, pb, B, C, D, bwd_tps, ns, dxh_part.data(),
-                                        proj_part.data(), dn_part.data());
-        });
-        fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
-            FM_ENTRY_F32OUT(fm_x_finish)(x.data(), xnorm.data(), dxh_part.data(), proj_part.data(), dn_part.data(),
-                                         ns, B, D, pb, dx.data());
-        });
-        fm_emu::launch(g3(ntl, dchunks), g3(256), [&] {
-            FM_ENTRY_F32OUT(fm_grad_w)(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(),
-                                       g_ptr, g_scalar_b, pb, B, C, D, dw.data());
-        });
-    } else {
-#if FM_DTYPE != FM_F32
-        // fused.rs: FmGt<64> (fm_grad_*_tc) for D <= 256, else FmGt<32> (fm_grad_*_tc_d512).
-        const bool d512 = D > FmGt<64>::DCH;
-        const i64 own = d512 ? 32 : 64, dch = d512 ? FmGt<32>::DCH : FmGt<64>::DCH;
-        const size_t gsmem = d512 ? sizeof(FmGt<32>::Smem) : sizeof(FmGt<64>::Smem);
-        const i64 ntl = cdiv(C, GT_PN);
-        const int ns = (int)cdiv(ntl, bwd_tps);
-        const i64 dchunks = cdiv(D, dch);
-        auto scale = poisoned(1);
-        fm_emu::launch(g3(1), g3(1024), [&] {
-            FM_ENTRY(fm_grad_scale)(blabels.data(), xnorm.data(), g_ptr, g_scalar_b, p, B, scale.data());
-        });
-        auto dxh_part = poisoned(ns * B * D), proj_part = poisoned(ns * B), dn_part = poisoned(ns * B);
-        fm_emu::launch(g3(cdiv(B, own), ns, dchunks), g3(256), [&] {
-            auto k = d512 ? FM_ENTRY(fm_grad_x_tc_d512) : FM_ENTRY(fm_grad_x_tc);
-            k(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr, g_scalar_b, p, B, C,
-              D, bwd_tps, ns, dxh_part.data(), proj_part.data(), dn_part.data());
-        }, gsmem);
-        fm_emu::launch(g3(cdiv(B * D, 256)), g3(256), [&] {
-            FM_ENTRY_F32OUT(fm_x_finish)(x.data(), xnorm.data(), dxh_part.data(), proj_part.data(), dn_part.data(),
-                                         ns, B, D, p, dx.data());
-        });
-        fm_emu::launch(g3(cdiv(C, own), dchunks), g3(256), [&] {
-            auto k = d512 ? FM_ENTRY_F32OUT(fm_grad_w_tc_d512) : FM_ENTRY_F32OUT(fm_grad_w_tc);
-            k(x.data(), w.data(), blabels.data(), xnorm.data(), wnorm.data(), lse.data(), g_ptr, g_scalar_b,
-              scale.data(), p, B, C, D, dw.data());
-        }, gsmem);
-#endif
+        if (!g_bufs.emplace(id, std::move(b)).second) fail("buffer listed twice");
     }
-
-    write_out(argv[2], {&loss, &lse, &row_loss, &dx, &dw});
+    const auto nlaunch = r.get<std::uint32_t>();
+    for (std::uint32_t l = 0; l < nlaunch; ++l) {
+        Call c;
+        c.entry.resize(r.get<std::uint16_t>());
+        r.bytes(c.entry.data(), c.entry.size());
+        fm_uint3 grid{r.get<std::uint32_t>(), r.get<std::uint32_t>(), r.get<std::uint32_t>()};
+        const auto block = r.get<std::uint32_t>();
+        const auto smem = r.get<std::uint32_t>();
+        const auto nargs = r.get<std::uint32_t>();
+        for (std::uint32_t i = 0; i < nargs; ++i) {
+            ArgV a;
+            a.kind = (Kind)r.get<std::uint8_t>();
+            switch (a.kind) {
+                case READ:
+                case WRITE: a.buf = r.get<std::uint32_t>(); break;
+                case NUL: break;
+                case I64: a.i64 = r.get<long long>(); break;
+                case I32: a.i32 = r.get<int>(); break;
+                case F32: a.f32 = r.get<float>(); break;
+                case PARAMS: a.params = r.get<FmParams>(); break;
+                default: fail("unknown argument kind");
+            }
+            c.args.push_back(a);
+        }
+        auto it = table().find(c.entry);
+        if (it == table().end()) fail("no kernel " + c.entry + " in this dtype's table");
+        fm_emu::launch(grid, fm_uint3{block, 1, 1}, it->second(c), smem);
+    }
+    std::ofstream out(argv[2], std::ios::binary);
+    const auto nout = r.get<std::uint32_t>();
+    for (std::uint32_t i = 0; i < nout; ++i) {
+        auto it = g_bufs.find(r.get<std::uint32_t>());
+        if (it == g_bufs.end()) fail("output of an unknown buffer");
+        out.write(static_cast<const char*>(it->second.data()), (std::streamsize)it->second.bytes());
+    }
+    if (!out) fail("cannot write the output");
     return 0;
 }

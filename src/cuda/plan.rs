@@ -1,0 +1,1231 @@
+//! The launch plan as data: which kernels a forward or a backward launches, in what order, with
+//! what grid, block, dynamic shared memory and arguments, decided once from the device's facts,
+//! the caller's choices and the problem, before anything runs.
+//!
+//! Two executors run a [`LaunchPlan`]: the cudarc one (src/cuda/exec.rs, the product) and the
+//! CPU emulator of the kernels (tests/emu), whose C++ side is only a table from entry-point name
+//! to kernel. So the selection logic here (tile shapes by shared-memory limit, class splits by SM
+//! count, the precedence of the options, argument order) is what the emulated tests exercise,
+//! and nothing else knows it. Buffers are named by role ([`Buf`]); the executor binds the
+//! caller's inputs and allocates the rest from [`LaunchPlan::buffers`].
+//!
+//! Nothing here touches a device: the builders are plain functions of plain values, so their
+//! choices are unit-tested for device kinds this machine does not have.
+
+use super::params::FmParams;
+use super::LabelCheck;
+use super::Plan;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::spec::Shape;
+
+/// What the builder needs to know of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceFacts {
+    /// Compute capability (major, minor).
+    pub cc: (i32, i32),
+    /// Streaming multiprocessors: class splits aim for [`BLOCKS_PER_SM`] blocks on each.
+    pub sm_count: usize,
+    /// The most dynamic shared memory one block may opt into (bytes): tile shapes needing more
+    /// are not selected.
+    pub smem_optin: u32,
+    /// Whether the loaded module holds the sm_90a kernels (wgmma): only an sm_90 device with
+    /// wgmma asked for.
+    pub sm90a: bool,
+    /// Whether cuBLAS is loaded for the naive plan's matrix products.
+    pub cublas: bool,
+}
+
+impl DeviceFacts {
+    /// A100 (sm_80): 108 SMs, 163 KB of opt-in shared memory per block.
+    pub const A100: Self = Self::new((8, 0), 108, 166_912);
+    /// RTX 30xx / A10 class (sm_86): 99 KB per block; SM count of an RTX 3090.
+    pub const SM86: Self = Self::new((8, 6), 82, 101_376);
+    /// RTX 40xx / L4 / L40 class (sm_89): 99 KB per block; SM count of an L40.
+    pub const SM89: Self = Self::new((8, 9), 142, 101_376);
+    /// H100 PCIe (sm_90): 114 SMs, 227 KB per block.
+    pub const H100_PCIE: Self = Self::new((9, 0), 114, 232_448);
+    /// H100 SXM / H200 (sm_90): 132 SMs, 227 KB per block.
+    pub const H100: Self = Self::new((9, 0), 132, 232_448);
+
+    /// Facts with sm90a and cuBLAS off.
+    pub const fn new(cc: (i32, i32), sm_count: usize, smem_optin: u32) -> Self {
+        Self {
+            cc,
+            sm_count,
+            smem_optin,
+            sm90a: false,
+            cublas: false,
+        }
+    }
+}
+
+/// What the caller chose (the handle's switches), as the builder reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choices {
+    /// Fused or naive.
+    pub plan: Plan,
+    /// Tensor cores for the f16/bf16 forward (and, with `tf32`, the f32 one).
+    pub tensor_cores: bool,
+    /// The f32 forward through TF32 tensor cores.
+    pub tf32: bool,
+    /// The 128 x 256 tensor-core forward tiles.
+    pub wide_tiles: bool,
+    /// The wgmma forward (needs [`DeviceFacts::sm90a`]).
+    pub wgmma: bool,
+    /// The f16/bf16 backward on tensor cores.
+    pub tc_backward: bool,
+    /// Where labels are checked.
+    pub label_check: LabelCheck,
+    /// Testing only: class tiles per split of the forward and of the dx backward instead of the
+    /// SM-count heuristic (the emulated tests force several splits on small shapes with it).
+    pub tiles_per_split: Option<(usize, usize)>,
+}
+
+impl Default for Choices {
+    /// The handle's defaults: fused plan, tensor cores on, everything opt-in off, host labels.
+    fn default() -> Self {
+        Self {
+            plan: Plan::Fused,
+            tensor_cores: true,
+            tf32: false,
+            wide_tiles: false,
+            wgmma: false,
+            tc_backward: false,
+            label_check: LabelCheck::Host,
+            tiles_per_split: None,
+        }
+    }
+}
+
+/// A buffer by its role in a step. The executor binds the caller's (inputs, the forward's saved
+/// values) and allocates the others as [`LaunchPlan::buffers`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Buf {
+    /// Features, B x D of the input dtype (given).
+    X,
+    /// Class weights, C x D of the input dtype (given).
+    W,
+    /// B labels of this call (given).
+    Labels,
+    /// The caller's per-row upstream, B f32 (given, backward with `Reduction::None`).
+    GRows,
+    /// The forward's label status record under [`LabelCheck::Device`] (given to the backward).
+    PrevStatus,
+    /// This call's label status record, [`STATUS_LEN`] i64 (zeroed; kept by the result).
+    Status,
+    /// Row norms of x, B f32 (forward output; given to the backward).
+    XNorm,
+    /// Row norms of w, C f32 (forward output; given to the backward).
+    WNorm,
+    /// Per-row logsumexp, B f32 (forward output; given to the backward).
+    Lse,
+    /// Per-row loss, B f32 (forward output).
+    RowLoss,
+    /// The reduced loss, 1 f32 (forward output).
+    Loss,
+    /// Per-row online-softmax maxima per class split, B x nsplit f32.
+    PartM,
+    /// Per-row online-softmax sums per class split, B x nsplit f32.
+    PartS,
+    /// The target logit per row, B f32.
+    Zy,
+    /// The tensor-core backward's power-of-two scale K, 1 f32.
+    Scale,
+    /// dx partials per class split, nsplit x B x D f32.
+    DxhPart,
+    /// Projection partials per class split, nsplit x B f32.
+    ProjPart,
+    /// Norm-gradient partials per class split, nsplit x B f32.
+    DnPart,
+    /// The per-row upstream the device computes under [`LabelCheck::Device`], B f32 (zeroed).
+    GDev,
+    /// Naive plan: normalized x, B x D f32.
+    Xh,
+    /// Naive plan: normalized w, C x D f32.
+    Wh,
+    /// Naive plan: cosines, B x C f32.
+    Cos,
+    /// Naive plan: logits, B x C f32.
+    Logits,
+    /// Naive plan: target values, B x C f32.
+    Tval,
+    /// Naive plan: target slopes, B x C f32.
+    Dt,
+    /// Naive plan: probabilities, then (in place) dlogits, B x C f32.
+    Prob,
+    /// Naive plan: the norm gradient per row, B f32.
+    Dn,
+    /// Naive plan: gradient of xh, B x D f32.
+    Dxh,
+    /// Naive plan: gradient of wh, C x D f32.
+    Dwh,
+    /// dloss/dx, B x D of the gradient dtype (backward output).
+    Dx,
+    /// dloss/dw, C x D of the gradient dtype (backward output).
+    Dw,
+}
+
+/// Element type of an allocated buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    /// f32.
+    F32,
+    /// i64 (status records).
+    I64,
+    /// The gradient dtype of the backward (f32, or the 16-bit input dtype).
+    Grad,
+}
+
+/// How an allocated buffer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// Uninitialized: every element is written before it is read (poisoned with NaN when the
+    /// handle poisons, and always on the emulator).
+    Uninit,
+    /// Zero-filled (status records, the device's per-row upstream).
+    Zeroed,
+}
+
+/// One buffer the executor allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufSpec {
+    /// The role.
+    pub buf: Buf,
+    /// The element type.
+    pub elem: Elem,
+    /// Elements (at least 1 is allocated).
+    pub len: usize,
+    /// How it starts.
+    pub init: Init,
+}
+
+/// One kernel argument, in the kernel's parameter order.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// A buffer the kernel reads.
+    Read(Buf),
+    /// A buffer the kernel writes (and may read).
+    Write(Buf),
+    /// A null pointer: an optional buffer absent.
+    Null,
+    /// A 64-bit integer (`i64`: row and class counts).
+    I64(i64),
+    /// A 32-bit integer (`int`: D, flags, split counts).
+    I32(i32),
+    /// A float (the scalar upstream).
+    F32(f32),
+    /// The spec's option block, `struct FmParams` by value.
+    Params(FmParams),
+}
+
+/// One kernel launch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// The entry point without its dtype suffix (`fm_grad_w_tc_f32out` runs as
+    /// `fm_grad_w_tc_f32out_bf16` for bf16 inputs).
+    pub entry: String,
+    /// Grid dimensions (x, y, z).
+    pub grid: [u32; 3],
+    /// Threads per block (1-D blocks).
+    pub block: u32,
+    /// Dynamic shared memory, bytes (the executor opts the function in above 48 KB).
+    pub smem: u32,
+    /// The kernel's arguments in parameter order.
+    pub args: Vec<Arg>,
+}
+
+/// cuBLAS operation of a [`Gemm`] operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmOp {
+    /// As stored.
+    N,
+    /// Transposed.
+    T,
+}
+
+/// A column-major SGEMM `c (m x n) = op(a) (m x k) . op(b) (k x n)`, alpha 1, beta 0 (the naive
+/// plan with cuBLAS; plain kernels replace it where cuBLAS is absent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemm {
+    /// Operation on `a`.
+    pub ta: GemmOp,
+    /// Operation on `b`.
+    pub tb: GemmOp,
+    /// Rows of `c`.
+    pub m: i32,
+    /// Columns of `c`.
+    pub n: i32,
+    /// The inner dimension.
+    pub k: i32,
+    /// First operand.
+    pub a: Buf,
+    /// Its leading dimension.
+    pub lda: i32,
+    /// Second operand.
+    pub b: Buf,
+    /// Its leading dimension.
+    pub ldb: i32,
+    /// The result.
+    pub c: Buf,
+    /// Its leading dimension.
+    pub ldc: i32,
+    /// What the product is, for error messages.
+    pub what: &'static str,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// A kernel launch.
+    Kernel(Launch),
+    /// A cuBLAS SGEMM.
+    Gemm(Gemm),
+}
+
+/// Everything a forward or a backward launches, and what it allocates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LaunchPlan {
+    /// The steps, in stream order.
+    pub steps: Vec<Step>,
+    /// The buffers to allocate, in allocation order.
+    pub buffers: Vec<BufSpec>,
+    /// Bytes of workspace beyond the outputs (the results' `workspace_bytes`).
+    pub workspace_bytes: usize,
+    /// Whether the main kernels run on tensor cores.
+    pub tensor_cores: bool,
+    /// Whether the forward runs on wgmma.
+    pub wgmma: bool,
+}
+
+impl LaunchPlan {
+    /// The kernel launches, in order.
+    pub fn launches(&self) -> impl Iterator<Item = &Launch> {
+        self.steps.iter().filter_map(|s| match s {
+            Step::Kernel(l) => Some(l),
+            Step::Gemm(_) => None,
+        })
+    }
+
+    /// The allocation of `buf`, if this plan allocates it.
+    pub fn spec_of(&self, buf: Buf) -> Option<&BufSpec> {
+        self.buffers.iter().find(|s| s.buf == buf)
+    }
+
+    /// The index of the last step that uses `buf` (the executor frees workspaces after it).
+    pub fn last_use(&self, buf: Buf) -> Option<usize> {
+        self.steps.iter().rposition(|s| match s {
+            Step::Kernel(l) => l
+                .args
+                .iter()
+                .any(|a| matches!(a, Arg::Read(b) | Arg::Write(b) if *b == buf)),
+            Step::Gemm(g) => g.a == buf || g.b == buf || g.c == buf,
+        })
+    }
+
+    /// A short signature of the launch sequence (entries, grids, shared memory), for counting
+    /// distinct plans.
+    pub fn signature(&self) -> String {
+        let mut s = String::new();
+        for st in &self.steps {
+            match st {
+                Step::Kernel(l) => {
+                    s.push_str(&format!("{}{:?}/{}/{};", l.entry, l.grid, l.block, l.smem))
+                }
+                Step::Gemm(g) => s.push_str(&format!("gemm:{};", g.what)),
+            }
+        }
+        s
+    }
+}
+
+/// The upstream gradient as the backward's kernels take it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PlanUpstream {
+    /// The caller's per-row buffer ([`Buf::GRows`]).
+    PerRow,
+    /// One value per counted row: under [`LabelCheck::Host`] the host's per-row value (1/counted
+    /// for the mean); under [`LabelCheck::Device`] the caller's scalar (the device divides).
+    Scalar(f32),
+}
+
+/// A forward's problem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForwardProblem {
+    /// The input dtype.
+    pub dtype: DType,
+    /// B, D, C.
+    pub shape: Shape,
+    /// Both x and w start at 16-byte aligned addresses.
+    pub aligned: bool,
+    /// The spec's kernel parameters.
+    pub params: FmParams,
+    /// `Reduction::Mean`.
+    pub mean: bool,
+}
+
+/// A backward's problem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BackwardProblem {
+    /// The input dtype.
+    pub dtype: DType,
+    /// The gradients' dtype: f32 or `dtype`.
+    pub grad_dtype: DType,
+    /// B, D, C.
+    pub shape: Shape,
+    /// Both x and w start at 16-byte aligned addresses.
+    pub aligned: bool,
+    /// The spec's kernel parameters.
+    pub params: FmParams,
+    /// `Reduction::Mean`.
+    pub mean: bool,
+    /// How the upstream gradient reaches the kernels.
+    pub upstream: PlanUpstream,
+    /// Whether the forward ran on tensor cores (after a TF32 forward the SIMT backward rounds its
+    /// operands to TF32 too).
+    pub fwd_tensor_cores: bool,
+}
+
+/// i64 entries of a label status record (kernels/labels.cu: FM_STATUS_LEN).
+pub const STATUS_LEN: usize = 6;
+/// Threads per tile block (FM_THREADS).
+pub const THREADS: u32 = 256;
+/// Blocks per SM the split heuristics aim for.
+pub const BLOCKS_PER_SM: usize = 4;
+/// Rows and classes per SIMT tile (FM_BM, FM_BN in kernels/tile.cuh).
+const BM: usize = 32;
+const BN: usize = 32;
+/// Rows and classes per tensor-core forward tile (FmTcShape<Op, 2, 4> in kernels/logits_tc.cu).
+const TC_TILE: (usize, usize) = (64, 128);
+/// Rows and classes per wide tensor-core forward tile (FmTcShape<Op, 4, 8>).
+const TC_WIDE: (usize, usize) = (128, 256);
+/// Rows and classes per wgmma forward tile (WG_BM, WG_BN in kernels/logits_wg.cu).
+const WG_TILE: (usize, usize) = (128, 128);
+/// Dynamic shared memory of a wgmma forward block: 5 stages of 32 KB plus 1 KB to align them to
+/// 1024 bytes (WG_SMEM_BYTES, static_assert in logits_wg.cu).
+const WG_SMEM_BYTES: u32 = 164_864;
+/// Gradient columns per SIMT backward block (FM_DC).
+const DC: usize = 128;
+/// Partner rows per tensor-core backward tile (GT_PN in kernels/grad_tc.cu).
+const GT_PN: usize = 64;
+/// Upper bound on class splits of the SIMT dx backward (bounds its B x D x nsplit partials).
+const MAX_X_SPLITS: usize = 64;
+/// Upper bound on class splits of the tensor-core dx kernel: `nsplit x B x D` f32 partials
+/// (32 MiB at B = D = 512).
+const MAX_TC_X_SPLITS: usize = 32;
+/// Upper bound on class splits of the forward (its partials are only B x nsplit pairs).
+const MAX_FWD_SPLITS: usize = 1024;
+
+/// Dynamic shared memory of a tensor-core forward block: 3 stages of (rows + classes) rows of 80
+/// bytes (32 halves or 16 floats of D, padded), then 4 warps' (max, sum) pairs per row:
+/// FmTcShape::SMEM_BYTES.
+const fn tc_smem_bytes(tile: (usize, usize)) -> u32 {
+    (3 * (tile.0 + tile.1) * 80 + 32 * tile.0) as u32
+}
+
+/// How the class tiles are split across blocks: `nsplit` splits of `tiles_per_split` tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Splits {
+    /// Class tiles per split.
+    pub tiles_per_split: usize,
+    /// Splits.
+    pub nsplit: usize,
+}
+
+/// Spreads `ntiles` class tiles over enough splits that `other_blocks * nsplit` fills the GPU
+/// ([`BLOCKS_PER_SM`] blocks per SM), at most `max_splits`; every split is non-empty.
+pub fn splits(ntiles: usize, other_blocks: usize, sm_count: usize, max_splits: usize) -> Splits {
+    let target = BLOCKS_PER_SM * sm_count.max(1);
+    let want = target
+        .div_ceil(other_blocks.max(1))
+        .clamp(1, max_splits.min(ntiles).max(1));
+    by_tiles(ntiles, ntiles.div_ceil(want))
+}
+
+/// `ntiles` in splits of `tiles_per_split` (at least 1).
+fn by_tiles(ntiles: usize, tiles_per_split: usize) -> Splits {
+    let tiles_per_split = tiles_per_split.max(1);
+    Splits {
+        tiles_per_split,
+        nsplit: ntiles.max(1).div_ceil(tiles_per_split),
+    }
+}
+
+fn too_large(what: &'static str, detail: String) -> Error {
+    Error::TooLarge { what, detail }
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| too_large("shape", format!("{what} = {v} does not fit i32")))
+}
+
+/// A grid of tile blocks, within CUDA's limits.
+fn grid3(x: usize, y: usize, z: usize, what: &str) -> Result<[u32; 3]> {
+    if x > u32::MAX as usize / 2 || y > 65535 || z > 65535 {
+        return Err(too_large(
+            "launch",
+            format!("{what}: grid ({x}, {y}, {z}) exceeds CUDA's limits (2^31-1, 65535, 65535)"),
+        ));
+    }
+    Ok([x as u32, y as u32, z as u32])
+}
+
+/// A 1-D grid of `n` threads in blocks of `threads`.
+fn grid_1d(n: u64, threads: u32) -> Result<[u32; 3]> {
+    let blocks = n.div_ceil(threads as u64);
+    if blocks > u32::MAX as u64 {
+        return Err(too_large(
+            "launch",
+            format!("{n} threads need {blocks} blocks of {threads} (> 2^32 - 1)"),
+        ));
+    }
+    Ok([blocks.max(1) as u32, 1, 1])
+}
+
+/// One block per row (the naive plan's row kernels).
+fn rows_grid(rows: usize) -> Result<[u32; 3]> {
+    if rows > i32::MAX as usize {
+        return Err(too_large(
+            "launch",
+            format!("naive plan: {rows} rows exceed one block per row (2^31 - 1)"),
+        ));
+    }
+    Ok([rows.max(1) as u32, 1, 1])
+}
+
+/// The entry writing gradients of `grad` from inputs `input`.
+fn out_entry(base: &str, input: DType, grad: DType) -> String {
+    if grad == DType::F32 && input != DType::F32 {
+        format!("{base}_f32out")
+    } else {
+        base.to_string()
+    }
+}
+
+/// Plan under construction.
+struct Builder {
+    steps: Vec<Step>,
+    buffers: Vec<BufSpec>,
+}
+
+impl Builder {
+    fn new() -> Self {
+        Self {
+            steps: Vec::new(),
+            buffers: Vec::new(),
+        }
+    }
+    fn alloc(&mut self, buf: Buf, elem: Elem, len: usize) {
+        self.buffers.push(BufSpec {
+            buf,
+            elem,
+            len,
+            init: Init::Uninit,
+        });
+    }
+    fn zeroed(&mut self, buf: Buf, elem: Elem, len: usize) {
+        self.buffers.push(BufSpec {
+            buf,
+            elem,
+            len,
+            init: Init::Zeroed,
+        });
+    }
+    fn launch(&mut self, entry: &str, grid: [u32; 3], block: u32, smem: u32, args: Vec<Arg>) {
+        self.steps.push(Step::Kernel(Launch {
+            entry: entry.to_string(),
+            grid,
+            block,
+            smem,
+            args,
+        }));
+    }
+    fn finish(self, workspace_bytes: usize, tensor_cores: bool, wgmma: bool) -> LaunchPlan {
+        LaunchPlan {
+            steps: self.steps,
+            buffers: self.buffers,
+            workspace_bytes,
+            tensor_cores,
+            wgmma,
+        }
+    }
+}
+
+use Arg::{Null, Params, Read, Write, F32, I32, I64};
+
+/// The label status record of this call (kernels/labels.cu), under [`LabelCheck::Device`]:
+/// `prev` is the forward's record when the backward builds it.
+fn label_status(bd: &mut Builder, shape: Shape, prev: bool) {
+    bd.zeroed(Buf::Status, Elem::I64, STATUS_LEN);
+    let prev = if prev { Read(Buf::PrevStatus) } else { Null };
+    bd.launch(
+        "fm_label_status",
+        [1, 1, 1],
+        1024,
+        0,
+        vec![
+            Read(Buf::Labels),
+            I64(shape.b as i64),
+            I64(shape.c as i64),
+            prev,
+            Write(Buf::Status),
+        ],
+    );
+}
+
+/// Row norms of a `rows x d` matrix: one warp per row.
+fn row_norms(bd: &mut Builder, v: Buf, out: Buf, rows: usize, d: i32) -> Result<()> {
+    bd.alloc(out, Elem::F32, rows);
+    bd.launch(
+        "fm_row_norms",
+        grid_1d(rows as u64 * 32, THREADS)?,
+        THREADS,
+        0,
+        vec![Read(v), I64(rows as i64), I32(d), Write(out)],
+    );
+    Ok(())
+}
+
+/// The reduction of per-row losses into the loss (one block, fixed order).
+fn reduce_loss(bd: &mut Builder, b: usize, mean: bool) {
+    bd.alloc(Buf::Loss, Elem::F32, 1);
+    bd.launch(
+        "fm_reduce_loss",
+        [1, 1, 1],
+        1024,
+        0,
+        vec![
+            Read(Buf::RowLoss),
+            Read(Buf::Labels),
+            I64(b as i64),
+            I32(mean as i32),
+            Write(Buf::Loss),
+        ],
+    );
+}
+
+/// Whether the tensor-core kernels may run: 16-byte cp.async chunks wholly inside each row
+/// (D % 8 == 0 for 16-bit inputs, D % 4 == 0 for f32) and both matrices 16-byte aligned.
+fn tc_shape_ok(dtype: DType, d: usize, aligned: bool) -> bool {
+    let vec = 16 / dtype.size();
+    aligned && d % vec == 0
+}
+
+/// The forward of `choices.plan`.
+pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<LaunchPlan> {
+    check_dtype(pr.dtype)?;
+    let shape = pr.shape;
+    let mut bd = Builder::new();
+    if ch.label_check == LabelCheck::Device {
+        label_status(&mut bd, shape, false);
+    }
+    match ch.plan {
+        Plan::Fused => fused_forward(bd, dev, ch, pr),
+        Plan::Naive => {
+            let bytes = naive_materialize(&mut bd, dev, pr.params, shape)?;
+            reduce_loss(&mut bd, shape.b, pr.mean);
+            Ok(bd.finish(bytes, false, false))
+        }
+    }
+}
+
+fn check_dtype(dtype: DType) -> Result<()> {
+    if dtype == DType::F64 {
+        return Err(Error::Unsupported {
+            detail: "the GPU kernels take f32, f16 and bf16 inputs, not f64".into(),
+        });
+    }
+    Ok(())
+}
+
+/// The fused forward (DESIGN.md "Data flow on the GPU"): norms, logits tiles with online
+/// softmax statistics per class split, the combine, the loss. Extra memory `O(B x nsplit)`.
+fn fused_forward(
+    mut bd: Builder,
+    dev: &DeviceFacts,
+    ch: &Choices,
+    pr: &ForwardProblem,
+) -> Result<LaunchPlan> {
+    let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
+    let di = i32_of(d, "D")?;
+    row_norms(&mut bd, Buf::X, Buf::XNorm, b, di)?;
+    row_norms(&mut bd, Buf::W, Buf::WNorm, c, di)?;
+
+    // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are legal;
+    // f32 takes the TF32 variant of the same kernel when opted in. Each tile shape needs its
+    // dynamic shared memory within what a block of this device may opt into, else the next
+    // smaller shape runs.
+    let half = pr.dtype != DType::F32;
+    let tensor_cores = ch.tensor_cores && (half || ch.tf32) && tc_shape_ok(pr.dtype, d, pr.aligned);
+    let wgmma = tensor_cores && half && ch.wgmma && dev.sm90a && WG_SMEM_BYTES <= dev.smem_optin;
+    let wide = tensor_cores && ch.wide_tiles && tc_smem_bytes(TC_WIDE) <= dev.smem_optin;
+    let (tile, entry, smem) = match (tensor_cores, half, wide) {
+        _ if wgmma => (WG_TILE, "fm_fwd_tiles_wg", WG_SMEM_BYTES),
+        (true, true, false) => (TC_TILE, "fm_fwd_tiles_tc", tc_smem_bytes(TC_TILE)),
+        (true, true, true) => (TC_WIDE, "fm_fwd_tiles_tc_wide", tc_smem_bytes(TC_WIDE)),
+        (true, false, false) => (TC_TILE, "fm_fwd_tiles_tf32", tc_smem_bytes(TC_TILE)),
+        (true, false, true) => (TC_WIDE, "fm_fwd_tiles_tf32_wide", tc_smem_bytes(TC_WIDE)),
+        (false, _, _) => ((BM, BN), "fm_fwd_tiles", 0),
+    };
+    let row_tiles = b.div_ceil(tile.0);
+    let ntiles = c.div_ceil(tile.1);
+    let sp = match ch.tiles_per_split {
+        Some((f, _)) => by_tiles(ntiles, f),
+        None => splits(ntiles, row_tiles, dev.sm_count, MAX_FWD_SPLITS),
+    };
+    bd.alloc(Buf::PartM, Elem::F32, b * sp.nsplit);
+    bd.alloc(Buf::PartS, Elem::F32, b * sp.nsplit);
+    bd.alloc(Buf::Zy, Elem::F32, b);
+    let workspace_bytes = 4 * (2 * b * sp.nsplit + b);
+    let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
+    let ns = i32_of(sp.nsplit, "class splits")?;
+    // All six tile kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
+    // `tile`: every block reads rows < B of x and classes < C of w, and writes part_m/part_s at
+    // row * nsplit + split and zy[row]; chunks past B, C or D are zero-filled without reading.
+    bd.launch(
+        entry,
+        grid3(row_tiles, sp.nsplit, 1, entry)?,
+        THREADS,
+        smem,
+        vec![
+            Read(Buf::X),
+            Read(Buf::W),
+            Read(Buf::Labels),
+            Read(Buf::XNorm),
+            Read(Buf::WNorm),
+            Params(pr.params),
+            I64(b as i64),
+            I64(c as i64),
+            I32(di),
+            I32(tps),
+            I32(ns),
+            Write(Buf::PartM),
+            Write(Buf::PartS),
+            Write(Buf::Zy),
+        ],
+    );
+    bd.alloc(Buf::Lse, Elem::F32, b);
+    bd.alloc(Buf::RowLoss, Elem::F32, b);
+    // One thread per row: its nsplit partials, zy[row] only for a label in 0..C.
+    bd.launch(
+        "fm_combine_rows",
+        grid_1d(b as u64, 256)?,
+        256,
+        0,
+        vec![
+            Read(Buf::PartM),
+            Read(Buf::PartS),
+            I32(ns),
+            Read(Buf::Zy),
+            Read(Buf::Labels),
+            I64(b as i64),
+            I64(c as i64),
+            Write(Buf::Lse),
+            Write(Buf::RowLoss),
+        ],
+    );
+    reduce_loss(&mut bd, b, pr.mean);
+    Ok(bd.finish(workspace_bytes, tensor_cores, wgmma))
+}
+
+/// The backward's tiling: the SIMT kernels (grad.cu) or the tensor-core ones (grad_tc.cu).
+struct BackwardTiles {
+    /// Rows of x per dx block and classes per partner tile of the dx kernel.
+    rows: usize,
+    classes: usize,
+    /// Classes per dw block.
+    w_classes: usize,
+    /// Columns of D per block (blocks of one tile along D recompute its logits).
+    dchunk: usize,
+    max_x_splits: usize,
+    /// Kernel base names: dx partials and dw.
+    x_kernel: &'static str,
+    w_kernel: &'static str,
+    smem: u32,
+}
+
+const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
+    rows: BM,
+    classes: BN,
+    w_classes: BN,
+    dchunk: DC,
+    max_x_splits: MAX_X_SPLITS,
+    x_kernel: "fm_grad_x_partial",
+    w_kernel: "fm_grad_w",
+    smem: 0,
+};
+
+/// The tensor-core backward, FmGt<64> of kernels/grad_tc.cu: 64 own rows (or classes) x 256
+/// columns of D per block. For D <= 256, where one chunk covers D.
+const TC_BACKWARD: BackwardTiles = BackwardTiles {
+    rows: 64,
+    classes: GT_PN,
+    w_classes: 64,
+    dchunk: 256,
+    max_x_splits: MAX_TC_X_SPLITS,
+    x_kernel: "fm_grad_x_tc",
+    w_kernel: "fm_grad_w_tc",
+    smem: 45312, // sizeof(FmGt<64>::Smem), static_assert in grad_tc.cu
+};
+
+/// FmGt<32>: 32 own rows x 512 columns per block, so up to D = 512 each block recomputes its
+/// logits once, where TC_BACKWARD's two D chunks recompute them twice.
+const TC_BACKWARD_D512: BackwardTiles = BackwardTiles {
+    rows: 32,
+    classes: GT_PN,
+    w_classes: 32,
+    dchunk: 512,
+    max_x_splits: MAX_TC_X_SPLITS,
+    x_kernel: "fm_grad_x_tc_d512",
+    w_kernel: "fm_grad_w_tc_d512",
+    smem: 72448, // sizeof(FmGt<32>::Smem), static_assert in grad_tc.cu
+};
+
+/// The backward of `choices.plan`. Under [`LabelCheck::Device`] it starts with this call's
+/// label status (against [`Buf::PrevStatus`]) and the per-row upstream the device derives from
+/// it ([`Buf::GDev`]).
+pub fn backward(dev: &DeviceFacts, ch: &Choices, pr: &BackwardProblem) -> Result<LaunchPlan> {
+    check_dtype(pr.dtype)?;
+    if pr.grad_dtype != DType::F32 && pr.grad_dtype != pr.dtype {
+        return Err(Error::Unsupported {
+            detail: format!(
+                "gradients in {:?} from {:?} inputs: f32 or the input dtype",
+                pr.grad_dtype, pr.dtype
+            ),
+        });
+    }
+    let shape = pr.shape;
+    let mut bd = Builder::new();
+    // (per-row buffer or null, scalar) as the gradient kernels take them.
+    let (g_rows, g_scalar) = match ch.label_check {
+        LabelCheck::Device => {
+            label_status(&mut bd, shape, true);
+            let (g_in, g) = match pr.upstream {
+                PlanUpstream::PerRow => (Read(Buf::GRows), 0.0),
+                PlanUpstream::Scalar(v) => (Null, v),
+            };
+            // Poisoned there (NaN) when the labels are bad or not the forward's.
+            bd.zeroed(Buf::GDev, Elem::F32, shape.b.max(1));
+            bd.launch(
+                "fm_upstream_rows",
+                grid_1d(shape.b as u64, 256)?,
+                256,
+                0,
+                vec![
+                    Read(Buf::Labels),
+                    I64(shape.b as i64),
+                    Read(Buf::Status),
+                    g_in,
+                    F32(g),
+                    I32(pr.mean as i32),
+                    Write(Buf::GDev),
+                ],
+            );
+            (Read(Buf::GDev), 0.0)
+        }
+        LabelCheck::Host => match pr.upstream {
+            PlanUpstream::PerRow => (Read(Buf::GRows), 0.0),
+            PlanUpstream::Scalar(v) => (Null, v),
+        },
+    };
+    match ch.plan {
+        Plan::Fused => fused_backward(bd, dev, ch, pr, g_rows, g_scalar),
+        Plan::Naive => naive_backward(bd, dev, pr, g_rows, g_scalar),
+    }
+}
+
+fn fused_backward(
+    mut bd: Builder,
+    dev: &DeviceFacts,
+    ch: &Choices,
+    pr: &BackwardProblem,
+    g_rows: Arg,
+    g_scalar: f32,
+) -> Result<LaunchPlan> {
+    let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
+    // After a TF32 forward the SIMT backward recomputes the logits from TF32-rounded operands, so
+    // its softmax is consistent with the saved lse.
+    let mut p = pr.params;
+    p.tf32_dots = (pr.fwd_tensor_cores && pr.dtype == DType::F32) as i32;
+    let half = pr.dtype != DType::F32;
+    let tc = ch.tc_backward && ch.tensor_cores && half && tc_shape_ok(pr.dtype, d, pr.aligned);
+    // The 32 x 512 tiles for D > 256 when the device gives a block their 72 KB of shared memory.
+    let d512 = d > TC_BACKWARD.dchunk && TC_BACKWARD_D512.smem <= dev.smem_optin;
+    let t = match (tc, d512) {
+        (false, _) => &SIMT_BACKWARD,
+        (true, false) => &TC_BACKWARD,
+        (true, true) => &TC_BACKWARD_D512,
+    };
+    let row_tiles = b.div_ceil(t.rows);
+    let ntiles = c.div_ceil(t.classes);
+    let dchunks = d.div_ceil(t.dchunk);
+    let sp = match ch.tiles_per_split {
+        Some((_, x)) => by_tiles(ntiles, x),
+        None => splits(ntiles, row_tiles * dchunks, dev.sm_count, t.max_x_splits),
+    };
+    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
+    let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
+    let ns = i32_of(sp.nsplit, "class splits")?;
+    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + tc as usize);
+
+    if tc {
+        // K: the power of two that keeps the dw kernel's 16-bit operand xh r g / K in range.
+        bd.alloc(Buf::Scale, Elem::F32, 1);
+        bd.launch(
+            "fm_grad_scale",
+            [1, 1, 1],
+            1024,
+            0,
+            vec![
+                Read(Buf::Labels),
+                Read(Buf::XNorm),
+                g_rows,
+                F32(g_scalar),
+                Params(p),
+                I64(bi),
+                Write(Buf::Scale),
+            ],
+        );
+    }
+    bd.alloc(Buf::DxhPart, Elem::F32, sp.nsplit * b * d);
+    bd.alloc(Buf::ProjPart, Elem::F32, sp.nsplit * b);
+    bd.alloc(Buf::DnPart, Elem::F32, sp.nsplit * b);
+    // Grid (row_tiles, nsplit, dchunks): each block writes its rows' dims of its split's dxh
+    // partial (split * B + row) * D + d and proj/dn partials split * B + row.
+    bd.launch(
+        t.x_kernel,
+        grid3(row_tiles, sp.nsplit, dchunks, t.x_kernel)?,
+        THREADS,
+        t.smem,
+        vec![
+            Read(Buf::X),
+            Read(Buf::W),
+            Read(Buf::Labels),
+            Read(Buf::XNorm),
+            Read(Buf::WNorm),
+            Read(Buf::Lse),
+            g_rows,
+            F32(g_scalar),
+            Params(p),
+            I64(bi),
+            I64(ci),
+            I32(di),
+            I32(tps),
+            I32(ns),
+            Write(Buf::DxhPart),
+            Write(Buf::ProjPart),
+            Write(Buf::DnPart),
+        ],
+    );
+    bd.alloc(Buf::Dx, Elem::Grad, b * d);
+    let finish = out_entry("fm_x_finish", pr.dtype, pr.grad_dtype);
+    // One thread per element: the split partials summed in split order, then the normalization
+    // backward.
+    bd.launch(
+        &finish,
+        grid_1d((b * d) as u64, 256)?,
+        256,
+        0,
+        vec![
+            Read(Buf::X),
+            Read(Buf::XNorm),
+            Read(Buf::DxhPart),
+            Read(Buf::ProjPart),
+            Read(Buf::DnPart),
+            I32(ns),
+            I64(bi),
+            I32(di),
+            Params(p),
+            Write(Buf::Dx),
+        ],
+    );
+    bd.alloc(Buf::Dw, Elem::Grad, c * d);
+    let wk = out_entry(t.w_kernel, pr.dtype, pr.grad_dtype);
+    let mut args = vec![
+        Read(Buf::X),
+        Read(Buf::W),
+        Read(Buf::Labels),
+        Read(Buf::XNorm),
+        Read(Buf::WNorm),
+        Read(Buf::Lse),
+        g_rows,
+        F32(g_scalar),
+    ];
+    if tc {
+        args.push(Read(Buf::Scale)); // fm_grad_w_tc only: K
+    }
+    args.extend([Params(p), I64(bi), I64(ci), I32(di), Write(Buf::Dw)]);
+    // Grid (ceil(C / w_classes), dchunks): each block owns its classes' dims of dw and loops
+    // over the whole batch (no atomics).
+    bd.launch(
+        &wk,
+        grid3(c.div_ceil(t.w_classes), dchunks, 1, &wk)?,
+        THREADS,
+        t.smem,
+        args,
+    );
+    Ok(bd.finish(workspace_bytes, tc, false))
+}
+
+/// The naive plan's forward intermediates (one plain kernel per step, every intermediate in f32,
+/// the cosine product on cuBLAS when loaded); returns the peak workspace bytes.
+fn naive_materialize(
+    bd: &mut Builder,
+    dev: &DeviceFacts,
+    p: FmParams,
+    shape: Shape,
+) -> Result<usize> {
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    rows_grid(b.max(c))?;
+    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
+    row_norms(bd, Buf::X, Buf::XNorm, b, di)?;
+    row_norms(bd, Buf::W, Buf::WNorm, c, di)?;
+    for (v, norms, out, rows, on) in [
+        (Buf::X, Buf::XNorm, Buf::Xh, b, 1),
+        (Buf::W, Buf::WNorm, Buf::Wh, c, p.normalize_weights),
+    ] {
+        bd.alloc(out, Elem::F32, rows * d);
+        bd.launch(
+            "naive_normalize",
+            grid_1d((rows * d) as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(v),
+                Read(norms),
+                I64(rows as i64),
+                I32(di),
+                I32(on),
+                Write(out),
+            ],
+        );
+    }
+    let bc = b * c;
+    bd.alloc(Buf::Cos, Elem::F32, bc);
+    if dev.cublas {
+        // Row-major cos (B x C) = xh . wh^T is column-major cos^T (C x B) = wh^T(op T) . xh.
+        bd.steps.push(Step::Gemm(gemm(
+            GemmOp::T,
+            GemmOp::N,
+            (c, b, d),
+            (Buf::Wh, d),
+            (Buf::Xh, d),
+            (Buf::Cos, c),
+            "cosine GEMM",
+        )?));
+    } else {
+        bd.launch(
+            "naive_cosine",
+            grid_1d(bc as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::Xh),
+                Read(Buf::Wh),
+                I64(bi),
+                I64(ci),
+                I32(di),
+                Write(Buf::Cos),
+            ],
+        );
+    }
+    for buf in [Buf::Logits, Buf::Tval, Buf::Dt] {
+        bd.alloc(buf, Elem::F32, bc);
+    }
+    bd.launch(
+        "naive_logits",
+        grid_1d(bc as u64, 256)?,
+        256,
+        0,
+        vec![
+            Read(Buf::Cos),
+            Read(Buf::Labels),
+            Read(Buf::XNorm),
+            Params(p),
+            I64(bi),
+            I64(ci),
+            Write(Buf::Logits),
+            Write(Buf::Tval),
+            Write(Buf::Dt),
+        ],
+    );
+    bd.alloc(Buf::Prob, Elem::F32, bc);
+    bd.alloc(Buf::Lse, Elem::F32, b);
+    bd.alloc(Buf::RowLoss, Elem::F32, b);
+    bd.launch(
+        "naive_softmax",
+        rows_grid(b)?,
+        256,
+        0,
+        vec![
+            Read(Buf::Logits),
+            Read(Buf::Labels),
+            I64(bi),
+            I64(ci),
+            Write(Buf::Prob),
+            Write(Buf::Lse),
+            Write(Buf::RowLoss),
+        ],
+    );
+    // Peak: xh, wh and five B x C buffers (cos, logits, tval, dt, prob) live at once at most.
+    Ok(4 * (b * d + c * d + 5 * bc))
+}
+
+/// A [`Gemm`] with its sizes checked against cuBLAS's 32-bit ints: `mnk` = (m, n, k), the
+/// operands with their leading dimensions.
+fn gemm(
+    ta: GemmOp,
+    tb: GemmOp,
+    mnk: (usize, usize, usize),
+    a: (Buf, usize),
+    b: (Buf, usize),
+    c: (Buf, usize),
+    what: &'static str,
+) -> Result<Gemm> {
+    let i = |v: usize, name: &str| {
+        i32::try_from(v).map_err(|_| {
+            too_large(
+                "cuBLAS GEMM",
+                format!("{what}: {name} = {v} does not fit cuBLAS's 32-bit sizes"),
+            )
+        })
+    };
+    Ok(Gemm {
+        ta,
+        tb,
+        m: i(mnk.0, "m")?,
+        n: i(mnk.1, "n")?,
+        k: i(mnk.2, "k")?,
+        a: a.0,
+        lda: i(a.1, "lda")?,
+        b: b.0,
+        ldb: i(b.1, "ldb")?,
+        c: c.0,
+        ldc: i(c.1, "ldc")?,
+        what,
+    })
+}
+
+/// The naive backward: the forward's intermediates recomputed, `dc` materialized (in place of the
+/// probabilities), two matrix products and the explicit normalization backward.
+fn naive_backward(
+    mut bd: Builder,
+    dev: &DeviceFacts,
+    pr: &BackwardProblem,
+    g_rows: Arg,
+    g_scalar: f32,
+) -> Result<LaunchPlan> {
+    let p = pr.params;
+    let shape = pr.shape;
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
+    // The saved norms and lse are recomputed here with the rest: the naive plan is the plain
+    // eager baseline (and its recomputation matches the forward's bit for bit).
+    naive_materialize(&mut bd, dev, p, shape)?;
+    bd.alloc(Buf::Dn, Elem::F32, b);
+    bd.launch(
+        "naive_dlogits",
+        rows_grid(b)?,
+        256,
+        0,
+        vec![
+            Write(Buf::Prob),
+            Read(Buf::Tval),
+            Read(Buf::Dt),
+            Read(Buf::Labels),
+            Read(Buf::XNorm),
+            g_rows,
+            F32(g_scalar),
+            Params(p),
+            I64(bi),
+            I64(ci),
+            Write(Buf::Dn),
+        ],
+    );
+    // Ignored rows contribute exact zeros to dw, even with non-finite x (README "Reliability").
+    bd.launch(
+        "naive_mask_rows",
+        grid_1d((b * d) as u64, 256)?,
+        256,
+        0,
+        vec![Write(Buf::Xh), Read(Buf::Labels), I64(bi), I32(di)],
+    );
+    // dxh = dc . wh (B x D), dwh = dc^T . xh (C x D).
+    for (out, other, rows, inner, trans) in [
+        (Buf::Dxh, Buf::Wh, b, c, false),
+        (Buf::Dwh, Buf::Xh, c, b, true),
+    ] {
+        bd.alloc(out, Elem::F32, rows * d);
+        if dev.cublas {
+            // Row-major out (rows x D) = op(dc) . other is column-major out^T (D x rows) =
+            // other^T . op(dc)^T; dc is B x C (ld C) both ways.
+            let (opa, lda) = if trans {
+                (GemmOp::T, rows)
+            } else {
+                (GemmOp::N, inner)
+            };
+            bd.steps.push(Step::Gemm(gemm(
+                GemmOp::N,
+                opa,
+                (d, rows, inner),
+                (other, d),
+                (Buf::Prob, lda),
+                (out, d),
+                "gradient GEMM",
+            )?));
+        } else {
+            bd.launch(
+                "naive_matmul",
+                grid_1d((rows * d) as u64, 256)?,
+                256,
+                0,
+                vec![
+                    Read(Buf::Prob),
+                    Read(other),
+                    I64(rows as i64),
+                    I64(inner as i64),
+                    I32(di),
+                    I32(trans as i32),
+                    Write(out),
+                ],
+            );
+        }
+    }
+    let name = out_entry("naive_norm_backward", pr.dtype, pr.grad_dtype);
+    let dn = if p.normalize_features == 0 {
+        Read(Buf::Dn)
+    } else {
+        Null
+    };
+    for (dvh, vh, norms, extra, rows, on, out) in [
+        (Buf::Dxh, Buf::Xh, Buf::XNorm, dn, b, 1, Buf::Dx),
+        (
+            Buf::Dwh,
+            Buf::Wh,
+            Buf::WNorm,
+            Null,
+            c,
+            p.normalize_weights,
+            Buf::Dw,
+        ),
+    ] {
+        bd.alloc(out, Elem::Grad, rows * d);
+        bd.launch(
+            &name,
+            rows_grid(rows)?,
+            256,
+            0,
+            vec![
+                Read(dvh),
+                Read(vh),
+                Read(norms),
+                extra,
+                I32(di),
+                I32(on),
+                Write(out),
+            ],
+        );
+    }
+    let workspace_bytes = 4 * (b * d + c * d + 5 * b * c) + 4 * (b * d + c * d + b);
+    Ok(bd.finish(workspace_bytes, false, false))
+}

@@ -1,0 +1,503 @@
+//! The launch-plan builder (src/cuda/plan.rs) on the device kinds users have, without a GPU:
+//! which kernels it picks for every dtype, alignment and shape, how it splits the classes, what
+//! it allocates, and that every plan is well formed (each buffer it names is bound or allocated,
+//! written before it is read, and within CUDA's grid limits). The emulated tests run the plans
+//! themselves (tests/emulated_kernels.rs).
+use fused_margin::cuda::params::FmParams;
+use fused_margin::cuda::plan::{
+    self, Arg, BackwardProblem, Buf, Choices, DeviceFacts, ForwardProblem, Init, LaunchPlan,
+    PlanUpstream, Step,
+};
+use fused_margin::cuda::{LabelCheck, Plan};
+use fused_margin::{DType, MarginLoss, Shape};
+use std::collections::HashSet;
+
+const DEVICES: [(&str, DeviceFacts); 5] = [
+    ("A100 sm_80", DeviceFacts::A100),
+    ("RTX sm_86", DeviceFacts::SM86),
+    ("L40 sm_89", DeviceFacts::SM89),
+    ("H100 PCIe", DeviceFacts::H100_PCIE),
+    (
+        "H100/H200 sm_90a",
+        DeviceFacts {
+            sm90a: true,
+            ..DeviceFacts::H100
+        },
+    ),
+];
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+fn params() -> FmParams {
+    FmParams::from_spec(&MarginLoss::arcface(0.5))
+}
+
+fn fwd(dev: &DeviceFacts, ch: &Choices, dtype: DType, shape: Shape, aligned: bool) -> LaunchPlan {
+    plan::forward(
+        dev,
+        ch,
+        &ForwardProblem {
+            dtype,
+            shape,
+            aligned,
+            params: params(),
+            mean: true,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{ch:?} {dtype:?} {shape:?}: {e}"))
+}
+
+fn bwd(
+    dev: &DeviceFacts,
+    ch: &Choices,
+    dtype: DType,
+    shape: Shape,
+    aligned: bool,
+    fwd_tc: bool,
+) -> LaunchPlan {
+    plan::backward(
+        dev,
+        ch,
+        &BackwardProblem {
+            dtype,
+            grad_dtype: DType::F32,
+            shape,
+            aligned,
+            params: params(),
+            mean: true,
+            upstream: PlanUpstream::Scalar(0.25),
+            fwd_tensor_cores: fwd_tc,
+        },
+    )
+    .unwrap_or_else(|e| panic!("{ch:?} {dtype:?} {shape:?}: {e}"))
+}
+
+/// The entry of the launch that writes `buf`.
+fn writer(p: &LaunchPlan, buf: Buf) -> &str {
+    p.launches()
+        .find(|l| l.args.contains(&Arg::Write(buf)))
+        .map(|l| l.entry.as_str())
+        .unwrap_or_else(|| panic!("nothing writes {buf:?}"))
+}
+
+/// Every buffer a step names is given (`given`) or allocated; an uninitialized allocation is
+/// written before anything reads it; grids are non-empty.
+fn well_formed(p: &LaunchPlan, given: &[Buf], what: &str) {
+    let allocated: HashSet<Buf> = p.buffers.iter().map(|b| b.buf).collect();
+    assert_eq!(
+        allocated.len(),
+        p.buffers.len(),
+        "{what}: a buffer allocated twice"
+    );
+    let mut written: HashSet<Buf> = p
+        .buffers
+        .iter()
+        .filter(|b| b.init == Init::Zeroed)
+        .map(|b| b.buf)
+        .collect();
+    for st in &p.steps {
+        let (reads, writes): (Vec<Buf>, Vec<Buf>) = match st {
+            Step::Kernel(l) => {
+                assert!(l.grid.iter().all(|&g| g >= 1), "{what}: {} grid", l.entry);
+                assert!(l.block >= 1 && l.block <= 1024, "{what}: {} block", l.entry);
+                let r = l
+                    .args
+                    .iter()
+                    .filter_map(|a| match a {
+                        Arg::Read(b) => Some(*b),
+                        _ => None,
+                    })
+                    .collect();
+                let w = l
+                    .args
+                    .iter()
+                    .filter_map(|a| match a {
+                        Arg::Write(b) => Some(*b),
+                        _ => None,
+                    })
+                    .collect();
+                (r, w)
+            }
+            Step::Gemm(g) => (vec![g.a, g.b], vec![g.c]),
+        };
+        for b in reads {
+            assert!(
+                given.contains(&b) && !allocated.contains(&b) || written.contains(&b),
+                "{what}: {b:?} read before it is written"
+            );
+        }
+        for b in writes {
+            assert!(allocated.contains(&b), "{what}: writes {b:?}, not its own");
+            written.insert(b);
+        }
+    }
+}
+
+const FWD_GIVEN: [Buf; 3] = [Buf::X, Buf::W, Buf::Labels];
+const BWD_GIVEN: [Buf; 8] = [
+    Buf::X,
+    Buf::W,
+    Buf::Labels,
+    Buf::GRows,
+    Buf::XNorm,
+    Buf::WNorm,
+    Buf::Lse,
+    Buf::PrevStatus,
+];
+
+#[test]
+fn forward_kernel_by_dtype_alignment_and_device() {
+    let ch = Choices::default();
+    for (name, dev) in DEVICES {
+        for dtype in DTYPES {
+            for d in [64, 100, 130, 512] {
+                for aligned in [true, false] {
+                    let shape = Shape::new(1000, d, 50_000);
+                    let p = fwd(&dev, &ch, dtype, shape, aligned);
+                    let what = format!("{name} {dtype:?} D = {d} aligned {aligned}");
+                    well_formed(&p, &FWD_GIVEN, &what);
+                    // Tensor cores by default for 16-bit inputs with 16-byte rows and aligned
+                    // matrices; f32 stays exact (SIMT) unless TF32 is asked for.
+                    let tc = dtype != DType::F32 && d % 8 == 0 && aligned;
+                    assert_eq!(p.tensor_cores, tc, "{what}");
+                    assert!(!p.wgmma, "{what}: wgmma is opt-in");
+                    let want = if tc {
+                        "fm_fwd_tiles_tc"
+                    } else {
+                        "fm_fwd_tiles"
+                    };
+                    assert_eq!(writer(&p, Buf::PartM), want, "{what}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn opt_in_forward_tiles_fall_back_by_shared_memory_and_arch() {
+    let shape = Shape::new(4096, 512, 100_000);
+    for (name, dev) in DEVICES {
+        for dtype in DTYPES {
+            let what = format!("{name} {dtype:?}");
+            let wide = Choices {
+                wide_tiles: true,
+                tf32: true,
+                ..Choices::default()
+            };
+            let p = fwd(&dev, &wide, dtype, shape, true);
+            // 96,256 bytes: within every listed device's opt-in limit (99 KB or more).
+            let want = if dtype == DType::F32 {
+                "fm_fwd_tiles_tf32_wide"
+            } else {
+                "fm_fwd_tiles_tc_wide"
+            };
+            assert_eq!(writer(&p, Buf::PartM), want, "{what}");
+            let wg = Choices {
+                wgmma: true,
+                ..Choices::default()
+            };
+            let p = fwd(&dev, &wg, dtype, shape, true);
+            let wg_ok = dtype != DType::F32 && dev.sm90a;
+            assert_eq!(p.wgmma, wg_ok, "{what}: wgmma only from an sm_90a module");
+            let launch = p
+                .launches()
+                .find(|l| l.args.contains(&Arg::Write(Buf::PartM)))
+                .unwrap();
+            assert!(launch.smem <= dev.smem_optin, "{what}: shared memory");
+            if wg_ok {
+                assert_eq!(launch.entry, "fm_fwd_tiles_wg", "{what}");
+            }
+            // Less shared memory than the wgmma pipeline needs: the mma.sync tiles instead.
+            let small = DeviceFacts {
+                smem_optin: 101_376,
+                ..dev
+            };
+            assert!(!fwd(&small, &wg, dtype, shape, true).wgmma, "{what}");
+        }
+    }
+}
+
+#[test]
+fn tensor_cores_off_and_tf32_on() {
+    let dev = DeviceFacts::H100;
+    let shape = Shape::new(256, 128, 10_000);
+    let off = Choices {
+        tensor_cores: false,
+        tf32: true,
+        tc_backward: true,
+        ..Choices::default()
+    };
+    for dtype in DTYPES {
+        let p = fwd(&dev, &off, dtype, shape, true);
+        assert!(!p.tensor_cores, "{dtype:?}: tensor cores switched off");
+        let b = bwd(&dev, &off, dtype, shape, true, false);
+        assert!(
+            !b.tensor_cores,
+            "{dtype:?}: no tensor-core backward without tensor cores"
+        );
+    }
+    let tf32 = Choices {
+        tf32: true,
+        ..Choices::default()
+    };
+    assert_eq!(
+        writer(&fwd(&dev, &tf32, DType::F32, shape, true), Buf::PartM),
+        "fm_fwd_tiles_tf32"
+    );
+    // D % 4 != 0: no 16-byte f32 chunks, SIMT.
+    let odd = Shape::new(256, 130, 10_000);
+    assert!(!fwd(&dev, &tf32, DType::F32, odd, true).tensor_cores);
+    // After a TF32 forward the SIMT backward rounds its operands to TF32 as well.
+    let b = bwd(&dev, &tf32, DType::F32, shape, true, true);
+    let l = b
+        .launches()
+        .find(|l| l.entry == "fm_grad_x_partial")
+        .unwrap();
+    let tf32_dots = l
+        .args
+        .iter()
+        .any(|a| matches!(a, Arg::Params(p) if p.tf32_dots == 1));
+    assert!(tf32_dots, "tf32_dots after a TF32 forward");
+}
+
+#[test]
+fn backward_tiles_by_dtype_and_d() {
+    let tc = Choices {
+        tc_backward: true,
+        ..Choices::default()
+    };
+    for (name, dev) in DEVICES {
+        for dtype in DTYPES {
+            for (d, aligned) in [
+                (64, true),
+                (256, true),
+                (264, true),
+                (512, true),
+                (100, true),
+                (64, false),
+            ] {
+                let shape = Shape::new(512, d, 20_000);
+                let what = format!("{name} {dtype:?} D = {d} aligned {aligned}");
+                let p = bwd(&dev, &tc, dtype, shape, aligned, true);
+                well_formed(&p, &BWD_GIVEN, &what);
+                let on = dtype != DType::F32 && d % 8 == 0 && aligned;
+                assert_eq!(p.tensor_cores, on, "{what}");
+                let (x, w) = match (on, d > 256) {
+                    (false, _) => ("fm_grad_x_partial", "fm_grad_w_f32out"),
+                    (true, false) => ("fm_grad_x_tc", "fm_grad_w_tc_f32out"),
+                    (true, true) => ("fm_grad_x_tc_d512", "fm_grad_w_tc_d512_f32out"),
+                };
+                let w = if dtype == DType::F32 {
+                    w.trim_end_matches("_f32out")
+                } else {
+                    w
+                };
+                assert_eq!(writer(&p, Buf::DxhPart), x, "{what}");
+                assert_eq!(writer(&p, Buf::Dw), w, "{what}");
+                assert_eq!(p.spec_of(Buf::Scale).is_some(), on, "{what}: K only on TC");
+            }
+        }
+    }
+    // Without the opt-in the backward is SIMT whatever the inputs.
+    let p = bwd(
+        &DeviceFacts::H100,
+        &Choices::default(),
+        DType::BF16,
+        Shape::new(64, 64, 64),
+        true,
+        true,
+    );
+    assert!(!p.tensor_cores);
+}
+
+/// Class splits fill the device ([`plan::BLOCKS_PER_SM`] blocks per SM) within their caps,
+/// every split non-empty, and the dx partials they cost stay bounded.
+#[test]
+fn splits_fill_the_device_within_their_caps() {
+    for (name, dev) in DEVICES {
+        for (b, c) in [
+            (1, 1),
+            (7, 3),
+            (128, 10_000),
+            (512, 1_000_000),
+            (65_536, 100),
+            (4_096, 10_000_000),
+        ] {
+            let shape = Shape::new(b, 512, c);
+            let what = format!("{name} B = {b} C = {c}");
+            let p = fwd(&dev, &Choices::default(), DType::BF16, shape, true);
+            let nsplit = p.spec_of(Buf::PartM).unwrap().len / b;
+            let ntiles = c.div_ceil(128);
+            let row_tiles = b.div_ceil(64);
+            assert!(
+                (1..=1024.min(ntiles)).contains(&nsplit),
+                "{what}: {nsplit} forward splits"
+            );
+            assert!(
+                nsplit == ntiles.min(1024)
+                    || row_tiles * nsplit >= plan::BLOCKS_PER_SM * dev.sm_count,
+                "{what}: {nsplit} splits x {row_tiles} row tiles leave SMs idle"
+            );
+            let tc = Choices {
+                tc_backward: true,
+                ..Choices::default()
+            };
+            for (ch, cap) in [(Choices::default(), 64), (tc, 32)] {
+                let p = bwd(&dev, &ch, DType::BF16, shape, true, true);
+                let parts = p.spec_of(Buf::DxhPart).unwrap().len;
+                assert!(parts <= cap * b * 512, "{what}: dx partials {parts}");
+                assert_eq!(parts % (b * 512), 0, "{what}");
+                well_formed(&p, &BWD_GIVEN, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_test_override_sets_the_splits() {
+    let ch = Choices {
+        tiles_per_split: Some((2, 3)),
+        ..Choices::default()
+    };
+    let shape = Shape::new(40, 64, 1000);
+    let p = fwd(&DeviceFacts::H100, &ch, DType::F16, shape, true);
+    // 1000 classes in tiles of 128: 8 tiles, 4 splits of 2.
+    assert_eq!(p.spec_of(Buf::PartM).unwrap().len, 40 * 4);
+    let l = p.launches().find(|l| l.entry == "fm_fwd_tiles_tc").unwrap();
+    assert_eq!(l.grid, [1, 4, 1]);
+}
+
+#[test]
+fn naive_plan_uses_cublas_when_loaded() {
+    let ch = Choices {
+        plan: Plan::Naive,
+        ..Choices::default()
+    };
+    let shape = Shape::new(30, 20, 50);
+    for cublas in [false, true] {
+        let dev = DeviceFacts {
+            cublas,
+            ..DeviceFacts::A100
+        };
+        for dtype in DTYPES {
+            let what = format!("cuBLAS {cublas} {dtype:?}");
+            let f = fwd(&dev, &ch, dtype, shape, true);
+            let b = bwd(&dev, &ch, dtype, shape, true, false);
+            well_formed(&f, &FWD_GIVEN, &what);
+            well_formed(&b, &BWD_GIVEN, &what);
+            let gemms = |p: &LaunchPlan| {
+                p.steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Gemm(_)))
+                    .count()
+            };
+            assert_eq!(gemms(&f), cublas as usize, "{what}");
+            assert_eq!(gemms(&b), 3 * cublas as usize, "{what}");
+            assert!(!f.tensor_cores && !b.tensor_cores);
+            // The B x C intermediates the naive plan is the baseline for.
+            assert_eq!(f.spec_of(Buf::Prob).unwrap().len, 30 * 50);
+        }
+    }
+}
+
+#[test]
+fn device_label_check_runs_first_and_feeds_the_backward() {
+    let ch = Choices {
+        label_check: LabelCheck::Device,
+        tc_backward: true,
+        ..Choices::default()
+    };
+    for plan_kind in [Plan::Fused, Plan::Naive] {
+        let ch = Choices {
+            plan: plan_kind,
+            ..ch
+        };
+        let shape = Shape::new(40, 64, 70);
+        let f = fwd(&DeviceFacts::H100, &ch, DType::BF16, shape, true);
+        assert_eq!(f.launches().next().unwrap().entry, "fm_label_status");
+        assert!(
+            f.launches().next().unwrap().args.contains(&Arg::Null),
+            "no previous record"
+        );
+        let b = bwd(
+            &DeviceFacts::H100,
+            &ch,
+            DType::BF16,
+            shape,
+            true,
+            f.tensor_cores,
+        );
+        well_formed(&b, &BWD_GIVEN, &format!("{plan_kind:?}"));
+        let names: Vec<&str> = b.launches().map(|l| l.entry.as_str()).take(2).collect();
+        assert_eq!(names, ["fm_label_status", "fm_upstream_rows"]);
+        assert!(b
+            .launches()
+            .next()
+            .unwrap()
+            .args
+            .contains(&Arg::Read(Buf::PrevStatus)));
+        // Every gradient kernel takes the device's per-row upstream, with a zero scalar.
+        for l in b.launches().skip(2) {
+            if l.args.contains(&Arg::Read(Buf::GDev)) {
+                assert!(l.args.contains(&Arg::F32(0.0)), "{}", l.entry);
+            }
+        }
+        assert!(b.launches().any(|l| l.args.contains(&Arg::Read(Buf::GDev))));
+    }
+}
+
+#[test]
+fn bad_problems_are_typed_errors() {
+    let dev = DeviceFacts::H100;
+    let ch = Choices::default();
+    let p = ForwardProblem {
+        dtype: DType::F64,
+        shape: Shape::new(2, 2, 2),
+        aligned: true,
+        params: params(),
+        mean: true,
+    };
+    assert!(matches!(
+        plan::forward(&dev, &ch, &p),
+        Err(fused_margin::Error::Unsupported { .. })
+    ));
+    // More row tiles than a grid holds.
+    let huge = ForwardProblem {
+        dtype: DType::F32,
+        shape: Shape::new(1 << 37, 4, 4),
+        ..p
+    };
+    assert!(matches!(
+        plan::forward(&dev, &ch, &huge),
+        Err(fused_margin::Error::TooLarge { .. })
+    ));
+    let b = BackwardProblem {
+        dtype: DType::BF16,
+        grad_dtype: DType::F16,
+        shape: Shape::new(2, 8, 2),
+        aligned: true,
+        params: params(),
+        mean: true,
+        upstream: PlanUpstream::PerRow,
+        fwd_tensor_cores: true,
+    };
+    assert!(matches!(
+        plan::backward(&dev, &ch, &b),
+        Err(fused_margin::Error::Unsupported { .. })
+    ));
+}
+
+/// The 64-bit sizes reach the kernels as i64 where B*C or C*D exceed 2^31.
+#[test]
+fn huge_shapes_take_64_bit_sizes() {
+    let shape = Shape::new(100_000, 512, 10_000_000);
+    let p = fwd(
+        &DeviceFacts::H100,
+        &Choices::default(),
+        DType::BF16,
+        shape,
+        true,
+    );
+    let l = p.launches().find(|l| l.entry == "fm_fwd_tiles_tc").unwrap();
+    assert!(l.args.contains(&Arg::I64(10_000_000)) && l.args.contains(&Arg::I64(100_000)));
+    well_formed(&p, &FWD_GIVEN, "huge");
+}
