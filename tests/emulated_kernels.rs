@@ -122,6 +122,9 @@ struct Case {
     /// `LabelCheck::Device`: the label status and the backward's upstream come from the device
     /// kernels (kernels/labels.cu) instead of the host.
     device_labels: bool,
+    /// The device and choices to build the plans from, instead of those the flags above stand
+    /// for on an H200 (`every_distinct_plan_the_builder_makes`).
+    planned: Option<(plan::DeviceFacts, plan::Choices)>,
     seed: u64,
 }
 
@@ -201,7 +204,8 @@ fn plans(
     let counted = labels.iter().filter(|&&l| l >= 0).count();
     // As FusedMarginLoss::backward: the host's per-row value of the scalar upstream 1 under
     // LabelCheck::Host, the scalar itself under Device (the kernels divide by the count).
-    let upstream = match (case.spec.reduction, case.device_labels) {
+    let device_labels = ch.label_check == cuda::LabelCheck::Device;
+    let upstream = match (case.spec.reduction, device_labels) {
         (Reduction::None, _) => plan::PlanUpstream::PerRow,
         (_, true) => plan::PlanUpstream::Scalar(1.0),
         (Reduction::Mean, false) => plan::PlanUpstream::Scalar(if counted > 0 {
@@ -385,8 +389,10 @@ fn run<T: Element + Bits>(
     up: &[f32],
 ) -> Outputs {
     let Shape { b, d, c } = case.shape;
-    let ch = choices(case, T::DTYPE);
-    let (fwd, bwd) = plans(case, T::DTYPE, labels, &EMU_DEVICE, &ch);
+    let (dev, ch) = case
+        .planned
+        .unwrap_or_else(|| (EMU_DEVICE, choices(case, T::DTYPE)));
+    let (fwd, bwd) = plans(case, T::DTYPE, labels, &dev, &ch);
     let esize = std::mem::size_of::<T>() as u32;
     let bits = |v: &[T]| v.iter().flat_map(|e| e.to_le_bits()).collect::<Vec<u8>>();
     let i32s = |v: &[i32]| v.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
@@ -457,6 +463,9 @@ fn run<T: Element + Bits>(
 /// (16-byte chunks: D % 8 == 0 for 16-bit inputs, D % 4 == 0 for f32; the tensor-core backward
 /// only after a tensor-core forward's choice of tensor cores), and the fallbacks elsewhere.
 fn assert_ran_as_asked<T: Element>(case: &Case, out: &Outputs) {
+    if case.planned.is_some() {
+        return; // the flags do not describe the choices then
+    }
     let half = T::DTYPE != DType::F32;
     let eligible = case.shape.d % if half { 8 } else { 4 } == 0;
     let fwd_tc = !case.naive && case.fwd_tc && eligible;
@@ -567,7 +576,7 @@ fn check<T: Element + Bits>(case: &Case) {
         assert_eq!(out.status[9], out.status[3], "{what}: fingerprints differ");
         assert_eq!(&out.status[10..], &[0, counted], "{what}: mismatch flag");
     }
-    let tf32 = T::DTYPE == DType::F32 && case.fwd_tc;
+    let tf32 = T::DTYPE == DType::F32 && out.tensor_cores.0; // what ran
     let (lbar, gbar) = if tf32 { TF32_BARS } else { bars(T::DTYPE) };
     // MATH.md's conditioning clause: where a target sits within ~1 degree of the angle clamp, the
     // bars apply to the spread of the reference over target cosines moved by this path's
@@ -635,6 +644,7 @@ fn case(
         tiny_rows: false,
         labels_at_ends: false,
         device_labels: false,
+        planned: None,
         seed,
     }
 }
@@ -1362,6 +1372,81 @@ fn device_label_check_reports_bad_labels() {
     one::<bf16>(true, false, 1_300);
     one::<f32>(false, false, 1_301);
     one::<f32>(false, true, 1_302);
+}
+
+/// Every distinct launch sequence the plan builder makes, for the device kinds of
+/// `plan_selection.rs` and every combination of the handle's choices, on a few shapes (tensor-core
+/// eligible, D % 8 != 0, D > 256 for the backward's 32 x 512 tiles), each run once on the
+/// emulator against the reference. Prints how many distinct plans ran.
+#[test]
+fn every_distinct_plan_the_builder_makes() {
+    let devices = [
+        plan::DeviceFacts::A100,
+        plan::DeviceFacts::SM86,
+        plan::DeviceFacts::H100_PCIE,
+        EMU_DEVICE,
+    ];
+    let spec = MarginLoss::arcface(0.5);
+    let mut seen = std::collections::HashSet::new();
+    let mut ran = 0;
+    for (dtype, shape) in [
+        (DType::BF16, (20, 16, 40)),
+        (DType::F16, (20, 16, 40)),
+        (DType::BF16, (12, 264, 20)),
+        (DType::F16, (20, 12, 40)),
+        (DType::F32, (20, 16, 40)),
+        (DType::F32, (20, 14, 40)),
+    ] {
+        if driver(dtype).is_none() {
+            return;
+        }
+        for bits in 0..128u32 {
+            let on = |k: u32| bits & (1 << k) != 0;
+            for dev in devices {
+                let ch = plan::Choices {
+                    plan: if on(0) {
+                        cuda::Plan::Naive
+                    } else {
+                        cuda::Plan::Fused
+                    },
+                    tensor_cores: on(1),
+                    tf32: on(2),
+                    wide_tiles: on(3),
+                    wgmma: on(4),
+                    tc_backward: on(5),
+                    label_check: if on(6) {
+                        cuda::LabelCheck::Device
+                    } else {
+                        cuda::LabelCheck::Host
+                    },
+                    tiles_per_split: None,
+                };
+                let c = Case {
+                    planned: Some((dev, ch)),
+                    outliers: false,
+                    device_labels: on(6),
+                    ..case(spec, shape, false, (1, 1), 1_900 + bits as u64)
+                };
+                let inp = margin_inputs_opts(c.shape, c.seed, false);
+                let (f, b) = plans(&c, dtype, &inp.labels, &dev, &ch);
+                if !seen.insert((dtype, shape, f.signature(), b.signature())) {
+                    continue;
+                }
+                ran += 1;
+                match dtype {
+                    DType::BF16 => check::<bf16>(&c),
+                    DType::F16 => check::<f16>(&c),
+                    _ => check::<f32>(&c),
+                }
+            }
+        }
+    }
+    eprintln!("every_distinct_plan_the_builder_makes: {ran} distinct plans ran");
+    println!("{ran} distinct plans ran on the emulator");
+    assert!(
+        ran >= 20,
+        "only {ran} distinct plans: the enumeration lost its choices"
+    );
 }
 
 /// `check` on inputs the caller built: the emulated run against the reference on the same rounded
