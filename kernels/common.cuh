@@ -89,26 +89,46 @@ struct FmParams {
 // tracks the f64 reference even near the clamp, where acosf would lose digits.
 struct FmTarget { double value; double deriv; };
 
-__device__ __forceinline__ FmTarget fm_target(const FmParams& p, double c) {
+// ---- the per-row slot: the margins and scale of one row ---------------------------------------
+// For every loss so far they are the spec's, the same for every row. A loss whose margin or scale
+// varies per row (MagFace's m(|x_i|), AdaFace, ElasticFace) computes them here from the row's
+// context (its index and raw feature norm), and no kernel changes: every kernel takes its row's
+// FmMargin from fm_row_margin (through fm_row_ctx in tile.cuh) and passes it to fm_target and
+// fm_row_scale. The CPU twin is math::RowMargin::of.
+struct FmMargin { float m1, m2, m3, s, fallback_shift; };
+
+__device__ __forceinline__ FmMargin fm_row_margin(const FmParams& p, i64 row, float norm) {
+    (void)row;
+    (void)norm;
+    FmMargin m;
+    m.m1 = p.m1;
+    m.m2 = p.m2;
+    m.m3 = p.m3;
+    m.s = p.s;
+    m.fallback_shift = p.fallback_shift;   // m2 sin m2, taken in f64 on the host
+    return m;
+}
+
+__device__ __forceinline__ FmTarget fm_target(const FmParams& p, const FmMargin& m, double c) {
     double psi, dpsi;
     if (p.policy == FM_POLICY_EASY && c <= 0.0) {
         psi = c; dpsi = 1.0;                                   // Easy: no margin where c <= 0
     } else if (!p.angular) {
-        psi = c - (double)p.m3; dpsi = 1.0;                    // NSL / CosFace: no acos round trip
+        psi = c - (double)m.m3; dpsi = 1.0;                    // NSL / CosFace: no acos round trip
     } else {
         double cc = fmin(fmax(c, -1.0 + FM_THETA_CLAMP), 1.0 - FM_THETA_CLAMP);
         double theta = acos(cc);
-        double a = (double)p.m1 * theta + (double)p.m2;
-        double slope = (double)p.m1 * sin(a) / sin(theta);    // sin(theta) >= 4.5e-4 by the clamp
+        double a = (double)m.m1 * theta + (double)m.m2;
+        double slope = (double)m.m1 * sin(a) / sin(theta);    // sin(theta) >= 4.5e-4 by the clamp
         if (p.policy == FM_POLICY_FALLBACK && a > FM_PI) {
-            psi = c - (double)p.fallback_shift - (double)p.m3; dpsi = 1.0;
+            psi = c - (double)m.fallback_shift - (double)m.m3; dpsi = 1.0;
         } else if (p.policy == FM_POLICY_MONOTONIC) {
             double k = floor(a / FM_PI);
             double sign = (((long long)k) & 1) ? -1.0 : 1.0;
-            psi = sign * cos(a) - 2.0 * k - (double)p.m3;
+            psi = sign * cos(a) - 2.0 * k - (double)m.m3;
             dpsi = sign * slope;
         } else {                                               // Raw, Easy (c > 0), Fallback below pi
-            psi = cos(a) - (double)p.m3; dpsi = slope;
+            psi = cos(a) - (double)m.m3; dpsi = slope;
         }
     }
     if (p.detached) dpsi = 1.0;
@@ -123,9 +143,9 @@ __device__ __forceinline__ FmTarget fm_target(const FmParams& p, double c) {
     return t;
 }
 
-// Row scale r_i (MATH.md step 3); `norm` is the raw |x_i|.
-__device__ __forceinline__ float fm_row_scale(const FmParams& p, float norm) {
-    return p.normalize_features ? p.s : p.s * norm;
+// Row scale r_i (MATH.md step 3) with the row's scale; `norm` is the raw |x_i|.
+__device__ __forceinline__ float fm_row_scale(const FmParams& p, const FmMargin& m, float norm) {
+    return p.normalize_features ? m.s : m.s * norm;
 }
 
 // False for NaN and +-Inf: v * 0 is exactly 0 for every finite v and NaN otherwise.

@@ -46,7 +46,7 @@ FM_ENTRY(fm_grad_x_partial)(const T_IN* __restrict__ x, const T_IN* __restrict__
                     float c, dzt;
                     dc = fm_dc(p, R[a], col, acc[a][b], fm_inv_norm(wnorm[col]), c, dzt);
                     proj[a] = fmaf(dc, c, proj[a]);
-                    dn[a] = fmaf(p.s, dzt, dn[a]);
+                    dn[a] = fmaf(R[a].m.s, dzt, dn[a]);
                 }
                 dcs[ty + 16 * a][tx + 16 * b] = dc;
             }

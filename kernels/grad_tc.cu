@@ -100,7 +100,7 @@ extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ label
     float m = 0.0f;
     for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
         float g = fm_upstream(g_rows, g_scalar, i, labels[i]);
-        float v = g == 0.0f ? 0.0f : fabsf(fm_row_scale(p, xnorm[i]) * g);
+        float v = g == 0.0f ? 0.0f : fabsf(fm_row_scale(p, fm_row_margin(p, i, xnorm[i]), xnorm[i]) * g);
         if (fm_finite(v)) m = fmaxf(m, v);   // finite only: non-finite rows propagate by themselves
     }
     sm[threadIdx.x] = m;
@@ -436,7 +436,7 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
             FmRow Ro = fm_load_row(p, own0 + tid, B, labels, xnorm, lse, g_rows, g_scalar);
             const float coef = Ro.g == 0.0f ? 0.0f : Ro.r * Ro.g;
             proj_part[(i64)split * B + own0 + tid] = coef * pr;
-            dn_part[(i64)split * B + own0 + tid] = p.s * Ro.g * dn;
+            dn_part[(i64)split * B + own0 + tid] = Ro.m.s * Ro.g * dn;
         }
     }
 }

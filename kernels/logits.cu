@@ -20,14 +20,10 @@ FM_ENTRY(fm_fwd_tiles)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
 
     i64 rows[2] = {row0 + ty, row0 + ty + 16};
-    int lab[2];
-    float inv_x[2], r[2], run_m[2], run_s[2];
+    FmRow R[2];
+    float run_m[2], run_s[2];
     for (int a = 0; a < 2; ++a) {
-        bool in = rows[a] < B;
-        lab[a] = in ? labels[rows[a]] : -1;
-        float n = in ? xnorm[rows[a]] : 0.0f;
-        inv_x[a] = fm_inv_norm(n);
-        r[a] = fm_row_scale(p, n);
+        R[a] = fm_row_ctx(p, rows[a], B, labels, xnorm);
         run_m[a] = FM_NEG_INF;
         run_s[a] = 0.0f;
     }
@@ -40,8 +36,8 @@ FM_ENTRY(fm_fwd_tiles)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
                 if (col < C && rows[a] < B) {
-                    bool tgt = lab[a] == col;
-                    FmElem e = fm_elem(p, acc[a][b], inv_x[a], fm_inv_norm(wnorm[col]), r[a], tgt);
+                    bool tgt = R[a].label == col;
+                    FmElem e = fm_elem(p, R[a], acc[a][b], fm_inv_norm(wnorm[col]), tgt);
                     z[b] = e.z;
                     if (tgt) zy[rows[a]] = e.z;
                 } else {

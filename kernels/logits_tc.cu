@@ -157,16 +157,11 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
     const i64 total = (t_end - t_begin) * ksteps;
 
     // This thread's 2 MI rows: q = mi * 2 + h is row wm + mi*16 + g + 8h of the block tile.
-    int lab[2 * MI];
-    float inv_x[2 * MI], rs[2 * MI], run_m[2 * MI], run_s[2 * MI];
+    FmRow R[2 * MI];
+    float run_m[2 * MI], run_s[2 * MI];
 #pragma unroll
     for (int q = 0; q < 2 * MI; ++q) {
-        i64 row = row0 + wm + (q >> 1) * 16 + g + 8 * (q & 1);
-        bool in = row < B;
-        lab[q] = in ? labels[row] : -1;
-        float n = in ? xnorm[row] : 0.0f;
-        inv_x[q] = fm_inv_norm(n);
-        rs[q] = fm_row_scale(p, n);
+        R[q] = fm_row_ctx(p, row0 + wm + (q >> 1) * 16 + g + 8 * (q & 1), B, labels, xnorm);
         run_m[q] = FM_NEG_INF;
         run_s[q] = 0.0f;
     }
@@ -202,7 +197,7 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
             for (int q = 0; q < 2 * MI; ++q) {
                 const int mi = q >> 1, h = q & 1;
                 fm_tc_row_epilogue<NI>(p, acc[mi], h, row0 + wm + mi * 16 + g + 8 * h, B, col0 + wn + 2 * t, cin,
-                                       inv_w, lab[q], inv_x[q], rs[q], zy, run_m[q], run_s[q]);
+                                       inv_w, R[q], zy, run_m[q], run_s[q]);
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)

@@ -83,16 +83,11 @@ FM_ENTRY(fm_fwd_tiles_wg)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
     const i64 total = t_end > t_begin ? (t_end - t_begin) * ksteps : 0;
 
     // This thread's 2 rows: h = 0, 1 is row wrow + g + 8h of the block tile.
-    int lab[2];
-    float inv_x[2], rs[2], run_m[2], run_s[2];
+    FmRow R[2];
+    float run_m[2], run_s[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const i64 row = row0 + wrow + g + 8 * h;
-        const bool in = row < B;
-        lab[h] = in ? labels[row] : -1;
-        const float n = in ? xnorm[row] : 0.0f;
-        inv_x[h] = fm_inv_norm(n);
-        rs[h] = fm_row_scale(p, n);
+        R[h] = fm_row_ctx(p, row0 + wrow + g + 8 * h, B, labels, xnorm);
         run_m[h] = FM_NEG_INF;
         run_s[h] = 0.0f;
     }
@@ -142,8 +137,8 @@ FM_ENTRY(fm_fwd_tiles_wg)(const T_IN* __restrict__ x, const T_IN* __restrict__ w
         fm_tc_col_factors<16>(wnorm, C, col0 + 2 * t, inv_w, cin);
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-            fm_tc_row_epilogue<16>(p, acc[0], h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w, lab[h],
-                                   inv_x[h], rs[h], zy, run_m[h], run_s[h]);
+            fm_tc_row_epilogue<16>(p, acc[0], h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w, R[h], zy,
+                                   run_m[h], run_s[h]);
     }
     fm_cp_async_wait<0>();
 

@@ -47,14 +47,15 @@ extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos,
     i64 i = e / C, j = e % C;
     float c = cos[e];
     float t = c, d = 1.0f;
+    const FmMargin m = fm_row_margin(p, i, xnorm[i]);
     if (labels[i] == j) {
-        FmTarget tg = fm_target(p, (double)c);
+        FmTarget tg = fm_target(p, m, (double)c);
         t = (float)tg.value;
         d = (float)tg.deriv;
     }
     tval[e] = t;
     dt[e] = d;
-    logits[e] = fm_row_scale(p, xnorm[i]) * t;
+    logits[e] = fm_row_scale(p, m, xnorm[i]) * t;
 }
 
 // One block per row: max, sum of exp, softmax written out, lse_i and l_i = lse_i - z_iy.
@@ -98,7 +99,8 @@ extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, 
     i64 i = blockIdx.x;
     int y = labels[i];
     float g = fm_upstream(g_rows, g_scalar, i, y);
-    float r = fm_row_scale(p, xnorm[i]);
+    const FmMargin m = fm_row_margin(p, i, xnorm[i]);
+    float r = fm_row_scale(p, m, xnorm[i]);
     float acc = 0.0f;
     for (i64 j = threadIdx.x; j < C; j += blockDim.x) {
         i64 e = i * C + j;
@@ -107,7 +109,7 @@ extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, 
             continue;
         }
         float dz = g * (prob_dc[e] - (j == y ? 1.0f : 0.0f));
-        acc = fmaf(p.s * dz, tval[e], acc);
+        acc = fmaf(m.s * dz, tval[e], acc);
         prob_dc[e] = r * dz * dt[e];
     }
     acc = fm_warp_sum(acc);

@@ -66,40 +66,54 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
 // t = target(c) at the label, else c; z = r_i * t; dt = dtarget/dc (1 off the label).
 struct FmElem { float c, t, z, dt; };
 
-__device__ __forceinline__ FmElem fm_elem(const FmParams& p, float dot, float inv_x, float inv_w,
-                                          float r, bool is_target) {
+// Per-row context of the forward and the backward: label, 1/max(|x_i|,eps), the row's margins
+// and r_i (the per-row slot, fm_row_margin), and in the backward the saved lse_i and upstream g_i.
+// Rows past B: label -1 and zeros (never written, never counted).
+struct FmRow { int label; float inv_x, r, lse, g; FmMargin m; };
+
+__device__ __forceinline__ FmRow fm_row_ctx(const FmParams& p, i64 row, i64 B, const int* labels,
+                                            const float* xnorm) {
+    FmRow R;
+    R.lse = 0.0f;
+    R.g = 0.0f;
+    if (row < B) {
+        R.label = labels[row];
+        const float n = xnorm[row];
+        R.inv_x = fm_inv_norm(n);
+        R.m = fm_row_margin(p, row, n);
+        R.r = fm_row_scale(p, R.m, n);
+    } else {
+        R.label = -1; R.inv_x = 0.0f; R.r = 0.0f;
+        R.m = fm_row_margin(p, row, 0.0f);
+    }
+    return R;
+}
+
+__device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, const int* labels,
+                                             const float* xnorm, const float* lse,
+                                             const float* g_rows, float g_scalar) {
+    FmRow R = fm_row_ctx(p, row, B, labels, xnorm);
+    if (row < B) {
+        R.lse = lse[row];
+        R.g = fm_upstream(g_rows, g_scalar, row, R.label);
+    }
+    return R;
+}
+
+__device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, float dot, float inv_w,
+                                          bool is_target) {
     FmElem e;
-    e.c = dot * inv_x * (p.normalize_weights ? inv_w : 1.0f);
+    e.c = dot * R.inv_x * (p.normalize_weights ? inv_w : 1.0f);
     if (is_target) {
-        FmTarget tg = fm_target(p, (double)e.c);
+        FmTarget tg = fm_target(p, R.m, (double)e.c);
         e.t = (float)tg.value;
         e.dt = (float)tg.deriv;
     } else {
         e.t = e.c;
         e.dt = 1.0f;
     }
-    e.z = r * e.t;
+    e.z = R.r * e.t;
     return e;
-}
-
-// Per-row state of the backward: label, 1/max(|x_i|,eps), r_i, the saved lse_i and upstream g_i.
-struct FmRow { int label; float inv_x, r, lse, g; };
-
-__device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, const int* labels,
-                                             const float* xnorm, const float* lse,
-                                             const float* g_rows, float g_scalar) {
-    FmRow R;
-    if (row < B) {
-        R.label = labels[row];
-        float n = xnorm[row];
-        R.inv_x = fm_inv_norm(n);
-        R.r = fm_row_scale(p, n);
-        R.lse = lse[row];
-        R.g = fm_upstream(g_rows, g_scalar, row, R.label);
-    } else {
-        R.label = -1; R.inv_x = 0.0f; R.r = 0.0f; R.lse = 0.0f; R.g = 0.0f;
-    }
-    return R;
 }
 
 // The backward at one element (MATH.md "Backward") for a unit upstream, from the saved lse:
@@ -112,7 +126,7 @@ struct FmGradElem { float e, c, dt; };
 __device__ __forceinline__ FmGradElem fm_grad_elem(const FmParams& p, const FmRow& R, i64 col, float dot,
                                                    float inv_w) {
     bool tgt = R.label == col;
-    FmElem el = fm_elem(p, dot, R.inv_x, inv_w, R.r, tgt);
+    FmElem el = fm_elem(p, R, dot, inv_w, tgt);
     float d = expf(el.z - R.lse) - (tgt ? 1.0f : 0.0f);
     FmGradElem q;
     q.e = d * el.dt;
@@ -164,7 +178,7 @@ __device__ __forceinline__ void fm_tc_col_factors(const float* __restrict__ wnor
 template <int NI>
 __device__ __forceinline__ void fm_tc_row_epilogue(const FmParams& p, const float (&acc)[NI][4], int h, i64 row,
                                                    i64 B, i64 col_base, const bool (&cin)[NI][2],
-                                                   const float (&inv_w)[NI][2], int lab, float inv_x, float rs,
+                                                   const float (&inv_w)[NI][2], const FmRow& R,
                                                    float* __restrict__ zy, float& run_m, float& run_s) {
     float z[2 * NI];
     float mx = FM_NEG_INF;
@@ -175,8 +189,8 @@ __device__ __forceinline__ void fm_tc_row_epilogue(const FmParams& p, const floa
             const i64 col = col_base + ni * 8 + j;
             float v = FM_NEG_INF;
             if (cin[ni][j] && row < B) {
-                const bool tgt = lab == col;
-                FmElem e = fm_elem(p, acc[ni][h * 2 + j], inv_x, inv_w[ni][j], rs, tgt);
+                const bool tgt = R.label == col;
+                FmElem e = fm_elem(p, R, acc[ni][h * 2 + j], inv_w[ni][j], tgt);
                 v = e.z;
                 if (tgt) zy[row] = e.z;
             }

@@ -4,7 +4,7 @@
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::math;
+use crate::math::{self, RowMargin};
 use crate::spec::{MarginLoss, Reduction, Shape, Upstream, NORM_EPS};
 use rayon::prelude::*;
 
@@ -142,8 +142,10 @@ struct Problem<'a> {
     x: Prepared,
     /// `wh`: unit class rows when `normalize_weights`, else the raw rows.
     w: Prepared,
-    /// `r_i`: `s`, or `s*|x_i|` without feature normalization (MATH.md step 3).
+    /// `r_i`: the row's `s`, or `s*|x_i|` without feature normalization (MATH.md step 3).
     r: Vec<f64>,
+    /// Each row's margins and scale (the per-row slot).
+    margin: Vec<RowMargin>,
     counted: usize,
 }
 
@@ -160,16 +162,17 @@ impl<'a> Problem<'a> {
         let counted = shape.check_labels(labels)?;
         let xp = prepare(x, shape.d, true);
         let wp = prepare(w, shape.d, spec.normalize_weights);
-        let r = xp
+        // The per-row slot: each row's margins and scale (math::RowMargin).
+        let margin: Vec<RowMargin> = xp
             .norm
             .iter()
-            .map(|&n| {
-                if spec.normalize_features {
-                    spec.s
-                } else {
-                    spec.s * n
-                }
-            })
+            .enumerate()
+            .map(|(i, &n)| RowMargin::of(spec, i, n))
+            .collect();
+        let r = margin
+            .iter()
+            .zip(&xp.norm)
+            .map(|(m, &n)| m.row_scale(spec, n))
             .collect();
         Ok(Self {
             spec,
@@ -178,6 +181,7 @@ impl<'a> Problem<'a> {
             x: xp,
             w: wp,
             r,
+            margin,
             counted,
         })
     }
@@ -195,7 +199,7 @@ impl<'a> Problem<'a> {
     #[inline]
     fn logit(&self, i: usize, j: usize, c: f64) -> (f64, f64, f64) {
         let (t, dt) = if self.labels[i] >= 0 && self.labels[i] as usize == j {
-            let tg = math::target(self.spec, c);
+            let tg = math::target(self.spec, &self.margin[i], c);
             (tg.value, tg.deriv)
         } else {
             (c, 1.0)
@@ -438,7 +442,7 @@ pub fn backward<T: Element>(
                         let (z, t, dt) = p.logit(i, j, dot(p.xh(i), wj));
                         let onehot = if labels[i] as usize == j { 1.0 } else { 0.0 };
                         let dz = g[i] * ((z - fwd.lse[i]).exp() - onehot);
-                        *dn_i += spec.s * dz * t;
+                        *dn_i += p.margin[i].s * dz * t;
                         *dc_ij = p.r[i] * dz * dt;
                         for (a, wv) in dxh_i.iter_mut().zip(wj) {
                             *a += *dc_ij * wv;

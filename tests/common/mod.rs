@@ -690,7 +690,15 @@ pub fn near_clamp_rows(
         .filter(|&i| {
             labels[i] >= 0 && {
                 let c = target_cosine(spec, x, w, shape.d, i, labels[i] as usize);
-                c.abs() > cos1 || fused_margin::math::target(spec, c).deriv.abs() >= 25.0
+                c.abs() > cos1
+                    || fused_margin::math::target(
+                        spec,
+                        &fused_margin::math::RowMargin::uniform(spec),
+                        c,
+                    )
+                    .deriv
+                    .abs()
+                        >= 25.0
             }
         })
         .collect()
@@ -737,7 +745,11 @@ pub fn reference_with_target_shift(
         for j in 0..c {
             let cj = dot(xi, &wh[j * d..(j + 1) * d]);
             if j == y as usize {
-                let tg = fused_margin::math::target(spec, cj + shift);
+                let tg = fused_margin::math::target(
+                    spec,
+                    &fused_margin::math::RowMargin::uniform(spec),
+                    cj + shift,
+                );
                 (t[j], dt[j]) = (tg.value, tg.deriv);
             } else {
                 t[j] = cj;
