@@ -123,7 +123,7 @@ fn main() {
     let gpu = harness::handle(&stream, Plan::Naive);
     println!(
         "naive plan matrix products on cuBLAS: {}",
-        gpu.naive_uses_cublas()
+        gpu.device_facts().cublas
     );
     let mut roof = f64::NAN;
     if let Ok(blas) = CudaBlas::new(stream.clone()) {

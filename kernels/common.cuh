@@ -7,6 +7,7 @@
 #define FM_COMMON_CUH
 
 #include "ptx.cuh"
+#include "geometry.cuh"
 
 typedef long long i64;
 
@@ -66,10 +67,10 @@ typedef fm_bf16 T_IN;
 // ---- the loss options, passed by value to every kernel (layout = src/cuda/params.rs) -----------
 // Everything is a run-time value: only the B target elements ever read the margin options, so
 // specializing them at compile time would buy nothing and multiply NVRTC compiles.
-#define FM_POLICY_MONOTONIC 0
-#define FM_POLICY_FALLBACK 1
-#define FM_POLICY_RAW 2
-#define FM_POLICY_EASY 3
+#define FM_POLICY_MONOTONIC FM_G_POLICY_MONOTONIC
+#define FM_POLICY_FALLBACK FM_G_POLICY_FALLBACK
+#define FM_POLICY_RAW FM_G_POLICY_RAW
+#define FM_POLICY_EASY FM_G_POLICY_EASY
 struct FmParams {
     float s;                  // scale
     float m1, m2, m3;         // cos(m1*theta + m2) - m3
@@ -83,6 +84,7 @@ struct FmParams {
     int tf32_dots;            // 1: the SIMT backward rounds its dot-product operands to TF32, to
                               // recompute the logits the TF32 forward (fm_fwd_tiles_tf32) saw
 };
+static_assert(sizeof(FmParams) == 48, "src/cuda/params.rs: FmParams is 48 bytes");
 
 // ---- the margin: target(c) and dtarget/dc (MATH.md step 4 and "Backward") --------------------
 // Evaluated in double: it runs once per row (at the label), so the cost is nil and the result

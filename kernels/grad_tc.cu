@@ -24,7 +24,7 @@
 // dx partials are multiplied by r_i g_i and reduced over splits by fm_x_finish (normalize.cu);
 // dw is multiplied by K and finished here with the normalization backward.
 //
-// Two tile shapes, FmGt<OWN> (the host picks by D, src/cuda/fused.rs):
+// Two tile shapes, FmGt<OWN> (the host picks by D, src/cuda/plan.rs):
 //   FmGt<64>: 64 own rows x 256 columns (the fm_grad_*_tc entries);
 //   FmGt<32>: 32 own rows x 512 columns (the *_tc_d512 entries).
 // Blocks of one own tile and different D chunks each recompute S, so S costs ceil(D / DCH) times
@@ -40,7 +40,7 @@
 
 #if FM_DTYPE != FM_F32
 
-#define GT_PN 64
+#define GT_PN FM_G_GT_PN
 #define GT_BK 32
 #define GT_STAGES 3
 #define GT_LD (GT_BK + 8)     // 80-byte rows: ldmatrix's 8 rows hit 8 distinct 16-byte bank groups
@@ -84,11 +84,12 @@ struct FmGt {
     };
     static_assert(sizeof(Tgt) <= sizeof(float[2][4][OWN]), "Tgt fits in red: Smem keeps its size");
 };
-// Dynamic shared memory of the kernels; the host passes the same numbers (src/cuda/fused.rs:
+// Dynamic shared memory of the kernels; the host passes the same numbers (geometry.cuh; src/cuda/plan.rs:
 // TC_BACKWARD and TC_BACKWARD_D512).
-static_assert(sizeof(FmGt<64>::Smem) == 45312, "TC_BACKWARD.smem in src/cuda/fused.rs");
-static_assert(sizeof(FmGt<32>::Smem) == 72448, "TC_BACKWARD_D512.smem in src/cuda/fused.rs");
-static_assert(FmGt<64>::DCH == 256 && FmGt<32>::DCH == 512, "dchunk in src/cuda/fused.rs");
+static_assert(sizeof(FmGt<FM_G_GT64_OWN>::Smem) == FM_G_GT64_SMEM, "geometry.cuh: FM_G_GT64_SMEM");
+static_assert(sizeof(FmGt<FM_G_GT32_OWN>::Smem) == FM_G_GT32_SMEM, "geometry.cuh: FM_G_GT32_SMEM");
+static_assert(FmGt<FM_G_GT64_OWN>::DCH == FM_G_GT64_DCH && FmGt<FM_G_GT32_OWN>::DCH == FM_G_GT32_DCH,
+              "geometry.cuh: FM_G_GT*_DCH");
 
 // K = the smallest power of two >= max_i |r_i g_i| over counted rows (1 when none is nonzero);
 // written to scale[0]. One block; fixed order (max is order-free anyway).

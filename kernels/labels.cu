@@ -1,4 +1,4 @@
-// fused-margin: the label check on the device (LabelCheck::Device in src/cuda/mod.rs), so a call
+// fused-margin: the label check on the device (LabelCheck::Device; src/cuda/plan.rs launches it), so a call
 // needs no synchronous copy of the labels to the host. The host reads the status only when the
 // caller reads a result (GpuForward::check, loss_host, GpuGradients::check).
 #include "common.cuh"
@@ -10,7 +10,7 @@
 //   [3] the order-sensitive fingerprint of the labels (bits of a u64)
 //   [4] 1 when `prev` was given and its counted or fingerprint differ from these labels'
 //   [5] prev's counted (0 without prev)
-#define FM_STATUS_LEN 6
+#define FM_STATUS_LEN FM_G_STATUS_LEN
 
 // A 64-bit mix of (row, label) (splitmix64's finalizer). The fingerprint is the wrapping sum of
 // the mixes over rows: order-sensitive because the row is mixed in, and a sum, so the parallel

@@ -101,13 +101,16 @@ struct FmTcShape {
     static constexpr int SMEM_BYTES = PIPE_BYTES + 2 * TC_WARPS_N * BM * (int)sizeof(float);
 };
 
-// The host sizes the dynamic shared memory as 3 stages x (rows + classes) x 80 bytes plus 32 bytes
-// per row (src/cuda/fused.rs: tc_smem_bytes); both operand types and tile shapes must match it.
-static_assert(FmTcShape<FmTcHalf, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80 + 32 * 64, "tc_smem_bytes, narrow");
-static_assert(FmTcShape<FmTcHalf, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80 + 32 * 128, "tc_smem_bytes, wide");
-static_assert(FmTcShape<FmTcTf32, 2, 4>::SMEM_BYTES == 3 * (64 + 128) * 80 + 32 * 64, "tc_smem_bytes, TF32");
-static_assert(FmTcShape<FmTcTf32, 4, 8>::SMEM_BYTES == 3 * (128 + 256) * 80 + 32 * 128,
-              "tc_smem_bytes, TF32 wide");
+// The host takes tile shapes and dynamic shared memory from geometry.cuh; both operand types and
+// both tile shapes must match it.
+static_assert(FmTcShape<FmTcHalf, 2, 4>::SMEM_BYTES == FM_G_TC_SMEM, "geometry.cuh: FM_G_TC_SMEM");
+static_assert(FmTcShape<FmTcHalf, 4, 8>::SMEM_BYTES == FM_G_TC_WIDE_SMEM, "geometry.cuh: FM_G_TC_WIDE_SMEM");
+static_assert(FmTcShape<FmTcTf32, 2, 4>::SMEM_BYTES == FM_G_TC_SMEM, "geometry.cuh: FM_G_TC_SMEM, TF32");
+static_assert(FmTcShape<FmTcTf32, 4, 8>::SMEM_BYTES == FM_G_TC_WIDE_SMEM, "geometry.cuh: FM_G_TC_WIDE_SMEM, TF32");
+static_assert(FmTcShape<FmTcHalf, 2, 4>::BM == FM_G_TC_BM && FmTcShape<FmTcHalf, 2, 4>::BN == FM_G_TC_BN,
+              "geometry.cuh: FM_G_TC_BM, FM_G_TC_BN");
+static_assert(FmTcShape<FmTcHalf, 4, 8>::BM == FM_G_TC_WIDE_BM && FmTcShape<FmTcHalf, 4, 8>::BN == FM_G_TC_WIDE_BN,
+              "geometry.cuh: FM_G_TC_WIDE_BM, FM_G_TC_WIDE_BN");
 
 // Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / ksteps, columns
 // k0 .. k0 + BK of D) into `stage`: (BM + BN) rows of four 16-byte chunks.

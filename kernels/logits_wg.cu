@@ -26,16 +26,16 @@
 
 #if defined(FM_HAS_WGMMA) && FM_DTYPE != FM_F32
 
-#define WG_BM 128
-#define WG_BN 128
+#define WG_BM FM_G_WG_BM
+#define WG_BN FM_G_WG_BN
 #define WG_BK 64          // halves per row and k step: 128 bytes
 #define WG_STAGES 5
 #define WG_TILE_BYTES (128 * 128)                      // 128 rows x 128 bytes, x or w
 #define WG_STAGE_BYTES (2 * WG_TILE_BYTES)             // x tile, then w tile
 // Dynamic shared memory: the stages, plus up to 1008 bytes to move their start to a 1024-byte
-// boundary (the swizzle pattern is defined on address bits 4-9). src/cuda/fused.rs: WG_SMEM_BYTES.
+// boundary (the swizzle pattern is defined on address bits 4-9). geometry.cuh: FM_G_WG_SMEM.
 #define WG_SMEM_BYTES (WG_STAGES * WG_STAGE_BYTES + 1024)
-static_assert(WG_SMEM_BYTES == 164864, "WG_SMEM_BYTES in src/cuda/fused.rs");
+static_assert(WG_SMEM_BYTES == FM_G_WG_SMEM, "geometry.cuh: FM_G_WG_SMEM");
 // Copies run WG_AHEAD stages ahead: the stage they refill was read by the group before last, which
 // wait_group 1 has retired (the last group may still be reading its own stage).
 #define WG_AHEAD (WG_STAGES - 2)

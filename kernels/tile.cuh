@@ -9,11 +9,11 @@
 #define FM_TILE_CUH
 #include "common.cuh"
 
-#define FM_BM 32
-#define FM_BN 32
+#define FM_BM FM_G_BM
+#define FM_BN FM_G_BN
 #define FM_BK 32
-#define FM_THREADS 256
-#define FM_DC 128   // gradient columns (of D) owned by one block in the backward kernels
+#define FM_THREADS FM_G_THREADS
+#define FM_DC FM_G_DC   // gradient columns (of D) owned by one block in the backward kernels
 
 struct FmTileSmem {
     float xs[FM_BM][FM_BK + 1];   // +1: rows land in different banks

@@ -639,14 +639,9 @@ mod gpu {
             }
         };
         let grads = match &op.upstream {
-            UpstreamArg::Scalar(v) => gpu.backward::<T>(
-                &op.spec,
-                fwd,
-                &x,
-                &w,
-                &labels,
-                GpuUpstream::Scalar(*v as f32),
-            ),
+            UpstreamArg::Scalar(v) => {
+                gpu.backward::<T>(fwd, &x, &w, &labels, GpuUpstream::Scalar(*v as f32))
+            }
             UpstreamArg::PerRowDevice(t) => {
                 let (storage, layout) = t.storage_and_layout();
                 let Storage::Cuda(cs) = &*storage else {
@@ -656,7 +651,7 @@ mod gpu {
                     ));
                 };
                 let g = view::<f32>(cs, layout, "upstream gradient")?;
-                gpu.backward::<T>(&op.spec, fwd, &x, &w, &labels, GpuUpstream::PerRow(&g))
+                gpu.backward::<T>(fwd, &x, &w, &labels, GpuUpstream::PerRow(&g))
             }
             UpstreamArg::PerRowHost(_) => {
                 return Err(msg(

@@ -435,7 +435,11 @@ fn zero_feature_row_takes_the_eps_path() {
         matches_naive(&spec, &x, &w, &labels, shape);
         let c = shape.c as f64;
         if spec.normalize_features {
-            let t = fused_margin::math::target(&spec, &fused_margin::math::RowMargin::uniform(&spec), 0.0);
+            let t = fused_margin::math::target(
+                &spec,
+                &fused_margin::math::RowMargin::uniform(&spec),
+                0.0,
+            );
             let s = spec.s;
             let want = ((s * t.value).exp() + c - 1.0).ln() - s * t.value;
             assert!(
@@ -514,7 +518,11 @@ fn zero_class_row_takes_the_eps_path() {
                 spec.s * norm(xi)
             };
             let (t, dt) = if labels[i] as usize == zero {
-                let tg = fused_margin::math::target(&spec, &fused_margin::math::RowMargin::uniform(&spec), 0.0);
+                let tg = fused_margin::math::target(
+                    &spec,
+                    &fused_margin::math::RowMargin::uniform(&spec),
+                    0.0,
+                );
                 (tg.value, tg.deriv)
             } else {
                 (0.0, 1.0)

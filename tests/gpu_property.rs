@@ -14,7 +14,7 @@ mod property_cases;
 
 use common::{bars, rel};
 use cudarc::driver::CudaStream;
-use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, Plan};
+use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream, Options, Plan};
 use fused_margin::{cpu, DType, Reduction, Upstream};
 use half::bf16;
 use property_cases::*;
@@ -82,7 +82,7 @@ fn check<T: CudaElement>(gpu: &FusedMarginLoss, case: &Case) -> Result<bool, Str
         return Err(format!("row losses rel {e_rows:e} > {lbar:e}"));
     }
     let g = gpu
-        .backward_f32(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
+        .backward_f32(&fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
         .map_err(fe)?;
     let dx: Vec<f64> = s
         .clone_dtoh(&g.dx)
@@ -109,10 +109,10 @@ fn gpu_plans_match_the_reference_on_random_specs() {
     let mut failures = Vec::new();
     let (mut compared, mut skipped) = (0, 0);
     for plan in [Plan::Fused, Plan::Naive] {
-        let gpu = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan)
-            .with_poison(true);
+        let mut options = Options::default();
+        options.plan = plan;
+        options.poison = true;
+        let gpu = FusedMarginLoss::with_options(stream.clone(), options).unwrap();
         for (base, preset) in [
             (1_000, Preset::Nsl),
             (2_000, Preset::CosFace),

@@ -6,7 +6,8 @@
 //! machine's bundle sets it) a missing device fails instead.
 use cudarc::driver::{CudaSlice, CudaStream};
 use fused_margin::cuda::{
-    self, CudaElement, FusedMarginLoss, GpuForward, GpuGradients, GpuUpstream, LabelCheck, Plan,
+    self, CudaElement, F32Precision, FusedMarginLoss, GpuForward, GpuGradients, GpuUpstream,
+    LabelCheck, Options, Plan,
 };
 use fused_margin::{
     cpu, DType, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream,
@@ -38,6 +39,26 @@ fn gpu_or_skip() -> Option<Arc<CudaStream>> {
     Some(cuda::default_stream(0).expect("open device 0"))
 }
 
+/// A handle on `stream` with the default options changed by `set`.
+fn handle(stream: &Arc<CudaStream>, set: impl FnOnce(&mut Options)) -> FusedMarginLoss {
+    let mut o = Options::default();
+    set(&mut o);
+    FusedMarginLoss::with_options(stream.clone(), o).unwrap()
+}
+
+/// A handle with the plan `plan` and poisoning on (the tests' usual handle).
+fn poisoned(stream: &Arc<CudaStream>, plan: Plan) -> FusedMarginLoss {
+    handle(stream, |o| {
+        o.plan = plan;
+        o.poison = true;
+    })
+}
+
+/// Whether `gpu` runs f32 inputs through TF32.
+fn tf32_on(gpu: &FusedMarginLoss) -> bool {
+    gpu.options().f32_precision == F32Precision::Tf32
+}
+
 fn to_f64<T: CudaElement>(v: &[T]) -> Vec<f64> {
     v.iter().map(|e| e.to_f64()).collect()
 }
@@ -59,9 +80,7 @@ fn step<T: CudaElement>(
 ) -> (GpuForward, GpuGradients<T>) {
     let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
     let f = gpu.forward(spec, &xv, &wv, &lv, shape).unwrap();
-    let g = gpu
-        .backward(spec, &f, &xv, &wv, &lv, GpuUpstream::ONE)
-        .unwrap();
+    let g = gpu.backward(&f, &xv, &wv, &lv, GpuUpstream::ONE).unwrap();
     (f, g)
 }
 
@@ -77,7 +96,7 @@ fn step_f32<T: CudaElement>(
     let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
     let f = gpu.forward(spec, &xv, &wv, &lv, shape).unwrap();
     let g = gpu
-        .backward_f32(spec, &f, &xv, &wv, &lv, GpuUpstream::ONE)
+        .backward_f32(&f, &xv, &wv, &lv, GpuUpstream::ONE)
         .unwrap();
     (f, g)
 }
@@ -85,8 +104,9 @@ fn step_f32<T: CudaElement>(
 /// Runs one case through `gpu` and the CPU reference and checks every output against the bars.
 fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape, seed: u64) {
     // TF32 keeps 10 mantissa bits: outlier-dominated cosines would carry more error than the TF32
-    // bars allow for at s = 64 (README, `with_tf32`), so TF32 runs get inputs without them.
-    let tf32 = T::DTYPE == DType::F32 && gpu.tf32_enabled();
+    // bars allow for at s = 64 (README, `F32Precision::Tf32`), so TF32 runs get inputs without
+    // them.
+    let tf32 = T::DTYPE == DType::F32 && tf32_on(gpu);
     check_with::<T>(
         gpu,
         spec,
@@ -102,9 +122,10 @@ fn check_with<T: CudaElement>(
     shape: Shape,
     mut inp: common::Inputs,
 ) {
-    let what = format!("{:?} {:?} {:?} {shape:?}", gpu.plan(), T::DTYPE, spec);
+    let opts = gpu.options();
+    let what = format!("{:?} {:?} {:?} {shape:?}", opts.plan, T::DTYPE, spec);
     let s = gpu.stream();
-    let tf32 = T::DTYPE == DType::F32 && gpu.tf32_enabled();
+    let tf32 = T::DTYPE == DType::F32 && tf32_on(gpu);
     if !spec.normalize_weights {
         // Raw weights with outliers make logits of ~1000 when features are raw too: no f32
         // computation meets 1e-4 on such a conditioning, so keep the raw logits moderate.
@@ -140,16 +161,36 @@ fn check_with<T: CudaElement>(
         .unwrap_or_else(|e| panic!("{what}: forward: {e}"));
     // The tensor-core forward runs exactly where it should: fused plan, tensor cores on, and
     // f16/bf16 with D % 8 == 0 or f32 with TF32 opted in and D % 4 == 0.
-    let tc_expected = gpu.plan() == Plan::Fused
-        && gpu.tensor_cores_enabled()
+    let tc_expected = opts.plan == Plan::Fused
+        && opts.tensor_cores
         && if T::DTYPE == DType::F32 {
             tf32 && shape.d % 4 == 0
         } else {
             shape.d % 8 == 0
         };
     assert_eq!(fwd.tensor_cores, tc_expected, "{what}: tensor-core path");
-    let wg_expected = tc_expected && T::DTYPE != DType::F32 && gpu.wgmma_enabled();
+    let wg_expected = tc_expected && T::DTYPE != DType::F32 && gpu.device_facts().sm90a;
     assert_eq!(fwd.wgmma, wg_expected, "{what}: wgmma path");
+    // The result names the kernels that ran: the tile kernel of the path asserted above.
+    let tile = if fwd.wgmma {
+        Some("fm_fwd_tiles_wg")
+    } else if tc_expected && T::DTYPE == DType::F32 {
+        Some("fm_fwd_tiles_tf32")
+    } else if tc_expected {
+        Some("fm_fwd_tiles_tc")
+    } else if opts.plan == Plan::Fused {
+        Some("fm_fwd_tiles")
+    } else {
+        None
+    };
+    if let Some(tile) = tile {
+        assert!(
+            fwd.kernels.iter().any(|k| k.starts_with(tile)),
+            "{what}: {tile} not in {:?}",
+            fwd.kernels
+        );
+    }
+    assert!(!fwd.kernels.is_empty(), "{what}: no kernels listed");
     let (lbar, gbar) = if T::DTYPE == DType::F32 && fwd.tensor_cores {
         common::TF32_BARS
     } else {
@@ -203,13 +244,18 @@ fn check_with<T: CudaElement>(
 
     // Gradients in the input dtype, then in f32.
     let g = gpu
-        .backward(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
+        .backward(&fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
         .unwrap_or_else(|e| panic!("{what}: backward: {e}"));
-    let tc_bwd_expected =
-        tc_expected && T::DTYPE != DType::F32 && gpu.tensor_core_backward_enabled();
+    let tc_bwd_expected = tc_expected && T::DTYPE != DType::F32 && opts.tensor_core_backward;
     assert_eq!(
         g.tensor_cores, tc_bwd_expected,
         "{what}: tensor-core backward path"
+    );
+    assert_eq!(
+        g.kernels.iter().any(|k| k.starts_with("fm_grad_x_tc")),
+        tc_bwd_expected,
+        "{what}: backward kernels {:?}",
+        g.kernels
     );
     g.check()
         .unwrap_or_else(|e| panic!("{what}: gradients' label check: {e}"));
@@ -231,7 +277,7 @@ fn check_with<T: CudaElement>(
     );
 
     let g32 = gpu
-        .backward_f32(spec, &fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
+        .backward_f32(&fwd, &xd.as_view(), &wd.as_view(), &ld.as_view(), gup)
         .unwrap_or_else(|e| panic!("{what}: backward_f32: {e}"));
     let dx32: Vec<f64> = s
         .clone_dtoh(&g32.dx)
@@ -286,61 +332,21 @@ fn specs() -> Vec<MarginLoss> {
 }
 
 fn run_all<T: CudaElement>(plan: Plan) {
-    run_all_with::<T>(plan, true);
+    run_all_opts::<T>(plan, |_| {});
 }
 
-fn run_all_with<T: CudaElement>(plan: Plan, cublas: bool) {
-    run_all_opts::<T>(
-        plan,
-        Opts {
-            cublas,
-            ..Opts::default()
-        },
-    );
-}
-
-/// The handle's switches a run sets (the defaults of `FusedMarginLoss` otherwise).
-struct Opts {
-    cublas: bool,
-    tensor_cores: bool,
-    tc_backward: bool,
-    tf32: bool,
-    wide: bool,
-    wgmma: bool,
-    label_check: LabelCheck,
-}
-
-impl Default for Opts {
-    fn default() -> Self {
-        Opts {
-            cublas: true,
-            tensor_cores: true,
-            tc_backward: false,
-            tf32: false,
-            wide: false,
-            wgmma: false,
-            label_check: LabelCheck::Host,
-        }
-    }
-}
-
-fn run_all_opts<T: CudaElement>(plan: Plan, o: Opts) {
+/// Every spec and shape on a handle for `plan` with poisoning on and the options `set` changes.
+fn run_all_opts<T: CudaElement>(plan: Plan, set: impl FnOnce(&mut Options)) {
     let Some(stream) = gpu_or_skip() else { return };
-    let gpu = FusedMarginLoss::new(stream)
-        .unwrap()
-        .with_plan(plan)
-        .with_cublas(o.cublas)
-        .with_tensor_cores(o.tensor_cores)
-        .with_tensor_core_backward(o.tc_backward)
-        .with_tf32(o.tf32)
-        .with_wide_forward_tiles(o.wide)
-        .with_wgmma(o.wgmma)
-        .with_label_check(o.label_check)
-        .with_poison(true);
+    let gpu = handle(&stream, |o| {
+        o.plan = plan;
+        o.poison = true;
+        set(o);
+    });
     if plan == Plan::Naive {
         eprintln!(
             "naive plan matrix products on cuBLAS: {}",
-            gpu.naive_uses_cublas()
+            gpu.device_facts().cublas
         );
     }
     // D not a multiple of 8 and C not a multiple of the 32-class tile; the second shape spans
@@ -389,70 +395,40 @@ fn naive_bf16() {
 #[test]
 fn fused_simt_bf16() {
     // The SIMT forward for half inputs too (tensor cores off), on the same cases.
-    run_all_opts::<bf16>(
-        Plan::Fused,
-        Opts {
-            tensor_cores: false,
-            ..Opts::default()
-        },
-    );
+    run_all_opts::<bf16>(Plan::Fused, |o| o.tensor_cores = false);
 }
 #[test]
 fn fused_tc_backward_f16() {
     // The tensor-core backward (opt-in), on the same cases (it runs where D % 8 == 0).
-    run_all_opts::<f16>(
-        Plan::Fused,
-        Opts {
-            tc_backward: true,
-            ..Opts::default()
-        },
-    );
+    run_all_opts::<f16>(Plan::Fused, |o| o.tensor_core_backward = true);
 }
 #[test]
 fn fused_tc_backward_bf16() {
-    run_all_opts::<bf16>(
-        Plan::Fused,
-        Opts {
-            tc_backward: true,
-            ..Opts::default()
-        },
-    );
+    run_all_opts::<bf16>(Plan::Fused, |o| o.tensor_core_backward = true);
 }
 #[test]
 fn fused_tf32_f32() {
     // f32 through the TF32 forward (opt-in), with MATH.md's TF32 bars.
-    run_all_opts::<f32>(
-        Plan::Fused,
-        Opts {
-            tf32: true,
-            ..Opts::default()
-        },
-    );
+    run_all_opts::<f32>(Plan::Fused, |o| o.f32_precision = F32Precision::Tf32);
 }
 #[test]
 fn fused_wide_tiles_bf16_and_tf32() {
     // The wide (128 x 256) tensor-core forward tiles, 16-bit and TF32.
-    let wide = || Opts {
-        wide: true,
-        ..Opts::default()
-    };
-    run_all_opts::<bf16>(Plan::Fused, wide());
-    run_all_opts::<f32>(
-        Plan::Fused,
-        Opts {
-            tf32: true,
-            ..wide()
-        },
-    );
+    run_all_opts::<bf16>(Plan::Fused, |o| o.kernel_override.wide_forward_tiles = true);
+    run_all_opts::<f32>(Plan::Fused, |o| {
+        o.kernel_override.wide_forward_tiles = true;
+        o.f32_precision = F32Precision::Tf32;
+    });
 }
 /// The wgmma forward (sm_90a; on other GPUs the handle falls back to mma.sync, which the
 /// assertion on `fwd.wgmma` in `check_with` verifies), then with the tensor-core backward after it.
 #[test]
 fn fused_wgmma_bf16_f16() {
-    let o = |tc_backward| Opts {
-        wgmma: true,
-        tc_backward,
-        ..Opts::default()
+    let o = |tc_backward| {
+        move |o: &mut Options| {
+            o.kernel_override.wgmma = true;
+            o.tensor_core_backward = tc_backward;
+        }
     };
     run_all_opts::<bf16>(Plan::Fused, o(false));
     run_all_opts::<f16>(Plan::Fused, o(true));
@@ -462,13 +438,10 @@ fn fused_wgmma_bf16_f16() {
 /// the same results (fused plan on tensor cores and SIMT, naive plan), every spec.
 #[test]
 fn device_label_check_bf16_f32_and_naive() {
-    let o = || Opts {
-        label_check: LabelCheck::Device,
-        ..Opts::default()
-    };
-    run_all_opts::<bf16>(Plan::Fused, o());
-    run_all_opts::<f32>(Plan::Fused, o());
-    run_all_opts::<f16>(Plan::Naive, o());
+    let o = |o: &mut Options| o.label_check = LabelCheck::Device;
+    run_all_opts::<bf16>(Plan::Fused, o);
+    run_all_opts::<f32>(Plan::Fused, o);
+    run_all_opts::<f16>(Plan::Naive, o);
 }
 
 /// `LabelCheck::Device` with bad labels: the calls succeed, reading a result returns the typed
@@ -479,10 +452,10 @@ fn device_label_check_bf16_f32_and_naive() {
 fn device_label_check_reports_errors_when_read() {
     let Some(stream) = gpu_or_skip() else { return };
     for plan in [Plan::Fused, Plan::Naive] {
-        let gpu = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan)
-            .with_label_check(LabelCheck::Device);
+        let gpu = handle(&stream, |o| {
+            o.plan = plan;
+            o.label_check = LabelCheck::Device;
+        });
         let shape = Shape::new(4, 8, 10);
         let xs: Vec<f32> = (0..32).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
         let ws: Vec<f32> = (0..80).map(|i| ((i * 5 % 13) as f32 - 6.0) / 6.0).collect();
@@ -516,7 +489,7 @@ fn device_label_check_reports_errors_when_read() {
             "{plan:?}: loss {raw_loss} with a bad label"
         );
         let g = gpu
-            .backward(&spec, &f, &xv, &wv, &bad_l.as_view(), GpuUpstream::ONE)
+            .backward(&f, &xv, &wv, &bad_l.as_view(), GpuUpstream::ONE)
             .unwrap();
         assert!(matches!(
             g.check(),
@@ -529,7 +502,7 @@ fn device_label_check_reports_errors_when_read() {
         assert_eq!(f.counted().unwrap(), 4);
         assert!(f.loss_host().unwrap().is_finite());
         let g = gpu
-            .backward(&spec, &f, &xv, &wv, &permuted_l.as_view(), GpuUpstream::ONE)
+            .backward(&f, &xv, &wv, &permuted_l.as_view(), GpuUpstream::ONE)
             .unwrap();
         assert!(
             matches!(g.check(), Err(fused_margin::Error::ForwardMismatch { .. })),
@@ -538,15 +511,13 @@ fn device_label_check_reports_errors_when_read() {
         let dx = stream.clone_dtoh(&g.dx).unwrap();
         assert!(dx.iter().all(|v| v.is_nan()), "{plan:?}: dx not poisoned");
         let g = gpu
-            .backward(&spec, &f, &xv, &wv, &l.as_view(), GpuUpstream::ONE)
+            .backward(&f, &xv, &wv, &l.as_view(), GpuUpstream::ONE)
             .unwrap();
         g.check().unwrap();
 
-        let host = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan);
+        let host = handle(&stream, |o| o.plan = plan);
         let e = host
-            .backward(&spec, &f, &xv, &wv, &l.as_view(), GpuUpstream::ONE)
+            .backward(&f, &xv, &wv, &l.as_view(), GpuUpstream::ONE)
             .unwrap_err();
         assert!(
             matches!(e, fused_margin::Error::ForwardMismatch { .. }),
@@ -558,17 +529,14 @@ fn device_label_check_reports_errors_when_read() {
 #[test]
 fn naive_plain_kernels_f32() {
     // The naive plan's own matrix-product kernels (used where libcublas is missing).
-    run_all_with::<f32>(Plan::Naive, false);
+    run_all_opts::<f32>(Plan::Naive, |o| o.cublas = false);
 }
 
 #[test]
 fn tiny_shapes_and_all_ignored() {
     let Some(stream) = gpu_or_skip() else { return };
     for plan in [Plan::Fused, Plan::Naive] {
-        let gpu = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan)
-            .with_poison(true);
+        let gpu = poisoned(&stream, plan);
         for shape in [
             Shape::new(1, 3, 2),
             Shape::new(1, 1, 1),
@@ -596,7 +564,7 @@ fn tiny_shapes_and_all_ignored() {
 #[test]
 fn extreme_logits_stay_finite() {
     let Some(stream) = gpu_or_skip() else { return };
-    let gpu = FusedMarginLoss::new(stream).unwrap().with_poison(true);
+    let gpu = poisoned(&stream, Plan::Fused);
     for s in [64.0, 1000.0] {
         check::<f32>(
             &gpu,
@@ -623,9 +591,7 @@ fn fused_memory_is_not_b_by_c() {
     let l = s.clone_htod(&inp.labels).unwrap();
     let bc_bytes = 4 * shape.b * shape.c;
     for plan in [Plan::Fused, Plan::Naive] {
-        let gpu = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan);
+        let gpu = handle(&stream, |o| o.plan = plan);
         let (f, g) = step(&gpu, &spec, &x, &w, &l, shape);
         eprintln!(
             "{plan:?}: forward workspace {} B, backward workspace {} B, one B x C f32 buffer {bc_bytes} B",
@@ -661,9 +627,7 @@ fn fused_tc_backward_is_deterministic() {
 
 fn deterministic(tc_backward: bool) {
     let Some(stream) = gpu_or_skip() else { return };
-    let gpu = FusedMarginLoss::new(stream.clone())
-        .unwrap()
-        .with_tensor_core_backward(tc_backward);
+    let gpu = handle(&stream, |o| o.tensor_core_backward = tc_backward);
     let shape = Shape::new(150, 96, 7001);
     let inp = inputs(shape, 9);
     let x = upload::<bf16>(&stream, &inp.x);
@@ -725,27 +689,25 @@ fn misuse_is_a_typed_error() {
         )
         .unwrap_err();
     assert!(e.to_string().contains("s = NaN"), "{e}");
+    // The backward takes the forward's spec: there is no other spec to disagree with.
     let f = gpu
         .forward(&spec, &x.as_view(), &w.as_view(), &l.as_view(), shape)
         .unwrap();
+    assert_eq!(f.spec(), &spec);
+    assert_eq!(f.shape(), shape);
     let e = gpu
         .backward(
-            &spec.scale(30.0),
             &f,
             &x.as_view(),
-            &w.as_view(),
+            &bad_w.as_view(),
             &l.as_view(),
             GpuUpstream::ONE,
         )
         .unwrap_err();
-    assert!(
-        matches!(e, fused_margin::Error::ForwardMismatch { .. }),
-        "{e}"
-    );
+    assert!(e.to_string().contains("79"), "{e}");
     for labels in [&other_l, &permuted_l] {
         let e = gpu
             .backward(
-                &spec,
                 &f,
                 &x.as_view(),
                 &w.as_view(),
@@ -762,7 +724,6 @@ fn misuse_is_a_typed_error() {
     let uv = up.as_view();
     let e = gpu
         .backward(
-            &spec,
             &f,
             &x.as_view(),
             &w.as_view(),
@@ -808,9 +769,7 @@ fn huge_b_times_c() {
     }
     let mut dws = Vec::new();
     for plan in plans {
-        let gpu = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan);
+        let gpu = handle(&stream, |o| o.plan = plan);
         let (f, g) = step(&gpu, &spec, &xd, &wd, &ld, shape);
         let loss = f.loss_host().unwrap() as f64;
         assert!(loss.is_finite() && loss > 0.0, "{plan:?}: loss {loss}");
@@ -868,7 +827,6 @@ fn non_finite_inputs_propagate() {
                     .unwrap();
                 let g = gpu
                     .backward_f32(
-                        &spec,
                         &f,
                         &xd.as_view(),
                         &wd.as_view(),
@@ -893,16 +851,9 @@ fn non_finite_inputs_propagate() {
         ("gpu fused", FusedMarginLoss::new(stream.clone()).unwrap()),
         (
             "gpu fused, tensor-core backward",
-            FusedMarginLoss::new(stream.clone())
-                .unwrap()
-                .with_tensor_core_backward(true),
+            handle(&stream, |o| o.tensor_core_backward = true),
         ),
-        (
-            "gpu naive",
-            FusedMarginLoss::new(stream.clone())
-                .unwrap()
-                .with_plan(Plan::Naive),
-        ),
+        ("gpu naive", handle(&stream, |o| o.plan = Plan::Naive)),
     ];
     for (k, spec) in [
         MarginLoss::arcface(0.5),
@@ -922,15 +873,14 @@ fn non_finite_inputs_propagate() {
 #[test]
 fn zero_norm_rows() {
     let Some(stream) = gpu_or_skip() else { return };
-    let base = || {
-        FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_poison(true)
-    };
+    let tc_backward = |o: &mut Options| o.tensor_core_backward = true;
     let handles = [
-        base(),
-        base().with_tensor_core_backward(true),
-        base().with_plan(Plan::Naive),
+        poisoned(&stream, Plan::Fused),
+        handle(&stream, |o| {
+            o.poison = true;
+            tc_backward(o);
+        }),
+        poisoned(&stream, Plan::Naive),
     ];
     let shape = Shape::new(40, 16, 70);
     for (k, spec) in common::zero_row_specs().into_iter().enumerate() {
@@ -958,15 +908,13 @@ fn zero_norm_rows() {
 #[test]
 fn eps_rule_tiny_probabilities_and_targets_near_the_clamp() {
     let Some(stream) = gpu_or_skip() else { return };
-    let base = || {
-        FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_poison(true)
-    };
     let handles = [
-        base(),
-        base().with_plan(Plan::Naive),
-        base().with_tensor_core_backward(true),
+        poisoned(&stream, Plan::Fused),
+        poisoned(&stream, Plan::Naive),
+        handle(&stream, |o| {
+            o.poison = true;
+            o.tensor_core_backward = true;
+        }),
     ];
     let tc = &handles[2];
     let shape = Shape::new(40, 16, 70);
@@ -1012,17 +960,14 @@ fn eps_rule_tiny_probabilities_and_targets_near_the_clamp() {
 #[test]
 fn labels_at_both_ends() {
     let Some(stream) = gpu_or_skip() else { return };
-    let base = || {
-        FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_poison(true)
-    };
     for gpu in [
-        base(),
-        base()
-            .with_tensor_core_backward(true)
-            .with_wide_forward_tiles(true),
-        base().with_plan(Plan::Naive),
+        poisoned(&stream, Plan::Fused),
+        handle(&stream, |o| {
+            o.poison = true;
+            o.tensor_core_backward = true;
+            o.kernel_override.wide_forward_tiles = true;
+        }),
+        poisoned(&stream, Plan::Naive),
     ] {
         for shape in [Shape::new(33, 16, 129), Shape::new(65, 40, 257)] {
             let mut inp = inputs(shape, 95);
@@ -1046,10 +991,10 @@ fn margins_at_their_limits() {
     let inp = common::margin_inputs_opts(shape, 80, false);
     let ld = stream.clone_htod(&inp.labels).unwrap();
     for plan in [Plan::Fused, Plan::Naive] {
-        let gpu = FusedMarginLoss::new(stream.clone())
-            .unwrap()
-            .with_plan(plan)
-            .with_tensor_core_backward(true);
+        let gpu = handle(&stream, |o| {
+            o.plan = plan;
+            o.tensor_core_backward = true;
+        });
         for spec in common::limit_specs() {
             fn one<T: CudaElement>(
                 gpu: &FusedMarginLoss,
@@ -1064,7 +1009,7 @@ fn margins_at_their_limits() {
                 let reference = cpu::forward(spec, &x, &w, &inp.labels, shape).unwrap().loss;
                 let (xd, wd) = (s.clone_htod(&x).unwrap(), s.clone_htod(&w).unwrap());
                 let (f, g) = step_f32(gpu, spec, &xd, &wd, ld, shape);
-                let what = format!("{:?} {:?} {spec:?}", gpu.plan(), T::DTYPE);
+                let what = format!("{:?} {:?} {spec:?}", gpu.options().plan, T::DTYPE);
                 let loss = f.loss_host().unwrap() as f64;
                 let lse = f.lse_host().unwrap();
                 assert!(
@@ -1113,17 +1058,13 @@ fn deterministic_across_streams_and_threads() {
                 bits(s.clone_dtoh(&g.dw).unwrap()),
             )
         };
-        let handle = |s: Arc<CudaStream>| {
-            FusedMarginLoss::new(s)
-                .unwrap()
-                .with_tensor_core_backward(tc_backward)
-        };
-        let alone = run(&handle(stream.clone()));
+        let tc = |s: &Arc<CudaStream>| handle(s, |o| o.tensor_core_backward = tc_backward);
+        let alone = run(&tc(&stream));
         let streams = [
             stream.context().new_stream().unwrap(),
             stream.context().new_stream().unwrap(),
         ];
-        let handles: Vec<FusedMarginLoss> = streams.iter().map(|s| handle(s.clone())).collect();
+        let handles: Vec<FusedMarginLoss> = streams.iter().map(tc).collect();
         let results: Vec<Bits> = std::thread::scope(|sc| {
             let joins: Vec<_> = (0..6)
                 .map(|t| {

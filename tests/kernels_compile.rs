@@ -83,7 +83,7 @@ fn bf16_kernels_compile_for_sm90() {
     compiles(fused_margin::DType::BF16, "sm_90");
 }
 
-/// The architecture-specific Hopper target (`with_wgmma`): every kernel plus the wgmma forward.
+/// The architecture-specific Hopper target (the wgmma override): every kernel plus the wgmma forward.
 #[test]
 fn kernels_compile_for_sm90a() {
     for dt in KERNEL_DTYPES {

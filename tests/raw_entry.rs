@@ -204,6 +204,19 @@ fn dtypes_upstream_and_spec_are_checked() {
     ));
 }
 
+/// The raw upstream is the handle's upstream enum with a raw buffer in it (one type,
+/// `cuda::DeviceUpstream`), so its constant and `map` are the same.
+#[test]
+fn the_raw_upstream_is_the_device_upstream() {
+    let one: fused_margin::cuda::DeviceUpstream<RawBuffer> = RawUpstream::ONE;
+    assert_eq!(one, RawUpstream::Scalar(1.0));
+    let rows = RawUpstream::PerRow(RawBuffer::new(0x7000_0007_0000, B));
+    assert_eq!(
+        rows.map(|b| b.len),
+        fused_margin::cuda::DeviceUpstream::PerRow(B)
+    );
+}
+
 #[test]
 fn the_entry_itself_checks_first_and_reports_a_missing_device() {
     let spec = MarginLoss::arcface(0.5);
@@ -326,6 +339,8 @@ mod gpu {
         // `stream` (of the primary context), outputs are separate allocations, and everything
         // is read back on the same stream.
         let fwd = unsafe { raw::forward(0, cu, &spec, &inputs, &out) }.unwrap();
+        assert_eq!(fwd.spec(), &spec);
+        assert_eq!(fwd.shape(), shape);
         for (gdx, gdw, gdtype) in [
             (ptr(&dx, stream), ptr(&dw, stream), dtype),
             (ptr(&dx32, stream), ptr(&dw32, stream), DType::F32),
@@ -336,18 +351,8 @@ mod gpu {
                 dtype: gdtype,
             };
             // SAFETY: as above.
-            unsafe {
-                raw::backward(
-                    0,
-                    cu,
-                    &spec,
-                    &fwd,
-                    &inputs,
-                    RawUpstream::Scalar(1.0),
-                    &grads,
-                )
-            }
-            .unwrap();
+            unsafe { raw::backward(0, cu, &fwd, &inputs, RawUpstream::Scalar(1.0), &grads) }
+                .unwrap();
         }
         let l = host(stream, &loss);
         assert!(
@@ -382,13 +387,27 @@ mod gpu {
             raw::backward(
                 0,
                 other.cu_stream(),
-                &spec,
                 &fwd,
                 &inputs,
                 RawUpstream::Scalar(1.0),
                 &grads,
             )
         };
+        assert!(matches!(e, Err(Error::ForwardMismatch { .. })), "{e:?}");
+        // So is one whose inputs have another shape (one class fewer: prefixes of the same
+        // buffers, so every length fits its own shape).
+        let fewer = Shape::new(shape.b, shape.d, shape.c - 1);
+        let small = RawInputs {
+            w: RawBuffer::new(inputs.w.ptr, fewer.c * fewer.d),
+            shape: fewer,
+            ..inputs
+        };
+        let small_grads = RawGradOut {
+            dw: RawBuffer::new(grads.dw.ptr, fewer.c * fewer.d),
+            ..grads
+        };
+        // SAFETY: as above; every buffer is a prefix of a live allocation.
+        let e = unsafe { raw::backward(0, cu, &fwd, &small, RawUpstream::ONE, &small_grads) };
         assert!(matches!(e, Err(Error::ForwardMismatch { .. })), "{e:?}");
         drop(fwd);
         stream.synchronize().unwrap();

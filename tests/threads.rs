@@ -7,7 +7,7 @@
 //! exact equality, not a tolerance.
 //!
 //! The GPU handle's `Send + Sync` is asserted at compile time next to its definition
-//! (`src/cuda/mod.rs`, the `assert_send_sync::<FusedMarginLoss>()` and `GpuForward` block); the
+//! (`src/cuda/handle.rs`, the `assert_send_sync::<FusedMarginLoss>()` and `GpuForward` block); the
 //! GPU tests of sharing one handle across threads and streams need a GPU machine (see README,
 //! "Reliability").
 

@@ -234,7 +234,7 @@ fn typed<T: CudaElement>(
             let l = s.clone_htod(labels).map_err(err)?;
             let (xv, wv, lv) = (x.as_view(), wd.as_view(), l.as_view());
             let fwd = gpu.forward(spec, &xv, &wv, &lv, shape)?;
-            let g = gpu.backward_f32(spec, &fwd, &xv, &wv, &lv, GpuUpstream::ONE)?;
+            let g = gpu.backward_f32(&fwd, &xv, &wv, &lv, GpuUpstream::ONE)?;
             Ok(LossAndGrads {
                 loss: fwd.loss_host()? as f64,
                 d_emb: s.clone_dtoh(&g.dx).map_err(err)?,

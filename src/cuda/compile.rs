@@ -64,7 +64,7 @@ pub const HALF_ENTRY_POINTS: [&str; 9] = [
 pub const F32_ENTRY_POINTS: [&str; 2] = ["fm_fwd_tiles_tf32", "fm_fwd_tiles_tf32_wide"];
 
 /// Entry points built only for f16 and bf16 inputs and only for `sm_90a` (wgmma: the Hopper
-/// forward of [`super::FusedMarginLoss::with_wgmma`]).
+/// forward, selected by the benchmark-only kernel override of [`super::Options`]).
 pub const SM90A_HALF_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_wg"];
 
 /// True when libnvrtc can be loaded (cudarc panics on first use otherwise).

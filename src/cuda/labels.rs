@@ -8,8 +8,9 @@ use crate::spec::Shape;
 use cudarc::driver::{CudaSlice, CudaStream};
 use std::sync::Arc;
 
-/// How a [`FusedMarginLoss`] checks the labels (each must be `< C`, or negative to ignore its
-/// row) and finds the number of counted rows that the mean reduction divides by.
+/// How a [`FusedMarginLoss`](super::FusedMarginLoss) checks the labels (each must be `< C`, or
+/// negative to ignore its row) and finds the number of counted rows that the mean reduction
+/// divides by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LabelCheck {
     /// Copy the B labels to the host and check them before any launch: a bad label is an

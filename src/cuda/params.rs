@@ -45,6 +45,33 @@ unsafe impl bytemuck::Zeroable for FmParams {}
 unsafe impl bytemuck::Pod for FmParams {}
 const _: () = assert!(std::mem::size_of::<FmParams>() == 48);
 
+/// `FmParams.policy`'s codes: the values of `FM_POLICY_*` in kernels/geometry.cuh (checked by
+/// the unit test below).
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyCode {
+    /// FM_G_POLICY_MONOTONIC.
+    Monotonic = super::geometry::POLICY_MONOTONIC as i32,
+    /// FM_G_POLICY_FALLBACK.
+    Fallback = super::geometry::POLICY_FALLBACK as i32,
+    /// FM_G_POLICY_RAW.
+    Raw = super::geometry::POLICY_RAW as i32,
+    /// FM_G_POLICY_EASY.
+    Easy = super::geometry::POLICY_EASY as i32,
+}
+
+impl PolicyCode {
+    /// The code of an (effective) overflow policy.
+    pub fn of(p: OverflowPolicy) -> Self {
+        match p {
+            OverflowPolicy::Monotonic => Self::Monotonic,
+            OverflowPolicy::Fallback => Self::Fallback,
+            OverflowPolicy::Raw => Self::Raw,
+            OverflowPolicy::Easy => Self::Easy,
+        }
+    }
+}
+
 impl FmParams {
     /// The kernels' view of a validated spec (margins rounded to f32; `m2 sin m2` taken in f64).
     pub fn from_spec(spec: &MarginLoss) -> Self {
@@ -55,12 +82,7 @@ impl FmParams {
             m3: spec.m3 as f32,
             lambda: spec.lambda as f32,
             fallback_shift: (spec.m2 * spec.m2.sin()) as f32,
-            policy: match spec.effective_policy() {
-                OverflowPolicy::Monotonic => 0,
-                OverflowPolicy::Fallback => 1,
-                OverflowPolicy::Raw => 2,
-                OverflowPolicy::Easy => 3,
-            },
+            policy: PolicyCode::of(spec.effective_policy()) as i32,
             detached: (spec.gradient == GradientMode::Detached) as i32,
             angular: spec.has_angular_margin() as i32,
             normalize_features: spec.normalize_features as i32,

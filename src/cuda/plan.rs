@@ -386,28 +386,30 @@ pub struct BackwardProblem {
     pub fwd_tensor_cores: bool,
 }
 
+use super::geometry as g;
+
 /// i64 entries of a label status record (kernels/labels.cu: FM_STATUS_LEN).
-pub const STATUS_LEN: usize = 6;
+pub const STATUS_LEN: usize = g::STATUS_LEN;
 /// Threads per tile block (FM_THREADS).
-pub const THREADS: u32 = 256;
+pub const THREADS: u32 = g::THREADS as u32;
 /// Blocks per SM the split heuristics aim for.
 pub const BLOCKS_PER_SM: usize = 4;
 /// Rows and classes per SIMT tile (FM_BM, FM_BN in kernels/tile.cuh).
-const BM: usize = 32;
-const BN: usize = 32;
+const BM: usize = g::BM;
+const BN: usize = g::BN;
 /// Rows and classes per tensor-core forward tile (FmTcShape<Op, 2, 4> in kernels/logits_tc.cu).
-const TC_TILE: (usize, usize) = (64, 128);
+const TC_TILE: (usize, usize) = (g::TC_BM, g::TC_BN);
 /// Rows and classes per wide tensor-core forward tile (FmTcShape<Op, 4, 8>).
-const TC_WIDE: (usize, usize) = (128, 256);
+const TC_WIDE: (usize, usize) = (g::TC_WIDE_BM, g::TC_WIDE_BN);
 /// Rows and classes per wgmma forward tile (WG_BM, WG_BN in kernels/logits_wg.cu).
-const WG_TILE: (usize, usize) = (128, 128);
+const WG_TILE: (usize, usize) = (g::WG_BM, g::WG_BN);
 /// Dynamic shared memory of a wgmma forward block: 5 stages of 32 KB plus 1 KB to align them to
-/// 1024 bytes (WG_SMEM_BYTES, static_assert in logits_wg.cu).
-const WG_SMEM_BYTES: u32 = 164_864;
+/// 1024 bytes.
+const WG_SMEM_BYTES: u32 = g::WG_SMEM as u32;
 /// Gradient columns per SIMT backward block (FM_DC).
-const DC: usize = 128;
+const DC: usize = g::DC;
 /// Partner rows per tensor-core backward tile (GT_PN in kernels/grad_tc.cu).
-const GT_PN: usize = 64;
+const GT_PN: usize = g::GT_PN;
 /// Upper bound on class splits of the SIMT dx backward (bounds its B x D x nsplit partials).
 const MAX_X_SPLITS: usize = 64;
 /// Upper bound on class splits of the tensor-core dx kernel: `nsplit x B x D` f32 partials
@@ -416,11 +418,13 @@ const MAX_TC_X_SPLITS: usize = 32;
 /// Upper bound on class splits of the forward (its partials are only B x nsplit pairs).
 const MAX_FWD_SPLITS: usize = 1024;
 
-/// Dynamic shared memory of a tensor-core forward block: 3 stages of (rows + classes) rows of 80
-/// bytes (32 halves or 16 floats of D, padded), then 4 warps' (max, sum) pairs per row:
-/// FmTcShape::SMEM_BYTES.
+/// Dynamic shared memory of a tensor-core forward block of `tile` (FmTcShape::SMEM_BYTES).
 const fn tc_smem_bytes(tile: (usize, usize)) -> u32 {
-    (3 * (tile.0 + tile.1) * 80 + 32 * tile.0) as u32
+    if tile.0 == g::TC_WIDE_BM {
+        g::TC_WIDE_SMEM as u32
+    } else {
+        g::TC_SMEM as u32
+    }
 }
 
 /// How the class tiles are split across blocks: `nsplit` splits of `tiles_per_split` tiles.
@@ -758,27 +762,27 @@ const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
 /// The tensor-core backward, FmGt<64> of kernels/grad_tc.cu: 64 own rows (or classes) x 256
 /// columns of D per block. For D <= 256, where one chunk covers D.
 const TC_BACKWARD: BackwardTiles = BackwardTiles {
-    rows: 64,
+    rows: g::GT64_OWN,
     classes: GT_PN,
-    w_classes: 64,
-    dchunk: 256,
+    w_classes: g::GT64_OWN,
+    dchunk: g::GT64_DCH,
     max_x_splits: MAX_TC_X_SPLITS,
     x_kernel: "fm_grad_x_tc",
     w_kernel: "fm_grad_w_tc",
-    smem: 45312, // sizeof(FmGt<64>::Smem), static_assert in grad_tc.cu
+    smem: g::GT64_SMEM as u32, // sizeof(FmGt<64>::Smem), static_assert in grad_tc.cu
 };
 
 /// FmGt<32>: 32 own rows x 512 columns per block, so up to D = 512 each block recomputes its
 /// logits once, where TC_BACKWARD's two D chunks recompute them twice.
 const TC_BACKWARD_D512: BackwardTiles = BackwardTiles {
-    rows: 32,
+    rows: g::GT32_OWN,
     classes: GT_PN,
-    w_classes: 32,
-    dchunk: 512,
+    w_classes: g::GT32_OWN,
+    dchunk: g::GT32_DCH,
     max_x_splits: MAX_TC_X_SPLITS,
     x_kernel: "fm_grad_x_tc_d512",
     w_kernel: "fm_grad_w_tc_d512",
-    smem: 72448, // sizeof(FmGt<32>::Smem), static_assert in grad_tc.cu
+    smem: g::GT32_SMEM as u32, // sizeof(FmGt<32>::Smem), static_assert in grad_tc.cu
 };
 
 /// The backward of `choices.plan`. Under [`LabelCheck::Device`] it starts with this call's

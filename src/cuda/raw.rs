@@ -28,7 +28,8 @@
 //! // belongs to device 0's primary context, outputs overlap nothing, and nothing else touches
 //! // these buffers until the work enqueued here has run (see the functions' "Safety").
 //! let fwd = unsafe { raw::forward(0, stream, &spec, &inputs, &out)? };
-//! unsafe { raw::backward(0, stream, &spec, &fwd, &inputs, RawUpstream::Scalar(1.0), &grads)? };
+//! // The backward takes the spec from the forward's result.
+//! unsafe { raw::backward(0, stream, &fwd, &inputs, RawUpstream::ONE, &grads)? };
 //! # Ok(()) }
 //! ```
 //!
@@ -45,7 +46,7 @@
 //! reuse a few.
 
 use super::libs;
-use super::{CudaElement, FusedMarginLoss, GpuForward, GpuUpstream};
+use super::{CudaElement, DeviceUpstream, FusedMarginLoss, GpuForward};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{MarginLoss, Reduction, Shape};
@@ -110,14 +111,11 @@ pub struct RawGradOut {
     pub dtype: DType,
 }
 
-/// The upstream gradient `dObjective/dloss`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum RawUpstream {
-    /// For `Reduction::Mean` and `Reduction::Sum` (usually 1).
-    Scalar(f32),
-    /// For `Reduction::None`: B f32 values on the device, one per row.
-    PerRow(RawBuffer),
-}
+/// The upstream gradient `dObjective/dloss`: `RawUpstream::Scalar(g)` for `Reduction::Mean` and
+/// `Reduction::Sum` (usually 1: [`DeviceUpstream::ONE`]), `RawUpstream::PerRow(buffer)` of B f32
+/// on the device for `Reduction::None`. The same enum as the handle's
+/// [`GpuUpstream`](super::GpuUpstream), with the per-row buffer given as a raw pointer.
+pub type RawUpstream = DeviceUpstream<RawBuffer>;
 
 /// What [`forward`] keeps for [`backward`]: per-row logsumexp and the norms (`O(B + C)` floats,
 /// in device memory this crate owns, allocated on the forward's stream and freed on it when this
@@ -145,6 +143,11 @@ impl RawForward {
     /// The shape the forward ran with.
     pub fn shape(&self) -> Shape {
         self.fwd.shape()
+    }
+
+    /// The loss the forward computed (the backward uses it).
+    pub fn spec(&self) -> &MarginLoss {
+        self.fwd.spec()
     }
 }
 
@@ -201,7 +204,8 @@ pub unsafe fn forward(
 }
 
 /// Backward pass (MATH.md "Backward"): writes `dx` and `dw` into `out`, from `fwd` (returned by
-/// [`forward`] for the same spec, inputs, device and stream).
+/// [`forward`] for the same inputs, device and stream), with the forward's spec
+/// ([`RawForward::spec`]).
 ///
 /// # Safety
 ///
@@ -211,19 +215,28 @@ pub unsafe fn forward(
 pub unsafe fn backward(
     ordinal: usize,
     stream: CUstream,
-    spec: &MarginLoss,
     fwd: &RawForward,
     inputs: &RawInputs,
     upstream: RawUpstream,
     out: &RawGradOut,
 ) -> Result<()> {
-    check_backward(spec, inputs, upstream, out)?;
-    if fwd.ordinal != ordinal || fwd.stream != stream as usize || fwd.dtype != inputs.dtype {
+    check_backward(fwd.spec(), inputs, upstream, out)?;
+    if fwd.ordinal != ordinal
+        || fwd.stream != stream as usize
+        || fwd.dtype != inputs.dtype
+        || fwd.shape() != inputs.shape
+    {
         return Err(Error::ForwardMismatch {
             detail: format!(
-                "forward ran on device {} stream {:#x} with {:?} inputs, backward is on device \
-                 {ordinal} stream {:#x} with {:?}",
-                fwd.ordinal, fwd.stream, fwd.dtype, stream as usize, inputs.dtype
+                "forward ran on device {} stream {:#x} with {:?} inputs of {:?}, backward is on \
+                 device {ordinal} stream {:#x} with {:?} inputs of {:?}",
+                fwd.ordinal,
+                fwd.stream,
+                fwd.dtype,
+                fwd.shape(),
+                stream as usize,
+                inputs.dtype,
+                inputs.shape
             ),
         });
     }
@@ -231,9 +244,9 @@ pub unsafe fn backward(
     // SAFETY: forwarded from this function's contract; the checks above hold.
     unsafe {
         match inputs.dtype {
-            DType::F32 => backward_typed::<f32>(&gpu, spec, &fwd.fwd, inputs, upstream, out),
-            DType::F16 => backward_typed::<f16>(&gpu, spec, &fwd.fwd, inputs, upstream, out),
-            DType::BF16 => backward_typed::<bf16>(&gpu, spec, &fwd.fwd, inputs, upstream, out),
+            DType::F32 => backward_typed::<f32>(&gpu, &fwd.fwd, inputs, upstream, out),
+            DType::F16 => backward_typed::<f16>(&gpu, &fwd.fwd, inputs, upstream, out),
+            DType::BF16 => backward_typed::<bf16>(&gpu, &fwd.fwd, inputs, upstream, out),
             DType::F64 => Err(unsupported_dtype(inputs.dtype)),
         }
     }
@@ -259,7 +272,7 @@ pub unsafe fn forward_backward(
     // SAFETY: forwarded from this function's contract.
     let fwd = unsafe { forward(ordinal, stream, spec, inputs, fwd_out)? };
     // SAFETY: as above; `fwd` came from this stream and device.
-    unsafe { backward(ordinal, stream, spec, &fwd, inputs, upstream, grad_out) }
+    unsafe { backward(ordinal, stream, &fwd, inputs, upstream, grad_out) }
 }
 
 /// The checks [`forward`] makes before any driver call, as a safe function: the spec, the shape,
@@ -698,7 +711,6 @@ unsafe fn forward_typed<T: CudaElement>(
 /// [`backward`]'s contract, with `inputs.dtype` the dtype of `T`.
 unsafe fn backward_typed<T: CudaElement>(
     gpu: &FusedMarginLoss,
-    spec: &MarginLoss,
     fwd: &GpuForward,
     inputs: &RawInputs,
     upstream: RawUpstream,
@@ -714,37 +726,31 @@ unsafe fn backward_typed<T: CudaElement>(
         )
     };
     let (xv, wv, lv) = (x.as_view(), w.as_view(), labels.as_view());
-    // SAFETY: forwarded; a per-row upstream is B f32 (checked).
-    let g = match upstream {
-        RawUpstream::PerRow(buf) => Some(unsafe { Borrowed::<f32>::new(s, buf) }),
-        RawUpstream::Scalar(_) => None,
-    };
-    let gv = g.as_ref().map(|g| g.as_view());
-    let up = match (&gv, upstream) {
-        (Some(v), _) => GpuUpstream::PerRow(v),
-        (None, RawUpstream::Scalar(v)) => GpuUpstream::Scalar(v),
-        (None, RawUpstream::PerRow(_)) => unreachable_upstream()?,
+    // The per-row buffer borrowed as a view, then the same upstream with the view in it.
+    let g: Borrowed<f32>;
+    let gv;
+    let up = match upstream {
+        DeviceUpstream::Scalar(v) => DeviceUpstream::Scalar(v),
+        DeviceUpstream::PerRow(buf) => {
+            // SAFETY: forwarded; a per-row upstream is B f32 (checked).
+            g = unsafe { Borrowed::<f32>::new(s, buf) };
+            gv = g.as_view();
+            DeviceUpstream::PerRow(&gv)
+        }
     };
     if out.dtype == T::DTYPE {
-        let grads = gpu.backward::<T>(spec, fwd, &xv, &wv, &lv, up)?;
+        let grads = gpu.backward::<T>(fwd, &xv, &wv, &lv, up)?;
         // SAFETY: forwarded; lengths checked (B*D, C*D) and equal to the gradients'.
         unsafe {
             copy_out(s, &grads.dx, out.dx, "dx")?;
             copy_out(s, &grads.dw, out.dw, "dw")
         }
     } else {
-        let grads = gpu.backward_f32::<T>(spec, fwd, &xv, &wv, &lv, up)?;
+        let grads = gpu.backward_f32::<T>(fwd, &xv, &wv, &lv, up)?;
         // SAFETY: as above.
         unsafe {
             copy_out(s, &grads.dx, out.dx, "dx")?;
             copy_out(s, &grads.dw, out.dw, "dw")
         }
     }
-}
-
-/// A per-row upstream always has its view (built just above); an error, not a panic, if not.
-fn unreachable_upstream() -> Result<GpuUpstream<'static>> {
-    Err(Error::Upstream {
-        detail: "internal: per-row upstream without its device view".into(),
-    })
 }

@@ -1,0 +1,49 @@
+// fused-margin: the launch geometry the host and the kernels share, defined once, here.
+// build.rs turns every `#define FM_G_<NAME> <integer>` line of this file into a Rust constant
+// `<NAME>` (src/cuda/geometry.rs, generated): the plan builder (src/cuda/plan.rs) sizes grids,
+// splits and dynamic shared memory with them, and the kernels' static_asserts hold their own
+// structs and templates to the same values. Integers only, one per line, no expressions.
+#ifndef FM_GEOMETRY_CUH
+#define FM_GEOMETRY_CUH
+
+// SIMT tiles (tile.cuh): rows and classes per tile, threads per block, gradient columns per
+// backward block.
+#define FM_G_BM 32
+#define FM_G_BN 32
+#define FM_G_THREADS 256
+#define FM_G_DC 128
+
+// Tensor-core forward tiles (logits_tc.cu, FmTcShape<Op, 2, 4> and <Op, 4, 8>) and their dynamic
+// shared memory (3 stages of (rows + classes) x 80 bytes, then 32 bytes per row).
+#define FM_G_TC_BM 64
+#define FM_G_TC_BN 128
+#define FM_G_TC_SMEM 48128
+#define FM_G_TC_WIDE_BM 128
+#define FM_G_TC_WIDE_BN 256
+#define FM_G_TC_WIDE_SMEM 96256
+
+// wgmma forward tiles (logits_wg.cu): 5 stages of 32 KB plus 1 KB of alignment.
+#define FM_G_WG_BM 128
+#define FM_G_WG_BN 128
+#define FM_G_WG_SMEM 164864
+
+// Tensor-core backward (grad_tc.cu): partner rows per tile; FmGt<64> (D <= 256) and FmGt<32>
+// (D up to 512 per block): own rows, D columns per block, sizeof(Smem).
+#define FM_G_GT_PN 64
+#define FM_G_GT64_OWN 64
+#define FM_G_GT64_DCH 256
+#define FM_G_GT64_SMEM 45312
+#define FM_G_GT32_OWN 32
+#define FM_G_GT32_DCH 512
+#define FM_G_GT32_SMEM 72448
+
+// The label status record's length (labels.cu).
+#define FM_G_STATUS_LEN 6
+
+// FmParams.policy codes (common.cuh; src/cuda/params.rs PolicyCode).
+#define FM_G_POLICY_MONOTONIC 0
+#define FM_G_POLICY_FALLBACK 1
+#define FM_G_POLICY_RAW 2
+#define FM_G_POLICY_EASY 3
+
+#endif  // FM_GEOMETRY_CUH

@@ -1,0 +1,532 @@
+//! [`FusedMarginLoss`]: the handle bound to one stream. Construction (device facts, the module
+//! architecture), the per-dtype module cache, allocation, validation, and the forward and
+//! backward entry points, which build a launch plan (src/cuda/plan.rs) and run it
+//! (src/cuda/exec.rs).
+
+use super::compile::compile_ptx;
+use super::exec;
+use super::labels::{LabelCheck, LabelState};
+use super::launch::{cuda_err, fill_nan, CudaElement, Kernels};
+use super::libs;
+use super::options::{F32Precision, Options, Plan};
+use super::params::FmParams;
+use super::plan::{self, Buf};
+use super::results::{DeviceUpstream, GpuForward, GpuGradients, GpuUpstream};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::spec::{
+    check_per_row_upstream, check_scalar_upstream, scalar_upstream_per_row, MarginLoss, Reduction,
+    Shape,
+};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceSlice};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// True when the CUDA driver library can be loaded and reports at least one device.
+/// Checks `is_culib_present` first: cudarc panics when libcuda is missing.
+pub fn device_available() -> bool {
+    if !libs::driver_present() {
+        return false;
+    }
+    matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+/// Opens device `ordinal` and returns its default stream, or `Error::NoDevice` saying why not:
+/// no driver library (checked before cudarc is asked, since cudarc panics without one), no such
+/// device, or a driver that fails to initialize. Prefer it to `CudaContext::new(ordinal)`,
+/// which panics on a machine without libcuda.
+pub fn default_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    if !libs::driver_present() {
+        return Err(Error::NoDevice {
+            reason: "libcuda (the NVIDIA driver library) was not found".into(),
+        });
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice {
+        reason: format!("cannot open CUDA device {ordinal}: {e:?}"),
+    })?;
+    Ok(ctx.default_stream())
+}
+
+/// The GPU loss operator bound to one stream, with its [`Options`] fixed at construction.
+/// Kernels are compiled by NVRTC once per (input dtype, architecture) per process and loaded once
+/// per handle; the handle is `Send + Sync` and can be shared between threads.
+pub struct FusedMarginLoss {
+    pub(super) stream: Arc<CudaStream>,
+    options: Options,
+    /// The architecture the module is compiled for: `sm_{major}{minor}`, or `sm_90a` when the
+    /// wgmma override is on for a (9, 0) device.
+    arch: String,
+    /// Compute capability (major, minor).
+    cc: (i32, i32),
+    sm_count: u32,
+    /// The most dynamic shared memory a block may opt into (99 KB on sm_86/89, 163 KB on sm_80,
+    /// 227 KB on sm_90): tile shapes that need more are not selected.
+    smem_optin: u32,
+    blas: OnceLock<Option<CudaBlas>>,
+    modules: Mutex<HashMap<DType, Arc<Kernels>>>,
+}
+
+impl std::fmt::Debug for FusedMarginLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FusedMarginLoss")
+            .field("arch", &self.arch)
+            .field("cc", &self.cc)
+            .field("sm_count", &self.sm_count)
+            .field("smem_optin", &self.smem_optin)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl FusedMarginLoss {
+    /// A handle on `stream` with [`Options::default`] (the fused plan). Reads the device's
+    /// architecture and SM count; compiles nothing yet.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        Self::with_options(stream, Options::default())
+    }
+
+    /// A handle on `stream` with `options` (build them from [`Options::default`], field by
+    /// field). Reads the device's architecture and SM count; compiles nothing yet. With the wgmma
+    /// kernel override on a compute-capability-9.0 device the kernels are compiled for `sm_90a`.
+    pub fn with_options(stream: Arc<CudaStream>, options: Options) -> Result<Self> {
+        let ctx = stream.context();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| cuda_err("query compute capability", e))?;
+        if major < 8 {
+            return Err(Error::Unsupported {
+                detail: format!(
+                    "compute capability {major}.{minor}: the kernels need sm_80 or newer"
+                ),
+            });
+        }
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| cuda_err("query SM count", e))? as u32;
+        let smem_optin = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(|e| cuda_err("query the shared memory per block", e))? as u32;
+        let arch = if options.kernel_override.wgmma && (major, minor) == (9, 0) {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{major}{minor}")
+        };
+        Ok(Self {
+            stream,
+            options,
+            arch,
+            cc: (major, minor),
+            sm_count,
+            smem_optin,
+            blas: OnceLock::new(),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The options this handle was made with.
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// The stream every launch goes to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The device architecture the kernels are compiled for, e.g. `"sm_90"` (`"sm_90a"` with
+    /// the wgmma kernel override on an H100/H200).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// What the plan builder knows of this handle's device. `cublas` is true when the naive plan
+    /// is selected and its matrix products run on cuBLAS (loaded on first use); `sm90a` when the
+    /// module holds the wgmma forward.
+    pub fn device_facts(&self) -> plan::DeviceFacts {
+        plan::DeviceFacts {
+            cc: self.cc,
+            sm_count: self.sm_count as usize,
+            smem_optin: self.smem_optin,
+            sm90a: self.arch == "sm_90a",
+            cublas: self.options.plan == Plan::Naive && self.blas().is_some(),
+        }
+    }
+
+    /// The handle's options as the plan builder reads them.
+    pub fn choices(&self) -> plan::Choices {
+        let o = &self.options;
+        plan::Choices {
+            plan: o.plan,
+            tensor_cores: o.tensor_cores,
+            tf32: o.f32_precision == F32Precision::Tf32,
+            wide_tiles: o.kernel_override.wide_forward_tiles,
+            wgmma: o.kernel_override.wgmma,
+            tc_backward: o.tensor_core_backward,
+            label_check: o.label_check,
+            tiles_per_split: None,
+        }
+    }
+
+    /// The cuBLAS handle the naive plan uses, created on first use; `None` when disabled or when
+    /// libcublas cannot be loaded.
+    pub(crate) fn blas(&self) -> Option<&CudaBlas> {
+        self.blas
+            .get_or_init(|| {
+                if !self.options.cublas || !libs::cublas_present() {
+                    return None;
+                }
+                CudaBlas::new(self.stream.clone()).ok()
+            })
+            .as_ref()
+    }
+
+    /// The module for `dtype`, compiled (once per process) and loaded (once per handle) on first
+    /// use.
+    pub(crate) fn kernels(&self, dtype: DType) -> Result<Arc<Kernels>> {
+        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = mods.get(&dtype) {
+            return Ok(k.clone());
+        }
+        let ptx = compile_ptx(dtype, &self.arch)?;
+        let module = self
+            .stream
+            .context()
+            .load_module(ptx)
+            .map_err(|e| cuda_err("load kernel module", e))?;
+        let k = Arc::new(Kernels::new(module, dtype));
+        mods.insert(dtype, k.clone());
+        Ok(k)
+    }
+
+    /// Allocates `n` elements, uninitialized (as `torch.empty`): zero-filling every output and
+    /// workspace cost one memset per buffer, about ten stream operations per forward and backward,
+    /// which at small C is host time on the critical path. Poisoned with NaN when
+    /// [`Options::poison`] is on.
+    pub(crate) fn alloc<O: CudaElement>(&self, k: &Kernels, n: usize) -> Result<CudaSlice<O>> {
+        // SAFETY: the memory is uninitialized. Every caller passes the buffer to kernels that write
+        // each element before anything reads it: the forward's and backward's outputs and
+        // workspaces are written whole (rows < B, classes < C, dims < D, every split), and where a
+        // kernel skips an element (z_iy of a row whose label is not in 0..C) no reader touches it.
+        // The GPU suite runs with poisoning on, so an element read before it is written shows as
+        // NaN there. f32, f16 and bf16 have no invalid bit patterns.
+        let mut s = unsafe { self.stream.alloc::<O>(n.max(1)) }
+            .map_err(|e| cuda_err(&format!("allocate {n} x {}", O::DTYPE.suffix()), e))?;
+        if self.options.poison {
+            fill_nan(&self.stream, k, &mut s)?;
+        }
+        Ok(s)
+    }
+
+    /// A buffer must live in this handle's CUDA context (its device): a pointer of another
+    /// device would be an invalid address here. Buffers on another stream of the same context are
+    /// fine: cudarc makes this handle's stream wait for their last write (stream-ordered events,
+    /// unless the caller switched event tracking off) and records this stream's reads.
+    fn check_device(&self, what: &'static str, buf_stream: &Arc<CudaStream>) -> Result<()> {
+        let (mine, theirs) = (self.stream.context(), buf_stream.context());
+        if **mine != **theirs {
+            return Err(Error::InvalidArgument {
+                what,
+                detail: format!(
+                    "the buffer lives on device {} (another CUDA context); this handle's stream is on device {}",
+                    theirs.ordinal(),
+                    mine.ordinal()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks spec, shape, buffer lengths and devices before any launch, then the labels under
+    /// [`LabelCheck::Host`]: copied to the host and checked there, giving (counted rows,
+    /// fingerprint). Under [`LabelCheck::Device`] (None) the plan's first launch checks them.
+    fn validate<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+    ) -> Result<Option<(usize, u64)>> {
+        spec.validate()?;
+        shape.check_lengths(x.len(), w.len(), labels.len())?;
+        self.check_device("x", x.stream())?;
+        self.check_device("w", w.stream())?;
+        self.check_device("labels", labels.stream())?;
+        if shape.d > i32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "shape",
+                detail: format!("D = {} must be < 2^31", shape.d),
+            });
+        }
+        match self.options.label_check {
+            LabelCheck::Host => {
+                let host = self
+                    .stream
+                    .clone_dtoh(labels)
+                    .map_err(|e| cuda_err("copy labels to host for validation", e))?;
+                let counted = shape.check_labels(&host)?;
+                Ok(Some((counted, Shape::labels_fingerprint(&host))))
+            }
+            LabelCheck::Device => Ok(None),
+        }
+    }
+
+    /// True when both views start at 16-byte aligned device addresses (cp.async's 16-byte copies
+    /// need it).
+    fn aligned16<T: CudaElement>(&self, x: &CudaView<'_, T>, w: &CudaView<'_, T>) -> bool {
+        let (px, _rx) = x.device_ptr(&self.stream);
+        let (pw, _rw) = w.device_ptr(&self.stream);
+        px % 16 == 0 && pw % 16 == 0
+    }
+
+    /// Forward pass on the GPU (MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
+    /// (negative = ignored), all on this handle's device.
+    pub fn forward<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+    ) -> Result<GpuForward> {
+        let host_labels = self.validate(spec, x, w, labels, shape)?;
+        let k = self.kernels(T::DTYPE)?;
+        let problem = plan::ForwardProblem {
+            dtype: T::DTYPE,
+            shape,
+            aligned: self.aligned16(x, w),
+            params: FmParams::from_spec(spec),
+            mean: spec.reduction == Reduction::Mean,
+        };
+        let lp = plan::forward(&self.device_facts(), &self.choices(), &problem)?;
+        let bound = exec::Bound {
+            x,
+            w,
+            labels,
+            g_rows: None,
+            saved: Vec::new(),
+            prev_status: None,
+        };
+        let keep = [
+            Buf::Loss,
+            Buf::RowLoss,
+            Buf::Lse,
+            Buf::XNorm,
+            Buf::WNorm,
+            Buf::Status,
+        ];
+        let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, &keep)?;
+        let labels = match host_labels {
+            Some((counted, fingerprint)) => LabelState::Host {
+                counted,
+                fingerprint,
+            },
+            None => LabelState::Device(kept.i64(Buf::Status)?),
+        };
+        Ok(GpuForward {
+            loss: kept.f32(Buf::Loss)?,
+            row_loss: kept.f32(Buf::RowLoss)?,
+            lse: kept.f32(Buf::Lse)?,
+            x_norm: kept.f32(Buf::XNorm)?,
+            w_norm: kept.f32(Buf::WNorm)?,
+            workspace_bytes: lp.workspace_bytes,
+            tensor_cores: lp.tensor_cores,
+            wgmma: lp.wgmma,
+            kernels: lp.launches().map(|l| l.entry.clone()).collect(),
+            spec: *spec,
+            shape,
+            dtype: T::DTYPE,
+            plan: self.options.plan,
+            labels,
+            stream: self.stream.clone(),
+        })
+    }
+
+    /// Backward pass (MATH.md "Backward") of `fwd`, gradients in the input dtype. The spec and
+    /// shape are the forward's ([`GpuForward::spec`], [`GpuForward::shape`]).
+    ///
+    /// # What is checked against the forward
+    ///
+    /// Before any launch: the dtype, plan and [`LabelCheck`] mode are the forward's, every
+    /// buffer's length fits the forward's shape and lives on this handle's device, and the
+    /// upstream fits the reduction (finite, `|g| <= 1e12` for a scalar). Labels: under
+    /// [`LabelCheck::Host`] their count and order-sensitive fingerprint are compared with the
+    /// forward's (a typed error here); under [`LabelCheck::Device`] the device record is
+    /// (reported by [`GpuGradients::check`]).
+    ///
+    /// **`x` and `w` are not compared with the forward's.** The backward recomputes the logits
+    /// from the `x` and `w` given and the norms and logsumexp the forward saved, so other inputs
+    /// (even of the same shape) give wrong gradients without an error. The CPU reference does
+    /// compare them (row norms and a fingerprint of every element); on the GPU that would be one
+    /// more pass over `x` and `w` per step, and keeping them unchanged between the two calls is
+    /// the caller's part, as with any saved activation.
+    pub fn backward<T: CudaElement>(
+        &self,
+        fwd: &GpuForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuGradients<T>> {
+        self.backward_impl::<T, T>(fwd, x, w, labels, upstream)
+    }
+
+    /// Backward pass with f32 gradients whatever the input dtype (accumulation is f32 either way;
+    /// this skips the final rounding to f16/bf16). Checks as [`Self::backward`].
+    pub fn backward_f32<T: CudaElement>(
+        &self,
+        fwd: &GpuForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuGradients<f32>> {
+        self.backward_impl::<T, f32>(fwd, x, w, labels, upstream)
+    }
+
+    fn backward_impl<T: CudaElement, O: CudaElement>(
+        &self,
+        fwd: &GpuForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuGradients<O>> {
+        let (spec, shape) = (&fwd.spec, fwd.shape);
+        let label_check = self.options.label_check;
+        if fwd.label_check() != label_check {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "the forward checked labels with {:?}, this handle with {label_check:?}",
+                    fwd.label_check(),
+                ),
+            });
+        }
+        if fwd.dtype != T::DTYPE || fwd.plan != self.options.plan {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "forward ran {:?} with {:?} inputs, backward is {:?} with {:?}",
+                    fwd.plan,
+                    fwd.dtype,
+                    self.options.plan,
+                    T::DTYPE
+                ),
+            });
+        }
+        // The upstream is checked before anything is launched; its per-row value for a scalar
+        // needs the counted rows, known here only under LabelCheck::Host.
+        let per_row = match upstream {
+            DeviceUpstream::Scalar(v) => {
+                check_scalar_upstream(spec.reduction, v as f64, shape.b)?;
+                None
+            }
+            DeviceUpstream::PerRow(view) => {
+                check_per_row_upstream(spec.reduction, view.len(), shape.b)?;
+                self.check_device("upstream", view.stream())?;
+                Some(view)
+            }
+        };
+        let host_labels = self.validate(spec, x, w, labels, shape)?;
+        let k = self.kernels(T::DTYPE)?;
+        let upstream = match (host_labels, &fwd.labels) {
+            (
+                Some((counted, fingerprint)),
+                LabelState::Host {
+                    counted: fc,
+                    fingerprint: ff,
+                },
+            ) => {
+                if *fc != counted || *ff != fingerprint {
+                    return Err(Error::ForwardMismatch {
+                        detail: format!(
+                            "labels differ from the forward's (counted {fc} vs {counted} of B = \
+                             {}; same count means other values or another order)",
+                            shape.b
+                        ),
+                    });
+                }
+                match upstream {
+                    DeviceUpstream::Scalar(v) => {
+                        let g =
+                            scalar_upstream_per_row(spec.reduction, v as f64, shape.b, counted)?;
+                        plan::PlanUpstream::Scalar(g as f32)
+                    }
+                    DeviceUpstream::PerRow(_) => plan::PlanUpstream::PerRow,
+                }
+            }
+            // The per-row upstream comes from the device status (1/counted for the mean),
+            // poisoned there when the labels are bad or not the forward's.
+            (None, LabelState::Device(_)) => match upstream {
+                DeviceUpstream::Scalar(v) => plan::PlanUpstream::Scalar(v),
+                DeviceUpstream::PerRow(_) => plan::PlanUpstream::PerRow,
+            },
+            // Ruled out by the label_check comparison above; kept as the typed error it would be.
+            (state, _) => {
+                return Err(Error::ForwardMismatch {
+                    detail: format!(
+                        "the forward checked labels with {:?}, this backward with {:?}",
+                        fwd.label_check(),
+                        if state.is_some() {
+                            LabelCheck::Host
+                        } else {
+                            LabelCheck::Device
+                        }
+                    ),
+                })
+            }
+        };
+        let problem = plan::BackwardProblem {
+            dtype: T::DTYPE,
+            grad_dtype: O::DTYPE,
+            shape,
+            aligned: self.aligned16(x, w),
+            params: FmParams::from_spec(spec),
+            mean: spec.reduction == Reduction::Mean,
+            upstream,
+            fwd_tensor_cores: fwd.tensor_cores,
+        };
+        let lp = plan::backward(&self.device_facts(), &self.choices(), &problem)?;
+        let bound = exec::Bound {
+            x,
+            w,
+            labels,
+            g_rows: per_row,
+            saved: vec![
+                (Buf::XNorm, &fwd.x_norm),
+                (Buf::WNorm, &fwd.w_norm),
+                (Buf::Lse, &fwd.lse),
+            ],
+            prev_status: match &fwd.labels {
+                LabelState::Device(status) => Some(status),
+                LabelState::Host { .. } => None,
+            },
+        };
+        let mut kept =
+            exec::execute::<T, O>(self, &k, &lp, &bound, &[Buf::Dx, Buf::Dw, Buf::Status])?;
+        let label_status = match host_labels {
+            Some(_) => None,
+            None => Some((kept.i64(Buf::Status)?, self.stream.clone(), shape)),
+        };
+        Ok(GpuGradients {
+            dx: kept.grad(Buf::Dx)?,
+            dw: kept.grad(Buf::Dw)?,
+            workspace_bytes: lp.workspace_bytes,
+            tensor_cores: lp.tensor_cores,
+            kernels: lp.launches().map(|l| l.entry.clone()).collect(),
+            label_status,
+        })
+    }
+}
+
+// The handle is shared across threads (one per stream, many callers): keep it Send + Sync.
+const _: fn() = || {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<FusedMarginLoss>();
+    assert_send_sync::<GpuForward>();
+    assert_send_sync::<Options>();
+};
