@@ -34,6 +34,11 @@ fn driver(dtype: DType) -> Option<PathBuf> {
         .clone()
 }
 
+/// Whether the emulator runs sanitized (`FM_EMU_SANITIZE=1`; `build_driver`).
+fn sanitized() -> bool {
+    std::env::var("FM_EMU_SANITIZE").as_deref() == Ok("1")
+}
+
 fn build_driver(dtype: DType) -> Option<PathBuf> {
     let required = std::env::var("FUSED_MARGIN_REQUIRE_EMU").as_deref() == Ok("1");
     let candidates: Vec<String> = std::env::var("CXX")
@@ -71,9 +76,37 @@ fn build_driver(dtype: DType) -> Option<PathBuf> {
         DType::BF16 => 2,
         DType::F64 => unreachable!("the kernels take f32, f16, bf16"),
     };
-    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fm_emu_{}", dtype.suffix()));
-    let status = Command::new(&cxx)
-        .args(["-std=c++20", "-O2", "-Wno-unknown-pragmas", "-DFM_EMU"])
+    // FM_EMU_SANITIZE=1 (.ci/run, on a subset): the driver under AddressSanitizer and
+    // UndefinedBehaviorSanitizer, so a kernel that reads or writes past a job buffer (each is
+    // allocated at its length rounded up to whole 8-byte words) or does undefined arithmetic in
+    // the kernels or the emulator fails the run: -fno-sanitize-recover makes UBSan reports fatal
+    // and `try_job` sets the options that make every report end the driver with an exit code of
+    // its own. (-fsanitize=undefined leaves out float division by zero and float-to-int overflow,
+    // so the IEEE infinities and NaNs the kernels produce on purpose are not reports.) Its own
+    // binary name, so a sanitized and a plain build never stand in for each other. -O1: -O2
+    // doubles the sanitized build (bf16: about 90 s to 180 s on 2 cores) for at most a quarter
+    // less run time.
+    let sanitize = sanitized();
+    let name = if sanitize { "fm_emu_asan" } else { "fm_emu" };
+    let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}_{}", dtype.suffix()));
+    let mut cmd = Command::new(&cxx);
+    cmd.args(["-std=c++20", "-Wno-unknown-pragmas", "-DFM_EMU"]);
+    if sanitize {
+        cmd.args([
+            "-O1",
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=undefined",
+            // libstdc++'s std::vector marks its spare capacity for ASan (clang's libc++ does
+            // by itself): the emulator reuses one vector for every launch's dynamic shared
+            // memory, so a launch with less than an earlier one's would otherwise have room
+            // past its end to overrun unseen.
+            "-D_GLIBCXX_SANITIZE_VECTOR",
+        ]);
+    } else {
+        cmd.arg("-O2");
+    }
+    let status = cmd
         .arg(format!("-DFM_DTYPE={define}"))
         .arg("-I")
         .arg(root.join("kernels"))
@@ -351,6 +384,29 @@ enum BufInit {
 
 /// Runs a job on the emulator driver; returns the output bytes.
 fn run_job(exe: &Path, job: &Job, outputs: &[u32], tag: &str, schedule: (&str, &str)) -> Vec<u8> {
+    let (o, out) = try_job(exe, job, outputs, tag, schedule);
+    assert!(
+        o.status.success(),
+        "emulator failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out.expect("the emulator exited 0 without writing its output")
+}
+
+/// Exit codes of a sanitized driver's reports (`try_job`), told apart from the driver's own
+/// failures (exit 2, abort).
+const ASAN_EXIT: i32 = 23;
+const UBSAN_EXIT: i32 = 24;
+
+/// Runs a job on the emulator driver; returns how the driver exited and, when it wrote them, the
+/// output bytes.
+fn try_job(
+    exe: &Path,
+    job: &Job,
+    outputs: &[u32],
+    tag: &str,
+    schedule: (&str, &str),
+) -> (std::process::Output, Option<Vec<u8>>) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let tag = format!("{}_{tag}", std::process::id());
     let (inp, outp) = (
@@ -358,22 +414,53 @@ fn run_job(exe: &Path, job: &Job, outputs: &[u32], tag: &str, schedule: (&str, &
         dir.join(format!("out_{tag}")),
     );
     std::fs::write(&inp, job.bytes(outputs)).unwrap();
+    let _ = std::fs::remove_file(&outp);
+    // Read by a sanitized driver only (FM_EMU_SANITIZE=1), ignored by a plain one; the caller's
+    // own ASAN_OPTIONS / UBSAN_OPTIONS come after these and win. Every report ends the run with
+    // its own exit code (halt_on_error; abort_on_error=0 exits instead of raising SIGABRT).
+    // detect_leaks=0: the driver never frees its buffers, by design.
+    // detect_stack_use_after_return=0: the emulator runs a block's threads as ucontext fibers
+    // (tests/emu/fm_emu.hpp) without ASan's fiber-switch annotations, and ASan's fake stack (the
+    // use-after-return detector) is one per OS thread: frames of fibers that interleave on it are
+    // released as if one stack had unwound, which gives false reports. (GCC's runtime leaves it
+    // off by default; clang's turns it on.) ASan's swapcontext interceptor also clears the shadow
+    // of the stack it switches to, so overruns of locals inside a fiber are not seen (globals,
+    // the job's heap buffers and an overflow of a fiber's heap-allocated stack still are), and it
+    // prints one warning that it "doesn't fully support makecontext/swapcontext".
+    let join = |ours: &str, var: &str| match std::env::var(var) {
+        Ok(theirs) if !theirs.is_empty() => format!("{ours}:{theirs}"),
+        _ => ours.to_string(),
+    };
     let o = Command::new(exe)
         .arg(&inp)
         .arg(&outp)
         .env("FM_EMU_ORDER", schedule.0)
         .env("FM_EMU_CP", schedule.1)
+        .env(
+            "ASAN_OPTIONS",
+            join(
+                &format!(
+                    "halt_on_error=1:abort_on_error=0:exitcode={ASAN_EXIT}:detect_leaks=0:\
+                     detect_stack_use_after_return=0"
+                ),
+                "ASAN_OPTIONS",
+            ),
+        )
+        .env(
+            "UBSAN_OPTIONS",
+            join(
+                &format!(
+                    "halt_on_error=1:abort_on_error=0:exitcode={UBSAN_EXIT}:print_stacktrace=1"
+                ),
+                "UBSAN_OPTIONS",
+            ),
+        )
         .output()
         .unwrap();
-    assert!(
-        o.status.success(),
-        "emulator failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let out = std::fs::read(&outp).unwrap();
+    let out = std::fs::read(&outp).ok();
     let _ = std::fs::remove_file(&inp);
     let _ = std::fs::remove_file(&outp);
-    out
+    (o, out)
 }
 
 /// One emulated forward and backward of `case`: the plans the crate builds for it run on the
@@ -1559,5 +1646,101 @@ fn tensor_core_backward_targets_near_the_clamp() {
         &[(40, 136, 150), (40, 264, 150), (33, 296, 97)],
         &common::near_clamp_inputs,
         1_700,
+    );
+}
+
+/// The sanitizer configuration (`FM_EMU_SANITIZE=1`, `build_driver`) catches a kernel writing
+/// past a job buffer: the forward of a small f32 shape with the per-row loss buffer one row short
+/// makes the sanitized driver fail with an AddressSanitizer report, and the same job at the right
+/// length runs clean. Without FM_EMU_SANITIZE=1 it prints why and passes (the plain driver has no
+/// bounds checks).
+#[test]
+fn sanitizer_catches_an_overrun() {
+    if !sanitized() {
+        eprintln!("skipped: FM_EMU_SANITIZE is not 1, the plain driver does not check bounds");
+        return;
+    }
+    let Some(exe) = driver(DType::F32) else {
+        return;
+    };
+    // B odd: the driver rounds each buffer up to whole 8-byte words, so an f32 buffer one short of
+    // an even length would keep the last element's 4 bytes as padding and the overrun would land
+    // in it unseen; B - 1 = 8 rows are 32 bytes exactly, and row 8 lies past them.
+    let c = case(MarginLoss::arcface(0.5), (9, 16, 40), false, (1, 1), 1_950);
+    let (b, d, cl) = (c.shape.b, c.shape.d, c.shape.c);
+    let inp = margin_inputs(c.shape, c.seed);
+    let (fwd, _) = plans(
+        &c,
+        DType::F32,
+        &inp.labels,
+        &EMU_DEVICE,
+        &choices(&c, DType::F32),
+    );
+    let f32s = |v: &[f64]| v.iter().flat_map(|&e| (e as f32).to_le_bytes()).collect();
+    let run_short = |short: usize| {
+        let mut p = fwd.clone();
+        let spec = p
+            .buffers
+            .iter_mut()
+            .find(|s| s.buf == plan::Buf::RowLoss)
+            .expect("the forward allocates the per-row loss");
+        assert_eq!(spec.len, b, "the per-row loss is B f32");
+        spec.len -= short;
+        let mut job = Job::default();
+        let mut ids = HashMap::from([
+            (
+                plan::Buf::X,
+                job.buffer(4, b * d, BufInit::Data(f32s(&inp.x))),
+            ),
+            (
+                plan::Buf::W,
+                job.buffer(4, cl * d, BufInit::Data(f32s(&inp.w))),
+            ),
+            (
+                plan::Buf::Labels,
+                job.buffer(
+                    4,
+                    b,
+                    BufInit::Data(inp.labels.iter().flat_map(|l| l.to_le_bytes()).collect()),
+                ),
+            ),
+        ]);
+        job.add_plan(&p, &mut ids);
+        let tag = format!("overrun_{short}");
+        let outs = [ids[&plan::Buf::RowLoss]];
+        try_job(&exe, &job, &outs, &tag, ("forward", "eager"))
+    };
+
+    let (ok, out) = run_short(0);
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(
+        ok.status.success(),
+        "the job at the right length failed: {stderr}"
+    );
+    let row_loss = floats(&out.expect("the driver's output"));
+    assert!(
+        row_loss.len() == b && row_loss.iter().all(|v| v.is_finite()),
+        "row losses {row_loss:?}"
+    );
+
+    let (bad, _) = run_short(1);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(
+        bad.status.code(),
+        Some(ASAN_EXIT),
+        "a write one row past the per-row loss did not fail the sanitized driver with \
+         AddressSanitizer's exit code: {:?}\n{stderr}",
+        bad.status
+    );
+    assert!(
+        stderr.contains("AddressSanitizer") && stderr.contains("heap-buffer-overflow"),
+        "no AddressSanitizer heap-buffer-overflow report: {stderr}"
+    );
+    eprintln!(
+        "sanitizer_catches_an_overrun: {}",
+        stderr
+            .lines()
+            .find(|l| l.starts_with("SUMMARY: AddressSanitizer"))
+            .unwrap_or("")
     );
 }
