@@ -37,7 +37,7 @@
 
 // README.md's and docs/INTEGRATION.md's ```rust blocks, compiled and run as doctests so they
 // cannot drift from the API. Only with feature `candle`: both files show the candle op, which
-// does not exist without it. CI runs `cargo test --release --features candle`, so every block is
+// does not exist without it. CI runs `cargo test --release --features candle --doc`, so every block is
 // checked there; `cargo test --doc --features candle` runs them alone.
 #[cfg(all(doctest, feature = "candle"))]
 #[doc = include_str!("../README.md")]

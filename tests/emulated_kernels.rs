@@ -422,11 +422,13 @@ fn try_job(
     // detect_stack_use_after_return=0: the emulator runs a block's threads as ucontext fibers
     // (tests/emu/fm_emu.hpp) without ASan's fiber-switch annotations, and ASan's fake stack (the
     // use-after-return detector) is one per OS thread: frames of fibers that interleave on it are
-    // released as if one stack had unwound, which gives false reports. (GCC's runtime leaves it
-    // off by default; clang's turns it on.) ASan's swapcontext interceptor also clears the shadow
-    // of the stack it switches to, so overruns of locals inside a fiber are not seen (globals,
-    // the job's heap buffers and an overflow of a fiber's heap-allocated stack still are), and it
-    // prints one warning that it "doesn't fully support makecontext/swapcontext".
+    // released as if one stack had unwound, which can give false reports. (GCC's runtime leaves
+    // it off by default; clang's turns it on.) ASan's swapcontext interceptor also clears the
+    // shadow of the whole stack it switches to, so locals of a fiber's frames that live across a
+    // barrier lose their redzones and overruns of them go unseen (globals, `__shared__` statics,
+    // dynamic shared memory, the job's heap buffers and an overflow of a fiber's heap-allocated
+    // stack are still seen), and it prints one warning that it "doesn't fully support
+    // makecontext/swapcontext".
     let join = |ours: &str, var: &str| match std::env::var(var) {
         Ok(theirs) if !theirs.is_empty() => format!("{ours}:{theirs}"),
         _ => ours.to_string(),
