@@ -158,6 +158,9 @@ struct Case {
     /// The device and choices to build the plans from, instead of those the flags above stand
     /// for on an H200 (`every_distinct_plan_the_builder_makes`).
     planned: Option<(plan::DeviceFacts, plan::Choices)>,
+    /// Gradients in the 16-bit input dtype (`FusedMarginLoss::backward`'s default) instead of f32
+    /// (`backward_f32`): the entry points without `_f32out`.
+    grad16: bool,
     seed: u64,
 }
 
@@ -253,7 +256,7 @@ fn plans(
         ch,
         &plan::BackwardProblem {
             dtype,
-            grad_dtype: DType::F32,
+            grad_dtype: if case.grad16 { dtype } else { DType::F32 },
             shape: case.shape,
             aligned: true,
             params,
@@ -302,11 +305,22 @@ impl Job {
     /// The plan's allocations (poisoned with NaN, as every GPU test poisons) and launches, with
     /// `ids` mapping roles to buffers already in the job.
     fn add_plan(&mut self, p: &plan::LaunchPlan, ids: &mut HashMap<plan::Buf, u32>) {
+        self.add_plan_grad(p, ids, (4, f32::NAN.to_le_bytes().to_vec()));
+    }
+
+    /// `add_plan` with the gradients' element size and NaN pattern.
+    fn add_plan_grad(
+        &mut self,
+        p: &plan::LaunchPlan,
+        ids: &mut HashMap<plan::Buf, u32>,
+        grad: (u32, Vec<u8>),
+    ) {
         for spec in &p.buffers {
             let (elem, init) = match (spec.elem, spec.init) {
                 (plan::Elem::I64, _) => (8, BufInit::Zero),
+                (plan::Elem::Grad, plan::Init::Uninit) => (grad.0, BufInit::Fill(grad.1.clone())),
+                (plan::Elem::Grad, plan::Init::Zeroed) => (grad.0, BufInit::Zero),
                 (_, plan::Init::Zeroed) => (4, BufInit::Zero),
-                // f32 buffers and the f32 gradients.
                 (_, plan::Init::Uninit) => (4, BufInit::Fill(f32::NAN.to_le_bytes().to_vec())),
             };
             let id = self.buffer(elem, spec.len.max(1), init);
@@ -515,7 +529,12 @@ fn run<T: Element + Bits>(
     if let Some(&s) = fids.get(&Buf::Status) {
         bids.insert(Buf::PrevStatus, s);
     }
-    job.add_plan(&bwd, &mut bids);
+    let grad = if case.grad16 {
+        (esize, T::nan_bits())
+    } else {
+        (4, f32::NAN.to_le_bytes().to_vec())
+    };
+    job.add_plan_grad(&bwd, &mut bids, grad);
     let mut outs = vec![
         fids[&Buf::Loss],
         fids[&Buf::Lse],
@@ -528,11 +547,25 @@ fn run<T: Element + Bits>(
     }
     let tag = format!("{}_{}", case.seed, T::DTYPE.suffix());
     let out = run_job(exe, &job, &outs, &tag, case.schedule);
-    let n = 1 + 2 * b + b * d + c * d;
+    let gsize = if case.grad16 { esize as usize } else { 4 };
+    let n = 1 + 2 * b;
+    let ng = b * d + c * d;
     let status_len = if case.device_labels { 12 } else { 0 };
-    assert_eq!(out.len(), 4 * n + 8 * status_len, "emulator output size");
+    assert_eq!(
+        out.len(),
+        4 * n + gsize * ng + 8 * status_len,
+        "emulator output size"
+    );
     let f = floats(&out[..4 * n]);
-    let status = out[4 * n..]
+    let gr: Vec<f64> = if case.grad16 {
+        out[4 * n..4 * n + gsize * ng]
+            .chunks_exact(gsize)
+            .map(T::from_le_bits)
+            .collect()
+    } else {
+        floats(&out[4 * n..4 * n + 4 * ng])
+    };
+    let status = out[4 * n + gsize * ng..]
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
         .collect();
@@ -543,8 +576,8 @@ fn run<T: Element + Bits>(
         loss: f[0],
         lse: f[1..1 + b].to_vec(),
         row_loss: f[1 + b..1 + 2 * b].to_vec(),
-        dx: f[1 + 2 * b..1 + 2 * b + b * d].to_vec(),
-        dw: f[1 + 2 * b + b * d..].to_vec(),
+        dx: gr[..b * d].to_vec(),
+        dw: gr[b * d..].to_vec(),
     }
 }
 
@@ -568,23 +601,45 @@ fn assert_ran_as_asked<T: Element>(case: &Case, out: &Outputs) {
     );
 }
 
-/// Little-endian bits of an input element, as the kernels read them.
+/// Little-endian bits of an element, as the kernels read and write them.
 trait Bits {
     fn to_le_bits(&self) -> Vec<u8>;
+    /// The value of one element's little-endian bytes.
+    fn from_le_bits(b: &[u8]) -> f64;
+    /// A NaN's bytes (the poison of a fresh buffer).
+    fn nan_bits() -> Vec<u8>;
 }
 impl Bits for f32 {
     fn to_le_bits(&self) -> Vec<u8> {
         self.to_le_bytes().to_vec()
+    }
+    fn from_le_bits(b: &[u8]) -> f64 {
+        f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64
+    }
+    fn nan_bits() -> Vec<u8> {
+        f32::NAN.to_le_bytes().to_vec()
     }
 }
 impl Bits for f16 {
     fn to_le_bits(&self) -> Vec<u8> {
         self.to_bits().to_le_bytes().to_vec()
     }
+    fn from_le_bits(b: &[u8]) -> f64 {
+        f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64()
+    }
+    fn nan_bits() -> Vec<u8> {
+        f16::NAN.to_bits().to_le_bytes().to_vec()
+    }
 }
 impl Bits for bf16 {
     fn to_le_bits(&self) -> Vec<u8> {
         self.to_bits().to_le_bytes().to_vec()
+    }
+    fn from_le_bits(b: &[u8]) -> f64 {
+        bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64()
+    }
+    fn nan_bits() -> Vec<u8> {
+        bf16::NAN.to_bits().to_le_bytes().to_vec()
     }
 }
 
@@ -734,6 +789,7 @@ fn case(
         labels_at_ends: false,
         device_labels: false,
         planned: None,
+        grad16: false,
         seed,
     }
 }
@@ -1461,6 +1517,33 @@ fn device_label_check_reports_bad_labels() {
     one::<bf16>(true, false, 1_300);
     one::<f32>(false, false, 1_301);
     one::<f32>(false, true, 1_302);
+}
+
+/// Gradients in the 16-bit input dtype (the default `backward`), so the entry points without
+/// `_f32out` run: the SIMT, tensor-core (both tile shapes) and naive backward, bf16 and f16.
+#[test]
+fn sixteen_bit_gradients() {
+    let spec = MarginLoss::arcface(0.5).reduction(Reduction::None);
+    for (k, (shape, tc, naive)) in [
+        ((40, 64, 150), true, false),
+        ((33, 264, 97), true, false),
+        ((40, 36, 70), false, false),
+        ((20, 24, 40), false, true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = Case {
+            grad16: true,
+            naive,
+            ..case(spec, shape, tc, (1, 2), 2_000 + k as u64)
+        };
+        check::<bf16>(&c);
+        check::<f16>(&Case {
+            seed: c.seed + 10,
+            ..c
+        });
+    }
 }
 
 /// Every distinct launch sequence the plan builder makes, for the device kinds of
