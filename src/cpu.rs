@@ -144,8 +144,6 @@ struct Problem<'a> {
     w: Prepared,
     /// `r_i`: the row's `s`, or `s*|x_i|` without feature normalization (MATH.md step 3).
     r: Vec<f64>,
-    /// Each row's margins and scale (the per-row slot).
-    margin: Vec<RowMargin>,
     counted: usize,
 }
 
@@ -162,17 +160,12 @@ impl<'a> Problem<'a> {
         let counted = shape.check_labels(labels)?;
         let xp = prepare(x, shape.d, true);
         let wp = prepare(w, shape.d, spec.normalize_weights);
-        // The per-row slot: each row's margins and scale (math::RowMargin).
-        let margin: Vec<RowMargin> = xp
+        // r_i from the row's scale (the per-row slot, math::RowMargin).
+        let r = xp
             .norm
             .iter()
             .enumerate()
-            .map(|(i, &n)| RowMargin::of(spec, i, n))
-            .collect();
-        let r = margin
-            .iter()
-            .zip(&xp.norm)
-            .map(|(m, &n)| m.row_scale(spec, n))
+            .map(|(i, &n)| RowMargin::of(spec, i, n).row_scale(spec, n))
             .collect();
         Ok(Self {
             spec,
@@ -181,9 +174,14 @@ impl<'a> Problem<'a> {
             x: xp,
             w: wp,
             r,
-            margin,
             counted,
         })
+    }
+
+    /// Row `i`'s margins and scale (the per-row slot), computed where used rather than stored:
+    /// the CPU path's memory stays the stated `O(B + C)` per-row vectors (tests/memory.rs).
+    fn margin(&self, i: usize) -> RowMargin {
+        RowMargin::of(self.spec, i, self.x.norm[i])
     }
 
     fn xh(&self, i: usize) -> &[f64] {
@@ -199,7 +197,7 @@ impl<'a> Problem<'a> {
     #[inline]
     fn logit(&self, i: usize, j: usize, c: f64) -> (f64, f64, f64) {
         let (t, dt) = if self.labels[i] >= 0 && self.labels[i] as usize == j {
-            let tg = math::target(self.spec, &self.margin[i], c);
+            let tg = math::target(self.spec, &self.margin(i), c);
             (tg.value, tg.deriv)
         } else {
             (c, 1.0)
@@ -436,13 +434,14 @@ pub fn backward<T: Element>(
                         continue;
                     }
                     let dxh_i = &mut dxh_blk[k * d..(k + 1) * d];
+                    let s_i = p.margin(i).s;
                     for (jj, dc_ij) in row.iter_mut().enumerate() {
                         let j = j0 + jj;
                         let wj = p.wh(j);
                         let (z, t, dt) = p.logit(i, j, dot(p.xh(i), wj));
                         let onehot = if labels[i] as usize == j { 1.0 } else { 0.0 };
                         let dz = g[i] * ((z - fwd.lse[i]).exp() - onehot);
-                        *dn_i += p.margin[i].s * dz * t;
+                        *dn_i += s_i * dz * t;
                         *dc_ij = p.r[i] * dz * dt;
                         for (a, wv) in dxh_i.iter_mut().zip(wj) {
                             *a += *dc_ij * wv;
