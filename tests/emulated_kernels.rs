@@ -643,6 +643,36 @@ impl Bits for bf16 {
     }
 }
 
+/// The CPU reference of `case` on the rounded inputs: the upstream as the kernels take it (f32),
+/// the forward, the gradients (scalar upstream 1 unless the reduction is none) and the per-row
+/// upstream those used.
+fn reference_of<T: Element>(
+    case: &Case,
+    x: &[T],
+    w: &[T],
+    inp: &common::Inputs,
+) -> (Vec<f32>, cpu::Forward, cpu::Gradients, Vec<f64>) {
+    let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
+    let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
+    let reference = cpu::forward(&case.spec, x, w, &inp.labels, case.shape).unwrap();
+    let cpu_up = match case.spec.reduction {
+        Reduction::None => Upstream::PerRow(&up64),
+        _ => Upstream::Scalar(1.0),
+    };
+    let rg = cpu::backward(
+        &case.spec,
+        &reference,
+        x,
+        w,
+        &inp.labels,
+        case.shape,
+        cpu_up,
+    )
+    .unwrap();
+    let g_rows = cpu_up.per_row(case.spec.reduction, &inp.labels).unwrap();
+    (up32, reference, rg, g_rows)
+}
+
 /// Runs `case` on the emulator and checks every output against the CPU reference on the same
 /// rounded inputs. Unwritten outputs are NaN (the driver poisons them) and fail the checks.
 fn check<T: Element + Bits>(case: &Case) {
@@ -683,24 +713,8 @@ fn check<T: Element + Bits>(case: &Case) {
     }
     let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
     let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
-    let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
-    let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
-    let reference = cpu::forward(&case.spec, &x, &w, &inp.labels, case.shape).unwrap();
+    let (up32, reference, rg, g_rows) = reference_of(case, &x, &w, &inp);
     assert!(reference.loss.is_finite(), "{what}: reference not finite");
-    let cpu_up = match case.spec.reduction {
-        Reduction::None => Upstream::PerRow(&up64),
-        _ => Upstream::Scalar(1.0),
-    };
-    let rg = cpu::backward(
-        &case.spec,
-        &reference,
-        &x,
-        &w,
-        &inp.labels,
-        case.shape,
-        cpu_up,
-    )
-    .unwrap();
 
     let out = run(&exe, case, &x, &w, &inp.labels, &inp.labels, &up32);
     assert_ran_as_asked::<T>(case, &out);
@@ -729,7 +743,6 @@ fn check<T: Element + Bits>(case: &Case) {
         x.iter().map(|v| v.to_f64()).collect(),
         w.iter().map(|v| v.to_f64()).collect(),
     );
-    let g_rows = cpu_up.per_row(case.spec.reduction, &inp.labels).unwrap();
     let (a_rows, a_dx, a_dw) = common::conditioning_allowance(
         &case.spec,
         &x64,
@@ -1628,23 +1641,7 @@ fn check_given<T: Element + Bits>(case: &Case, inp: &common::Inputs) -> Option<(
     let exe = driver(T::DTYPE)?;
     let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
     let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
-    let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
-    let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
-    let reference = cpu::forward(&case.spec, &x, &w, &inp.labels, case.shape).unwrap();
-    let cpu_up = match case.spec.reduction {
-        Reduction::None => Upstream::PerRow(&up64),
-        _ => Upstream::Scalar(1.0),
-    };
-    let rg = cpu::backward(
-        &case.spec,
-        &reference,
-        &x,
-        &w,
-        &inp.labels,
-        case.shape,
-        cpu_up,
-    )
-    .unwrap();
+    let (up32, reference, rg, _) = reference_of(case, &x, &w, inp);
     let out = run(&exe, case, &x, &w, &inp.labels, &inp.labels, &up32);
     assert_ran_as_asked::<T>(case, &out);
     let (lbar, _) = bars(T::DTYPE);
