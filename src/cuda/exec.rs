@@ -101,6 +101,12 @@ pub(crate) fn execute<T: CudaElement, O: CudaElement>(
         };
         owned.insert(s.buf, buf);
     }
+    // Each allocated buffer's last step, found once (not per step: this is host time per call).
+    let last: BTreeMap<Buf, Option<usize>> = plan
+        .buffers
+        .iter()
+        .map(|b| (b.buf, plan.last_use(b.buf)))
+        .collect();
     for (i, step) in plan.steps.iter().enumerate() {
         match step {
             Step::Kernel(l) => launch(h, k, l, bound, &mut owned)?,
@@ -145,7 +151,7 @@ pub(crate) fn execute<T: CudaElement, O: CudaElement>(
         let done: Vec<Buf> = owned
             .keys()
             .copied()
-            .filter(|b| !keep.contains(b) && plan.last_use(*b).is_none_or(|u| u <= i))
+            .filter(|b| !keep.contains(b) && last.get(b).copied().flatten().is_none_or(|u| u <= i))
             .collect();
         for b in done {
             owned.remove(&b);
