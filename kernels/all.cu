@@ -2,6 +2,7 @@
 // architecture. build.rs inlines every #include (once each), since NVRTC sees no files.
 #include "common.cuh"
 #include "tile.cuh"
+#include "args.cuh"
 #include "normalize.cu"
 #include "logits.cu"
 #include "logits_tc.cu"

@@ -1,5 +1,5 @@
 // fused-margin: the combine of per-split softmax statistics into logsumexp and loss
-// (MATH.md step 6; DESIGN.md data flow step 3). Fixed summation orders: deterministic.
+// (docs/MATH.md step 6; docs/ARCHITECTURE.md "Fused data flow"). Fixed summation orders: deterministic.
 #include "common.cuh"
 
 // One thread per row: lse_i = M + log(sum_s part_s * exp(part_m - M)) over the splits in order;

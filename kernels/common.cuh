@@ -1,5 +1,5 @@
 // fused-margin: what every kernel shares. Dtype load/store, warp reductions, the loss options, and
-// the margin maths (psi, dpsi): the one GPU copy of ../shared/MATH.md, twin of src/math.rs.
+// the margin maths (psi, dpsi): the one GPU copy of docs/MATH.md, twin of src/math.rs.
 //
 // No CUDA headers are included (NVRTC sees no files at run time): f16 and bf16 are carried as raw
 // 16-bit patterns and converted with PTX `cvt` (ptx.cuh), exactly (widening) or round-to-nearest-even.
@@ -58,8 +58,8 @@ typedef fm_bf16 T_IN;
 #define FM_ENTRY_F32OUT(name) FM_ENTRY(name##_f32out)
 
 // ---- constants --------------------------------------------------------------------------------
-#define FM_NORM_EPS 1e-12f     // MATH.md step 1: x / max(|x|, eps)
-#define FM_THETA_CLAMP 1e-7    // MATH.md step 4: acos(clamp(c, -1 + d, 1 - d))
+#define FM_NORM_EPS 1e-12f     // docs/MATH.md step 1: x / max(|x|, eps)
+#define FM_THETA_CLAMP 1e-7    // docs/MATH.md step 4: acos(clamp(c, -1 + d, 1 - d))
 #define FM_PI 3.14159265358979323846
 #define FM_NEG_INF __int_as_float(0xff800000)
 #define FM_NAN __int_as_float(0x7fffffff)
@@ -86,7 +86,7 @@ struct FmParams {
 };
 static_assert(sizeof(FmParams) == 48, "src/cuda/params.rs: FmParams is 48 bytes");
 
-// ---- the margin: target(c) and dtarget/dc (MATH.md step 4 and "Backward") --------------------
+// ---- the margin: target(c) and dtarget/dc (docs/MATH.md step 4 and "Backward") --------------------
 // Evaluated in double: it runs once per row (at the label), so the cost is nil and the result
 // tracks the f64 reference even near the clamp, where acosf would lose digits.
 struct FmTarget { double value; double deriv; };
@@ -145,7 +145,7 @@ __device__ __forceinline__ FmTarget fm_target(const FmParams& p, const FmMargin&
     return t;
 }
 
-// Row scale r_i (MATH.md step 3) with the row's scale; `norm` is the raw |x_i|.
+// Row scale r_i (docs/MATH.md step 3) with the row's scale; `norm` is the raw |x_i|.
 __device__ __forceinline__ float fm_row_scale(const FmParams& p, const FmMargin& m, float norm) {
     return p.normalize_features ? m.s : m.s * norm;
 }

@@ -1,4 +1,4 @@
-// fused-margin: the fused backward (MATH.md "Backward"; DESIGN.md data flow steps 4-5). Each
+// fused-margin: the fused backward (docs/MATH.md "Backward"; docs/ARCHITECTURE.md "Fused data flow"). Each
 // kernel recomputes its logits tiles from x, w and the saved lse (no B x C buffer), forms
 // dc = r g (softmax - onehot) dtarget/dc in registers, and multiplies it into the gradients:
 //   dxh_i = sum_j dc_ij wh_j   (fm_grad_x_partial, then fm_x_finish in normalize.cu)
@@ -10,12 +10,8 @@
 // [rt*BM, rt*BM + BM) x dims [dc*DC, dc*DC + DC) of the partial dxh of its class split, and
 // (for dc == 0) the split's partial proj_i and dn_i. Partials are summed in fm_x_finish.
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
-FM_ENTRY(fm_grad_x_partial)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                            const int* __restrict__ labels, const float* __restrict__ xnorm,
-                            const float* __restrict__ wnorm, const float* __restrict__ lse,
-                            const float* __restrict__ g_rows, float g_scalar, FmParams p, i64 B, i64 C,
-                            int D, int tiles_per_split, int nsplit, float* __restrict__ dxh_part,
-                            float* __restrict__ proj_part, float* __restrict__ dn_part) {
+FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
+    FM_GRAD_UNPACK
     __shared__ FmTileSmem sm;
     __shared__ float dcs[FM_BM][FM_BN + 1];
     __shared__ float wsd[FM_BN][FM_DC];
@@ -197,14 +193,12 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
 }
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
-FM_ENTRY(fm_grad_w)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,
-                    const float* lse, const float* g_rows, float g_scalar, FmParams p, i64 B, i64 C, int D,
-                    T_IN* dw) {
+FM_ENTRY(fm_grad_w)(const FmGradArgs<T_IN> args) {
+    FM_GRAD_UNPACK
     fm_grad_w<T_IN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, dw);
 }
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
-FM_ENTRY_F32OUT(fm_grad_w)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm,
-                           const float* wnorm, const float* lse, const float* g_rows, float g_scalar,
-                           FmParams p, i64 B, i64 C, int D, float* dw) {
+FM_ENTRY_F32OUT(fm_grad_w)(const FmGradArgs<float> args) {
+    FM_GRAD_UNPACK
     fm_grad_w<float>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, dw);
 }

@@ -1,5 +1,5 @@
 // fused-margin: the fused backward on tensor cores (f16 / bf16 inputs), the same contract as
-// grad.cu (MATH.md "Backward"; no B x C buffer, no atomics, fixed summation orders).
+// grad.cu (docs/MATH.md "Backward"; no B x C buffer, no atomics, fixed summation orders).
 //
 // Both kernels share one main loop. A block owns OWN "own" rows and DCH columns of D of the
 // output; it walks "partner" tiles of GT_PN rows. For dx the own rows are x's rows and the
@@ -664,20 +664,19 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
 // benchmarks to show.
 #define FM_GT_ENTRIES(SUFFIX, OWN)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY(fm_grad_x_tc##SUFFIX)(                               \
-        const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm, const float* lse,   \
-        const float* g_rows, float g_scalar, FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit,      \
-        float* dxh_part, float* proj_part, float* dn_part) {                                                         \
+        const FmGradArgs<float> args) {                                                                              \
+        FM_GRAD_UNPACK                                                                                               \
         fm_grad_x_tc<OWN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, tiles_per_split, nsplit,   \
                           dxh_part, proj_part, dn_part);                                                             \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY(fm_grad_w_tc##SUFFIX)(                               \
-        const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm, const float* lse,   \
-        const float* g_rows, float g_scalar, const float* scale, FmParams p, i64 B, i64 C, int D, T_IN* dw) {       \
+        const FmGradArgs<T_IN> args) {                                                                               \
+        FM_GRAD_UNPACK                                                                                               \
         fm_grad_w_tc<OWN, T_IN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, scale, p, B, C, D, dw);          \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY_F32OUT(fm_grad_w_tc##SUFFIX)(                        \
-        const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm, const float* lse,   \
-        const float* g_rows, float g_scalar, const float* scale, FmParams p, i64 B, i64 C, int D, float* dw) {      \
+        const FmGradArgs<float> args) {                                                                              \
+        FM_GRAD_UNPACK                                                                                               \
         fm_grad_w_tc<OWN, float>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, scale, p, B, C, D, dw);         \
     }
 

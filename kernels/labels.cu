@@ -24,7 +24,7 @@ __device__ __forceinline__ unsigned long long fm_label_mix(i64 row, int label) {
 }
 
 // One block of 1024 threads over the B labels. `prev` (nullable) is the forward's status, given by
-// the backward to detect labels that are not the forward's (MATH.md: backward takes the forward's
+// the backward to detect labels that are not the forward's (docs/MATH.md: backward takes the forward's
 // labels).
 extern "C" __global__ void FM_ENTRY(fm_label_status)(const int* __restrict__ labels, i64 B, i64 C,
                                                      const long long* __restrict__ prev,

@@ -1,5 +1,5 @@
 // fused-margin: the forward logits tiles with margin injection and online softmax statistics
-// (MATH.md steps 2-5; DESIGN.md data flow step 2). Nothing of size B x C is written.
+// (docs/MATH.md steps 2-5; docs/ARCHITECTURE.md "Fused data flow"). Nothing of size B x C is written.
 //
 // Grid (ceil(B / FM_BM), nsplit): block (rt, split) walks the class tiles of its split, keeps a
 // running (max, sum-exp) per row in registers, and writes one partial pair per (row, split).
@@ -7,11 +7,8 @@
 #include "tile.cuh"
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
-FM_ENTRY(fm_fwd_tiles)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                       const int* __restrict__ labels, const float* __restrict__ xnorm,
-                       const float* __restrict__ wnorm, FmParams p, i64 B, i64 C, int D,
-                       int tiles_per_split, int nsplit, float* __restrict__ part_m,
-                       float* __restrict__ part_s, float* __restrict__ zy) {
+FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
+    FM_TILE_UNPACK
     __shared__ FmTileSmem sm;
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     const int split = blockIdx.y;

@@ -1,8 +1,8 @@
 // fused-margin: the forward logits tiles on tensor cores, the same contract as fm_fwd_tiles in
-// logits.cu (MATH.md steps 2-5): per (row, class split) online softmax statistics and the target
+// logits.cu (docs/MATH.md steps 2-5): per (row, class split) online softmax statistics and the target
 // logit z_iy; nothing of size B x C is written. Two operand types share one body:
 //   - f16 / bf16 inputs (fm_fwd_tiles_tc): mma.sync m16n8k16, 32-wide k steps, ldmatrix fragments;
-//   - f32 inputs through TF32 (fm_fwd_tiles_tf32, opt-in; MATH.md's TF32 bars): mma.sync m16n8k8
+//   - f32 inputs through TF32 (fm_fwd_tiles_tf32, opt-in; docs/MATH.md's TF32 bars): mma.sync m16n8k8
 //     on operands rounded with cvt.rna.tf32, 16-wide k steps of f32, 32-bit fragment loads.
 // Both stage 64 bytes per row and k step, so the shared-memory layout, the copy pattern and the
 // epilogue are the same.
@@ -247,9 +247,8 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
 // candidate until measured). Dynamic shared memory: FmTcShape::SMEM_BYTES, set by the host.
 #define FM_TC_ENTRY(name, Op, MI, NI)                                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
-    FM_ENTRY(name)(const T_IN* x, const T_IN* w, const int* labels, const float* xnorm, const float* wnorm,     \
-                   FmParams p, i64 B, i64 C, int D, int tiles_per_split, int nsplit, float* part_m,            \
-                   float* part_s, float* zy) {                                                                   \
+    FM_ENTRY(name)(const FmTileArgs args) {                                                                    \
+        FM_TILE_UNPACK                                                                                           \
         fm_fwd_tc<Op, MI, NI>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s,  \
                               zy);                                                                               \
     }

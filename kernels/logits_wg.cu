@@ -1,5 +1,5 @@
 // fused-margin: the forward logits tiles on Hopper's warpgroup tensor-core instruction (wgmma,
-// sm_90a), the same contract as fm_fwd_tiles_tc in logits_tc.cu (MATH.md steps 2-5): per (row,
+// sm_90a), the same contract as fm_fwd_tiles_tc in logits_tc.cu (docs/MATH.md steps 2-5): per (row,
 // class split) online softmax statistics and the target logit z_iy; nothing of size B x C is
 // written. f16 / bf16 inputs only; built where FM_HAS_WGMMA (kernels/ptx.cuh) is defined.
 //
@@ -66,10 +66,8 @@ __device__ __forceinline__ void fm_wg_load(unsigned char* stage, i64 it, int kst
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1)
-FM_ENTRY(fm_fwd_tiles_wg)(const T_IN* __restrict__ x, const T_IN* __restrict__ w, const int* __restrict__ labels,
-                          const float* __restrict__ xnorm, const float* __restrict__ wnorm, FmParams p, i64 B,
-                          i64 C, int D, int tiles_per_split, int nsplit, float* __restrict__ part_m,
-                          float* __restrict__ part_s, float* __restrict__ zy) {
+FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) {
+    FM_TILE_UNPACK
     FM_DYNAMIC_SMEM(wg_smem);   // WG_SMEM_BYTES, set by the host
     unsigned char* smem = wg_smem + ((1024u - (fm_smem_addr(wg_smem) & 1023u)) & 1023u);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;

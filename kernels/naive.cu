@@ -1,7 +1,7 @@
 // fused-margin: the naive plan, eager PyTorch's shape of work: one plain kernel per step, every
 // intermediate materialized in f32 (normalized copies, the B x C cosines, logits, softmax, dc).
 // It is the benchmarks' baseline and a second implementation for the tests, so it follows
-// MATH.md literally (e.g. the normalization backward uses the explicit dot vh . dvh) and shares
+// docs/MATH.md literally (e.g. the normalization backward uses the explicit dot vh . dvh) and shares
 // only the margin maths (fm_target) with the fused plan. All offsets are 64-bit.
 #include "common.cuh"
 

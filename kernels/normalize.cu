@@ -1,4 +1,4 @@
-// fused-margin: row norms and the backward through the L2 normalization (MATH.md steps 1, 3 and
+// fused-margin: row norms and the backward through the L2 normalization (docs/MATH.md steps 1, 3 and
 // "Backward": dv = (dvh - vh (vh . dvh)) / |v| where |v| >= eps, dvh / eps below it (the
 // derivative of the forward: fm_norm_proj), plus dn * vh without feature norm).
 #include "common.cuh"

@@ -61,7 +61,7 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
     }
 }
 
-// What one element of the tile contributes, from its raw dot product (MATH.md steps 2-5):
+// What one element of the tile contributes, from its raw dot product (docs/MATH.md steps 2-5):
 // c = dot / (max(|x_i|,eps) * max(|w_j|,eps)) (the weight factor only with weight normalization),
 // t = target(c) at the label, else c; z = r_i * t; dt = dtarget/dc (1 off the label).
 struct FmElem { float c, t, z, dt; };
@@ -116,7 +116,7 @@ __device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, flo
     return e;
 }
 
-// The backward at one element (MATH.md "Backward") for a unit upstream, from the saved lse:
+// The backward at one element (docs/MATH.md "Backward") for a unit upstream, from the saved lse:
 // d = softmax - onehot, e = d * dtarget/dc, with c (for proj = sum_j dc_ij c_ij = vh . dvh, the
 // projection the normalization backward needs) and dt = d * t (for dn = s g sum_j d_ij t_ij
 // without feature norm). The real dc_ij = r_i g_i e_ij; the tensor-core backward multiplies by
@@ -172,7 +172,7 @@ __device__ __forceinline__ void fm_tc_col_factors(const float* __restrict__ wnor
         }
 }
 
-// One row's share of a class tile (MATH.md steps 2-5): the logits z of its 2 NI columns from the
+// One row's share of a class tile (docs/MATH.md steps 2-5): the logits z of its 2 NI columns from the
 // raw dot products, z_iy written when the label is among them, and the tile's (max, sum-exp)
 // merged into the row's running pair.
 template <int NI>

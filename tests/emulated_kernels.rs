@@ -336,6 +336,11 @@ impl Job {
             }
             out.extend(l.block.to_le_bytes());
             out.extend(l.smem.to_le_bytes());
+            // The argument struct's name (empty for positional parameters): the driver holds it
+            // to the kernel's own.
+            let packed = l.packed.map_or("", |p| p.name);
+            out.extend((packed.len() as u16).to_le_bytes());
+            out.extend(packed.as_bytes());
             out.extend((l.args.len() as u32).to_le_bytes());
             for a in &l.args {
                 match *a {

@@ -2,7 +2,9 @@
 //! which kernels it picks for every dtype, alignment and shape, how it splits the classes, what
 //! it allocates, and that every plan is well formed (each buffer it names is bound or allocated,
 //! written before it is read, and within CUDA's grid limits). The emulated tests run the plans
-//! themselves (tests/emulated_kernels.rs).
+//! themselves (tests/emulated_kernels.rs). The family argument structs (kernels/args.cuh) are
+//! checked here too: their layouts, and that every tile and gradient launch passes one.
+use fused_margin::cuda::args::{self, FieldKind, Value, GRAD_ARGS, LAYOUTS, TILE_ARGS};
 use fused_margin::cuda::params::FmParams;
 use fused_margin::cuda::plan::{
     self, Arg, BackwardProblem, Buf, Choices, DeviceFacts, ForwardProblem, Init, LaunchPlan,
@@ -97,6 +99,19 @@ fn well_formed(p: &LaunchPlan, given: &[Buf], what: &str) {
     for st in &p.steps {
         let (reads, writes): (Vec<Buf>, Vec<Buf>) = match st {
             Step::Kernel(l) => {
+                // The tile and gradient families take their struct (kernels/args.cuh), every
+                // field of its kind; no other kernel takes one.
+                let family = l.entry.starts_with("fm_fwd_tiles")
+                    || l.entry.starts_with("fm_grad_x")
+                    || l.entry.starts_with("fm_grad_w");
+                match l.packed {
+                    Some(layout) => {
+                        assert!(family, "{what}: {} packed as {}", l.entry, layout.name);
+                        args::check(&l.entry, layout, &l.args)
+                            .unwrap_or_else(|e| panic!("{what}: {e}"));
+                    }
+                    None => assert!(!family, "{what}: {} positional", l.entry),
+                }
                 assert!(l.grid.iter().all(|&g| g >= 1), "{what}: {} grid", l.entry);
                 assert!(l.block >= 1 && l.block <= 1024, "{what}: {} block", l.entry);
                 let r = l
@@ -500,4 +515,89 @@ fn huge_shapes_take_64_bit_sizes() {
     let l = p.launches().find(|l| l.entry == "fm_fwd_tiles_tc").unwrap();
     assert!(l.args.contains(&Arg::I64(10_000_000)) && l.args.contains(&Arg::I64(100_000)));
     well_formed(&p, &FWD_GIVEN, "huge");
+}
+
+/// The argument structs' layouts as C lays them out: the sizes the kernels' static_asserts pin
+/// (geometry.cuh), the offsets of the first fields after the pointers, and no interior padding.
+#[test]
+fn argument_struct_layouts() {
+    for l in LAYOUTS {
+        let (offs, size) = l.offsets();
+        assert_eq!(
+            size, l.bytes,
+            "{}: packed size against geometry.cuh",
+            l.name
+        );
+        let used: usize = l
+            .fields
+            .iter()
+            .map(|f| match f.kind {
+                FieldKind::ConstPtr | FieldKind::MutPtr | FieldKind::I64 => 8,
+                FieldKind::Params => std::mem::size_of::<FmParams>(),
+                FieldKind::I32 | FieldKind::F32 => 4,
+            })
+            .sum();
+        assert!(
+            size - used < 8,
+            "{}: {} bytes of padding",
+            l.name,
+            size - used
+        );
+        let first = offs[1..].iter().zip(&offs).all(|(b, a)| b > a);
+        assert!(first, "{}: offsets increase", l.name);
+    }
+    let at = |l: &args::Layout, name: &str| {
+        let i = l.fields.iter().position(|f| f.name == name).unwrap();
+        l.offsets().0[i]
+    };
+    // 8 pointers, then FmParams (48 bytes), then B at 112.
+    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (64, 112));
+    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (144, 176));
+    // 12 pointers, FmParams, B, C, then g_scalar at 160.
+    assert_eq!((at(&GRAD_ARGS, "p"), at(&GRAD_ARGS, "g_scalar")), (96, 160));
+}
+
+/// A plan whose arguments do not fit a struct is a typed error, not a launch; packing puts
+/// each value at its field's offset.
+#[test]
+fn argument_structs_are_checked_and_packed() {
+    let p = fwd(
+        &DeviceFacts::H100,
+        &Choices::default(),
+        DType::BF16,
+        Shape::new(40, 24, 300),
+        true,
+    );
+    let l = p.launches().find(|l| l.packed.is_some()).unwrap();
+    let layout = l.packed.unwrap();
+    assert_eq!(layout.name, "FmTileArgs");
+    let mut short = l.args.clone();
+    short.pop();
+    assert!(
+        args::check(&l.entry, layout, &short).is_err(),
+        "a field missing"
+    );
+    let mut swapped = l.args.clone();
+    swapped[0] = Arg::Write(Buf::X); // x is `const T_IN*`
+    let e = args::check(&l.entry, layout, &swapped).unwrap_err();
+    assert!(e.to_string().contains("FmTileArgs.x"), "{e}");
+    let values: Vec<Value> = l
+        .args
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match *a {
+            Arg::Read(_) | Arg::Write(_) | Arg::Null => Value::Ptr(0x1000 + 8 * i as u64),
+            Arg::I64(v) => Value::I64(v),
+            Arg::I32(v) => Value::I32(v),
+            Arg::F32(v) => Value::F32(v),
+            Arg::Params(v) => Value::Params(v),
+        })
+        .collect();
+    let bytes = args::pack(&l.entry, layout, &l.args, &values).unwrap();
+    let word = |at: usize| i64::from_ne_bytes(bytes.0[at..at + 8].try_into().unwrap());
+    assert_eq!(word(8), 0x1008, "w is the second pointer");
+    assert_eq!((word(112), word(120)), (40, 300), "B and C");
+    let int = |at: usize| i32::from_ne_bytes(bytes.0[at..at + 4].try_into().unwrap());
+    assert_eq!(int(128), 24, "D");
+    assert!(args::pack(&l.entry, layout, &l.args, &values[1..]).is_err());
 }

@@ -2,12 +2,14 @@
 //! launches every step in order on the handle's stream, frees each workspace after its last use
 //! and hands back the buffers the caller keeps. It decides nothing: what runs is the plan's.
 
+use super::args::{self, ArgBytes, Value};
 use super::plan::{Arg, Buf, Elem, GemmOp, Init, Launch, LaunchPlan, Step};
 use super::{cuda_err, CudaElement, FusedMarginLoss, Kernels};
 use crate::error::{Error, Result};
 use cudarc::cublas::{sys::cublasOperation_t, Gemm as _, GemmConfig};
 use cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
 };
 use std::collections::BTreeMap;
 
@@ -59,14 +61,9 @@ impl<O> Kept<O> {
     }
 }
 
-/// A kernel argument's value, kept alive until the launch (cudarc passes pointers to them).
-enum Val {
-    U64(u64),
-    I64(i64),
-    I32(i32),
-    F32(f32),
-    P(super::params::FmParams),
-}
+// SAFETY: plain bytes, `#[repr(C)]`: the driver copies the kernel's parameter size (never more
+// than the packed struct, args::pack checks it against the kernels' sizeof) from its address.
+unsafe impl DeviceRepr for ArgBytes {}
 
 /// Runs `plan`: allocations first (in the plan's order), then the steps. Buffers the plan
 /// allocates shadow bound ones of the same role (the naive backward recomputes the norms).
@@ -207,7 +204,7 @@ fn launch<T: CudaElement, O: CudaElement>(
             vals.push(match *a {
                 Arg::Read(b) | Arg::Write(b) => {
                     if let Some(p) = addr.get(&b) {
-                        Val::U64(*p)
+                        Value::Ptr(*p)
                     } else {
                         if matches!(a, Arg::Write(_)) {
                             return Err(Error::InvalidArgument {
@@ -217,26 +214,38 @@ fn launch<T: CudaElement, O: CudaElement>(
                         }
                         let (p, g) = bound_ptr(bound, b, stream, &l.entry)?;
                         guards.push(g);
-                        Val::U64(p)
+                        Value::Ptr(p)
                     }
                 }
-                Arg::Null => Val::U64(0),
-                Arg::I64(v) => Val::I64(v),
-                Arg::I32(v) => Val::I32(v),
-                Arg::F32(v) => Val::F32(v),
-                Arg::Params(p) => Val::P(p),
+                Arg::Null => Value::Ptr(0),
+                Arg::I64(v) => Value::I64(v),
+                Arg::I32(v) => Value::I32(v),
+                Arg::F32(v) => Value::F32(v),
+                Arg::Params(p) => Value::Params(p),
             });
         }
+        // A family kernel takes its fields as one struct, laid out as the kernels declare it.
+        let block: Option<ArgBytes> = match l.packed {
+            Some(layout) => Some(args::pack(&l.entry, layout, &l.args, &vals)?),
+            None => None,
+        };
         let f = k.get_with_smem(&l.entry, l.smem)?;
         let mut lb = stream.launch_builder(&f);
-        for v in &vals {
-            match v {
-                Val::U64(p) => lb.arg(p),
-                Val::I64(p) => lb.arg(p),
-                Val::I32(p) => lb.arg(p),
-                Val::F32(p) => lb.arg(p),
-                Val::P(p) => lb.arg(p),
-            };
+        match &block {
+            Some(bytes) => {
+                lb.arg(bytes);
+            }
+            None => {
+                for v in &vals {
+                    match v {
+                        Value::Ptr(p) => lb.arg(p),
+                        Value::I64(p) => lb.arg(p),
+                        Value::I32(p) => lb.arg(p),
+                        Value::F32(p) => lb.arg(p),
+                        Value::Params(p) => lb.arg(p),
+                    };
+                }
+            }
         }
         let cfg = LaunchConfig {
             grid_dim: (l.grid[0], l.grid[1], l.grid[2]),

@@ -284,7 +284,7 @@ impl FusedMarginLoss {
         px % 16 == 0 && pw % 16 == 0
     }
 
-    /// Forward pass on the GPU (MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
+    /// Forward pass on the GPU (docs/MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
     /// (negative = ignored), all on this handle's device.
     pub fn forward<T: CudaElement>(
         &self,
@@ -347,7 +347,7 @@ impl FusedMarginLoss {
         })
     }
 
-    /// Backward pass (MATH.md "Backward") of `fwd`, gradients in the input dtype. The spec and
+    /// Backward pass (docs/MATH.md "Backward") of `fwd`, gradients in the input dtype. The spec and
     /// shape are the forward's ([`GpuForward::spec`], [`GpuForward::shape`]).
     ///
     /// # What is checked against the forward

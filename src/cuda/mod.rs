@@ -47,6 +47,7 @@
 //! `exec.rs` (its cudarc executor), `launch.rs` (small launch helpers), `labels.rs`,
 //! `compile.rs` (NVRTC), `params.rs`, `libs.rs`, [`measure`], [`raw`].
 
+pub mod args;
 mod compile;
 mod exec;
 mod geometry;

@@ -30,7 +30,7 @@ pub enum F32Precision {
     /// `mma.sync.m16n8k8` on operands rounded to TF32 with `cvt.rna`), when
     /// [`Options::tensor_cores`] is on, `D % 4 == 0` and `x`, `w` are 16-byte aligned. The
     /// backward then recomputes the logits from TF32-rounded operands too, so it stays consistent
-    /// with the saved logsumexp. Precision: MATH.md's TF32 bars (1e-3 loss, 5e-3 gradients,
+    /// with the saved logsumexp. Precision: docs/MATH.md's TF32 bars (1e-3 loss, 5e-3 gradients,
     /// normwise) for inputs without extreme outliers; TF32 keeps 10 mantissa bits, so a cosine
     /// dominated by a few large entries carries ~5e-4 of error, which the scale `s` multiplies in
     /// the logits.
@@ -89,7 +89,7 @@ pub struct Options {
     /// (kernels/grad_tc.cu), under the tensor-core forward's conditions (tensor cores on,
     /// `D % 8 == 0`, 16-byte aligned `x` and `w`); otherwise the SIMT backward runs.
     ///
-    /// Status: its results match the f64 reference within MATH.md's bars on the CPU emulator of
+    /// Status: its results match the f64 reference within docs/MATH.md's bars on the CPU emulator of
     /// the kernels (tests/emulated_kernels.rs), and it compiles without spills for sm_90, but it
     /// has not yet run on a GPU; it becomes the default once the GPU suite has passed it there.
     pub tensor_core_backward: bool,

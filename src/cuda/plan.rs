@@ -12,6 +12,7 @@
 //! Nothing here touches a device: the builders are plain functions of plain values, so their
 //! choices are unit-tested for device kinds this machine does not have.
 
+use super::args::{self, GradArgs, Layout, Packed, TileArgs};
 use super::params::FmParams;
 use super::LabelCheck;
 use super::Plan;
@@ -231,8 +232,12 @@ pub struct Launch {
     pub block: u32,
     /// Dynamic shared memory, bytes (the executor opts the function in above 48 KB).
     pub smem: u32,
-    /// The kernel's arguments in parameter order.
+    /// The kernel's arguments in parameter order, or the fields of its argument struct in
+    /// layout order when `packed` names one.
     pub args: Vec<Arg>,
+    /// The argument struct the kernel takes by value (kernels/args.cuh), or `None` for
+    /// positional parameters.
+    pub packed: Option<&'static Layout>,
 }
 
 /// cuBLAS operation of a [`Gemm`] operand.
@@ -542,7 +547,29 @@ impl Builder {
             block,
             smem,
             args,
+            packed: None,
         }));
+    }
+    /// A launch of a family kernel: its argument struct, each field held to its kind.
+    fn launch_struct(
+        &mut self,
+        entry: &str,
+        grid: [u32; 3],
+        block: u32,
+        smem: u32,
+        args: impl Into<Packed>,
+    ) -> Result<()> {
+        let p: Packed = args.into();
+        args::check(entry, p.layout, &p.fields)?;
+        self.steps.push(Step::Kernel(Launch {
+            entry: entry.to_string(),
+            grid,
+            block,
+            smem,
+            args: p.fields,
+            packed: Some(p.layout),
+        }));
+        Ok(())
     }
     fn finish(self, workspace_bytes: usize, tensor_cores: bool, wgmma: bool) -> LaunchPlan {
         LaunchPlan {
@@ -642,7 +669,7 @@ fn check_dtype(dtype: DType) -> Result<()> {
     Ok(())
 }
 
-/// The fused forward (DESIGN.md "Data flow on the GPU"): norms, logits tiles with online
+/// The fused forward (docs/ARCHITECTURE.md "Fused data flow"): norms, logits tiles with online
 /// softmax statistics per class split, the combine, the loss. Extra memory `O(B x nsplit)`.
 fn fused_forward(
     mut bd: Builder,
@@ -683,31 +710,31 @@ fn fused_forward(
     let workspace_bytes = 4 * (2 * b * sp.nsplit + b);
     let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
     let ns = i32_of(sp.nsplit, "class splits")?;
-    // All six tile kernels take the same arguments. Grid (row_tiles, nsplit) over tiles of
-    // `tile`: every block reads rows < B of x and classes < C of w, and writes part_m/part_s at
+    // All six tile kernels take FmTileArgs. Grid (row_tiles, nsplit) over tiles of `tile`:
+    // every block reads rows < B of x and classes < C of w, and writes part_m/part_s at
     // row * nsplit + split and zy[row]; chunks past B, C or D are zero-filled without reading.
-    bd.launch(
+    bd.launch_struct(
         entry,
         grid3(row_tiles, sp.nsplit, 1, entry)?,
         THREADS,
         smem,
-        vec![
-            Read(Buf::X),
-            Read(Buf::W),
-            Read(Buf::Labels),
-            Read(Buf::XNorm),
-            Read(Buf::WNorm),
-            Params(pr.params),
-            I64(b as i64),
-            I64(c as i64),
-            I32(di),
-            I32(tps),
-            I32(ns),
-            Write(Buf::PartM),
-            Write(Buf::PartS),
-            Write(Buf::Zy),
-        ],
-    );
+        TileArgs {
+            x: Read(Buf::X),
+            w: Read(Buf::W),
+            labels: Read(Buf::Labels),
+            xnorm: Read(Buf::XNorm),
+            wnorm: Read(Buf::WNorm),
+            part_m: Write(Buf::PartM),
+            part_s: Write(Buf::PartS),
+            zy: Write(Buf::Zy),
+            p: Params(pr.params),
+            b: I64(b as i64),
+            c: I64(c as i64),
+            d: I32(di),
+            tiles_per_split: I32(tps),
+            nsplit: I32(ns),
+        },
+    )?;
     bd.alloc(Buf::Lse, Elem::F32, b);
     bd.alloc(Buf::RowLoss, Elem::F32, b);
     // One thread per row: its nsplit partials, zy[row] only for a label in 0..C.
@@ -896,31 +923,36 @@ fn fused_backward(
     bd.alloc(Buf::DnPart, Elem::F32, sp.nsplit * b);
     // Grid (row_tiles, nsplit, dchunks): each block writes its rows' dims of its split's dxh
     // partial (split * B + row) * D + d and proj/dn partials split * B + row.
-    bd.launch(
+    // The gradient kernels take FmGradArgs; what a kernel does not use is null (dw here; the
+    // partials and the split fields in the dw launch below).
+    let grad_args = GradArgs {
+        x: Read(Buf::X),
+        w: Read(Buf::W),
+        labels: Read(Buf::Labels),
+        xnorm: Read(Buf::XNorm),
+        wnorm: Read(Buf::WNorm),
+        lse: Read(Buf::Lse),
+        g_rows,
+        scale: Null,
+        dxh_part: Write(Buf::DxhPart),
+        proj_part: Write(Buf::ProjPart),
+        dn_part: Write(Buf::DnPart),
+        dw: Null,
+        p: Params(p),
+        b: I64(bi),
+        c: I64(ci),
+        g_scalar: F32(g_scalar),
+        d: I32(di),
+        tiles_per_split: I32(tps),
+        nsplit: I32(ns),
+    };
+    bd.launch_struct(
         t.x_kernel,
         grid3(row_tiles, sp.nsplit, dchunks, t.x_kernel)?,
         THREADS,
         t.smem,
-        vec![
-            Read(Buf::X),
-            Read(Buf::W),
-            Read(Buf::Labels),
-            Read(Buf::XNorm),
-            Read(Buf::WNorm),
-            Read(Buf::Lse),
-            g_rows,
-            F32(g_scalar),
-            Params(p),
-            I64(bi),
-            I64(ci),
-            I32(di),
-            I32(tps),
-            I32(ns),
-            Write(Buf::DxhPart),
-            Write(Buf::ProjPart),
-            Write(Buf::DnPart),
-        ],
-    );
+        grad_args.clone(),
+    )?;
     bd.alloc(Buf::Dx, Elem::Grad, b * d);
     let finish = out_entry("fm_x_finish", pr.dtype, pr.grad_dtype);
     // One thread per element: the split partials summed in split order, then the normalization
@@ -945,29 +977,24 @@ fn fused_backward(
     );
     bd.alloc(Buf::Dw, Elem::Grad, c * d);
     let wk = out_entry(t.w_kernel, pr.dtype, pr.grad_dtype);
-    let mut args = vec![
-        Read(Buf::X),
-        Read(Buf::W),
-        Read(Buf::Labels),
-        Read(Buf::XNorm),
-        Read(Buf::WNorm),
-        Read(Buf::Lse),
-        g_rows,
-        F32(g_scalar),
-    ];
-    if tc {
-        args.push(Read(Buf::Scale)); // fm_grad_w_tc only: K
-    }
-    args.extend([Params(p), I64(bi), I64(ci), I32(di), Write(Buf::Dw)]);
     // Grid (ceil(C / w_classes), dchunks): each block owns its classes' dims of dw and loops
     // over the whole batch (no atomics).
-    bd.launch(
+    bd.launch_struct(
         &wk,
         grid3(c.div_ceil(t.w_classes), dchunks, 1, &wk)?,
         THREADS,
         t.smem,
-        args,
-    );
+        GradArgs {
+            scale: if tc { Read(Buf::Scale) } else { Null }, // fm_grad_w_tc only: K
+            dxh_part: Null,
+            proj_part: Null,
+            dn_part: Null,
+            dw: Write(Buf::Dw),
+            tiles_per_split: I32(0),
+            nsplit: I32(0),
+            ..grad_args
+        },
+    )?;
     Ok(bd.finish(workspace_bytes, tc, false))
 }
 

@@ -151,7 +151,7 @@ impl RawForward {
     }
 }
 
-/// Forward pass (MATH.md "Forward") on the caller's buffers and stream. Writes the loss and/or the
+/// Forward pass (docs/MATH.md "Forward") on the caller's buffers and stream. Writes the loss and/or the
 /// per-row losses into `out`, and returns what [`backward`] needs.
 ///
 /// # Safety
@@ -203,7 +203,7 @@ pub unsafe fn forward(
     })
 }
 
-/// Backward pass (MATH.md "Backward"): writes `dx` and `dw` into `out`, from `fwd` (returned by
+/// Backward pass (docs/MATH.md "Backward"): writes `dx` and `dw` into `out`, from `fwd` (returned by
 /// [`forward`] for the same inputs, device and stream), with the forward's spec
 /// ([`RawForward::spec`]).
 ///

@@ -7,13 +7,17 @@
 // Each argument is converted to the kernel's own parameter type (deduced from its signature),
 // and the conversion checks the job's argument kind against it: a pointer for a pointer (and a
 // buffer of elements of the pointee's size), an i64 for `i64`, an i32 for `int`, an f32 for
-// `float`, the option block for `FmParams`, and the argument count. So a plan whose arguments do
-// not match a kernel's signature fails here, before the same plan reaches a GPU.
+// `float`, the option block for `FmParams`, and the argument count. A kernel of a family that
+// takes one argument struct (kernels/args.cuh: FmTileArgs, FmGradArgs) gets it filled field by
+// field from the job's arguments, with the same conversion per field; the job must name that
+// struct, and a positional kernel must be given no struct name. So a plan whose arguments do not
+// match a kernel's signature fails here, before the same plan reaches a GPU.
 //
 // Usage: driver JOB OUT
 // JOB (little endian): "FMJ1"; u32 nbuf; per buffer: u32 id, u32 elem_size, u64 len, u8 init
 //   (0: data follows, len * elem_size bytes; 1: fill, one elem_size pattern follows; 2: zero);
-//   u32 nlaunch; per launch: u16 name length, name, u32 grid[3], u32 block, u32 smem, u32 nargs,
+//   u32 nlaunch; per launch: u16 name length, name, u32 grid[3], u32 block, u32 smem, u16 struct
+//   name length (0: positional arguments), struct name, u32 nargs (fields of a struct),
 //   per argument u8 kind (0 read, 1 write: u32 buffer id; 2 null; 3 i64; 4 i32; 5 f32;
 //   6 FmParams: 48 bytes); u32 nout, u32 ids.
 // OUT: the bytes of each listed buffer, in the listed order.
@@ -72,6 +76,7 @@ struct ArgV {
 
 struct Call {
     std::string entry;
+    std::string packed;   // the argument struct's name, or empty
     std::vector<ArgV> args;
 
     [[noreturn]] void bad(size_t i, const char* want) const {
@@ -116,6 +121,46 @@ struct Call {
     }
 };
 
+// The family argument structs of kernels/args.cuh, filled from the job by their X-macro lists.
+template <typename S>
+struct ArgStruct {
+    static constexpr bool is = false;
+};
+#define FM_COUNT_FIELD(type, name) +1
+#define FM_FILL_FIELD(type, name) s.name = c.template as<decltype(s.name)>(j++);
+template <>
+struct ArgStruct<FmTileArgs> {
+    static constexpr bool is = true;
+    static constexpr const char* name = "FmTileArgs";
+    static constexpr size_t fields = 0 FM_TILE_ARGS(FM_COUNT_FIELD);
+    static FmTileArgs fill(const Call& c) {
+        FmTileArgs s{};
+        size_t j = 0;
+        FM_TILE_ARGS(FM_FILL_FIELD)
+        return s;
+    }
+};
+template <typename T_OUT>
+struct ArgStruct<FmGradArgs<T_OUT>> {
+    static constexpr bool is = true;
+    static constexpr const char* name = "FmGradArgs";
+    static constexpr size_t fields = 0 FM_GRAD_ARGS(FM_COUNT_FIELD);
+    static FmGradArgs<T_OUT> fill(const Call& c) {
+        FmGradArgs<T_OUT> s{};
+        size_t j = 0;
+        FM_GRAD_ARGS(FM_FILL_FIELD)
+        return s;
+    }
+};
+#undef FM_COUNT_FIELD
+#undef FM_FILL_FIELD
+
+void check_count(const Call& c, size_t want, const char* what) {
+    if (c.args.size() != want)
+        fail(c.entry + ": " + std::to_string(c.args.size()) + " arguments, the kernel takes " +
+             std::to_string(want) + " " + what);
+}
+
 template <typename... P, size_t... I>
 std::function<void()> bind_impl(void (*k)(P...), const Call& c, std::index_sequence<I...>) {
     auto t = std::make_tuple(c.template as<P>(I)...);
@@ -125,10 +170,19 @@ std::function<void()> bind_impl(void (*k)(P...), const Call& c, std::index_seque
 // The kernel bound to the call's arguments (converted once, run by every emulated thread).
 template <typename... P>
 std::function<void()> bind(void (*k)(P...), const Call& c) {
-    if (c.args.size() != sizeof...(P))
-        fail(c.entry + ": " + std::to_string(c.args.size()) + " arguments, the kernel takes " +
-             std::to_string(sizeof...(P)));
-    return bind_impl(k, c, std::index_sequence_for<P...>{});
+    if constexpr (sizeof...(P) == 1 && (ArgStruct<P>::is && ...)) {
+        using S = std::tuple_element_t<0, std::tuple<P...>>;
+        if (c.packed != ArgStruct<S>::name)
+            fail(c.entry + ": takes struct " + ArgStruct<S>::name + ", the job gives " +
+                 (c.packed.empty() ? std::string("positional arguments") : "struct " + c.packed));
+        check_count(c, ArgStruct<S>::fields, "fields");
+        const S s = ArgStruct<S>::fill(c);
+        return [k, s] { k(s); };
+    } else {
+        if (!c.packed.empty()) fail(c.entry + ": takes positional arguments, the job gives struct " + c.packed);
+        check_count(c, sizeof...(P), "parameters");
+        return bind_impl(k, c, std::index_sequence_for<P...>{});
+    }
 }
 
 using Binder = std::function<std::function<void()>(const Call&)>;
@@ -215,6 +269,8 @@ int main(int argc, char** argv) {
         fm_uint3 grid{r.get<std::uint32_t>(), r.get<std::uint32_t>(), r.get<std::uint32_t>()};
         const auto block = r.get<std::uint32_t>();
         const auto smem = r.get<std::uint32_t>();
+        c.packed.resize(r.get<std::uint16_t>());
+        r.bytes(c.packed.data(), c.packed.size());
         const auto nargs = r.get<std::uint32_t>();
         for (std::uint32_t i = 0; i < nargs; ++i) {
             ArgV a;
