@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --features candle --example candle_train [-- --epochs N --classes N --seed N --device auto|cpu|gpu]
-//! cargo run --release --features candle-cuda --example candle_train     # on a GPU machine (README, "candle")
+//! cargo run --release --features candle-cuda --example candle_train     # on a GPU machine (README, "Features")
 //! ```
 //!
 //! The model: `Linear(64 -> 128) -> ReLU -> Linear(128 -> 32)` producing embeddings, plus one

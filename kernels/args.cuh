@@ -21,6 +21,7 @@
 
 #include "common.cuh"
 
+// tgt: the per-row target and its slope (fm_target_rows, normalize.cu), read by every tile kernel.
 // The forward tile kernels (logits.cu, logits_tc.cu, logits_wg.cu): grid (row tiles, nsplit).
 // Block (rt, split) writes part_m/part_s at row * nsplit + split, and zy[row] for a label in its
 // split.
@@ -30,6 +31,7 @@
     F(const int*, labels)       \
     F(const float*, xnorm)      \
     F(const float*, wnorm)      \
+    F(const float*, tgt)        \
     F(float*, part_m)           \
     F(float*, part_s)           \
     F(float*, zy)               \
@@ -50,6 +52,7 @@
     F(const int*, labels)       \
     F(const float*, xnorm)      \
     F(const float*, wnorm)      \
+    F(const float*, tgt)        \
     F(const float*, lse)        \
     F(const float*, g_rows)     \
     F(const float*, scale)      \

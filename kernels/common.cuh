@@ -154,7 +154,7 @@ __device__ __forceinline__ float fm_row_scale(const FmParams& p, const FmMargin&
 __device__ __forceinline__ bool fm_finite(float v) { return v * 0.0f == 0.0f; }
 
 // 1 / max(|v|, eps). Written as a comparison, not fmaxf: fmaxf(NaN, eps) is eps, which would turn
-// a NaN row into huge finite values instead of propagating NaN (README "Reliability").
+// a NaN row into huge finite values instead of propagating NaN (docs/MATH.md "Non-finite input").
 __device__ __forceinline__ float fm_inv_norm(float norm) {
     return 1.0f / (norm < FM_NORM_EPS ? FM_NORM_EPS : norm);
 }

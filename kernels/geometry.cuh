@@ -38,10 +38,10 @@
 #define FM_G_GT32_SMEM 72448
 
 // Bytes of the family argument structs (args.cuh), as src/cuda/args.rs packs them: FmTileArgs
-// (8 pointers, FmParams, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs (12 pointers,
+// (9 pointers, FmParams, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs (13 pointers,
 // FmParams, 2 i64, 1 float, 3 int).
-#define FM_G_TILE_ARGS_BYTES 144
-#define FM_G_GRAD_ARGS_BYTES 176
+#define FM_G_TILE_ARGS_BYTES 152
+#define FM_G_GRAD_ARGS_BYTES 184
 
 // The label status record's length (labels.cu).
 #define FM_G_STATUS_LEN 6

@@ -9,7 +9,9 @@
 // Grid (ceil(B / FM_BM), nsplit, ceil(D / FM_DC)). Block (rt, split, dc) owns rows
 // [rt*BM, rt*BM + BM) x dims [dc*DC, dc*DC + DC) of the partial dxh of its class split, and
 // (for dc == 0) the split's partial proj_i and dn_i. Partials are summed in fm_x_finish.
-extern "C" __global__ void __launch_bounds__(FM_THREADS)
+// Three blocks per SM (80 registers, 48 bytes of spills) as before the margin maths left the tile
+// loop; without the minimum ptxas takes 113 registers and two blocks. For the GPU benchmarks.
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 3)
 FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
     FM_GRAD_UNPACK
     __shared__ FmTileSmem sm;
@@ -24,7 +26,7 @@ FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
 
     FmRow R[2];
     for (int a = 0; a < 2; ++a)
-        R[a] = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, lse, g_rows, g_scalar);
+        R[a] = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
     float acc2[2][FM_DC / 16];
     for (int a = 0; a < 2; ++a)
         for (int q = 0; q < FM_DC / 16; ++q) acc2[a][q] = 0.0f;
@@ -98,11 +100,8 @@ FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
 // its outputs. At the end it applies the normalization backward with
 // proj_j = wh_j . dwh_j = sum_i dc_ij c_ij, reduced in a fixed order.
 template <typename OUT>
-__device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                                          const int* __restrict__ labels, const float* __restrict__ xnorm,
-                                          const float* __restrict__ wnorm, const float* __restrict__ lse,
-                                          const float* __restrict__ g_rows, float g_scalar,
-                                          const FmParams& p, i64 B, i64 C, int D, OUT* __restrict__ dw) {
+__device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
+    FM_GRAD_UNPACK
     __shared__ FmTileSmem sm;
     __shared__ float dcs[FM_BM][FM_BN + 1];
     __shared__ float xsd[FM_BM][FM_DC];
@@ -133,7 +132,7 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
         float acc[2][2];
         fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc, p.tf32_dots != 0);
         for (int a = 0; a < 2; ++a) {
-            FmRow R = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, lse, g_rows, g_scalar);
+            FmRow R = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
                 float dc = 0.0f;
@@ -194,11 +193,9 @@ __device__ __forceinline__ void fm_grad_w(const T_IN* __restrict__ x, const T_IN
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
 FM_ENTRY(fm_grad_w)(const FmGradArgs<T_IN> args) {
-    FM_GRAD_UNPACK
-    fm_grad_w<T_IN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, dw);
+    fm_grad_w<T_IN>(args);
 }
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
 FM_ENTRY_F32OUT(fm_grad_w)(const FmGradArgs<float> args) {
-    FM_GRAD_UNPACK
-    fm_grad_w<float>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, dw);
+    fm_grad_w<float>(args);
 }

@@ -305,13 +305,8 @@ __device__ __forceinline__ int fm_gt_exp_for(float m) {
 // dims dc*DCH.. of split `split`'s partial dxh (already multiplied by r_i g_i), and for dc == 0
 // the split's proj_i and dn_i.
 template <int OWN>
-__device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                                             const int* __restrict__ labels, const float* __restrict__ xnorm,
-                                             const float* __restrict__ wnorm, const float* __restrict__ lse,
-                                             const float* __restrict__ g_rows, float g_scalar, const FmParams& p,
-                                             i64 B, i64 C, int D, int tiles_per_split, int nsplit,
-                                             float* __restrict__ dxh_part, float* __restrict__ proj_part,
-                                             float* __restrict__ dn_part) {
+__device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
+    FM_GRAD_UNPACK
     typedef FmGt<OWN> G;
     constexpr int MI = G::MI;
     FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem), set by the host
@@ -326,7 +321,7 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
     FmRow R[2 * MI];   // S rows q = mi*2 + h: wm + mi*16 + g + 8h
 #pragma unroll
     for (int q = 0; q < 2 * MI; ++q)
-        R[q] = fm_load_row(p, own0 + wm + (q >> 1) * 16 + g + 8 * (q & 1), B, labels, xnorm, lse, g_rows, g_scalar);
+        R[q] = fm_load_row(p, own0 + wm + (q >> 1) * 16 + g + 8 * (q & 1), B, labels, xnorm, tgt, lse, g_rows, g_scalar);
     // The product warp's rows (not its S rows when OWN = 32) and their labels, -1 where there is
     // no target term to add (ignored rows, g = 0, a label outside the classes).
     int pm, pd;
@@ -419,7 +414,7 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
         const int mi = q >> 1, h = q & 1;
         const i64 row = own0 + pm + mi * 16 + g + 8 * h;
         if (row >= B) continue;
-        const FmRow Rp = fm_load_row(p, row, B, labels, xnorm, lse, g_rows, g_scalar);
+        const FmRow Rp = fm_load_row(p, row, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
         const float coef = Rp.g == 0.0f ? 0.0f : Rp.r * Rp.g;
         float* o = dxh_part + ((i64)split * B + row) * D;
 #pragma unroll
@@ -434,7 +429,7 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
         float pr = fm_gt_rowsum<OWN>(sm, 0, ec, tid);
         float dn = fm_gt_rowsum<OWN>(sm, 1, dt, tid);
         if (tid < OWN && own0 + tid < B) {
-            FmRow Ro = fm_load_row(p, own0 + tid, B, labels, xnorm, lse, g_rows, g_scalar);
+            FmRow Ro = fm_load_row(p, own0 + tid, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
             const float coef = Ro.g == 0.0f ? 0.0f : Ro.r * Ro.g;
             proj_part[(i64)split * B + own0 + tid] = coef * pr;
             dn_part[(i64)split * B + own0 + tid] = Ro.m.s * Ro.g * dn;
@@ -455,12 +450,8 @@ __device__ __forceinline__ void fm_grad_x_tc(const T_IN* __restrict__ x, const T
 // softmax rescales its sum; at the end out 2^-k_j is the unscaled sum. Powers of two are exact,
 // and the accumulated terms keep the precision they had. bf16 has f32's exponent range: k_j = 0.
 template <int OWN, typename OUT>
-__device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                                             const int* __restrict__ labels, const float* __restrict__ xnorm,
-                                             const float* __restrict__ wnorm, const float* __restrict__ lse,
-                                             const float* __restrict__ g_rows, float g_scalar,
-                                             const float* __restrict__ scale, const FmParams& p, i64 B, i64 C,
-                                             int D, OUT* __restrict__ dw) {
+__device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
+    FM_GRAD_UNPACK
     typedef FmGt<OWN> G;
     constexpr int MI = G::MI;
     constexpr bool SCALED = FM_DTYPE == FM_F16;
@@ -509,7 +500,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int pl = wn + ni * 8 + 2 * t + j;
-                const FmRow R = fm_load_row(p, par0 + pl, B, labels, xnorm, lse, g_rows, g_scalar);
+                const FmRow R = fm_load_row(p, par0 + pl, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
                 const float coef = R.g == 0.0f ? 0.0f : R.r * R.g;
                 // A zero x row's chunk is exactly zero, so its e_ij (up to ~1: its logits are all
                 // 0) contribute nothing to dwh; left in the scale's maximum they would set k_j and
@@ -546,7 +537,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
             }
         }
         if (tid < GT_PN) {   // warps 0 and 1 whole: one partner row per thread
-            const FmRow R = fm_load_row(p, par0 + tid, B, labels, xnorm, lse, g_rows, g_scalar);
+            const FmRow R = fm_load_row(p, par0 + tid, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
             sm.pscale[tid] = R.g == 0.0f ? 0.0f : R.inv_x * (R.r * R.g) * inv_K;
             // Bit `lane` of mask[warp]: this partner row's target is one of the block's classes.
             const bool hit = R.g != 0.0f && R.label >= own0 && R.label < own0 + OWN && R.label < C;
@@ -665,19 +656,15 @@ __device__ __forceinline__ void fm_grad_w_tc(const T_IN* __restrict__ x, const T
 #define FM_GT_ENTRIES(SUFFIX, OWN)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY(fm_grad_x_tc##SUFFIX)(                               \
         const FmGradArgs<float> args) {                                                                              \
-        FM_GRAD_UNPACK                                                                                               \
-        fm_grad_x_tc<OWN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, p, B, C, D, tiles_per_split, nsplit,   \
-                          dxh_part, proj_part, dn_part);                                                             \
+        fm_grad_x_tc<OWN>(args);                                                                                     \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY(fm_grad_w_tc##SUFFIX)(                               \
         const FmGradArgs<T_IN> args) {                                                                               \
-        FM_GRAD_UNPACK                                                                                               \
-        fm_grad_w_tc<OWN, T_IN>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, scale, p, B, C, D, dw);          \
+        fm_grad_w_tc<OWN, T_IN>(args);                                                                               \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY_F32OUT(fm_grad_w_tc##SUFFIX)(                        \
         const FmGradArgs<float> args) {                                                                              \
-        FM_GRAD_UNPACK                                                                                               \
-        fm_grad_w_tc<OWN, float>(x, w, labels, xnorm, wnorm, lse, g_rows, g_scalar, scale, p, B, C, D, dw);         \
+        fm_grad_w_tc<OWN, float>(args);                                                                              \
     }
 
 FM_GT_ENTRIES(, 64)

@@ -6,7 +6,9 @@
 // The block whose tile holds a row's label also writes that row's target logit z_iy.
 #include "tile.cuh"
 
-extern "C" __global__ void __launch_bounds__(FM_THREADS)
+// Four blocks per SM: ptxas otherwise takes 100 registers (two blocks) since the margin maths
+// left the tile loop; at 64 it does not spill (scripts/ptxas-report).
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 4)
 FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
     FM_TILE_UNPACK
     __shared__ FmTileSmem sm;
@@ -20,7 +22,7 @@ FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
     FmRow R[2];
     float run_m[2], run_s[2];
     for (int a = 0; a < 2; ++a) {
-        R[a] = fm_row_ctx(p, rows[a], B, labels, xnorm);
+        R[a] = fm_row_ctx(p, rows[a], B, labels, xnorm, tgt);
         run_m[a] = FM_NEG_INF;
         run_s[a] = 0.0f;
     }

@@ -139,11 +139,8 @@ __device__ __forceinline__ void fm_tc_load(typename Op::E* xs, typename Op::E* w
 }
 
 template <class Op, int MI, int NI>
-__device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                                          const int* __restrict__ labels, const float* __restrict__ xnorm,
-                                          const float* __restrict__ wnorm, const FmParams& p, i64 B, i64 C, int D,
-                                          int tiles_per_split, int nsplit, float* __restrict__ part_m,
-                                          float* __restrict__ part_s, float* __restrict__ zy) {
+__device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
+    FM_TILE_UNPACK
     typedef FmTcShape<Op, MI, NI> S;
     FM_DYNAMIC_SMEM(smem);   // S::SMEM_BYTES, set by the host
     typename Op::E* xs = reinterpret_cast<typename Op::E*>(smem);
@@ -164,7 +161,7 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
     float run_m[2 * MI], run_s[2 * MI];
 #pragma unroll
     for (int q = 0; q < 2 * MI; ++q) {
-        R[q] = fm_row_ctx(p, row0 + wm + (q >> 1) * 16 + g + 8 * (q & 1), B, labels, xnorm);
+        R[q] = fm_row_ctx(p, row0 + wm + (q >> 1) * 16 + g + 8 * (q & 1), B, labels, xnorm, tgt);
         run_m[q] = FM_NEG_INF;
         run_s[q] = 0.0f;
     }
@@ -247,11 +244,7 @@ __device__ __forceinline__ void fm_fwd_tc(const T_IN* __restrict__ x, const T_IN
 // candidate until measured). Dynamic shared memory: FmTcShape::SMEM_BYTES, set by the host.
 #define FM_TC_ENTRY(name, Op, MI, NI)                                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
-    FM_ENTRY(name)(const FmTileArgs args) {                                                                    \
-        FM_TILE_UNPACK                                                                                           \
-        fm_fwd_tc<Op, MI, NI>(x, w, labels, xnorm, wnorm, p, B, C, D, tiles_per_split, nsplit, part_m, part_s,  \
-                              zy);                                                                               \
-    }
+    FM_ENTRY(name)(const FmTileArgs args) { fm_fwd_tc<Op, MI, NI>(args); }
 #if FM_DTYPE != FM_F32
 FM_TC_ENTRY(fm_fwd_tiles_tc, FmTcHalf, 2, 4)
 FM_TC_ENTRY(fm_fwd_tiles_tc_wide, FmTcHalf, 4, 8)

@@ -85,7 +85,7 @@ FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) {
     float run_m[2], run_s[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        R[h] = fm_row_ctx(p, row0 + wrow + g + 8 * h, B, labels, xnorm);
+        R[h] = fm_row_ctx(p, row0 + wrow + g + 8 * h, B, labels, xnorm, tgt);
         run_m[h] = FM_NEG_INF;
         run_s[h] = 0.0f;
     }

@@ -19,6 +19,41 @@ extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ v, i6
     if (lane == 0) norms[row] = sqrtf(acc);
 }
 
+// The margin at the target, once per row, before any tile (docs/MATH.md step 4): with
+// c_iy = x_i . w_y / (max(|x_i|,eps) max(|w_y|,eps)) (the weight factor only with weight
+// normalization), tgt[2 row] = target(c_iy) and tgt[2 row + 1] = dtarget/dc. The tile kernels of
+// the forward and the backward read both through their row context (FmRow) and evaluate no margin
+// maths per element: inlined at each of the 32 to 128 elements a thread holds, fm_target's
+// double acos/sin/cos made most of a tensor-core module's code and of its compile time. One warp
+// per row, f32 dot; rows past B are not written, rows whose label is not in 0..C get (0, 1),
+// never read. Forward and backward run this same pass, so both see the same target.
+extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
+                                                    const int* __restrict__ labels,
+                                                    const float* __restrict__ xnorm,
+                                                    const float* __restrict__ wnorm, FmParams p, i64 B, i64 C,
+                                                    int D, float* __restrict__ tgt) {
+    i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (row >= B) return;
+    const int y = labels[row];
+    if (y < 0 || (i64)y >= C) {
+        if (lane == 0) { tgt[2 * row] = 0.0f; tgt[2 * row + 1] = 1.0f; }
+        return;
+    }
+    const T_IN* xr = x + row * D;
+    const T_IN* wr = w + (i64)y * D;
+    float acc = 0.0f;
+    for (int k = lane; k < D; k += 32) acc = fmaf(fm_to_f32(xr[k]), fm_to_f32(wr[k]), acc);
+    acc = fm_warp_sum(acc);
+    if (lane == 0) {
+        const float n = xnorm[row];
+        const float c = acc * fm_inv_norm(n) * (p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f);
+        const FmTarget t = fm_target(p, fm_row_margin(p, row, n), (double)c);
+        tgt[2 * row] = (float)t.value;
+        tgt[2 * row + 1] = (float)t.deriv;
+    }
+}
+
 // Fused plan, last step for x: dxh_i = sum over class splits (fixed order: deterministic) of the
 // partial products, then dx_i = (dxh_i - xh_i * proj_i) / max(|x_i|, eps) + dn_i * xh_i, where
 // proj_i = xh_i . dxh_i = sum_j dc_ij c_ij and dn_i (only without feature normalization) were

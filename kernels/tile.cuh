@@ -63,16 +63,18 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
 
 // What one element of the tile contributes, from its raw dot product (docs/MATH.md steps 2-5):
 // c = dot / (max(|x_i|,eps) * max(|w_j|,eps)) (the weight factor only with weight normalization),
-// t = target(c) at the label, else c; z = r_i * t; dt = dtarget/dc (1 off the label).
+// t = target(c) at the label, else c; z = r_i * t; dt = dtarget/dc (1 off the label). At the
+// label t and dt are the row's (FmRow.tt, .tdt: fm_target_rows), so no margin maths runs here.
 struct FmElem { float c, t, z, dt; };
 
 // Per-row context of the forward and the backward: label, 1/max(|x_i|,eps), the row's margins
-// and r_i (the per-row slot, fm_row_margin), and in the backward the saved lse_i and upstream g_i.
-// Rows past B: label -1 and zeros (never written, never counted).
-struct FmRow { int label; float inv_x, r, lse, g; FmMargin m; };
+// and r_i (the per-row slot, fm_row_margin), the target t and dtarget/dc at the label (tgt, from
+// fm_target_rows), and in the backward the saved lse_i and upstream g_i. Rows past B: label -1
+// and zeros (never written, never counted).
+struct FmRow { int label; float inv_x, r, lse, g, tt, tdt; FmMargin m; };
 
 __device__ __forceinline__ FmRow fm_row_ctx(const FmParams& p, i64 row, i64 B, const int* labels,
-                                            const float* xnorm) {
+                                            const float* xnorm, const float* tgt) {
     FmRow R;
     R.lse = 0.0f;
     R.g = 0.0f;
@@ -82,17 +84,19 @@ __device__ __forceinline__ FmRow fm_row_ctx(const FmParams& p, i64 row, i64 B, c
         R.inv_x = fm_inv_norm(n);
         R.m = fm_row_margin(p, row, n);
         R.r = fm_row_scale(p, R.m, n);
+        R.tt = tgt[2 * row];
+        R.tdt = tgt[2 * row + 1];
     } else {
-        R.label = -1; R.inv_x = 0.0f; R.r = 0.0f;
+        R.label = -1; R.inv_x = 0.0f; R.r = 0.0f; R.tt = 0.0f; R.tdt = 1.0f;
         R.m = fm_row_margin(p, row, 0.0f);
     }
     return R;
 }
 
 __device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, const int* labels,
-                                             const float* xnorm, const float* lse,
+                                             const float* xnorm, const float* tgt, const float* lse,
                                              const float* g_rows, float g_scalar) {
-    FmRow R = fm_row_ctx(p, row, B, labels, xnorm);
+    FmRow R = fm_row_ctx(p, row, B, labels, xnorm, tgt);
     if (row < B) {
         R.lse = lse[row];
         R.g = fm_upstream(g_rows, g_scalar, row, R.label);
@@ -105,9 +109,8 @@ __device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, flo
     FmElem e;
     e.c = dot * R.inv_x * (p.normalize_weights ? inv_w : 1.0f);
     if (is_target) {
-        FmTarget tg = fm_target(p, R.m, (double)e.c);
-        e.t = (float)tg.value;
-        e.dt = (float)tg.deriv;
+        e.t = R.tt;
+        e.dt = R.tdt;
     } else {
         e.t = e.c;
         e.dt = 1.0f;

@@ -4,8 +4,8 @@
 //! SphereFace, CosFace, ArcFace and the combined `cos(m1*theta + m2) - m3` — as one call that
 //! normalizes embeddings and class weights, forms the cosine logits, injects the margin at the
 //! target, scales, takes the log-softmax and cross-entropy, and returns the gradients for both
-//! inputs through the normalization. The contract is `../shared/MATH.md`, summarized here
-//! (`norm(v)` is the Euclidean norm of `v`):
+//! inputs through the normalization. The contract is `docs/MATH.md` in the repository, summarized
+//! here (`norm(v)` is the Euclidean norm of `v`):
 //!
 //! - normalize: `xh_i = x_i / max(norm(x_i), 1e-12)`, `wh_j = w_j / max(norm(w_j), 1e-12)`;
 //! - cosine: `c_ij = xh_i . wh_j`;

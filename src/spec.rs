@@ -1,7 +1,7 @@
 //! The loss specification: one plain value that drives every backend (CPU reference, fused GPU
 //! plan, naive GPU plan), so one spec can be run through all of them and compared.
 //!
-//! Every field follows `../shared/MATH.md` ("Forward", step 4, and "Backward").
+//! Every field follows `docs/MATH.md` ("Forward", step 4, and "Backward").
 
 use crate::error::{Error, Result};
 

@@ -1,9 +1,9 @@
-//! Extreme inputs on the CPU reference (issue 9, items 2 and 3, CPU side): C = 1, D = 1, B = 1,
-//! labels at 0 and C-1, every row ignored under reduction none, s = 1000 with large feature norms
-//! and every option, margins at `validate()`'s limits, zero-norm rows (the `eps` path), entries
-//! near the f32 range's ends. What `tests/closed_form.rs` already covers (s = 1000 on the presets
-//! with normalized features, every row ignored under mean and sum, B = 1 with C = 2 by hand) is
-//! not repeated.
+//! Extreme inputs on the CPU reference (the GPU side is in `tests/gpu_vs_cpu.rs`): C = 1, D = 1,
+//! B = 1, labels at 0 and C-1, every row ignored under reduction none, s = 1000 with large feature
+//! norms and every option, margins at `validate()`'s limits, zero-norm rows (the `eps` path),
+//! entries near the f32 range's ends. What `tests/closed_form.rs` already covers (s = 1000 on the
+//! presets with normalized features, every row ignored under mean and sum, B = 1 with C = 2 by
+//! hand) is not repeated.
 //!
 //! B*C > 2^31 needs the GPU (`tests/gpu_vs_cpu.rs`, `huge_b_times_c`); the CPU reference at that
 //! size would take minutes.

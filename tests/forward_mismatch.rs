@@ -1,5 +1,5 @@
-//! Misuse of the CPU API that issue 9 (item 7) wants as a typed error and `tests/bad_input.rs`
-//! does not cover yet: a forward result handed to backward with other `x` or `w` (same spec,
+//! Misuse of the CPU API that must be a typed error and that `tests/bad_input.rs` does not
+//! cover: a forward result handed to backward with other `x` or `w` (same spec,
 //! shape and labels). Its saved lse belongs to other logits, so the gradients would be silently
 //! wrong; backward compares the row norms it recomputes with the forward's saved ones. Labels
 //! that differ from the forward's (other values, or the same values in another order) are caught

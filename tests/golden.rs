@@ -1,5 +1,5 @@
-//! Known values from an independent float64 implementation (automatic differentiation of
-//! MATH.md, not this crate's code): `tests/data/golden/*.json`, copied from `../shared/golden/`.
+//! Known values in `tests/data/golden/*.json`, computed by an independent float64 implementation
+//! of docs/MATH.md (automatic differentiation, not this crate's code).
 use fused_margin::{cpu, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream};
 use serde_json::Value;
 

@@ -1,10 +1,10 @@
-//! GPU hook for issue 9, item 1: the fused and naive GPU plans against the CPU reference (and so
+//! GPU side of the property tests: the fused and naive GPU plans against the CPU reference (and so
 //! against each other) over the random specs, shapes and inputs of `tests/property.rs` (generator
 //! in `tests/property_cases/mod.rs`), f32 and bf16 inputs, with MATH.md's normwise bars, on the
 //! same rounded inputs.
 //!
-//! NOT YET RUN ON A GPU: written and compiled on a machine without one, where it skips. The GPU
-//! session that first runs it may have to tune which cases count as well-conditioned (below).
+//! NOT YET RUN ON A GPU: written and compiled on a machine without one, where it skips. Its first
+//! GPU run may show that the choice of well-conditioned cases (below) needs tuning.
 //! Without a GPU it prints why and passes; with `FUSED_MARGIN_REQUIRE_GPU=1` a missing device
 //! fails instead. `FUSED_MARGIN_PROPERTY_SEED` / `FUSED_MARGIN_PROPERTY_CASES` work as in
 //! `tests/property.rs`.

@@ -104,7 +104,7 @@ fn step_f32<T: CudaElement>(
 /// Runs one case through `gpu` and the CPU reference and checks every output against the bars.
 fn check<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape, seed: u64) {
     // TF32 keeps 10 mantissa bits: outlier-dominated cosines would carry more error than the TF32
-    // bars allow for at s = 64 (README, `F32Precision::Tf32`), so TF32 runs get inputs without
+    // bars allow for at s = 64 (README, `f32_precision`), so TF32 runs get inputs without
     // them.
     let tf32 = T::DTYPE == DType::F32 && tf32_on(gpu);
     check_with::<T>(
@@ -803,8 +803,8 @@ fn huge_b_times_c() {
     }
 }
 
-/// The non-finite policy (README "Reliability") on the GPU: fused (SIMT and tensor-core paths)
-/// and naive, f32 and bf16 (tests/common: `non_finite_policy`).
+/// The non-finite policy (docs/MATH.md, "Non-finite input") on the GPU: fused (SIMT and
+/// tensor-core paths) and naive, f32 and bf16 (tests/common: `non_finite_policy`).
 #[test]
 fn non_finite_inputs_propagate() {
     let Some(stream) = gpu_or_skip() else { return };
@@ -869,7 +869,8 @@ fn non_finite_inputs_propagate() {
     }
 }
 
-/// Zero feature and class rows (MATH.md's eps path) through every GPU path (issue 9, item 2).
+/// Zero feature and class rows (MATH.md's eps path) through every GPU path, against the reference
+/// with the bars.
 #[test]
 fn zero_norm_rows() {
     let Some(stream) = gpu_or_skip() else { return };
@@ -901,7 +902,7 @@ fn zero_norm_rows() {
     }
 }
 
-/// Issue 14's inputs on the GPU: rows below eps (the eps rule, `dv = dvh / eps`) through every
+/// Inputs at the eps rule's edge on the GPU: rows below eps (`dv = dvh / eps`) through every
 /// path; through the tensor-core backward (both tile shapes), a zero class no row targets (its dw
 /// made of probabilities below f16's range) and targets near the angle clamp (the target entry
 /// kept out of the 16-bit product). The same cases pass on the emulator (tests/emulated_kernels.rs).
@@ -956,7 +957,7 @@ fn eps_rule_tiny_probabilities_and_targets_near_the_clamp() {
 }
 
 /// Labels at 0 and C - 1 only, at tile edges (C = 129, 257: one class past a tile), every GPU
-/// path (issue 9, item 3).
+/// path.
 #[test]
 fn labels_at_both_ends() {
     let Some(stream) = gpu_or_skip() else { return };
@@ -981,7 +982,7 @@ fn labels_at_both_ends() {
     }
 }
 
-/// Margins at validate()'s limits and s = 1000 (issue 9, item 3): finite everywhere, loss near the
+/// Margins at validate()'s limits and s = 1000: finite everywhere, loss near the
 /// reference (at m1 = 16 the target's slope at the angle clamp is too steep for f32 cosines to
 /// meet the normwise bars; tests/emulated_kernels.rs says the same of the emulated kernels).
 #[test]
@@ -1032,7 +1033,7 @@ fn margins_at_their_limits() {
     }
 }
 
-/// Determinism across stream interleavings and threads (issue 9, items 4 and 5): handles on two
+/// Determinism across stream interleavings and threads: handles on two
 /// streams of the device, run concurrently from several threads each (one handle shared by its
 /// threads), give bit-identical losses and gradients to one handle run alone; so do inputs
 /// uploaded on another stream of the same device (cudarc orders the streams with events).
@@ -1098,7 +1099,7 @@ fn deterministic_across_streams_and_threads() {
     }
 }
 
-/// Buffers of another device are a typed error before any launch (issue 9, item 7). Needs two
+/// Buffers of another device are a typed error before any launch. Needs two
 /// GPUs; skipped with a message on one.
 #[test]
 fn buffers_on_another_device_are_a_typed_error() {

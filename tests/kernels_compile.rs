@@ -131,3 +131,95 @@ fn embedded_source_has_no_includes_left() {
         );
     }
 }
+
+/// The margin maths (double acos/sin/cos) runs once per row in fm_target_rows, not per element
+/// in the tile kernels: inlined at every element a thread holds it made most of a module's code
+/// and of its compile time. No tile or gradient kernel has a double-precision instruction.
+#[test]
+fn tile_kernels_carry_no_margin_maths() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for dtype in [fused_margin::DType::F32, fused_margin::DType::BF16] {
+        let ptx = compile_ptx_uncached(dtype, "sm_90").unwrap().to_src();
+        let mut checked = 0;
+        for body in ptx.split(".entry ").skip(1) {
+            let name = body.split(['(', ' ', '\n']).next().unwrap_or("");
+            let family = name.starts_with("fm_fwd_tiles") || name.starts_with("fm_grad_");
+            if family {
+                checked += 1;
+                assert!(
+                    !body.contains(".f64"),
+                    "{name}: double-precision arithmetic in a tile kernel"
+                );
+            }
+            if name.starts_with("fm_target_rows") {
+                assert!(body.contains(".f64"), "{name}: the margin maths in double");
+            }
+        }
+        assert!(
+            checked >= 4,
+            "{dtype:?}: {checked} tile kernels found in the PTX"
+        );
+    }
+}
+
+/// The on-disk PTX cache: a second compile reads the file; a foreign, corrupt or unreadable
+/// file is ignored and replaced; a directory that cannot be created costs only the cache.
+#[test]
+fn disk_cache_round_trip_and_failures() {
+    use fused_margin::cuda::{compile_ptx_in, PtxSource};
+    use fused_margin::DType;
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("fm-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let t = std::time::Instant::now();
+    let (first, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_80").unwrap();
+    let compile_s = t.elapsed().as_secs_f64();
+    assert_eq!(how, PtxSource::Compiled);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one cache file: {files:?}");
+    let t = std::time::Instant::now();
+    let (again, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_80").unwrap();
+    println!(
+        "f32 sm_80: compiled in {compile_s:.1} s, read from disk in {:.3} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(how, PtxSource::Disk);
+    assert_eq!(again.to_src(), first.to_src());
+    // Another dtype or arch is another file.
+    let (_, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_90").unwrap();
+    assert_eq!(how, PtxSource::Compiled);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+    // Truncated, a foreign key, a NUL: each ignored, recompiled and replaced.
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    let (head, _) = text.split_once('\n').unwrap();
+    for bad in [
+        text[..text.len() / 2].to_string(),
+        text.replacen(head, "// some other key", 1),
+        text.replacen(".version", ".version\0", 1),
+    ] {
+        std::fs::write(&files[0], bad).unwrap();
+        let (p, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_80").unwrap();
+        assert_eq!(how, PtxSource::Compiled);
+        assert_eq!(p.to_src(), first.to_src());
+        assert_eq!(
+            std::fs::read_to_string(&files[0]).unwrap(),
+            text,
+            "replaced"
+        );
+    }
+    // A cache "directory" that is a file, and one under /proc (cannot be created): no cache,
+    // no error.
+    for unusable in [files[0].clone(), "/proc/fused-margin-cache".into()] {
+        let (p, how) = compile_ptx_in(Some(&unusable), DType::F32, "sm_80").unwrap();
+        assert_eq!(how, PtxSource::Compiled, "{}", unusable.display());
+        assert_eq!(p.to_src(), first.to_src());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

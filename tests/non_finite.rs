@@ -1,4 +1,4 @@
-//! The non-finite policy of the CPU reference (issue 9, item 2; README "Reliability" and the
+//! The non-finite policy of the CPU reference (docs/MATH.md, "Non-finite input", and the
 //! rustdoc of `cpu::forward`): NaN and +-Inf in `x` or `w` are not checked and are no error; they
 //! propagate through IEEE arithmetic as in PyTorch (`F.normalize` + linear + `cross_entropy`), and
 //! only what depends on the bad value becomes non-finite.

@@ -550,11 +550,14 @@ fn argument_struct_layouts() {
         let i = l.fields.iter().position(|f| f.name == name).unwrap();
         l.offsets().0[i]
     };
-    // 8 pointers, then FmParams (48 bytes), then B at 112.
-    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (64, 112));
-    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (144, 176));
-    // 12 pointers, FmParams, B, C, then g_scalar at 160.
-    assert_eq!((at(&GRAD_ARGS, "p"), at(&GRAD_ARGS, "g_scalar")), (96, 160));
+    // 9 pointers, then FmParams (48 bytes), then B at 120.
+    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (72, 120));
+    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (152, 184));
+    // 13 pointers, FmParams, B, C, then g_scalar at 168.
+    assert_eq!(
+        (at(&GRAD_ARGS, "p"), at(&GRAD_ARGS, "g_scalar")),
+        (104, 168)
+    );
 }
 
 /// A plan whose arguments do not fit a struct is a typed error, not a launch; packing puts
@@ -596,8 +599,8 @@ fn argument_structs_are_checked_and_packed() {
     let bytes = args::pack(&l.entry, layout, &l.args, &values).unwrap();
     let word = |at: usize| i64::from_ne_bytes(bytes.0[at..at + 8].try_into().unwrap());
     assert_eq!(word(8), 0x1008, "w is the second pointer");
-    assert_eq!((word(112), word(120)), (40, 300), "B and C");
+    assert_eq!((word(120), word(128)), (40, 300), "B and C");
     let int = |at: usize| i32::from_ne_bytes(bytes.0[at..at + 4].try_into().unwrap());
-    assert_eq!(int(128), 24, "D");
+    assert_eq!(int(136), 24, "D");
     assert!(args::pack(&l.entry, layout, &l.args, &values[1..]).is_err());
 }

@@ -1,4 +1,5 @@
-//! Property tests of the CPU reference (issue 9, item 1, CPU side): many seeded random specs
+//! Property tests of the CPU reference (random specs, shapes and inputs against finite
+//! differences; the GPU side is `tests/gpu_property.rs`): many seeded random specs
 //! (every preset, random margins within `validate()`'s ranges, random policy, gradient mode,
 //! normalization switches, lambda and reduction), random odd shapes (B in 1..=9, D in 1..=17,
 //! C in 1..=33) and random inputs with outliers (row norms over four decades, single large

@@ -1,5 +1,5 @@
-//! Thread safety and determinism of the CPU reference (issue 9, items 4 and 5, CPU side): many
-//! threads calling `cpu::forward` / `cpu::backward` at once on shared inputs get results
+//! Thread safety and determinism of the CPU reference (the GPU side is in `tests/gpu_vs_cpu.rs`):
+//! many threads calling `cpu::forward` / `cpu::backward` at once on shared inputs get results
 //! bit-identical to a single-threaded run, whatever the size of rayon's pool inside the calls.
 //!
 //! The CPU path has no shared state (every call owns its buffers) and no order-dependent
@@ -8,8 +8,8 @@
 //!
 //! The GPU handle's `Send + Sync` is asserted at compile time next to its definition
 //! (`src/cuda/handle.rs`, the `assert_send_sync::<FusedMarginLoss>()` and `GpuForward` block); the
-//! GPU tests of sharing one handle across threads and streams need a GPU machine (see README,
-//! "Reliability").
+//! GPU tests of sharing one handle across threads and streams need a GPU
+//! (`tests/gpu_vs_cpu.rs`, `deterministic_across_streams_and_threads`).
 
 use fused_margin::{cpu, Error, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream};
 use half::bf16;

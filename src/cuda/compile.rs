@@ -1,8 +1,8 @@
 //! NVRTC compilation of the kernel translation unit, one PTX per (input dtype, architecture),
-//! cached process-wide: every later handle reuses it, but nothing is kept on disk. The first
-//! compile is slow: for `sm_90`, 32 s (f32) to 53 s (bf16) with NVRTC 13.0 on one core of a
-//! 2-core AMD EPYC machine (tests/compile_time.rs measures it; README, "Usage (GPU)"), before the
-//! driver's JIT of the PTX at module load.
+//! cached process-wide (every later handle reuses it) and on disk (every later process does), see
+//! [`cache_dir`]. The driver's JIT of the PTX to machine code at module load has the driver's own
+//! disk cache (`~/.nv/ComputeCache`, `CUDA_CACHE_PATH`). tests/compile_time.rs measures the
+//! compile; BENCHMARKS.md, "First call", has the figures.
 //!
 //! The loss options are kernel arguments, not compile-time constants: only the B target elements
 //! read them, so specializing would multiply compiles for no measurable gain.
@@ -11,6 +11,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 /// The kernel translation unit (kernels/all.cu with every include inlined by build.rs).
@@ -23,10 +24,11 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 21] = [
+pub const ENTRY_POINTS: [&str; 22] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
+    "fm_target_rows",
     "fm_fwd_tiles",
     "fm_combine_rows",
     "fm_reduce_loss",
@@ -117,7 +119,123 @@ pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
     })
 }
 
-/// Compiles (once per process) and returns the PTX for `dtype` and `arch`.
+/// The directory of the on-disk PTX cache: `$FUSED_MARGIN_CACHE_DIR` if set (empty or `off`:
+/// no disk cache), else `$XDG_CACHE_HOME/fused-margin`, else `$HOME/.cache/fused-margin`.
+/// A missing, unwritable or read-only directory costs nothing but the cache: the kernels are
+/// compiled as without it, and a cache file that does not match (another source, options or
+/// NVRTC, a torn write) is ignored and replaced.
+pub fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("FUSED_MARGIN_CACHE_DIR") {
+        Some(d) if d.is_empty() || d == "off" => None,
+        Some(d) => Some(PathBuf::from(d)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("fused-margin")),
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash (std's is not promised stable across releases) for cache keys.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x0100_0000_01b3); // part separator
+    }
+    h
+}
+
+/// libnvrtc's version, part of the cache key (PTX from another NVRTC may not suit this driver).
+fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: called only after nvrtc_available() found the library; nvrtcVersion writes two
+    // ints through the pointers it is given, which point at live locals.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return (-1, -1);
+    }
+    (major, minor)
+}
+
+/// What identifies one compile: the source, the options, NVRTC's version and this crate's. The
+/// whole key is stored in the file and compared on read, so a hash collision cannot load the
+/// wrong PTX.
+fn cache_key(dtype: DType, arch: &str) -> Result<String> {
+    let (major, minor) = nvrtc_version();
+    let src = source::KERNELS_CU.as_bytes();
+    Ok(format!(
+        "fused-margin {} kernels {:016x} len {} {} --gpu-architecture={arch} --std=c++17 nvrtc {major}.{minor}",
+        env!("CARGO_PKG_VERSION"),
+        fnv1a(&[src]),
+        src.len(),
+        dtype_define(dtype)?,
+    ))
+}
+
+fn cache_file(dir: &Path, key: &str, dtype: DType, arch: &str) -> PathBuf {
+    dir.join(format!(
+        "kernels-{}-{arch}-{:016x}.ptx",
+        dtype.suffix(),
+        fnv1a(&[key.as_bytes()])
+    ))
+}
+
+/// The cached PTX of `key` in `dir`, if a file there holds exactly it (first line: the key).
+fn cache_read(dir: &Path, key: &str, dtype: DType, arch: &str) -> Option<Ptx> {
+    let text = std::fs::read_to_string(cache_file(dir, key, dtype, arch)).ok()?;
+    let (head, ptx) = text.split_once('\n')?;
+    let body = ptx.strip_suffix("\n// fused-margin: end of cached PTX\n")?;
+    // A NUL would make cudarc's module load panic (it builds a C string from the text).
+    (head.strip_prefix("// ")? == key && !body.contains('\0')).then(|| Ptx::from_src(body))
+}
+
+/// Stores `ptx` under `key` in `dir`: written to a temporary name, then renamed, so a reader never
+/// sees half a file. Every failure is ignored (the cache is an optimization).
+fn cache_write(dir: &Path, key: &str, dtype: DType, arch: &str, ptx: &Ptx) {
+    let file = cache_file(dir, key, dtype, arch);
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let text = format!(
+        "// {key}\n{}\n// fused-margin: end of cached PTX\n",
+        ptx.to_src()
+    );
+    let ok = std::fs::create_dir_all(dir).is_ok()
+        && std::fs::write(&tmp, text).is_ok()
+        && std::fs::rename(&tmp, &file).is_ok();
+    if !ok {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// How [`compile_ptx_in`] got its PTX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PtxSource {
+    /// Read from the disk cache.
+    Disk,
+    /// Compiled by NVRTC (and stored, where the cache directory allows).
+    Compiled,
+}
+
+/// The PTX for `dtype` and `arch` through the disk cache in `dir` (`None`: no disk cache), and
+/// where it came from. Not cached in memory; [`compile_ptx`] is this plus the process cache.
+pub fn compile_ptx_in(dir: Option<&Path>, dtype: DType, arch: &str) -> Result<(Ptx, PtxSource)> {
+    dtype_define(dtype)?;
+    if let (Some(dir), true) = (dir, nvrtc_available()) {
+        let key = cache_key(dtype, arch)?;
+        if let Some(ptx) = cache_read(dir, &key, dtype, arch) {
+            return Ok((ptx, PtxSource::Disk));
+        }
+        let ptx = compile_ptx_uncached(dtype, arch)?;
+        cache_write(dir, &key, dtype, arch, &ptx);
+        return Ok((ptx, PtxSource::Compiled));
+    }
+    Ok((compile_ptx_uncached(dtype, arch)?, PtxSource::Compiled))
+}
+
+/// Compiles (once per process, and once per machine through the disk cache of [`cache_dir`])
+/// and returns the PTX for `dtype` and `arch`.
 pub fn compile_ptx(dtype: DType, arch: &str) -> Result<Ptx> {
     static CACHE: OnceLock<Mutex<HashMap<(DType, String), Ptx>>> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
@@ -126,7 +244,7 @@ pub fn compile_ptx(dtype: DType, arch: &str) -> Result<Ptx> {
         return Ok(p.clone());
     }
     // Compile outside the lock: other dtypes need not wait. A racing duplicate compile is harmless.
-    let ptx = compile_ptx_uncached(dtype, arch)?;
+    let (ptx, _) = compile_ptx_in(cache_dir().as_deref(), dtype, arch)?;
     cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())

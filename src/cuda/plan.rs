@@ -131,6 +131,9 @@ pub enum Buf {
     PartS,
     /// The target logit per row, B f32.
     Zy,
+    /// The margin at the target per row: (target(c_iy), dtarget/dc) interleaved, 2 B f32
+    /// (`fm_target_rows`, read by every tile kernel).
+    Target,
     /// The tensor-core backward's power-of-two scale K, 1 f32.
     Scale,
     /// dx partials per class split, nsplit x B x D f32.
@@ -617,6 +620,34 @@ fn row_norms(bd: &mut Builder, v: Buf, out: Buf, rows: usize, d: i32) -> Result<
     Ok(())
 }
 
+/// The margin at each row's target (`fm_target_rows`, kernels/normalize.cu), once per row, so the
+/// tile kernels evaluate no margin maths per element. One warp per row: it reads x's row, w's
+/// label row and both norms (labels outside 0..C read no w), and writes `Target[2 row..2 row + 2]`.
+/// Forward and backward both run it, on the same inputs, so they see the same target.
+fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape) -> Result<()> {
+    let (b, d) = (shape.b, i32_of(shape.d, "D")?);
+    bd.alloc(Buf::Target, Elem::F32, 2 * b);
+    bd.launch(
+        "fm_target_rows",
+        grid_1d(b as u64 * 32, THREADS)?,
+        THREADS,
+        0,
+        vec![
+            Read(Buf::X),
+            Read(Buf::W),
+            Read(Buf::Labels),
+            Read(Buf::XNorm),
+            Read(Buf::WNorm),
+            Params(p),
+            I64(b as i64),
+            I64(shape.c as i64),
+            I32(d),
+            Write(Buf::Target),
+        ],
+    );
+    Ok(())
+}
+
 /// The reduction of per-row losses into the loss (one block, fixed order).
 fn reduce_loss(bd: &mut Builder, b: usize, mean: bool) {
     bd.alloc(Buf::Loss, Elem::F32, 1);
@@ -681,6 +712,7 @@ fn fused_forward(
     let di = i32_of(d, "D")?;
     row_norms(&mut bd, Buf::X, Buf::XNorm, b, di)?;
     row_norms(&mut bd, Buf::W, Buf::WNorm, c, di)?;
+    target_rows(&mut bd, pr.params, pr.shape)?;
 
     // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are legal;
     // f32 takes the TF32 variant of the same kernel when opted in. Each tile shape needs its
@@ -707,7 +739,7 @@ fn fused_forward(
     bd.alloc(Buf::PartM, Elem::F32, b * sp.nsplit);
     bd.alloc(Buf::PartS, Elem::F32, b * sp.nsplit);
     bd.alloc(Buf::Zy, Elem::F32, b);
-    let workspace_bytes = 4 * (2 * b * sp.nsplit + b);
+    let workspace_bytes = 4 * (2 * b * sp.nsplit + 3 * b);
     let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
     let ns = i32_of(sp.nsplit, "class splits")?;
     // All six tile kernels take FmTileArgs. Grid (row_tiles, nsplit) over tiles of `tile`:
@@ -724,6 +756,7 @@ fn fused_forward(
             labels: Read(Buf::Labels),
             xnorm: Read(Buf::XNorm),
             wnorm: Read(Buf::WNorm),
+            tgt: Read(Buf::Target),
             part_m: Write(Buf::PartM),
             part_s: Write(Buf::PartS),
             zy: Write(Buf::Zy),
@@ -897,7 +930,8 @@ fn fused_backward(
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
     let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
     let ns = i32_of(sp.nsplit, "class splits")?;
-    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + tc as usize);
+    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + 2 * b + tc as usize);
+    target_rows(&mut bd, p, pr.shape)?;
 
     if tc {
         // K: the power of two that keeps the dw kernel's 16-bit operand xh r g / K in range.
@@ -931,6 +965,7 @@ fn fused_backward(
         labels: Read(Buf::Labels),
         xnorm: Read(Buf::XNorm),
         wnorm: Read(Buf::WNorm),
+        tgt: Read(Buf::Target),
         lse: Read(Buf::Lse),
         g_rows,
         scale: Null,
@@ -1173,7 +1208,7 @@ fn naive_backward(
             Write(Buf::Dn),
         ],
     );
-    // Ignored rows contribute exact zeros to dw, even with non-finite x (README "Reliability").
+    // Ignored rows contribute exact zeros to dw, even with non-finite x (docs/MATH.md "Non-finite input").
     bd.launch(
         "naive_mask_rows",
         grid_1d((b * d) as u64, 256)?,

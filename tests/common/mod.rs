@@ -302,7 +302,8 @@ pub type PolicyOut = (Vec<f64>, Vec<f64>, Vec<f64>);
 /// A backend for `non_finite_policy`: (shape, x, w, labels, per-row upstream) -> outputs.
 pub type PolicyRun<'a, T> = dyn FnMut(Shape, &[T], &[T], &[i32], &[f32]) -> PolicyOut + 'a;
 
-/// The non-finite policy (README "Reliability"; tests/non_finite.rs for the CPU) for a backend:
+/// The non-finite policy (docs/MATH.md, "Non-finite input"; tests/non_finite.rs for the CPU) for
+/// a backend:
 /// `run(shape, x, w, labels, upstream)` computes reduction-none row losses and the gradients for
 /// `spec` (reduction none, per-row upstream). One entry of a counted x row, of an ignored x row,
 /// and of a class row is set to NaN, +Inf and -Inf in turn: only what depends on the bad value

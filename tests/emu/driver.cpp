@@ -192,6 +192,7 @@ using Binder = std::function<std::function<void()>(const Call&)>;
 const std::map<std::string, Binder>& table() {
     static const std::map<std::string, Binder> t = {
         FM_K("fm_row_norms", FM_ENTRY(fm_row_norms)),
+        FM_K("fm_target_rows", FM_ENTRY(fm_target_rows)),
         FM_K("fm_fwd_tiles", FM_ENTRY(fm_fwd_tiles)),
         FM_K("fm_combine_rows", FM_ENTRY(fm_combine_rows)),
         FM_K("fm_reduce_loss", FM_ENTRY(fm_reduce_loss)),
