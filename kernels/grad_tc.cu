@@ -643,6 +643,9 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                     const float wh = fm_to_f32(w[col * D + d]) * iw;
                     gv = (gv - wh * fm_norm_proj(nw, proj)) * iw;
                 }
+#if defined(FM_EMU) && defined(FM_EMU_FAULT_TC_DW)
+                gv *= 1.1f;   // a deliberately broken kernel for the self-check's test; emulator only
+#endif
                 dw[col * D + d] = fm_from_f32<OUT>(gv);
             }
     }

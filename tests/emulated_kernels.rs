@@ -23,14 +23,27 @@ use common::{bars, margin_inputs, margin_inputs_opts, non_finite_policy, rel, TF
 /// The emulator driver for `dtype`, built once per test process; None (after printing why)
 /// when no C++ compiler is found.
 fn driver(dtype: DType) -> Option<PathBuf> {
-    static BUILT: OnceLock<Mutex<HashMap<DType, Option<PathBuf>>>> = OnceLock::new();
+    driver_of(dtype, false)
+}
+
+/// The driver with a deliberately broken tensor-core dw kernel (`FM_EMU_FAULT_TC_DW` in
+/// kernels/grad_tc.cu: dw scaled by 1.1), for the self-check's fault-injection test.
+fn faulty_driver(dtype: DType) -> Option<PathBuf> {
+    driver_of(dtype, true)
+}
+
+/// Built drivers by (dtype, fault), once per test process.
+type Drivers = Mutex<HashMap<(DType, bool), Option<PathBuf>>>;
+
+fn driver_of(dtype: DType, fault: bool) -> Option<PathBuf> {
+    static BUILT: OnceLock<Drivers> = OnceLock::new();
     let mut built = BUILT
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .unwrap_or_else(|p| p.into_inner());
     built
-        .entry(dtype)
-        .or_insert_with(|| build_driver(dtype))
+        .entry((dtype, fault))
+        .or_insert_with(|| build_driver(dtype, fault))
         .clone()
 }
 
@@ -39,7 +52,7 @@ fn sanitized() -> bool {
     std::env::var("FM_EMU_SANITIZE").as_deref() == Ok("1")
 }
 
-fn build_driver(dtype: DType) -> Option<PathBuf> {
+fn build_driver(dtype: DType, fault: bool) -> Option<PathBuf> {
     let required = std::env::var("FUSED_MARGIN_REQUIRE_EMU").as_deref() == Ok("1");
     let candidates: Vec<String> = std::env::var("CXX")
         .ok()
@@ -87,7 +100,12 @@ fn build_driver(dtype: DType) -> Option<PathBuf> {
     // doubles the sanitized build (bf16: about 90 s to 180 s on 2 cores) for at most a quarter
     // less run time.
     let sanitize = sanitized();
-    let name = if sanitize { "fm_emu_asan" } else { "fm_emu" };
+    let name = match (sanitize, fault) {
+        (true, false) => "fm_emu_asan",
+        (true, true) => "fm_emu_asan_fault",
+        (false, false) => "fm_emu",
+        (false, true) => "fm_emu_fault",
+    };
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}_{}", dtype.suffix()));
     let mut cmd = Command::new(&cxx);
     cmd.args(["-std=c++20", "-Wno-unknown-pragmas", "-DFM_EMU"]);
@@ -105,6 +123,9 @@ fn build_driver(dtype: DType) -> Option<PathBuf> {
         ]);
     } else {
         cmd.arg("-O2");
+    }
+    if fault {
+        cmd.arg("-DFM_EMU_FAULT_TC_DW");
     }
     let status = cmd
         .arg(format!("-DFM_DTYPE={define}"))
@@ -1830,4 +1851,77 @@ fn sanitizer_catches_an_overrun() {
             .find(|l| l.starts_with("SUMMARY: AddressSanitizer"))
             .unwrap_or("")
     );
+}
+
+/// The device self-check (src/cuda/selfcheck.rs) on the emulator, with the crate's own problem,
+/// plans, comparison and fallback rule: the fast path (tensor-core forward and backward) agrees
+/// with the SIMT kernels and is kept; with the tensor-core dw kernel broken (`faulty_driver`) the
+/// comparison names dw and the rule falls back to the SIMT kernels, whose results the fault does
+/// not touch.
+fn self_check_case<T: Element + Bits>() {
+    use cuda::selfcheck::{self, CheckOutputs, Outcome};
+    let (Some(good), Some(bad)) = (driver(T::DTYPE), faulty_driver(T::DTYPE)) else {
+        return;
+    };
+    let pr = selfcheck::problem(72);
+    let fast = plan::Choices {
+        tc_backward: true,
+        ..plan::Choices::default()
+    };
+    let simt = selfcheck::reference_choices(&fast);
+    let Shape { b, d, c } = pr.shape;
+    let x: Vec<T> = pr.x.iter().map(|&v| T::from_f64(v)).collect();
+    let w: Vec<T> = pr.w.iter().map(|&v| T::from_f64(v)).collect();
+    let run_with = |exe: &Path, ch: plan::Choices| {
+        let mut cs = case(pr.spec, (b, d, c), false, (1, 1), 7_700);
+        cs.planned = Some((EMU_DEVICE, ch));
+        let out = run::<T>(exe, &cs, &x, &w, &pr.labels, &pr.labels, &vec![0.0; b]);
+        let tc = out.tensor_cores;
+        (
+            CheckOutputs {
+                loss: out.loss,
+                lse: out.lse,
+                dx: out.dx,
+                dw: out.dw,
+            },
+            tc,
+        )
+    };
+    let what = format!("{:?}", T::DTYPE);
+    let (f, tc) = run_with(&good, fast);
+    assert_eq!(
+        tc,
+        (true, true),
+        "{what}: the fast path is the tensor-core one"
+    );
+    let (s, tc) = run_with(&good, simt);
+    assert_eq!(
+        tc,
+        (false, false),
+        "{what}: the reference is the SIMT kernels"
+    );
+    selfcheck::compare(T::DTYPE, false, &f, &s)
+        .unwrap_or_else(|e| panic!("{what}: a correct fast path failed the self-check: {e}"));
+    assert_eq!(selfcheck::choices_after(&Outcome::Passed, &fast), fast);
+
+    let (fb, _) = run_with(&bad, fast);
+    let (sb, _) = run_with(&bad, simt);
+    assert_eq!(
+        sb, s,
+        "{what}: the fault is in the tensor-core dw kernel only"
+    );
+    let why = selfcheck::compare(T::DTYPE, false, &fb, &sb)
+        .expect_err("the broken tensor-core dw kernel passed the self-check");
+    assert!(why.starts_with("dw"), "{what}: {why}");
+    let after = selfcheck::choices_after(&Outcome::Failed(why), &fast);
+    assert_eq!(after, simt, "{what}: falls back to the SIMT kernels");
+    let (fallback, tc) = run_with(&bad, after);
+    assert_eq!(tc, (false, false));
+    assert_eq!(fallback, s, "{what}: the fallback gives the SIMT results");
+}
+
+#[test]
+fn self_check_keeps_a_correct_fast_path_and_drops_a_broken_one() {
+    self_check_case::<bf16>();
+    self_check_case::<f16>();
 }

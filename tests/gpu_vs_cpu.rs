@@ -1132,3 +1132,63 @@ fn buffers_on_another_device_are_a_typed_error() {
         "{e}"
     );
 }
+
+/// The device self-check on real hardware: the default bf16 path (tensor-core forward) and the
+/// opt-in tensor-core backward each pass it once per (dtype, D) and are then used; the SIMT-only
+/// handle runs none; switched off, none runs.
+#[test]
+fn self_check_passes_on_this_device() {
+    let Some(stream) = gpu_or_skip() else {
+        return;
+    };
+    let shape = Shape::new(64, 128, 1000);
+    let inp = common::margin_inputs(shape, 4_242);
+    let x: Vec<half::bf16> = inp.x.iter().map(|&v| half::bf16::from_f64(v)).collect();
+    let w: Vec<half::bf16> = inp.w.iter().map(|&v| half::bf16::from_f64(v)).collect();
+    let (xd, wd) = (
+        stream.clone_htod(&x).unwrap(),
+        stream.clone_htod(&w).unwrap(),
+    );
+    let ld = stream.clone_htod(&inp.labels).unwrap();
+    let spec = MarginLoss::arcface(0.5);
+    for (tc_bwd, self_check) in [(false, true), (true, true), (true, false)] {
+        let gpu = handle(&stream, |o| {
+            o.tensor_core_backward = tc_bwd;
+            o.self_check = self_check;
+        });
+        for _ in 0..2 {
+            let fwd = gpu
+                .forward(&spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
+                .unwrap();
+            let g = gpu
+                .backward(
+                    &fwd,
+                    &xd.as_view(),
+                    &wd.as_view(),
+                    &ld.as_view(),
+                    GpuUpstream::ONE,
+                )
+                .unwrap();
+            assert!(
+                fwd.tensor_cores && g.tensor_cores == tc_bwd,
+                "the fast path is used"
+            );
+        }
+        let reports = gpu.self_checks();
+        if !self_check {
+            assert!(reports.is_empty());
+            continue;
+        }
+        assert_eq!(reports.len(), 1, "one check per path: {reports:?}");
+        assert_eq!(
+            reports[0].outcome,
+            cuda::SelfCheckOutcome::Passed,
+            "{reports:?}"
+        );
+        assert_eq!((reports[0].dtype, reports[0].d), (DType::BF16, 128));
+    }
+    let simt = handle(&stream, |o| o.tensor_cores = false);
+    simt.forward(&spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
+        .unwrap();
+    assert!(simt.self_checks().is_empty(), "nothing fast to check");
+}

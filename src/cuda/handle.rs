@@ -12,6 +12,7 @@ use super::options::{F32Precision, Options, Plan};
 use super::params::FmParams;
 use super::plan::{self, Buf};
 use super::results::{DeviceUpstream, GpuForward, GpuGradients, GpuUpstream};
+use super::selfcheck::{self, CheckOutputs, Outcome, SelfCheckReport};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{
@@ -65,6 +66,8 @@ pub struct FusedMarginLoss {
     smem_optin: u32,
     blas: OnceLock<Option<CudaBlas>>,
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
+    /// The self-checks run so far (src/cuda/selfcheck.rs), one per fast kernel path.
+    self_checks: Mutex<Vec<SelfCheckReport>>,
 }
 
 impl std::fmt::Debug for FusedMarginLoss {
@@ -125,6 +128,144 @@ impl FusedMarginLoss {
             smem_optin,
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
+            self_checks: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The device self-checks this handle has run (see [`Options::self_check`]): per fast kernel
+    /// path (dtype, D, kernels), whether it agreed with the SIMT kernels on this device and is
+    /// used, or why not.
+    pub fn self_checks(&self) -> Vec<SelfCheckReport> {
+        self.self_checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The choices for a call with `T` inputs and `d` columns: the handle's, or the SIMT kernels
+    /// where the self-check of the fast path they select failed. Runs that self-check the first
+    /// time the path is selected (src/cuda/selfcheck.rs).
+    fn checked_choices<T: CudaElement>(&self, d: usize) -> Result<plan::Choices> {
+        let ch = self.choices();
+        if !self.options.self_check || self.options.plan == Plan::Naive {
+            return Ok(ch);
+        }
+        let pr = selfcheck::problem(d);
+        let (fwd, bwd) = self.problem_plans(T::DTYPE, &pr, &ch)?;
+        if !selfcheck::is_fast(&fwd, &bwd) {
+            return Ok(ch);
+        }
+        let kernels: Vec<String> = fwd
+            .launches()
+            .chain(bwd.launches())
+            .map(|l| l.entry.clone())
+            .collect();
+        let mut reports = self.self_checks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = reports
+            .iter()
+            .find(|r| r.dtype == T::DTYPE && r.kernels == kernels)
+        {
+            return Ok(selfcheck::choices_after(&r.outcome, &ch));
+        }
+        // The SIMT run is the yardstick: its failure is the call's error, not the fast path's.
+        let simt = self.run_problem::<T>(&pr, &selfcheck::reference_choices(&ch))?;
+        let outcome = match self.run_problem::<T>(&pr, &ch) {
+            Ok(fast) => {
+                let tf32 = T::DTYPE == DType::F32 && ch.tf32;
+                match selfcheck::compare(T::DTYPE, tf32, &fast, &simt) {
+                    Ok(()) => Outcome::Passed,
+                    Err(why) => Outcome::Failed(why),
+                }
+            }
+            Err(e) => Outcome::Failed(format!("it failed to run: {e}")),
+        };
+        if let Outcome::Failed(why) = &outcome {
+            eprintln!(
+                "fused-margin: self-check failed on {} for {:?} inputs, D = {d} ({why}); this \
+                 handle runs the SIMT kernels instead of {kernels:?}",
+                self.arch,
+                T::DTYPE
+            );
+        }
+        let next = selfcheck::choices_after(&outcome, &ch);
+        reports.push(SelfCheckReport {
+            dtype: T::DTYPE,
+            d,
+            kernels,
+            outcome,
+        });
+        Ok(next)
+    }
+
+    /// The forward and backward plans of the self-check problem under `ch`.
+    fn problem_plans(
+        &self,
+        dtype: DType,
+        pr: &selfcheck::SelfCheckProblem,
+        ch: &plan::Choices,
+    ) -> Result<(plan::LaunchPlan, plan::LaunchPlan)> {
+        let params = FmParams::from_spec(&pr.spec);
+        let mean = pr.spec.reduction == Reduction::Mean;
+        let dev = self.device_facts();
+        let fwd = plan::forward(
+            &dev,
+            ch,
+            &plan::ForwardProblem {
+                dtype,
+                shape: pr.shape,
+                aligned: true,
+                params,
+                mean,
+            },
+        )?;
+        let bwd = plan::backward(
+            &dev,
+            ch,
+            &plan::BackwardProblem {
+                dtype,
+                grad_dtype: DType::F32,
+                shape: pr.shape,
+                aligned: true,
+                params,
+                mean,
+                upstream: plan::PlanUpstream::Scalar(1.0),
+                fwd_tensor_cores: fwd.tensor_cores,
+            },
+        )?;
+        Ok((fwd, bwd))
+    }
+
+    /// The self-check problem's forward and backward under `ch` on this device, on the host.
+    fn run_problem<T: CudaElement>(
+        &self,
+        pr: &selfcheck::SelfCheckProblem,
+        ch: &plan::Choices,
+    ) -> Result<CheckOutputs> {
+        let up = |v: &[f64]| -> Vec<T> { v.iter().map(|&e| T::from_f64(e)).collect() };
+        let htod = |what: &str, r: std::result::Result<CudaSlice<T>, _>| {
+            r.map_err(|e| cuda_err(&format!("copy the self-check's {what}"), e))
+        };
+        let x = htod("x", self.stream.clone_htod(&up(&pr.x)))?;
+        let w = htod("w", self.stream.clone_htod(&up(&pr.w)))?;
+        let labels = self
+            .stream
+            .clone_htod(&pr.labels)
+            .map_err(|e| cuda_err("copy the self-check's labels", e))?;
+        let (xv, wv, lv) = (x.as_view(), w.as_view(), labels.as_view());
+        let fwd = self.forward_with(&pr.spec, &xv, &wv, &lv, pr.shape, Some(ch))?;
+        let g = self.backward_with::<T, f32>(&fwd, &xv, &wv, &lv, GpuUpstream::ONE, Some(ch))?;
+        let host = |what: &str, v: &CudaSlice<f32>| -> Result<Vec<f64>> {
+            let h = self
+                .stream
+                .clone_dtoh(v)
+                .map_err(|e| cuda_err(&format!("copy the self-check's {what}"), e))?;
+            Ok(h.into_iter().map(f64::from).collect())
+        };
+        Ok(CheckOutputs {
+            loss: fwd.loss_host()? as f64,
+            lse: host("lse", &fwd.lse)?,
+            dx: host("dx", &g.dx)?,
+            dw: host("dw", &g.dw)?,
         })
     }
 
@@ -294,7 +435,24 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
     ) -> Result<GpuForward> {
+        self.forward_with(spec, x, w, labels, shape, None)
+    }
+
+    /// The forward under `choices`, or (None) the handle's after the self-check.
+    fn forward_with<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+        choices: Option<&plan::Choices>,
+    ) -> Result<GpuForward> {
         let host_labels = self.validate(spec, x, w, labels, shape)?;
+        let ch = match choices {
+            Some(c) => *c,
+            None => self.checked_choices::<T>(shape.d)?,
+        };
         let k = self.kernels(T::DTYPE)?;
         let problem = plan::ForwardProblem {
             dtype: T::DTYPE,
@@ -303,7 +461,7 @@ impl FusedMarginLoss {
             params: FmParams::from_spec(spec),
             mean: spec.reduction == Reduction::Mean,
         };
-        let lp = plan::forward(&self.device_facts(), &self.choices(), &problem)?;
+        let lp = plan::forward(&self.device_facts(), &ch, &problem)?;
         let bound = exec::Bound {
             x,
             w,
@@ -373,7 +531,7 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<T>> {
-        self.backward_impl::<T, T>(fwd, x, w, labels, upstream)
+        self.backward_with::<T, T>(fwd, x, w, labels, upstream, None)
     }
 
     /// Backward pass with f32 gradients whatever the input dtype (accumulation is f32 either way;
@@ -386,16 +544,18 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<f32>> {
-        self.backward_impl::<T, f32>(fwd, x, w, labels, upstream)
+        self.backward_with::<T, f32>(fwd, x, w, labels, upstream, None)
     }
 
-    fn backward_impl<T: CudaElement, O: CudaElement>(
+    /// The backward under `choices`, or (None) the handle's after the self-check.
+    fn backward_with<T: CudaElement, O: CudaElement>(
         &self,
         fwd: &GpuForward,
         x: &CudaView<'_, T>,
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
+        choices: Option<&plan::Choices>,
     ) -> Result<GpuGradients<O>> {
         let (spec, shape) = (&fwd.spec, fwd.shape);
         let label_check = self.options.label_check;
@@ -432,6 +592,10 @@ impl FusedMarginLoss {
             }
         };
         let host_labels = self.validate(spec, x, w, labels, shape)?;
+        let ch = match choices {
+            Some(c) => *c,
+            None => self.checked_choices::<T>(shape.d)?,
+        };
         let k = self.kernels(T::DTYPE)?;
         let upstream = match (host_labels, &fwd.labels) {
             (
@@ -490,7 +654,7 @@ impl FusedMarginLoss {
             upstream,
             fwd_tensor_cores: fwd.tensor_cores,
         };
-        let lp = plan::backward(&self.device_facts(), &self.choices(), &problem)?;
+        let lp = plan::backward(&self.device_facts(), &ch, &problem)?;
         let bound = exec::Bound {
             x,
             w,

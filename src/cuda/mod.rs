@@ -61,6 +61,7 @@ pub mod params;
 pub mod plan;
 pub mod raw;
 mod results;
+pub mod selfcheck;
 
 /// The cudarc this crate is built against (0.19): its device buffers, views and streams are what
 /// [`FusedMarginLoss`] takes.
@@ -82,3 +83,4 @@ pub(crate) use launch::{cuda_err, Kernels};
 pub use options::KernelOverride;
 pub use options::{F32Precision, Options, Plan};
 pub use results::{DeviceUpstream, GpuForward, GpuGradients, GpuUpstream};
+pub use selfcheck::{Outcome as SelfCheckOutcome, SelfCheckReport};

@@ -105,6 +105,14 @@ pub struct Options {
     /// kernels run, so an element a kernel failed to write shows up as NaN instead of a
     /// plausible stale value. Costs one fill kernel per buffer.
     pub poison: bool,
+    /// The device self-check (default true): the first time this handle would run a fast kernel
+    /// path (tensor cores, TF32, the wide or wgmma tiles) for a dtype and D, it runs a small
+    /// problem (B = 37, C = 300, that D) through it and through the SIMT kernels and compares
+    /// every output with docs/MATH.md's bars; on disagreement it uses the SIMT kernels for that
+    /// path from then on, says why once on stderr and records it
+    /// ([`FusedMarginLoss::self_checks`](super::FusedMarginLoss::self_checks)). Costs two small
+    /// forward-backward pairs and a few synchronous copies, once per path.
+    pub self_check: bool,
     /// Benchmark-only kernel candidates (see `KernelOverride`); default: none.
     #[doc(hidden)]
     pub kernel_override: KernelOverride,
@@ -112,7 +120,7 @@ pub struct Options {
 
 impl Default for Options {
     /// Fused plan, tensor cores on for f16/bf16, exact f32, SIMT backward, labels checked on the
-    /// host, cuBLAS for the naive plan, no poisoning, no kernel override.
+    /// host, cuBLAS for the naive plan, no poisoning, the self-check on, no kernel override.
     fn default() -> Self {
         Self {
             plan: Plan::Fused,
@@ -122,6 +130,7 @@ impl Default for Options {
             label_check: LabelCheck::Host,
             cublas: true,
             poison: false,
+            self_check: true,
             kernel_override: KernelOverride::default(),
         }
     }
