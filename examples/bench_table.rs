@@ -6,8 +6,8 @@
 //!
 //! `cargo run --release --example bench_table -- [--reps N] [--classes 10000,100000] [--dtypes f32,bf16] [--losses arcface] [--with-simt]`
 //!
-//! The fused/row column is the default fused time over the row's time (fused_tcbwd: with the opt-in
-//! tensor-core backward; naive; simt: the fused plan without tensor cores).
+//! The fused/row column is the default fused time over the row's time (fused_simtbwd: with the SIMT
+//! backward instead of the default tensor-core one; naive; simt: the fused plan without tensor cores).
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::CudaStream;
 use fused_margin::cuda::{self, CudaElement, Plan};

@@ -398,13 +398,14 @@ fn fused_simt_bf16() {
     run_all_opts::<bf16>(Plan::Fused, |o| o.tensor_cores = false);
 }
 #[test]
-fn fused_tc_backward_f16() {
-    // The tensor-core backward (opt-in), on the same cases (it runs where D % 8 == 0).
-    run_all_opts::<f16>(Plan::Fused, |o| o.tensor_core_backward = true);
+fn fused_simt_backward_f16() {
+    // The SIMT backward after the tensor-core forward (the tensor-core backward is the default,
+    // where D % 8 == 0), on the same cases.
+    run_all_opts::<f16>(Plan::Fused, |o| o.tensor_core_backward = false);
 }
 #[test]
-fn fused_tc_backward_bf16() {
-    run_all_opts::<bf16>(Plan::Fused, |o| o.tensor_core_backward = true);
+fn fused_simt_backward_bf16() {
+    run_all_opts::<bf16>(Plan::Fused, |o| o.tensor_core_backward = false);
 }
 #[test]
 fn fused_tf32_f32() {

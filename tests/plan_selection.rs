@@ -312,10 +312,24 @@ fn backward_tiles_by_dtype_and_d() {
             }
         }
     }
-    // Without the opt-in the backward is SIMT whatever the inputs.
-    let p = bwd(
+    // The tensor-core backward is the default; switched off, the backward is SIMT whatever the
+    // inputs.
+    let on = bwd(
         &DeviceFacts::H100,
         &Choices::default(),
+        DType::BF16,
+        Shape::new(64, 64, 64),
+        true,
+        true,
+    );
+    assert!(on.tensor_cores, "the default");
+    let off = Choices {
+        tc_backward: false,
+        ..Choices::default()
+    };
+    let p = bwd(
+        &DeviceFacts::H100,
+        &off,
         DType::BF16,
         Shape::new(64, 64, 64),
         true,
@@ -603,4 +617,23 @@ fn argument_structs_are_checked_and_packed() {
     let int = |at: usize| i32::from_ne_bytes(bytes.0[at..at + 4].try_into().unwrap());
     assert_eq!(int(136), 24, "D");
     assert!(args::pack(&l.entry, layout, &l.args, &values[1..]).is_err());
+}
+
+/// The plan builder's default choices are the handle's default options.
+#[test]
+fn default_choices_are_the_default_options() {
+    let o = fused_margin::cuda::Options::default();
+    let c = Choices::default();
+    assert_eq!(c.plan, o.plan);
+    assert_eq!(c.tensor_cores, o.tensor_cores);
+    assert_eq!(c.tc_backward, o.tensor_core_backward);
+    assert_eq!(c.label_check, o.label_check);
+    assert_eq!(c.tf32, o.f32_precision == fused_margin::cuda::F32Precision::Tf32);
+    assert_eq!(
+        (c.wide_tiles, c.wgmma),
+        (
+            o.kernel_override.wide_forward_tiles,
+            o.kernel_override.wgmma
+        )
+    );
 }

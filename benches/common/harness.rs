@@ -238,8 +238,8 @@ pub fn handle_with(
 }
 
 /// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
-/// tensor-core forward for f16/bf16, SIMT backward), "fused_tcbwd" (plus the opt-in
-/// tensor-core backward; f16/bf16 only), "fused_devlabels" (the default with
+/// tensor cores forward and backward for f16/bf16), "fused_simtbwd" (the SIMT backward
+/// instead; f16/bf16 only), "fused_devlabels" (the default with
 /// `LabelCheck::Device`: no synchronous label copy per call; f16/bf16 only), "fused_wgmma" (the
 /// opt-in wgmma forward on sm_90a; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
 /// "fused_wide" (the 128 x 256 forward tiles; TF32 for f32), "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
@@ -253,7 +253,7 @@ pub fn variants(
     let fused = |set: fn(&mut Options)| handle_with(stream, Plan::Fused, set);
     let mut v = vec![("fused", handle(stream, Plan::Fused))];
     if half {
-        v.push(("fused_tcbwd", fused(|o| o.tensor_core_backward = true)));
+        v.push(("fused_simtbwd", fused(|o| o.tensor_core_backward = false)));
         v.push((
             "fused_devlabels",
             fused(|o| o.label_check = LabelCheck::Device),

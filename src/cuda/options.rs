@@ -85,13 +85,15 @@ pub struct Options {
     pub tensor_cores: bool,
     /// How the fused forward multiplies f32 inputs (default [`F32Precision::Exact`]).
     pub f32_precision: F32Precision,
-    /// Opt-in (default false): the fused backward on tensor cores for f16/bf16 inputs
-    /// (kernels/grad_tc.cu), under the tensor-core forward's conditions (tensor cores on,
-    /// `D % 8 == 0`, 16-byte aligned `x` and `w`); otherwise the SIMT backward runs.
+    /// The fused backward on tensor cores for f16/bf16 inputs (default true; kernels/grad_tc.cu),
+    /// under the tensor-core forward's conditions (tensor cores on, `D % 8 == 0`, 16-byte aligned
+    /// `x` and `w`); otherwise, or with `false`, the SIMT backward runs.
     ///
-    /// Status: its results match the f64 reference within docs/MATH.md's bars on the CPU emulator of
-    /// the kernels (tests/emulated_kernels.rs), and it compiles without spills for sm_90, but it
-    /// has not yet run on a GPU; it becomes the default once the GPU suite has passed it there.
+    /// Status: its results match the f64 reference within docs/MATH.md's bars on the CPU emulator
+    /// of the kernels (tests/emulated_kernels.rs) and it compiles without spills for sm_90, but it
+    /// has not yet run on a GPU. The device self-check ([`Options::self_check`]) compares it with
+    /// the SIMT backward on the user's device before its first use and falls back on
+    /// disagreement.
     pub tensor_core_backward: bool,
     /// Where labels are checked (default [`LabelCheck::Host`]: before any launch, one synchronous
     /// copy per call). [`LabelCheck::Device`] removes that synchronization; see its documentation
@@ -119,14 +121,14 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// Fused plan, tensor cores on for f16/bf16, exact f32, SIMT backward, labels checked on the
+    /// Fused plan, tensor cores on for f16/bf16 (forward and backward), exact f32, labels checked on the
     /// host, cuBLAS for the naive plan, no poisoning, the self-check on, no kernel override.
     fn default() -> Self {
         Self {
             plan: Plan::Fused,
             tensor_cores: true,
             f32_precision: F32Precision::Exact,
-            tensor_core_backward: false,
+            tensor_core_backward: true,
             label_check: LabelCheck::Host,
             cublas: true,
             poison: false,

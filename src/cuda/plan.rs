@@ -84,7 +84,8 @@ pub struct Choices {
 }
 
 impl Default for Choices {
-    /// The handle's defaults: fused plan, tensor cores on, everything opt-in off, host labels.
+    /// The handle's defaults ([`super::Options::default`]): fused plan, tensor cores on forward
+    /// and backward, everything opt-in off, host labels.
     fn default() -> Self {
         Self {
             plan: Plan::Fused,
@@ -92,7 +93,7 @@ impl Default for Choices {
             tf32: false,
             wide_tiles: false,
             wgmma: false,
-            tc_backward: false,
+            tc_backward: true,
             label_check: LabelCheck::Host,
             tiles_per_split: None,
         }
