@@ -3,8 +3,12 @@
 
 use std::fmt;
 
-/// Everything that can go wrong in a call into this crate.
+/// Everything that can go wrong in a call into this crate. `#[non_exhaustive]`: match with a
+/// wildcard arm. [`std::error::Error::source`] gives the CUDA library's own error behind
+/// [`Error::Cuda`] and [`Error::Compile`] (a [`CudaSource`]), so a caller can tell, say,
+/// out-of-memory from an invalid argument.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Error {
     /// A field of [`crate::MarginLoss`] is out of its documented range (see `MarginLoss::validate`).
     InvalidSpec {
@@ -80,14 +84,98 @@ pub enum Error {
         module: String,
         /// NVRTC's log, verbatim.
         log: String,
+        /// NVRTC's error code, where NVRTC gave one (not when libnvrtc is missing).
+        source: Option<CudaSource>,
     },
-    /// A CUDA driver call failed.
+    /// A CUDA driver or cuBLAS call failed.
     Cuda {
         /// What was being done (e.g. `"launch logits_fwd_bf16"`).
         context: String,
-        /// The driver's error.
+        /// The library's error, as text.
         detail: String,
+        /// The library's error itself.
+        source: Option<CudaSource>,
     },
+}
+
+/// The CUDA library error behind an [`Error::Cuda`] or [`Error::Compile`], as cudarc reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CudaSource {
+    /// A driver API call (`CUresult`): e.g. `CUDA_ERROR_OUT_OF_MEMORY`.
+    Driver(cudarc::driver::DriverError),
+    /// A cuBLAS call.
+    Cublas(cudarc::cublas::result::CublasError),
+    /// NVRTC.
+    Nvrtc(cudarc::nvrtc::result::NvrtcError),
+}
+
+impl CudaSource {
+    fn error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            CudaSource::Driver(e) => e,
+            CudaSource::Cublas(e) => e,
+            CudaSource::Nvrtc(e) => e,
+        }
+    }
+}
+
+/// A driver error as text. cudarc asks libcuda for the name, and panics where libcuda cannot be
+/// loaded; an error value can exist without it (built by a caller, or in a test), so then the
+/// raw `CUresult` is printed.
+fn driver_text(e: &cudarc::driver::DriverError) -> String {
+    if crate::cuda::libs::driver_present() {
+        format!("{e:?}")
+    } else {
+        format!("{:?}", e.0)
+    }
+}
+
+impl fmt::Display for CudaSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CudaSource::Driver(e) => f.write_str(&driver_text(e)),
+            other => fmt::Display::fmt(other.error(), f),
+        }
+    }
+}
+
+impl std::error::Error for CudaSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.error())
+    }
+}
+
+impl Error {
+    /// A failed driver call as [`Error::Cuda`], `context` saying what was being done.
+    pub fn driver(context: &str, e: cudarc::driver::DriverError) -> Error {
+        Error::Cuda {
+            context: context.to_string(),
+            detail: driver_text(&e),
+            source: Some(CudaSource::Driver(e)),
+        }
+    }
+
+    /// A failed cuBLAS call as [`Error::Cuda`].
+    pub fn cublas(context: &str, e: cudarc::cublas::result::CublasError) -> Error {
+        Error::Cuda {
+            context: context.to_string(),
+            detail: format!("{e:?}"),
+            source: Some(CudaSource::Cublas(e)),
+        }
+    }
+
+    /// The driver's error code behind this error, if it is a failed driver call (for example
+    /// `CUDA_ERROR_OUT_OF_MEMORY`).
+    pub fn driver_error(&self) -> Option<cudarc::driver::DriverError> {
+        match self {
+            Error::Cuda {
+                source: Some(CudaSource::Driver(e)),
+                ..
+            } => Some(*e),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -118,15 +206,31 @@ impl fmt::Display for Error {
             Error::Unsupported { detail } => write!(f, "unsupported: {detail}"),
             Error::InvalidArgument { what, detail } => write!(f, "invalid argument {what}: {detail}"),
             Error::NoDevice { reason } => write!(f, "no CUDA device: {reason}"),
-            Error::Compile { module, log } => {
+            Error::Compile { module, log, .. } => {
                 write!(f, "NVRTC failed to compile {module}:\n{log}")
             }
-            Error::Cuda { context, detail } => write!(f, "CUDA error during {context}: {detail}"),
+            Error::Cuda {
+                context, detail, ..
+            } => write!(f, "CUDA error during {context}: {detail}"),
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    /// The CUDA library's error (driver, cuBLAS, NVRTC) behind [`Error::Cuda`] and
+    /// [`Error::Compile`]; `None` for this crate's own checks.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Cuda {
+                source: Some(s), ..
+            }
+            | Error::Compile {
+                source: Some(s), ..
+            } => Some(s.error()),
+            _ => None,
+        }
+    }
+}
 
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, Error>;

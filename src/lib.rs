@@ -57,7 +57,7 @@ pub mod math;
 pub mod spec;
 
 pub use dtype::{DType, Element};
-pub use error::{Error, Result};
+pub use error::{CudaSource, Error, Result};
 pub use spec::{
     GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, SphereFaceSchedule, Upstream,
 };

@@ -628,7 +628,10 @@ fn default_choices_are_the_default_options() {
     assert_eq!(c.tensor_cores, o.tensor_cores);
     assert_eq!(c.tc_backward, o.tensor_core_backward);
     assert_eq!(c.label_check, o.label_check);
-    assert_eq!(c.tf32, o.f32_precision == fused_margin::cuda::F32Precision::Tf32);
+    assert_eq!(
+        c.tf32,
+        o.f32_precision == fused_margin::cuda::F32Precision::Tf32
+    );
     assert_eq!(
         (c.wide_tiles, c.wgmma),
         (

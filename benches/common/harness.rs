@@ -197,10 +197,8 @@ pub fn peak_bytes<T: CudaElement>(
     };
     let (x, w, l) = (p.x.as_view(), p.w.as_view(), p.labels.as_view());
     let s = gpu.stream();
-    s.synchronize().map_err(|e| fused_margin::Error::Cuda {
-        context: "sync".into(),
-        detail: format!("{e:?}"),
-    })?;
+    s.synchronize()
+        .map_err(|e| fused_margin::Error::driver("sync", e))?;
     let base = pool.used()?;
     pool.reset()?;
     let grads_bytes;
@@ -208,10 +206,8 @@ pub fn peak_bytes<T: CudaElement>(
         let f = gpu.forward(spec, &x, &w, &l, p.shape)?;
         let g = gpu.backward(&f, &x, &w, &l, GpuUpstream::ONE)?;
         grads_bytes = (g.dx.len() + g.dw.len()) * std::mem::size_of::<T>();
-        s.synchronize().map_err(|e| fused_margin::Error::Cuda {
-            context: "sync".into(),
-            detail: format!("{e:?}"),
-        })?;
+        s.synchronize()
+            .map_err(|e| fused_margin::Error::driver("sync", e))?;
     }
     Ok(Some((
         pool.high()?.saturating_sub(base),
@@ -330,10 +326,8 @@ where
         tools.flush.flush()?;
         t.push(tools.timer.time_ms(stream, || {
             // SAFETY: A is m x k (ld m), B is k x n (ld k), C is m x n (ld m), all allocated so.
-            unsafe { blas.gemm(cfg, &a, &b, &mut c) }.map_err(|e| fused_margin::Error::Cuda {
-                context: "cuBLAS GEMM".into(),
-                detail: format!("{e:?}"),
-            })
+            unsafe { blas.gemm(cfg, &a, &b, &mut c) }
+                .map_err(|e| fused_margin::Error::cublas("cuBLAS GEMM", e))
         })?);
     }
     t.sort_by(|x, y| x.total_cmp(y));

@@ -225,10 +225,7 @@ fn typed<T: CudaElement>(
         }
         Backend::Cuda(gpu) => {
             let s = gpu.stream();
-            let err = |e| fused_margin::Error::Cuda {
-                context: "example copy".into(),
-                detail: format!("{e:?}"),
-            };
+            let err = |e| fused_margin::Error::driver("example copy", e);
             let x = s.clone_htod(&emb).map_err(err)?;
             let wd = s.clone_htod(&w).map_err(err)?;
             let l = s.clone_htod(labels).map_err(err)?;

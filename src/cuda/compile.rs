@@ -97,6 +97,7 @@ pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
         return Err(Error::Compile {
             module,
             log: "libnvrtc not found (install CUDA or `pip install nvidia-cuda-nvrtc` and put its lib/ on LD_LIBRARY_PATH)".into(),
+            source: None,
         });
     }
     let opts = CompileOptions {
@@ -108,14 +109,24 @@ pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
         name: Some(format!("fused_margin_{}.cu", dtype.suffix())),
         ..Default::default()
     };
-    cudarc::nvrtc::compile_ptx_with_opts(source::KERNELS_CU, opts).map_err(|e| Error::Compile {
-        module,
-        log: match e {
-            CompileError::CompileError { log, options, .. } => {
-                format!("options {options:?}\n{}", log.to_string_lossy())
-            }
-            other => format!("{other:?}"),
-        },
+    cudarc::nvrtc::compile_ptx_with_opts(source::KERNELS_CU, opts).map_err(|e| {
+        let code = match &e {
+            CompileError::CreationError(c)
+            | CompileError::CompileError { nvrtc: c, .. }
+            | CompileError::GetLogError(c)
+            | CompileError::GetPtxError(c)
+            | CompileError::DestroyError(c) => *c,
+        };
+        Error::Compile {
+            module,
+            log: match e {
+                CompileError::CompileError { log, options, .. } => {
+                    format!("options {options:?}\n{}", log.to_string_lossy())
+                }
+                other => format!("{other:?}"),
+            },
+            source: Some(crate::error::CudaSource::Nvrtc(code)),
+        }
     })
 }
 

@@ -137,10 +137,8 @@ pub(crate) fn execute<T: CudaElement, O: CudaElement>(
                 };
                 // SAFETY: the plan builder sized a (m x k or k x m), b and c (m x n) with these
                 // leading dimensions (plan.rs: `gemm`), all f32 buffers of this plan.
-                unsafe { blas.gemm(cfg, a, b, &mut c) }.map_err(|e| Error::Cuda {
-                    context: format!("cuBLAS {}", g.what),
-                    detail: format!("{e:?}"),
-                })?;
+                unsafe { blas.gemm(cfg, a, b, &mut c) }
+                    .map_err(|e| Error::cublas(&format!("cuBLAS {}", g.what), e))?;
                 owned.insert(g.c, Owned::F32(c));
             }
         }

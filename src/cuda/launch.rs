@@ -67,10 +67,7 @@ impl Kernels {
 
 /// A driver error as [`Error::Cuda`], `context` saying what was being done.
 pub(crate) fn cuda_err(context: &str, e: DriverError) -> Error {
-    Error::Cuda {
-        context: context.to_string(),
-        detail: format!("{e:?}"),
-    }
+    Error::driver(context, e)
 }
 
 /// A 1-D launch of `n` threads in blocks of `threads`.

@@ -54,7 +54,7 @@ mod geometry;
 mod handle;
 mod labels;
 mod launch;
-mod libs;
+pub(crate) mod libs;
 pub mod measure;
 mod options;
 pub mod params;
