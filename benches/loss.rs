@@ -7,7 +7,7 @@
 //! elements = useful FLOPs (2*B*C*D per matrix product), so criterion's `elem/s` reads as FLOP/s.
 //!
 //! GPU timing uses CUDA events around each call with the L2 flushed before it
-//! (`benches/common/harness.rs`). Run one group with a filter, e.g. `cargo bench -- arcface_bf16`.
+//! (`benches/common/harness.rs`). Run one group with a filter, e.g. `cargo bench --features bench -- arcface_bf16`.
 //! Without a GPU the GPU groups are skipped with a printed reason.
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use cudarc::cublas::CudaBlas;

@@ -2,7 +2,7 @@
 //! with the median time of a few repetitions (CUDA events, L2 flushed before each), achieved
 //! TFLOP/s of the useful matrix products (2*B*C*D each), the fraction of the cuBLAS bf16 roof
 //! measured in the same run, the fused/naive ratio, and the measured peak device memory of
-//! forward + backward. The criterion suite (`cargo bench`) is the full measurement.
+//! forward + backward. The criterion suite (`cargo bench --features bench`) is the full measurement.
 //!
 //! `cargo run --release --example bench_table -- [--reps N] [--classes 10000,100000] [--dtypes f32,bf16] [--losses arcface] [--with-simt]`
 //!

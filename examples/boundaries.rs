@@ -1,7 +1,7 @@
 //! The papers' picture: 2-D features of a few classes, with the angular margins each loss opens.
 //!
 //! ```text
-//! cargo run --release --example boundaries [-- --out docs/boundaries.png --epochs N --device auto|cpu|gpu]
+//! cargo run --release --features plots --example boundaries [-- --out docs/boundaries.png --epochs N --device auto|cpu|gpu]
 //! ```
 //!
 //! A small MLP (8 -> 32, tanh, -> 2) maps seeded clustered Gaussians of 8 classes to 2-D
