@@ -1,14 +1,16 @@
 //! candle training: a small MLP maps points to embeddings, trained end to end through
-//! `fused_margin::candle::margin_loss` (ArcFace) with candle-nn's AdamW, on the examples' seeded
-//! clustered Gaussians (the quickstart's dataset).
+//! `fused_margin::candle::MarginHead` (ArcFace: the class weights and the fused loss as one candle
+//! module) with candle-nn's AdamW, on the examples' seeded clustered Gaussians (the quickstart's
+//! dataset).
 //!
 //! ```text
 //! cargo run --release --features candle --example candle_train [-- --epochs N --classes N --seed N --device auto|cpu|gpu]
 //! cargo run --release --features candle-cuda --example candle_train     # on a GPU machine (README, "Features")
 //! ```
 //!
-//! The model: `Linear(64 -> 128) -> ReLU -> Linear(128 -> 32)` producing embeddings, plus one
-//! learned weight row per class (a candle `Var`), all updated by AdamW from the gradients candle's
+//! The model: `Linear(64 -> 128) -> ReLU -> Linear(128 -> 32)` producing embeddings, plus the
+//! head's learned weight row per class (a variable of a candle-nn `VarMap`, built through a
+//! `VarBuilder` as candle-nn's layers are), all updated by AdamW from the gradients candle's
 //! autograd gets out of the op. With the `candle-cuda` feature and a GPU present the whole model,
 //! the loss and its backward run on the GPU (`--device auto`, the default); otherwise on the CPU.
 //! Accuracy is on held-out points: the predicted class is the class weight with the highest cosine
@@ -18,8 +20,8 @@
 mod train;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
-use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
-use fused_margin::candle::margin_loss;
+use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use fused_margin::candle::MarginHead;
 use fused_margin::MarginLoss;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
@@ -145,6 +147,17 @@ fn main() -> candle_core::Result<()> {
         param((1, D), 0.0)?,
     );
     let w = param((c, D), 1.0)?;
+    // The head owns the class weights as the VarMap's variable "head.weight"; they start from the
+    // seeded draw above instead of VarBuilder's (unseedable) initializer, so runs repeat.
+    let spec = MarginLoss::arcface(0.5).scale(30.0);
+    let mut varmap = VarMap::new();
+    let head = MarginHead::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &device).pp("head"),
+        c,
+        D,
+        spec,
+    )?;
+    varmap.set_one("head.weight", w.as_tensor())?;
     let mlp = candle_nn::seq()
         .add(Linear::new(
             w1.as_tensor().clone(),
@@ -155,16 +168,17 @@ fn main() -> candle_core::Result<()> {
             w2.as_tensor().clone(),
             Some(b2.as_tensor().squeeze(0)?),
         ));
+    let mut params = vec![w1, b1, w2, b2];
+    params.extend(varmap.all_vars());
     let mut opt = AdamW::new(
-        vec![w1, b1, w2, b2, w.clone()],
+        params,
         ParamsAdamW {
             lr: 1e-2,
             weight_decay: 0.0,
             ..Default::default()
         },
     )?;
-    let w = w.as_tensor().clone();
-    let spec = MarginLoss::arcface(0.5).scale(30.0);
+    let w = head.weight().clone();
 
     let where_ = match &device {
         Device::Cpu => "CPU (this crate's f64 reference inside the op)".to_string(),
@@ -190,7 +204,7 @@ fn main() -> candle_core::Result<()> {
             let xb = x_train.index_select(&idx, 0)?;
             let yb: Vec<i64> = batch.iter().map(|&i| y_train[i]).collect();
             let yb = Tensor::from_vec(yb, batch.len(), &device)?;
-            let loss = margin_loss(&mlp.forward(&xb)?, &w, &yb, &spec)?;
+            let loss = head.forward(&mlp.forward(&xb)?, &yb)?;
             opt.backward_step(&loss)?;
             sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             rows += batch.len();

@@ -30,6 +30,7 @@
 //! of `Reduction::None` keep the input dtype (each row is at most about `2 s + ln C`, which fits).
 
 use crate::cpu;
+use crate::cuda::Options;
 use crate::dtype::Element;
 use crate::error::Error;
 use crate::spec::{MarginLoss, Reduction, Shape, Upstream};
@@ -67,6 +68,19 @@ pub fn margin_loss(
     labels: &Tensor,
     spec: &MarginLoss,
 ) -> candle_core::Result<Tensor> {
+    margin_loss_with(x, w, labels, spec, &Options::default())
+}
+
+/// [`margin_loss`] with the GPU path's [`Options`] (plan, tensor cores, TF32, label check, ...)
+/// for CUDA tensors; CPU tensors run the f64 reference whatever the options. One
+/// [`FusedMarginLoss`](crate::cuda::FusedMarginLoss) is kept per (device, options).
+pub fn margin_loss_with(
+    x: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    spec: &MarginLoss,
+    options: &Options,
+) -> candle_core::Result<Tensor> {
     spec.validate().map_err(wrap)?;
     let shape = check_args(x, w, labels)?;
     shape.validate().map_err(wrap)?;
@@ -74,9 +88,84 @@ pub fn margin_loss(
     let op = MarginOp {
         spec: *spec,
         shape,
+        options: options.clone(),
         saved: Arc::new(Mutex::new(None)),
     };
     x.apply_op3(w, &labels, op)
+}
+
+/// A margin-softmax head as a candle module: it owns the class weights (a `C x D` variable named
+/// `weight` from a [`candle_nn::VarBuilder`], as candle-nn's `Linear` owns its own) and gives the
+/// loss of embeddings and labels.
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use fused_margin::candle::MarginHead;
+/// use fused_margin::MarginLoss;
+/// # fn main() -> candle_core::Result<()> {
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let head = MarginHead::new(vb.pp("arcface"), 10, 4, MarginLoss::arcface(0.5))?;
+/// let emb = Tensor::randn(0f32, 1.0, (3, 4), &Device::Cpu)?;
+/// let labels = Tensor::new(&[0i64, 7, 9], &Device::Cpu)?;
+/// let loss = head.forward(&emb, &labels)?; // an f32 scalar with autograd to emb and weight
+/// let grads = loss.backward()?;
+/// assert!(grads.get(head.weight()).is_some());
+/// assert_eq!(varmap.all_vars().len(), 1); // the optimizer sees the class weights
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MarginHead {
+    weight: Tensor,
+    spec: MarginLoss,
+    options: Options,
+}
+
+impl MarginHead {
+    /// A head for `classes` classes of `dim`-dimensional embeddings with loss `spec`; the weights
+    /// are `vb`'s variable `weight` (`classes x dim`), initialized standard normal when new (the
+    /// loss normalizes them; insightface starts from normal(0, 0.01), the same directions).
+    pub fn new(
+        vb: candle_nn::VarBuilder,
+        classes: usize,
+        dim: usize,
+        spec: MarginLoss,
+    ) -> candle_core::Result<Self> {
+        spec.validate().map_err(wrap)?;
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 1.0,
+        };
+        let weight = vb.get_with_hints((classes, dim), "weight", init)?;
+        Ok(Self {
+            weight,
+            spec,
+            options: Options::default(),
+        })
+    }
+
+    /// The same head with the GPU path's `options` (see [`margin_loss_with`]).
+    pub fn with_options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The class weights, `classes x dim`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The loss spec.
+    pub fn spec(&self) -> &MarginLoss {
+        &self.spec
+    }
+
+    /// The loss of `embeddings` (`B x dim`, the weights' dtype and device) with `labels` (B
+    /// integers; negative ignores a row): [`margin_loss_with`] against the head's weights.
+    pub fn forward(&self, embeddings: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
+        margin_loss_with(embeddings, &self.weight, labels, &self.spec, &self.options)
+    }
 }
 
 /// Turns this crate's error into a candle error, keeping its message (which names the values).
@@ -220,6 +309,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct MarginOp {
     spec: MarginLoss,
     shape: Shape,
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    options: Options,
     saved: SavedSlot,
 }
 
@@ -322,7 +413,7 @@ impl CustomOp3 for MarginOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let gpu = gpu::handle(s1.device())?;
+        let gpu = gpu::handle(s1.device(), &self.options)?;
         let (slot, storage) = match s1.dtype() {
             DType::F32 => gpu::forward::<f32>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
             DType::F16 => gpu::forward::<f16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
@@ -362,6 +453,7 @@ impl CustomOp3 for MarginOp {
         let grad_op = GradOp {
             spec: self.spec,
             shape: self.shape,
+            options: self.options.clone(),
             saved: self.saved.clone(),
             upstream,
             dw: dw_slot.clone(),
@@ -396,6 +488,8 @@ type DwSlot = Arc<Mutex<Option<DwStash>>>;
 struct GradOp {
     spec: MarginLoss,
     shape: Shape,
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    options: Options,
     saved: SavedSlot,
     upstream: UpstreamArg,
     dw: DwSlot,
@@ -465,7 +559,7 @@ impl CustomOp3 for GradOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        let gpu = gpu::handle(s1.device())?;
+        let gpu = gpu::handle(s1.device(), &self.options)?;
         let (dx, dw) = match s1.dtype() {
             DType::F32 => gpu::backward::<f32>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
             DType::F16 => gpu::backward::<f16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
@@ -527,7 +621,7 @@ impl CustomOp1 for TakeDw {
 #[cfg(feature = "candle-cuda")]
 mod gpu {
     use super::{lock, msg, not_contiguous, wrap, GradOp, MarginOp, Saved, UpstreamArg};
-    use crate::cuda::{CudaElement, FusedMarginLoss, GpuUpstream};
+    use crate::cuda::{CudaElement, FusedMarginLoss, GpuUpstream, Options};
     use crate::spec::Reduction;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::{CudaDType, DeviceId};
@@ -536,17 +630,27 @@ mod gpu {
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
 
-    /// The handle for candle device `dev`, created on first use and kept for the process, so
-    /// modules are loaded once per device (NVRTC compiles once per process anyway). Keyed by
-    /// candle's device id: each `Device::new_cuda` is a distinct device with its own stream.
-    pub(super) fn handle(dev: &CudaDevice) -> candle_core::Result<Arc<FusedMarginLoss>> {
-        static HANDLES: OnceLock<Mutex<HashMap<DeviceId, Arc<FusedMarginLoss>>>> = OnceLock::new();
+    /// Handles per candle device, one per distinct options.
+    type Handles = Mutex<HashMap<DeviceId, Vec<(Options, Arc<FusedMarginLoss>)>>>;
+
+    /// The handle for candle device `dev` and `options`, created on first use and kept for the
+    /// process, so modules are loaded once per device (NVRTC compiles once per process anyway).
+    /// Keyed by candle's device id (each `Device::new_cuda` is a distinct device with its own
+    /// stream) and the options.
+    pub(super) fn handle(
+        dev: &CudaDevice,
+        options: &Options,
+    ) -> candle_core::Result<Arc<FusedMarginLoss>> {
+        static HANDLES: OnceLock<Handles> = OnceLock::new();
         let mut map = lock(HANDLES.get_or_init(|| Mutex::new(HashMap::new())));
-        if let Some(h) = map.get(&dev.id()) {
+        let mine = map.entry(dev.id()).or_default();
+        if let Some((_, h)) = mine.iter().find(|(o, _)| o == options) {
             return Ok(h.clone());
         }
-        let h = Arc::new(FusedMarginLoss::new(dev.cuda_stream()).map_err(wrap)?);
-        map.insert(dev.id(), h.clone());
+        let h = Arc::new(
+            FusedMarginLoss::with_options(dev.cuda_stream(), options.clone()).map_err(wrap)?,
+        );
+        mine.push((options.clone(), h.clone()));
         Ok(h)
     }
 

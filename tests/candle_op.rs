@@ -547,3 +547,52 @@ mod gpu {
         assert_eq!(first.dw, second.dw);
     }
 }
+
+/// `MarginHead` is the op against a `VarBuilder` variable: the same loss and gradients as
+/// `margin_loss` on that weight, the weight registered in the `VarMap` (so an optimizer trains it),
+/// options accepted (CPU tensors: the reference whatever they say), and a bad spec refused.
+#[test]
+fn margin_head_is_the_op_on_its_own_weights() {
+    use candle_nn::{VarBuilder, VarMap};
+    use fused_margin::candle::{margin_loss_with, MarginHead};
+    let dev = Device::Cpu;
+    let shape = Shape::new(6, 5, 9);
+    let (x, _, labels) = inputs(shape, 31);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let spec = MarginLoss::cosface(0.35);
+    let head = MarginHead::new(vb.pp("head"), shape.c, shape.d, spec).unwrap();
+    assert_eq!(head.weight().dims(), &[shape.c, shape.d]);
+    let vars = varmap.all_vars();
+    assert_eq!(vars.len(), 1, "the class weights are the VarMap's");
+    let x = Var::from_tensor(&Tensor::from_vec(x, (shape.b, shape.d), &dev).unwrap()).unwrap();
+    let y = Tensor::from_vec(labels, shape.b, &dev).unwrap();
+    let loss = head.forward(x.as_tensor(), &y).unwrap();
+    let grads = loss.backward().unwrap();
+    let direct = margin_loss(x.as_tensor(), head.weight(), &y, &spec).unwrap();
+    let dgrads = direct.backward().unwrap();
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(v(&loss), v(&direct));
+    let dw = grads
+        .get(vars[0].as_tensor())
+        .expect("a gradient for the head's weight");
+    assert_eq!(v(dw), v(dgrads.get(head.weight()).unwrap()));
+    assert_eq!(
+        v(grads.get(x.as_tensor()).unwrap()),
+        v(dgrads.get(x.as_tensor()).unwrap())
+    );
+    let mut o = fused_margin::cuda::Options::default();
+    o.tensor_cores = false;
+    let with = head.clone().with_options(o.clone());
+    assert_eq!(v(&with.forward(x.as_tensor(), &y).unwrap()), v(&loss));
+    let again = margin_loss_with(x.as_tensor(), head.weight(), &y, &spec, &o).unwrap();
+    assert_eq!(v(&again), v(&loss));
+    let bad = MarginHead::new(
+        vb.pp("bad"),
+        shape.c,
+        shape.d,
+        MarginLoss::arcface(0.5).scale(-1.0),
+    );
+    let e = bad.unwrap_err().to_string();
+    assert!(e.contains("s = -1"), "{e}");
+}
