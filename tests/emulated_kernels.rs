@@ -552,6 +552,10 @@ fn run<T: Element + Bits>(
     for r in [Buf::XNorm, Buf::WNorm, Buf::Lse] {
         bids.insert(r, fids[&r]);
     }
+    // The fused forward's target record, which its backward reads (the naive plan has none).
+    if let Some(&t) = fids.get(&Buf::Target) {
+        bids.insert(Buf::Target, t);
+    }
     if let Some(&s) = fids.get(&Buf::Status) {
         bids.insert(Buf::PrevStatus, s);
     }

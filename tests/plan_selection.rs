@@ -148,7 +148,7 @@ fn well_formed(p: &LaunchPlan, given: &[Buf], what: &str) {
 }
 
 const FWD_GIVEN: [Buf; 3] = [Buf::X, Buf::W, Buf::Labels];
-const BWD_GIVEN: [Buf; 8] = [
+const BWD_GIVEN: [Buf; 9] = [
     Buf::X,
     Buf::W,
     Buf::Labels,
@@ -156,6 +156,7 @@ const BWD_GIVEN: [Buf; 8] = [
     Buf::XNorm,
     Buf::WNorm,
     Buf::Lse,
+    Buf::Target,
     Buf::PrevStatus,
 ];
 

@@ -47,6 +47,13 @@ impl<O> Kept<O> {
             _ => Err(Self::missing(buf)),
         }
     }
+    /// `buf` if the plan made it (the fused plan's target record; the naive plan has none).
+    pub(crate) fn f32_if_any(&mut self, buf: Buf) -> Option<CudaSlice<f32>> {
+        match self.0.remove(&buf) {
+            Some(Owned::F32(s)) => Some(s),
+            _ => None,
+        }
+    }
     pub(crate) fn i64(&mut self, buf: Buf) -> Result<CudaSlice<i64>> {
         match self.0.remove(&buf) {
             Some(Owned::I64(s)) => Ok(s),

@@ -68,6 +68,8 @@ pub struct FusedMarginLoss {
     modules: Mutex<HashMap<DType, Arc<Kernels>>>,
     /// The self-checks run so far (src/cuda/selfcheck.rs), one per fast kernel path.
     self_checks: Mutex<Vec<SelfCheckReport>>,
+    /// The choices decided per (dtype, D), so later calls make one lookup, not two plans.
+    decided: Mutex<HashMap<(DType, usize), plan::Choices>>,
 }
 
 impl std::fmt::Debug for FusedMarginLoss {
@@ -129,6 +131,7 @@ impl FusedMarginLoss {
             blas: OnceLock::new(),
             modules: Mutex::new(HashMap::new()),
             self_checks: Mutex::new(Vec::new()),
+            decided: Mutex::new(HashMap::new()),
         })
     }
 
@@ -150,6 +153,27 @@ impl FusedMarginLoss {
         if !self.options.self_check || self.options.plan == Plan::Naive {
             return Ok(ch);
         }
+        let key = (T::DTYPE, d);
+        if let Some(c) = self
+            .decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(*c);
+        }
+        let c = self.self_check::<T>(d, &ch)?;
+        self.decided
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, c);
+        Ok(c)
+    }
+
+    /// The decision of [`Self::checked_choices`] for a (dtype, D) not seen yet: the self-check of
+    /// the fast path `ch` selects (once per kernel set), or `ch` itself when it selects none.
+    fn self_check<T: CudaElement>(&self, d: usize, ch: &plan::Choices) -> Result<plan::Choices> {
+        let ch = *ch;
         let pr = selfcheck::problem(d);
         let (fwd, bwd) = self.problem_plans(T::DTYPE, &pr, &ch)?;
         if !selfcheck::is_fast(&fwd, &bwd) {
@@ -476,6 +500,7 @@ impl FusedMarginLoss {
             Buf::Lse,
             Buf::XNorm,
             Buf::WNorm,
+            Buf::Target,
             Buf::Status,
         ];
         let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, &keep)?;
@@ -492,6 +517,7 @@ impl FusedMarginLoss {
             lse: kept.f32(Buf::Lse)?,
             x_norm: kept.f32(Buf::XNorm)?,
             w_norm: kept.f32(Buf::WNorm)?,
+            target: kept.f32_if_any(Buf::Target),
             workspace_bytes: lp.workspace_bytes,
             tensor_cores: lp.tensor_cores,
             wgmma: lp.wgmma,
@@ -660,11 +686,17 @@ impl FusedMarginLoss {
             w,
             labels,
             g_rows: per_row,
-            saved: vec![
-                (Buf::XNorm, &fwd.x_norm),
-                (Buf::WNorm, &fwd.w_norm),
-                (Buf::Lse, &fwd.lse),
-            ],
+            saved: {
+                let mut saved = vec![
+                    (Buf::XNorm, &fwd.x_norm),
+                    (Buf::WNorm, &fwd.w_norm),
+                    (Buf::Lse, &fwd.lse),
+                ];
+                if let Some(t) = &fwd.target {
+                    saved.push((Buf::Target, t));
+                }
+                saved
+            },
             prev_status: match &fwd.labels {
                 LabelState::Device(status) => Some(status),
                 LabelState::Host { .. } => None,

@@ -133,7 +133,8 @@ pub enum Buf {
     /// The target logit per row, B f32.
     Zy,
     /// The margin at the target per row: (target(c_iy), dtarget/dc) interleaved, 2 B f32
-    /// (`fm_target_rows`, read by every tile kernel).
+    /// (`fm_target_rows`, read by every tile kernel; forward output, given to the fused
+    /// backward).
     Target,
     /// The tensor-core backward's power-of-two scale K, 1 f32.
     Scale,
@@ -623,8 +624,8 @@ fn row_norms(bd: &mut Builder, v: Buf, out: Buf, rows: usize, d: i32) -> Result<
 
 /// The margin at each row's target (`fm_target_rows`, kernels/normalize.cu), once per row, so the
 /// tile kernels evaluate no margin maths per element. One warp per row: it reads x's row, w's
-/// label row and both norms (labels outside 0..C read no w), and writes `Target[2 row..2 row + 2]`.
-/// Forward and backward both run it, on the same inputs, so they see the same target.
+/// label row and both norms (labels outside 0..C read no w), and writes `Target[2 row..2 row + 2]`,
+/// an output of the forward (kept with its result) that the fused backward reads.
 fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape) -> Result<()> {
     let (b, d) = (shape.b, i32_of(shape.d, "D")?);
     bd.alloc(Buf::Target, Elem::F32, 2 * b);
@@ -740,7 +741,7 @@ fn fused_forward(
     bd.alloc(Buf::PartM, Elem::F32, b * sp.nsplit);
     bd.alloc(Buf::PartS, Elem::F32, b * sp.nsplit);
     bd.alloc(Buf::Zy, Elem::F32, b);
-    let workspace_bytes = 4 * (2 * b * sp.nsplit + 3 * b);
+    let workspace_bytes = 4 * (2 * b * sp.nsplit + b);
     let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
     let ns = i32_of(sp.nsplit, "class splits")?;
     // All six tile kernels take FmTileArgs. Grid (row_tiles, nsplit) over tiles of `tile`:
@@ -931,8 +932,9 @@ fn fused_backward(
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
     let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
     let ns = i32_of(sp.nsplit, "class splits")?;
-    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + 2 * b + tc as usize);
-    target_rows(&mut bd, p, pr.shape)?;
+    // The target record is the forward's (Buf::Target, given): the same target in both passes,
+    // and no launch to recompute it.
+    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + tc as usize);
 
     if tc {
         // K: the power of two that keeps the dw kernel's 16-bit operand xh r g / K in range.

@@ -58,6 +58,9 @@ pub struct GpuForward {
     pub x_norm: CudaSlice<f32>,
     /// `|w_j|` per class.
     pub w_norm: CudaSlice<f32>,
+    /// The fused plan's per-row (target(c_iy), dtarget/dc), 2 B f32, which its backward reads
+    /// (so both passes use the same target); `None` for the naive plan.
+    pub(crate) target: Option<CudaSlice<f32>>,
     /// Bytes of temporary device memory the forward allocated beyond its outputs (the crate's own
     /// accounting of every workspace buffer).
     pub workspace_bytes: usize,
