@@ -153,7 +153,7 @@ pub enum Backend {
     /// The crate's f64 CPU reference.
     Cpu,
     /// The fused CUDA kernels on GPU 0.
-    Cuda(FusedMarginLoss),
+    Cuda(Box<FusedMarginLoss>),
 }
 
 impl Backend {
@@ -171,7 +171,7 @@ impl Backend {
             .unwrap_or_else(|_| "CUDA device 0".into());
         let gpu = FusedMarginLoss::new(stream)?;
         let desc = format!("GPU: {name} ({}, fused kernels)", gpu.arch());
-        Ok((Backend::Cuda(gpu), desc))
+        Ok((Backend::Cuda(Box::new(gpu)), desc))
     }
 }
 
