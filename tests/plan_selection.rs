@@ -611,13 +611,19 @@ fn argument_structs_are_checked_and_packed() {
             Arg::Params(v) => Value::Params(v),
         })
         .collect();
-    let bytes = args::pack(&l.entry, layout, &l.args, &values).unwrap();
+    let bytes = args::pack(&l.entry, layout, &values).unwrap();
     let word = |at: usize| i64::from_ne_bytes(bytes.0[at..at + 8].try_into().unwrap());
     assert_eq!(word(8), 0x1008, "w is the second pointer");
     assert_eq!((word(120), word(128)), (40, 300), "B and C");
     let int = |at: usize| i32::from_ne_bytes(bytes.0[at..at + 4].try_into().unwrap());
     assert_eq!(int(136), 24, "D");
-    assert!(args::pack(&l.entry, layout, &l.args, &values[1..]).is_err());
+    assert!(args::pack(&l.entry, layout, &values[1..]).is_err());
+    let mut wrong = values.clone();
+    wrong[0] = Value::I32(1); // x is a pointer
+    let e = args::pack(&l.entry, layout, &wrong)
+        .err()
+        .expect("a pointer field given an i32");
+    assert!(e.to_string().contains("FmTileArgs.x"), "{e}");
 }
 
 /// The plan builder's default choices are the handle's default options.

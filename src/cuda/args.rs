@@ -169,33 +169,40 @@ pub enum Value {
 #[repr(C, align(16))]
 pub struct ArgBytes(pub [u8; 512]);
 
-/// The values of a launch's arguments `args` (resolved in the same order) laid out as the C
-/// struct `l`.
-pub fn pack(entry: &str, l: &Layout, args: &[Arg], values: &[Value]) -> Result<ArgBytes> {
-    check(entry, l, args)?;
+/// The resolved values of a launch's arguments laid out as the C struct `l`, once per launch.
+/// The plan builder already held the arguments to the fields ([`check`], constness included);
+/// here each value must still be of its field's kind and the layout the kernels' size. No
+/// allocation: the bytes go straight into the block.
+pub fn pack(entry: &str, l: &Layout, values: &[Value]) -> Result<ArgBytes> {
     let (offs, size) = l.offsets();
     let mut out = ArgBytes([0u8; 512]);
-    if size > out.0.len() || values.len() != offs.len() {
+    if size != l.bytes || size > out.0.len() || values.len() != offs.len() {
         return Err(plan_error(
             entry,
-            format!("{} does not fit its packing", l.name),
+            format!(
+                "{} values for {}'s {} fields ({size} bytes, the kernels' struct has {})",
+                values.len(),
+                l.name,
+                l.fields.len(),
+                l.bytes
+            ),
         ));
     }
     for ((f, v), at) in l.fields.iter().zip(values).zip(offs) {
-        let bytes: Vec<u8> = match (f.kind, v) {
-            (FieldKind::ConstPtr | FieldKind::MutPtr, Value::Ptr(a)) => a.to_ne_bytes().to_vec(),
-            (FieldKind::I64, Value::I64(v)) => v.to_ne_bytes().to_vec(),
-            (FieldKind::I32, Value::I32(v)) => v.to_ne_bytes().to_vec(),
-            (FieldKind::F32, Value::F32(v)) => v.to_ne_bytes().to_vec(),
-            (FieldKind::Params, Value::Params(v)) => bytemuck::bytes_of(v).to_vec(),
+        let mut put = |b: &[u8]| out.0[at..at + b.len()].copy_from_slice(b);
+        match (f.kind, v) {
+            (FieldKind::ConstPtr | FieldKind::MutPtr, Value::Ptr(a)) => put(&a.to_ne_bytes()),
+            (FieldKind::I64, Value::I64(v)) => put(&v.to_ne_bytes()),
+            (FieldKind::I32, Value::I32(v)) => put(&v.to_ne_bytes()),
+            (FieldKind::F32, Value::F32(v)) => put(&v.to_ne_bytes()),
+            (FieldKind::Params, Value::Params(v)) => put(bytemuck::bytes_of(v)),
             _ => {
                 return Err(plan_error(
                     entry,
                     format!("{}.{} given the value {v:?}", l.name, f.name),
                 ))
             }
-        };
-        out.0[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
     }
     Ok(out)
 }

@@ -231,7 +231,7 @@ fn launch<T: CudaElement, O: CudaElement>(
         }
         // A family kernel takes its fields as one struct, laid out as the kernels declare it.
         let block: Option<ArgBytes> = match l.packed {
-            Some(layout) => Some(args::pack(&l.entry, layout, &l.args, &vals)?),
+            Some(layout) => Some(args::pack(&l.entry, layout, &vals)?),
             None => None,
         };
         let f = k.get_with_smem(&l.entry, l.smem)?;
