@@ -58,10 +58,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 ///
 /// Every bad argument is a candle error naming the values: a wrong rank or shape (with the shapes),
 /// a non-contiguous tensor (with its shape and stride), mismatched dtypes or devices, a label out
-/// of range (with its row, its value and C), a spec field out of range. On CUDA the labels are
-/// also copied to the host once per call to be checked before any launch (see
-/// [`crate::cuda::FusedMarginLoss::forward`]), and a scalar upstream gradient is read back in
-/// the backward.
+/// of range (with its row, its value and C), a spec field out of range. On CUDA with the default
+/// options the labels are checked on the device ([`crate::cuda::LabelCheck::Device`]): the forward
+/// queues without waiting, a row with a label `>= C` makes the loss NaN, and the backward
+/// reports the label error (row, label, C) before it runs; `LabelCheck::Host` in
+/// [`margin_loss_with`]'s options makes the forward itself fail instead, at one synchronous copy
+/// per call. A scalar upstream gradient is read back in the backward.
 pub fn margin_loss(
     x: &Tensor,
     w: &Tensor,
@@ -231,8 +233,8 @@ fn check_args(x: &Tensor, w: &Tensor, labels: &Tensor) -> candle_core::Result<Sh
 /// The labels as a contiguous `i32` tensor on `device`, the type every backend takes.
 fn labels_i32(labels: &Tensor, shape: Shape, device: &Device) -> candle_core::Result<Tensor> {
     if labels.dtype() == DType::I32 {
-        // Used as they are: the backends check the range (and, on CUDA, copy them to the host
-        // for that anyway).
+        // Used as they are: the backends check the range (on CUDA by default on the device, the
+        // error then reported by the backward; see `margin_loss`).
         return labels.contiguous();
     }
     // candle has no i64 -> i32 cast on CUDA, so convert on the host (B integers).
@@ -251,18 +253,21 @@ fn labels_i32(labels: &Tensor, shape: Shape, device: &Device) -> candle_core::Re
     };
     let mut out = Vec::with_capacity(values.len());
     for (row, &label) in values.iter().enumerate() {
-        // Negative labels (ignored rows) map to -1; anything >= C is reported by the backends,
-        // except values that do not even fit i32, which are reported here.
+        // Negative labels (ignored rows) map to -1. The values are on the host here anyway, so
+        // a label >= C is reported now (i32 labels are checked by the backends).
+        let bad = || {
+            wrap(Error::LabelOutOfRange {
+                row,
+                label,
+                classes: shape.c,
+            })
+        };
         let v = if label < 0 {
             -1
+        } else if label as u64 >= shape.c as u64 {
+            return Err(bad());
         } else {
-            i32::try_from(label).map_err(|_| {
-                wrap(Error::LabelOutOfRange {
-                    row,
-                    label,
-                    classes: shape.c,
-                })
-            })?
+            i32::try_from(label).map_err(|_| bad())?
         };
         out.push(v);
     }
@@ -742,6 +747,11 @@ mod gpu {
                 &recomputed
             }
         };
+        // Labels are checked on the device by default (`LabelCheck::Device`): a bad one is
+        // reported here, as the typed error, before the backward is queued. A scalar upstream was
+        // read back already (the stream has run the forward), so this small copy waits for
+        // nothing more.
+        fwd.check().map_err(wrap)?;
         let grads = match &op.upstream {
             UpstreamArg::Scalar(v) => {
                 gpu.backward::<T>(fwd, &x, &w, &labels, GpuUpstream::Scalar(*v as f32))

@@ -526,6 +526,23 @@ mod gpu {
         let labels = Tensor::new(&[0i64, 1, 7, 3], &dev).unwrap();
         let text = err_text(margin_loss(&x, &w, &labels, &spec));
         assert_mentions(&text, &["label 7", "row 2", "C = 5"]);
+        // i32 labels are checked on the device by default: the loss is NaN and the backward
+        // reports the label; with the host check the forward does.
+        let l32 = Tensor::new(&[0i32, 1, 7, 3], &dev).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let loss = margin_loss(xv.as_tensor(), &w, &l32, &spec).unwrap();
+        assert!(loss.to_scalar::<f32>().unwrap().is_nan());
+        let text = match loss.backward() {
+            Ok(_) => panic!("expected the backward to report the label"),
+            Err(e) => e.to_string(),
+        };
+        assert_mentions(&text, &["label 7", "row 2", "C = 5"]);
+        let mut host = fused_margin::cuda::Options::default();
+        host.label_check = fused_margin::cuda::LabelCheck::Host;
+        let text = err_text(fused_margin::candle::margin_loss_with(
+            &x, &w, &l32, &spec, &host,
+        ));
+        assert_mentions(&text, &["label 7", "row 2", "C = 5"]);
         let xt = Tensor::ones((8, 4), DType::F32, &dev).unwrap().t().unwrap();
         let text = err_text(margin_loss(&xt, &w, &labels, &spec));
         assert_mentions(&text, &["x must be contiguous", "[4, 8]", "[1, 4]"]);

@@ -173,9 +173,14 @@ struct Case {
     tiny_rows: bool,
     /// Counted rows labelled 0 and C - 1 alternately.
     labels_at_ends: bool,
-    /// `LabelCheck::Device`: the label status and the backward's upstream come from the device
-    /// kernels (kernels/labels.cu) instead of the host.
+    /// `LabelCheck::Device` (the default): the label status and the backward's upstream come
+    /// from the device kernels (kernels/labels.cu) instead of the host.
     device_labels: bool,
+    /// The workspaces of pooled (fused) plans carved from one arena buffer shared by the forward
+    /// and the backward, as the handle's executor does (`LaunchPlan::arena_layout`), so the
+    /// backward's workspaces start with the forward's stale values. Off under the sanitizer, which
+    /// then bounds every workspace on its own.
+    arena: bool,
     /// The device and choices to build the plans from, instead of those the flags above stand
     /// for on an H200 (`every_distinct_plan_the_builder_makes`).
     planned: Option<(plan::DeviceFacts, plan::Choices)>,
@@ -298,6 +303,9 @@ struct Job {
     launches: Vec<u8>,
     nlaunch: u32,
     next_id: u32,
+    /// The arena buffer and the offsets (f32 elements) of the plan being added's pooled
+    /// workspaces (`LaunchPlan::arena_layout`).
+    arena: Option<(u32, Vec<(plan::Buf, usize)>)>,
 }
 
 impl Job {
@@ -318,7 +326,11 @@ impl Job {
                 self.bufs.push(1);
                 self.bufs.extend(p);
             }
-            BufInit::Zero => self.bufs.push(2),
+            BufInit::View { parent, offset } => {
+                self.bufs.push(3);
+                self.bufs.extend(parent.to_le_bytes());
+                self.bufs.extend(offset.to_le_bytes());
+            }
         }
         id
     }
@@ -337,12 +349,24 @@ impl Job {
         grad: (u32, Vec<u8>),
     ) {
         for spec in &p.buffers {
-            let (elem, init) = match (spec.elem, spec.init) {
-                (plan::Elem::I64, _) => (8, BufInit::Zero),
-                (plan::Elem::Grad, plan::Init::Uninit) => (grad.0, BufInit::Fill(grad.1.clone())),
-                (plan::Elem::Grad, plan::Init::Zeroed) => (grad.0, BufInit::Zero),
-                (_, plan::Init::Zeroed) => (4, BufInit::Zero),
-                (_, plan::Init::Uninit) => (4, BufInit::Fill(f32::NAN.to_le_bytes().to_vec())),
+            let pooled = self.arena.as_ref().and_then(|(aid, offs)| {
+                offs.iter()
+                    .find(|(b, _)| *b == spec.buf)
+                    .map(|&(_, off)| (*aid, off))
+            });
+            let plan::Init::Uninit = spec.init;
+            let (elem, init) = match (pooled, spec.elem) {
+                (Some((parent, off)), _) => (
+                    4,
+                    BufInit::View {
+                        parent,
+                        offset: 4 * off as u64,
+                    },
+                ),
+                // Uninitialized on the GPU; 0x7f.. bytes here, which no status field holds.
+                (None, plan::Elem::I64) => (8, BufInit::Fill(vec![0x7f; 8])),
+                (None, plan::Elem::Grad) => (grad.0, BufInit::Fill(grad.1.clone())),
+                (None, plan::Elem::F32) => (4, BufInit::Fill(f32::NAN.to_le_bytes().to_vec())),
             };
             let id = self.buffer(elem, spec.len.max(1), init);
             ids.insert(spec.buf, id);
@@ -417,9 +441,13 @@ impl Job {
 }
 
 enum BufInit {
+    /// `len` elements at `offset` bytes into buffer `parent` (the arena).
+    View {
+        parent: u32,
+        offset: u64,
+    },
     Data(Vec<u8>),
     Fill(Vec<u8>),
-    Zero,
 }
 
 /// Runs a job on the emulator driver; returns the output bytes.
@@ -541,7 +569,20 @@ fn run<T: Element + Bits>(
         (Buf::Labels, lid),
         (Buf::GRows, gid),
     ]);
+    // One arena for both plans, as large as the larger needs, poisoned once (as a handle's is
+    // when it poisons): the backward's workspaces reuse the forward's memory.
+    let (fl, fo) = fwd.arena_layout(&plan::FORWARD_OUTPUTS);
+    let (bl, bo) = bwd.arena_layout(&plan::BACKWARD_OUTPUTS);
+    let aid = (case.arena && !sanitized() && fl.max(bl) > 0).then(|| {
+        job.buffer(
+            4,
+            fl.max(bl),
+            BufInit::Fill(f32::NAN.to_le_bytes().to_vec()),
+        )
+    });
+    job.arena = aid.map(|a| (a, fo));
     job.add_plan(&fwd, &mut fids);
+    job.arena = aid.map(|a| (a, bo));
     let blid = job.buffer(4, b, BufInit::Data(i32s(bwd_labels)));
     let mut bids = HashMap::from([
         (Buf::X, xid),
@@ -830,7 +871,8 @@ fn case(
         zero_rows: false,
         tiny_rows: false,
         labels_at_ends: false,
-        device_labels: false,
+        device_labels: true,
+        arena: true,
         planned: None,
         grad16: false,
         seed,
@@ -1432,8 +1474,8 @@ fn labels_at_both_ends() {
     }
 }
 
-/// `LabelCheck::Device`: the label status and the per-row upstream computed on the device
-/// (kernels/labels.cu) give the host path's results for every reduction, on the tensor-core, SIMT
+/// `LabelCheck::Device` (the default) and `LabelCheck::Host`: the label status and the per-row
+/// upstream computed on the device (kernels/labels.cu) give the host path's results for every reduction, on the tensor-core, SIMT
 /// and naive kernels, and the status records the counted rows and no error (checked in `check`).
 #[test]
 fn device_label_check_matches_the_host_check() {
@@ -1444,14 +1486,17 @@ fn device_label_check_matches_the_host_check() {
     ];
     for (k, spec) in specs.into_iter().enumerate() {
         let seed = 1_200 + 10 * k as u64;
-        let mut c = case(spec, (45, 40, 150), true, (1, 2), seed);
-        c.device_labels = true;
-        check::<bf16>(&c);
-        let mut c = case(spec, (38, 36, 90), false, (2, 1), seed + 1);
-        c.device_labels = true;
-        check::<f32>(&c);
-        c.naive = true;
-        check::<f32>(&c);
+        // Both modes: the device check is every other case's default.
+        for device_labels in [false, true] {
+            let mut c = case(spec, (45, 40, 150), true, (1, 2), seed);
+            c.device_labels = device_labels;
+            check::<bf16>(&c);
+            let mut c = case(spec, (38, 36, 90), false, (2, 1), seed + 1);
+            c.device_labels = device_labels;
+            check::<f32>(&c);
+            c.naive = true;
+            check::<f32>(&c);
+        }
     }
 }
 

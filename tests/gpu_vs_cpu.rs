@@ -435,11 +435,12 @@ fn fused_wgmma_bf16_f16() {
     run_all_opts::<f16>(Plan::Fused, o(true));
 }
 
-/// `LabelCheck::Device`: the label status and the mean's 1/counted computed on the device give
-/// the same results (fused plan on tensor cores and SIMT, naive plan), every spec.
+/// `LabelCheck::Host` (the other suites run the default, `LabelCheck::Device`): labels checked
+/// and counted on the host give the same results (fused plan on tensor cores and SIMT, naive
+/// plan), every spec.
 #[test]
-fn device_label_check_bf16_f32_and_naive() {
-    let o = |o: &mut Options| o.label_check = LabelCheck::Device;
+fn host_label_check_bf16_f32_and_naive() {
+    let o = |o: &mut Options| o.label_check = LabelCheck::Host;
     run_all_opts::<bf16>(Plan::Fused, o);
     run_all_opts::<f32>(Plan::Fused, o);
     run_all_opts::<f16>(Plan::Naive, o);
@@ -662,7 +663,9 @@ fn deterministic(tc_backward: bool) {
 #[test]
 fn misuse_is_a_typed_error() {
     let Some(stream) = gpu_or_skip() else { return };
-    let gpu = FusedMarginLoss::new(stream.clone()).unwrap();
+    // The host label check, so that a bad label fails the call itself (the default reports it
+    // when a result is read: `device_label_check_reports_errors_when_read`).
+    let gpu = handle(&stream, |o| o.label_check = LabelCheck::Host);
     let shape = Shape::new(4, 8, 10);
     let x = stream.clone_htod(&[0.5f32; 32]).unwrap();
     let w = stream.clone_htod(&[0.25f32; 80]).unwrap();

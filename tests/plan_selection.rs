@@ -90,12 +90,9 @@ fn well_formed(p: &LaunchPlan, given: &[Buf], what: &str) {
         p.buffers.len(),
         "{what}: a buffer allocated twice"
     );
-    let mut written: HashSet<Buf> = p
-        .buffers
-        .iter()
-        .filter(|b| b.init == Init::Zeroed)
-        .map(|b| b.buf)
-        .collect();
+    // Every allocated buffer is uninitialized: written by a launch before any launch reads it.
+    assert!(p.buffers.iter().all(|b| b.init == Init::Uninit), "{what}");
+    let mut written: HashSet<Buf> = HashSet::new();
     for st in &p.steps {
         let (reads, writes): (Vec<Buf>, Vec<Buf>) = match st {
             Step::Kernel(l) => {
@@ -646,4 +643,66 @@ fn default_choices_are_the_default_options() {
             o.kernel_override.wgmma
         )
     );
+}
+
+/// The workspace arena (src/cuda/exec.rs): the fused plans pool every f32 workspace at disjoint,
+/// 256-byte aligned offsets and never an output; the naive plan (B x C workspaces) pools nothing;
+/// a later call of the same shape fits the arena the first one sized.
+#[test]
+fn fused_workspaces_share_one_arena_and_outputs_stay_apart() {
+    let dev = DeviceFacts::H100;
+    for dtype in DTYPES {
+        for (b, d, c) in [(37, 72, 301), (512, 512, 100_000)] {
+            let shape = Shape::new(b, d, c);
+            for plan_kind in [Plan::Fused, Plan::Naive] {
+                let ch = Choices {
+                    plan: plan_kind,
+                    ..Choices::default()
+                };
+                let f = fwd(&dev, &ch, dtype, shape, true);
+                let g = bwd(&dev, &ch, dtype, shape, true, f.tensor_cores);
+                let what = format!("{plan_kind:?} {dtype:?} {shape:?}");
+                assert_eq!(f.pooled, plan_kind == Plan::Fused, "{what}");
+                assert_eq!(g.pooled, plan_kind == Plan::Fused, "{what}");
+                let mut need = 0;
+                for (p, keep) in [
+                    (&f, &plan::FORWARD_OUTPUTS[..]),
+                    (&g, &plan::BACKWARD_OUTPUTS[..]),
+                ] {
+                    let (len, offs) = p.arena_layout(keep);
+                    need = need.max(len);
+                    if !p.pooled {
+                        assert_eq!((len, offs.len()), (0, 0), "{what}");
+                        continue;
+                    }
+                    let mut regions: Vec<(usize, usize)> = Vec::new();
+                    for &(buf, off) in &offs {
+                        assert!(!keep.contains(&buf), "{what}: output {buf:?} pooled");
+                        assert_eq!(off % plan::ARENA_ALIGN, 0, "{what}: {buf:?} at {off}");
+                        let spec = p.spec_of(buf).unwrap();
+                        assert_eq!(spec.elem, plan::Elem::F32, "{what}: {buf:?}");
+                        regions.push((off, off + spec.len.max(1)));
+                    }
+                    regions.sort();
+                    for w in regions.windows(2) {
+                        assert!(w[0].1 <= w[1].0, "{what}: overlapping {w:?}");
+                    }
+                    assert!(regions.last().is_none_or(|r| r.1 <= len), "{what}");
+                    // Every workspace of the plan is pooled (the fused plans have f32 ones only).
+                    let workspaces = p
+                        .buffers
+                        .iter()
+                        .filter(|s| !keep.contains(&s.buf))
+                        .count();
+                    assert_eq!(offs.len(), workspaces, "{what}");
+                    // The arena is the plan's stated workspace, rounded up per buffer.
+                    assert!(len * 4 >= p.workspace_bytes, "{what}");
+                    assert!(len * 4 <= p.workspace_bytes + 256 * offs.len(), "{what}");
+                }
+                // The same shape again needs no more.
+                let f2 = fwd(&dev, &ch, dtype, shape, true);
+                assert!(f2.arena_layout(&plan::FORWARD_OUTPUTS).0 <= need, "{what}");
+            }
+        }
+    }
 }

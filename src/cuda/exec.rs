@@ -1,6 +1,13 @@
 //! The cudarc executor of a [`LaunchPlan`]: allocates the plan's buffers, binds the caller's,
 //! launches every step in order on the handle's stream, frees each workspace after its last use
 //! and hands back the buffers the caller keeps. It decides nothing: what runs is the plan's.
+//!
+//! Workspaces of a pooled plan ([`LaunchPlan::pooled`]: the fused ones) are carved from the
+//! handle's arena, one f32 device buffer kept between calls and grown to the largest plan seen, so
+//! a step allocates only its outputs after the first call of a shape. The arena's lock is held
+//! while the plan is enqueued: two threads sharing a handle enqueue whole plans one after the
+//! other on the one stream, and stream order keeps one plan's workspace writes after the previous
+//! plan's reads.
 
 use super::args::{self, ArgBytes, Value};
 use super::plan::{Arg, Buf, Elem, GemmOp, Init, Launch, LaunchPlan, Step};
@@ -29,6 +36,10 @@ pub(crate) enum Owned<O> {
     F32(CudaSlice<f32>),
     I64(CudaSlice<i64>),
     Grad(CudaSlice<O>),
+    /// f32 elements `off..off + len` of the handle's arena.
+    Arena {
+        off: usize,
+    },
 }
 
 /// The buffers a plan allocated that the caller asked to keep.
@@ -82,24 +93,38 @@ pub(crate) fn execute<T: CudaElement, O: CudaElement>(
     bound: &Bound<'_, T>,
     keep: &[Buf],
 ) -> Result<Kept<O>> {
+    let (arena_len, arena_offs) = plan.arena_layout(keep);
+    // Held until the plan is enqueued (see the module's documentation).
+    let mut arena_slot = h.arena.lock().unwrap_or_else(|p| p.into_inner());
+    if arena_len > 0 && arena_slot.as_ref().is_none_or(|a| a.len() < arena_len) {
+        // The old arena is freed on the stream, after every launch already enqueued that uses it.
+        *arena_slot = None;
+        *arena_slot = Some(h.alloc::<f32>(k, arena_len)?);
+    } else if arena_len > 0 && h.options().poison {
+        if let Some(a) = arena_slot.as_mut() {
+            super::launch::fill_nan(&h.stream, k, a)?;
+        }
+    }
+    let mut arena = if arena_len > 0 {
+        arena_slot.as_mut()
+    } else {
+        None
+    };
     let mut owned: BTreeMap<Buf, Owned<O>> = BTreeMap::new();
     for s in &plan.buffers {
-        let buf = match (s.elem, s.init) {
-            (Elem::F32, Init::Uninit) => Owned::F32(h.alloc::<f32>(k, s.len)?),
-            (Elem::Grad, Init::Uninit) => Owned::Grad(h.alloc::<O>(k, s.len)?),
-            (Elem::I64, _) => Owned::I64(
-                h.stream
-                    .alloc_zeros::<i64>(s.len.max(1))
-                    .map_err(|e| cuda_err(&format!("allocate {:?}", s.buf), e))?,
-            ),
-            (Elem::F32, Init::Zeroed) => Owned::F32(
-                h.stream
-                    .alloc_zeros::<f32>(s.len.max(1))
-                    .map_err(|e| cuda_err(&format!("allocate {:?}", s.buf), e))?,
-            ),
-            (Elem::Grad, Init::Zeroed) => Owned::Grad(
-                h.stream
-                    .alloc_zeros::<O>(s.len.max(1))
+        if let Some(&(_, off)) = arena_offs.iter().find(|(b, _)| *b == s.buf) {
+            owned.insert(s.buf, Owned::Arena { off });
+            continue;
+        }
+        let Init::Uninit = s.init;
+        let buf = match s.elem {
+            Elem::F32 => Owned::F32(h.alloc::<f32>(k, s.len)?),
+            Elem::Grad => Owned::Grad(h.alloc::<O>(k, s.len)?),
+            // The status record, written whole by its kernel; i64 has no NaN to poison with.
+            // SAFETY: uninitialized device memory of a type with no invalid bit patterns, which
+            // fm_label_status writes whole before anything reads it.
+            Elem::I64 => Owned::I64(
+                unsafe { h.stream.alloc::<i64>(s.len.max(1)) }
                     .map_err(|e| cuda_err(&format!("allocate {:?}", s.buf), e))?,
             ),
         };
@@ -113,7 +138,7 @@ pub(crate) fn execute<T: CudaElement, O: CudaElement>(
         .collect();
     for (i, step) in plan.steps.iter().enumerate() {
         match step {
-            Step::Kernel(l) => launch(h, k, l, bound, &mut owned)?,
+            Step::Kernel(l) => launch(h, k, l, bound, &mut owned, arena.as_deref_mut())?,
             Step::Gemm(g) => {
                 let blas = h.blas().ok_or_else(|| Error::Unsupported {
                     detail: "the plan has a cuBLAS step but cuBLAS is not loaded".into(),
@@ -175,6 +200,7 @@ fn launch<T: CudaElement, O: CudaElement>(
     l: &Launch,
     bound: &Bound<'_, T>,
     owned: &mut BTreeMap<Buf, Owned<O>>,
+    arena: Option<&mut CudaSlice<f32>>,
 ) -> Result<()> {
     let stream = &h.stream;
     // The launch's own buffers, taken out of the table so that each can be borrowed mutably.
@@ -191,6 +217,22 @@ fn launch<T: CudaElement, O: CudaElement>(
     let result = (|| {
         let mut addr: BTreeMap<Buf, u64> = BTreeMap::new();
         let mut guards: Vec<SyncOnDrop<'_>> = Vec::new();
+        // The arena once per launch (one guard: a write when any of its workspaces is written).
+        let arena_base = match arena {
+            Some(a) if mine.iter().any(|(_, o)| matches!(o, Owned::Arena { .. })) => {
+                let w = mine
+                    .iter()
+                    .any(|(b, o)| matches!(o, Owned::Arena { .. }) && written(l, *b));
+                let (p, g) = if w {
+                    a.device_ptr_mut(stream)
+                } else {
+                    a.device_ptr(stream)
+                };
+                guards.push(g);
+                Some(p)
+            }
+            _ => None,
+        };
         for (b, o) in mine.iter_mut() {
             let w = written(l, *b);
             let (p, g) = match (o, w) {
@@ -200,6 +242,14 @@ fn launch<T: CudaElement, O: CudaElement>(
                 (Owned::I64(s), false) => s.device_ptr(stream),
                 (Owned::Grad(s), true) => s.device_ptr_mut(stream),
                 (Owned::Grad(s), false) => s.device_ptr(stream),
+                (Owned::Arena { off }, _) => {
+                    let base = arena_base.ok_or_else(|| Error::InvalidArgument {
+                        what: "launch plan",
+                        detail: format!("{} names the arena's {b:?} without an arena", l.entry),
+                    })?;
+                    addr.insert(*b, base + (*off * 4) as u64);
+                    continue;
+                }
             };
             addr.insert(*b, p);
             guards.push(g);

@@ -70,6 +70,9 @@ pub struct FusedMarginLoss {
     self_checks: Mutex<Vec<SelfCheckReport>>,
     /// The choices decided per (dtype, D), so later calls make one lookup, not two plans.
     decided: Mutex<HashMap<(DType, usize), plan::Choices>>,
+    /// The workspace arena of the fused plans (src/cuda/exec.rs): grown to the largest
+    /// forward's or backward's workspace seen, kept until [`Self::release_workspace`] or drop.
+    pub(super) arena: Mutex<Option<CudaSlice<f32>>>,
 }
 
 impl std::fmt::Debug for FusedMarginLoss {
@@ -132,6 +135,7 @@ impl FusedMarginLoss {
             modules: Mutex::new(HashMap::new()),
             self_checks: Mutex::new(Vec::new()),
             decided: Mutex::new(HashMap::new()),
+            arena: Mutex::new(None),
         })
     }
 
@@ -291,6 +295,20 @@ impl FusedMarginLoss {
             dx: host("dx", &g.dx)?,
             dw: host("dw", &g.dw)?,
         })
+    }
+
+    /// Bytes of device memory the handle holds for the fused plans' workspaces between calls:
+    /// the largest `workspace_bytes` of any forward or backward so far (each workspace rounded up
+    /// to 256 bytes), 0 before the first call. A call whose workspaces fit allocates none.
+    pub fn workspace_held_bytes(&self) -> usize {
+        let a = self.arena.lock().unwrap_or_else(|p| p.into_inner());
+        a.as_ref().map_or(0, |s| 4 * s.len())
+    }
+
+    /// Frees the workspace arena (on the stream, after the work already enqueued): for a caller
+    /// done with a large shape that wants the memory back. The next call allocates it again.
+    pub fn release_workspace(&self) {
+        *self.arena.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The options this handle was made with.
@@ -494,16 +512,7 @@ impl FusedMarginLoss {
             saved: Vec::new(),
             prev_status: None,
         };
-        let keep = [
-            Buf::Loss,
-            Buf::RowLoss,
-            Buf::Lse,
-            Buf::XNorm,
-            Buf::WNorm,
-            Buf::Target,
-            Buf::Status,
-        ];
-        let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, &keep)?;
+        let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, &plan::FORWARD_OUTPUTS)?;
         let labels = match host_labels {
             Some((counted, fingerprint)) => LabelState::Host {
                 counted,
@@ -702,8 +711,7 @@ impl FusedMarginLoss {
                 LabelState::Host { .. } => None,
             },
         };
-        let mut kept =
-            exec::execute::<T, O>(self, &k, &lp, &bound, &[Buf::Dx, Buf::Dw, Buf::Status])?;
+        let mut kept = exec::execute::<T, O>(self, &k, &lp, &bound, &plan::BACKWARD_OUTPUTS)?;
         let label_status = match host_labels {
             Some(_) => None,
             None => Some((kept.i64(Buf::Status)?, self.stream.clone(), shape)),

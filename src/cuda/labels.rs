@@ -1,6 +1,6 @@
-//! Where the labels are checked: on the host before any launch ([`LabelCheck::Host`], the
-//! default), or on the device with no synchronization ([`LabelCheck::Device`],
-//! kernels/labels.cu), the error then reported when a result is read.
+//! Where the labels are checked: on the device with no synchronization ([`LabelCheck::Device`],
+//! the default; kernels/labels.cu), the error then reported when a result is read, or on the
+//! host before any launch ([`LabelCheck::Host`]).
 
 use super::cuda_err;
 use crate::error::{Error, Result};
@@ -16,8 +16,8 @@ pub enum LabelCheck {
     /// Copy the B labels to the host and check them before any launch: a bad label is an
     /// [`Error::LabelOutOfRange`] from `forward`/`backward` themselves. The copy synchronizes the
     /// stream once per call, which stalls the host until the GPU has finished earlier work: at
-    /// small C that wait is a large part of the step.
-    #[default]
+    /// small C that wait is a large part of the step. For debugging, or where a call must fail
+    /// by itself on a bad label.
     Host,
     /// Check the labels on the device (one extra small kernel; no copy, no synchronization), so
     /// the host can queue the forward, the backward and the rest of a training step without
@@ -32,6 +32,9 @@ pub enum LabelCheck {
     ///   mismatch every gradient element of a counted row's contributions is NaN.
     ///
     /// Kernels never index memory with an unchecked label, so bad labels are memory-safe.
+    ///
+    /// The default, as PyTorch's device-side asserts are.
+    #[default]
     Device,
 }
 

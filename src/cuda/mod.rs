@@ -36,10 +36,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Validation happens in Rust before any launch. By default that includes the label range: the
-//! B labels are copied to the host for it (one small synchronous copy per call).
-//! [`LabelCheck::Device`] checks them on the device instead, with no synchronization, and reports
-//! a bad label when a result is read ([`GpuForward::check`], [`GpuGradients::check`]).
+//! Validation happens in Rust before any launch: spec, shape, lengths, devices. The label range
+//! is checked on the device by default ([`LabelCheck::Device`]: no synchronization, so a step
+//! queues without waiting for the GPU), and a bad label is reported when a result is read
+//! ([`GpuForward::check`], `loss_host`, [`GpuGradients::check`]); until then the outputs it
+//! touches are NaN. [`LabelCheck::Host`] copies the labels to the host and checks them before any
+//! launch instead (one synchronous copy per call).
+//!
+//! After the first call of a shape a default step allocates only its outputs: the fused plans'
+//! workspaces come from an arena the handle keeps ([`FusedMarginLoss::workspace_held_bytes`]).
 //!
 //! Files: `options.rs` ([`Options`]: what the user chooses), `handle.rs` ([`FusedMarginLoss`]:
 //! device facts, module cache, allocation, validation, forward and backward), `results.rs`

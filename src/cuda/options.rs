@@ -95,9 +95,11 @@ pub struct Options {
     /// the SIMT backward on the user's device before its first use and falls back on
     /// disagreement.
     pub tensor_core_backward: bool,
-    /// Where labels are checked (default [`LabelCheck::Host`]: before any launch, one synchronous
-    /// copy per call). [`LabelCheck::Device`] removes that synchronization; see its documentation
-    /// for how errors are reported then. A backward must use its forward's setting.
+    /// Where labels are checked (default [`LabelCheck::Device`]: by a small kernel, with no
+    /// synchronization; a bad label is reported when a result is read, as its documentation
+    /// says). [`LabelCheck::Host`] checks them before any launch, at the cost of one synchronous
+    /// copy per call: for debugging, or to have `forward` itself fail on a bad label. A backward
+    /// must use its forward's setting.
     pub label_check: LabelCheck,
     /// Whether the naive plan may use cuBLAS for its three matrix products (default true, as
     /// eager frameworks do). Without libcublas, or with `false`, it uses its own plain kernels.
@@ -105,7 +107,8 @@ pub struct Options {
     pub cublas: bool,
     /// Debugging aid (default false): fill every output and workspace with NaN before the
     /// kernels run, so an element a kernel failed to write shows up as NaN instead of a
-    /// plausible stale value. Costs one fill kernel per buffer.
+    /// plausible stale value. Costs one fill kernel per output and one for the workspace arena
+    /// per call.
     pub poison: bool,
     /// The device self-check (default true): the first time this handle would run a fast kernel
     /// path (tensor cores, TF32, the wide or wgmma tiles) for a dtype and D, it runs a small
@@ -121,15 +124,15 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// Fused plan, tensor cores on for f16/bf16 (forward and backward), exact f32, labels checked on the
-    /// host, cuBLAS for the naive plan, no poisoning, the self-check on, no kernel override.
+    /// Fused plan, tensor cores on for f16/bf16 (forward and backward), exact f32, labels checked on
+    /// the device, cuBLAS for the naive plan, no poisoning, the self-check on, no kernel override.
     fn default() -> Self {
         Self {
             plan: Plan::Fused,
             tensor_cores: true,
             f32_precision: F32Precision::Exact,
             tensor_core_backward: true,
-            label_check: LabelCheck::Host,
+            label_check: LabelCheck::Device,
             cublas: true,
             poison: false,
             self_check: true,

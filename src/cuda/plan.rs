@@ -85,7 +85,7 @@ pub struct Choices {
 
 impl Default for Choices {
     /// The handle's defaults ([`super::Options::default`]): fused plan, tensor cores on forward
-    /// and backward, everything opt-in off, host labels.
+    /// and backward, everything opt-in off, labels checked on the device.
     fn default() -> Self {
         Self {
             plan: Plan::Fused,
@@ -94,7 +94,7 @@ impl Default for Choices {
             wide_tiles: false,
             wgmma: false,
             tc_backward: true,
-            label_check: LabelCheck::Host,
+            label_check: LabelCheck::Device,
             tiles_per_split: None,
         }
     }
@@ -189,8 +189,6 @@ pub enum Init {
     /// Uninitialized: every element is written before it is read (poisoned with NaN when the
     /// handle poisons, and always on the emulator).
     Uninit,
-    /// Zero-filled (status records, the device's per-row upstream).
-    Zeroed,
 }
 
 /// One buffer the executor allocates.
@@ -306,9 +304,52 @@ pub struct LaunchPlan {
     pub tensor_cores: bool,
     /// Whether the forward runs on wgmma.
     pub wgmma: bool,
+    /// Whether the executor may take the workspaces (the allocated buffers the caller does not
+    /// keep) from the handle's arena, kept between calls: the fused plans, whose workspaces are
+    /// `O(nsplit (B D + B))` (see `workspace_bytes`). The naive plan's B x C workspaces are
+    /// allocated per call and freed after their last use, so its peak stays what
+    /// `workspace_bytes` states and nothing that size stays resident between calls.
+    pub pooled: bool,
 }
 
+/// The buffers a forward's result keeps (the rest are workspaces).
+pub const FORWARD_OUTPUTS: [Buf; 7] = [
+    Buf::Loss,
+    Buf::RowLoss,
+    Buf::Lse,
+    Buf::XNorm,
+    Buf::WNorm,
+    Buf::Target,
+    Buf::Status,
+];
+
+/// The buffers a backward's result keeps.
+pub const BACKWARD_OUTPUTS: [Buf; 3] = [Buf::Dx, Buf::Dw, Buf::Status];
+
+/// Arena offsets are multiples of 64 f32 (256 bytes): every workspace starts as aligned as a
+/// fresh allocation, more than the 16-byte vector accesses need.
+pub const ARENA_ALIGN: usize = 64;
+
 impl LaunchPlan {
+    /// The arena length (f32 elements) this plan needs for the workspaces it pools, and each
+    /// one's offset in elements, in allocation order. A buffer is pooled when the plan is
+    /// ([`Self::pooled`]), it is f32 and not in `keep` (the buffers the caller keeps:
+    /// [`FORWARD_OUTPUTS`], [`BACKWARD_OUTPUTS`]). The regions are disjoint: workspaces of one
+    /// plan never share memory, whatever their lifetimes.
+    pub fn arena_layout(&self, keep: &[Buf]) -> (usize, Vec<(Buf, usize)>) {
+        let mut total = 0;
+        let mut offs = Vec::new();
+        if self.pooled {
+            for s in &self.buffers {
+                if s.elem == Elem::F32 && !keep.contains(&s.buf) {
+                    offs.push((s.buf, total));
+                    total += s.len.max(1).div_ceil(ARENA_ALIGN) * ARENA_ALIGN;
+                }
+            }
+        }
+        (total, offs)
+    }
+
     /// The kernel launches, in order.
     pub fn launches(&self) -> impl Iterator<Item = &Launch> {
         self.steps.iter().filter_map(|s| match s {
@@ -520,6 +561,8 @@ fn out_entry(base: &str, input: DType, grad: DType) -> String {
 struct Builder {
     steps: Vec<Step>,
     buffers: Vec<BufSpec>,
+    /// [`LaunchPlan::pooled`]: true unless a B x C workspace is allocated.
+    pooled: bool,
 }
 
 impl Builder {
@@ -527,6 +570,7 @@ impl Builder {
         Self {
             steps: Vec::new(),
             buffers: Vec::new(),
+            pooled: true,
         }
     }
     fn alloc(&mut self, buf: Buf, elem: Elem, len: usize) {
@@ -535,14 +579,6 @@ impl Builder {
             elem,
             len,
             init: Init::Uninit,
-        });
-    }
-    fn zeroed(&mut self, buf: Buf, elem: Elem, len: usize) {
-        self.buffers.push(BufSpec {
-            buf,
-            elem,
-            len,
-            init: Init::Zeroed,
         });
     }
     fn launch(&mut self, entry: &str, grid: [u32; 3], block: u32, smem: u32, args: Vec<Arg>) {
@@ -578,6 +614,7 @@ impl Builder {
     }
     fn finish(self, workspace_bytes: usize, tensor_cores: bool, wgmma: bool) -> LaunchPlan {
         LaunchPlan {
+            pooled: self.pooled,
             steps: self.steps,
             buffers: self.buffers,
             workspace_bytes,
@@ -592,7 +629,8 @@ use Arg::{Null, Params, Read, Write, F32, I32, I64};
 /// The label status record of this call (kernels/labels.cu), under [`LabelCheck::Device`]:
 /// `prev` is the forward's record when the backward builds it.
 fn label_status(bd: &mut Builder, shape: Shape, prev: bool) {
-    bd.zeroed(Buf::Status, Elem::I64, STATUS_LEN);
+    // Written whole by the kernel's thread 0 (kernels/labels.cu): no memset.
+    bd.alloc(Buf::Status, Elem::I64, STATUS_LEN);
     let prev = if prev { Read(Buf::PrevStatus) } else { Null };
     bd.launch(
         "fm_label_status",
@@ -871,7 +909,8 @@ pub fn backward(dev: &DeviceFacts, ch: &Choices, pr: &BackwardProblem) -> Result
                 PlanUpstream::Scalar(v) => (Null, v),
             };
             // Poisoned there (NaN) when the labels are bad or not the forward's.
-            bd.zeroed(Buf::GDev, Elem::F32, shape.b.max(1));
+            // Every row < B is written (ignored rows get 0): no memset.
+            bd.alloc(Buf::GDev, Elem::F32, shape.b);
             bd.launch(
                 "fm_upstream_rows",
                 grid_1d(shape.b as u64, 256)?,
@@ -894,10 +933,15 @@ pub fn backward(dev: &DeviceFacts, ch: &Choices, pr: &BackwardProblem) -> Result
             PlanUpstream::Scalar(v) => (Null, v),
         },
     };
-    match ch.plan {
+    let mut lp = match ch.plan {
         Plan::Fused => fused_backward(bd, dev, ch, pr, g_rows, g_scalar),
         Plan::Naive => naive_backward(bd, dev, pr, g_rows, g_scalar),
+    }?;
+    // The device's per-row upstream is workspace too (alive for the whole backward).
+    if ch.label_check == LabelCheck::Device {
+        lp.workspace_bytes += 4 * shape.b;
     }
+    Ok(lp)
 }
 
 fn fused_backward(
@@ -1044,6 +1088,7 @@ fn naive_materialize(
     p: FmParams,
     shape: Shape,
 ) -> Result<usize> {
+    bd.pooled = false;
     let (b, d, c) = (shape.b, shape.d, shape.c);
     rows_grid(b.max(c))?;
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
@@ -1184,6 +1229,7 @@ fn naive_backward(
     g_rows: Arg,
     g_scalar: f32,
 ) -> Result<LaunchPlan> {
+    bd.pooled = false;
     let p = pr.params;
     let shape = pr.shape;
     let (b, d, c) = (shape.b, shape.d, shape.c);

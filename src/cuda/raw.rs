@@ -602,7 +602,13 @@ unsafe fn handle(ordinal: usize, stream: CUstream) -> Result<Arc<FusedMarginLoss
     // SAFETY: the stream belongs to this context (checked) and stays alive while it is used
     // (the caller's contract); the wrapper never destroys it.
     let borrowed = unsafe { ctx.wrap_borrowed_stream(stream) };
-    let h = Arc::new(FusedMarginLoss::new(borrowed)?);
+    // Labels checked on the host: the raw backward returns no result object that could report
+    // a bad label later, so each call reports it itself (and waits for the stream to do so).
+    let options = super::Options {
+        label_check: super::LabelCheck::Host,
+        ..Default::default()
+    };
+    let h = Arc::new(FusedMarginLoss::with_options(borrowed, options)?);
     entry.handles.insert(stream as usize, h.clone());
     Ok(h)
 }

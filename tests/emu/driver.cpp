@@ -58,7 +58,8 @@ struct Reader {
 struct Buffer {
     std::vector<std::uint64_t> words;   // 8-byte aligned storage
     size_t elem = 0, len = 0;
-    void* data() { return words.data(); }
+    unsigned char* view = nullptr;      // a region of another buffer (the handle's arena)
+    void* data() { return view ? static_cast<void*>(view) : static_cast<void*>(words.data()); }
     size_t bytes() const { return elem * len; }
 };
 std::map<std::uint32_t, Buffer> g_bufs;
@@ -247,6 +248,20 @@ int main(int argc, char** argv) {
         b.elem = r.get<std::uint32_t>();
         b.len = (size_t)r.get<std::uint64_t>();
         const auto init = r.get<std::uint8_t>();
+        if (init == 3) {
+            // A view: `len` elements at a byte offset of an earlier buffer, as the executor carves
+            // workspaces from the handle's arena (src/cuda/exec.rs). Map nodes do not move, so the
+            // parent's storage stays where the view points.
+            const auto parent = r.get<std::uint32_t>();
+            const auto off = (size_t)r.get<std::uint64_t>();
+            auto it = g_bufs.find(parent);
+            if (it == g_bufs.end() || it->second.view) fail("a view of an unknown buffer or of a view");
+            if (off % 16 != 0 || off + std::max<size_t>(b.len, 1) * b.elem > it->second.bytes())
+                fail("a view outside its buffer or misaligned");
+            b.view = static_cast<unsigned char*>(it->second.data()) + off;
+            if (!g_bufs.emplace(id, std::move(b)).second) fail("buffer listed twice");
+            continue;
+        }
         // At least one element, as the GPU allocations are.
         b.words.assign((std::max<size_t>(b.len, 1) * b.elem + 7) / 8, 0);
         auto* p = static_cast<unsigned char*>(b.data());
