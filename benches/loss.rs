@@ -1,6 +1,6 @@
 //! Criterion suite (MATH.md's loss on the GPU and CPU). Groups `{loss}_{dtype}_C{classes}` hold
 //! `{variant}/{mode}` for variant in fused, fused_simtbwd (f16/bf16: the SIMT
-//! backward instead of the default tensor-core one), fused_devlabels (f16/bf16: labels checked on the device, no host sync),
+//! backward instead of the default tensor-core one), fused_hostlabels (f16/bf16: labels checked on the host, one sync per call),
 //! fused_wgmma (f16/bf16: the opt-in wgmma forward, sm_90a), fused_tf32 (f32: the opt-in TF32 forward), fused_wide (the 128 x 256 forward
 //! tiles), naive and mode in forward, backward, full; `cublas` holds the
 //! roof GEMMs; `cpu_reference` the CPU path at the smallest shape. Throughput is reported as

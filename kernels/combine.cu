@@ -23,33 +23,5 @@ extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ p
     row_loss[row] = y < 0 ? 0.0f : ((i64)y < C ? l - zy[row] : FM_NAN);
 }
 
-// One block of 1024 threads: loss = sum_i l_i (or its mean over counted rows; 0 when none count).
-// Each thread sums a fixed strided subset in f64, then a fixed tree: the result is bit-identical
-// from run to run. mean != 0 selects the mean.
-extern "C" __global__ void FM_ENTRY(fm_reduce_loss)(const float* __restrict__ row_loss,
-                                                    const int* __restrict__ labels, i64 B, int mean,
-                                                    float* __restrict__ loss) {
-    __shared__ double ssum[1024];
-    __shared__ long long scount[1024];
-    double acc = 0.0;
-    long long cnt = 0;
-    for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
-        acc += (double)row_loss[i];
-        cnt += labels[i] >= 0;
-    }
-    ssum[threadIdx.x] = acc;
-    scount[threadIdx.x] = cnt;
-    __syncthreads();
-    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-        if (threadIdx.x < o) {
-            ssum[threadIdx.x] += ssum[threadIdx.x + o];
-            scount[threadIdx.x] += scount[threadIdx.x + o];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        double total = ssum[0];
-        long long n = scount[0];
-        loss[0] = mean ? (n > 0 ? (float)(total / (double)n) : 0.0f) : (float)total;
-    }
-}
+// fm_reduce_loss is in labels.cu: it also writes the forward's label status (one block over the
+// labels either way).

@@ -3,20 +3,24 @@
 // derivative of the forward: fm_norm_proj), plus dn * vh without feature norm).
 #include "common.cuh"
 
-// norms[r] = |v_r| (raw, before the eps floor). One warp per row, f32 accumulation.
-extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ v, i64 rows, int D,
-                                                  float* __restrict__ norms) {
+// an_out[r] = |a_r| for the na rows of a, then bn_out[r] = |b_r| for the nb rows of b (raw, before
+// the eps floor): x's and w's norms in one launch. One warp per row, f32 accumulation in a fixed
+// order (lane k sums columns k, k + 32, ..., then the warp's butterfly).
+extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ a, i64 na, float* __restrict__ an_out,
+                                                  const T_IN* __restrict__ b, i64 nb, float* __restrict__ bn_out,
+                                                  int D) {
     i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
-    if (row >= rows) return;
-    const T_IN* r = v + row * D;
+    if (row >= na + nb) return;
+    const bool in_a = row < na;
+    const T_IN* r = in_a ? a + row * D : b + (row - na) * D;
     float acc = 0.0f;
     for (int k = lane; k < D; k += 32) {
         float e = fm_to_f32(r[k]);
         acc = fmaf(e, e, acc);
     }
     acc = fm_warp_sum(acc);
-    if (lane == 0) norms[row] = sqrtf(acc);
+    if (lane == 0) (in_a ? an_out[row] : bn_out[row - na]) = sqrtf(acc);
 }
 
 // The margin at the target, once per row, before any tile (docs/MATH.md step 4): with

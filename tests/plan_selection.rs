@@ -427,7 +427,7 @@ fn naive_plan_uses_cublas_when_loaded() {
 }
 
 #[test]
-fn device_label_check_runs_first_and_feeds_the_backward() {
+fn device_label_check_folds_into_the_loss_and_feeds_the_backward() {
     let ch = Choices {
         label_check: LabelCheck::Device,
         tc_backward: true,
@@ -440,11 +440,21 @@ fn device_label_check_runs_first_and_feeds_the_backward() {
         };
         let shape = Shape::new(40, 64, 70);
         let f = fwd(&DeviceFacts::H100, &ch, DType::BF16, shape, true);
-        assert_eq!(f.launches().next().unwrap().entry, "fm_label_status");
-        assert!(
-            f.launches().next().unwrap().args.contains(&Arg::Null),
-            "no previous record"
+        // The forward's status comes from the loss reduction: no launch of its own.
+        assert!(f.launches().all(|l| l.entry != "fm_label_status"));
+        assert_eq!(writer(&f, Buf::Status), "fm_reduce_loss");
+        let host = fwd(
+            &DeviceFacts::H100,
+            &Choices {
+                label_check: LabelCheck::Host,
+                ..ch
+            },
+            DType::BF16,
+            shape,
+            true,
         );
+        assert_eq!(f.launches().count(), host.launches().count());
+        assert!(host.spec_of(Buf::Status).is_none());
         let b = bwd(
             &DeviceFacts::H100,
             &ch,
@@ -454,16 +464,20 @@ fn device_label_check_runs_first_and_feeds_the_backward() {
             f.tensor_cores,
         );
         well_formed(&b, &BWD_GIVEN, &format!("{plan_kind:?}"));
-        let names: Vec<&str> = b.launches().map(|l| l.entry.as_str()).take(2).collect();
-        assert_eq!(names, ["fm_label_status", "fm_upstream_rows"]);
-        assert!(b
-            .launches()
-            .next()
-            .unwrap()
-            .args
-            .contains(&Arg::Read(Buf::PrevStatus)));
+        // One launch: the backward's status, compared with the forward's, and the upstream.
+        let first = b.launches().next().unwrap();
+        assert_eq!(first.entry, "fm_label_status");
+        assert!(first.args.contains(&Arg::Read(Buf::PrevStatus)));
+        assert!(first.args.contains(&Arg::Write(Buf::Status)));
+        assert!(first.args.contains(&Arg::Write(Buf::GDev)));
+        assert_eq!(
+            b.launches()
+                .filter(|l| l.entry == "fm_label_status")
+                .count(),
+            1
+        );
         // Every gradient kernel takes the device's per-row upstream, with a zero scalar.
-        for l in b.launches().skip(2) {
+        for l in b.launches().skip(1) {
             if l.args.contains(&Arg::Read(Buf::GDev)) {
                 assert!(l.args.contains(&Arg::F32(0.0)), "{}", l.entry);
             }
@@ -689,11 +703,7 @@ fn fused_workspaces_share_one_arena_and_outputs_stay_apart() {
                     }
                     assert!(regions.last().is_none_or(|r| r.1 <= len), "{what}");
                     // Every workspace of the plan is pooled (the fused plans have f32 ones only).
-                    let workspaces = p
-                        .buffers
-                        .iter()
-                        .filter(|s| !keep.contains(&s.buf))
-                        .count();
+                    let workspaces = p.buffers.iter().filter(|s| !keep.contains(&s.buf)).count();
                     assert_eq!(offs.len(), workspaces, "{what}");
                     // The arena is the plan's stated workspace, rounded up per buffer.
                     assert!(len * 4 >= p.workspace_bytes, "{what}");

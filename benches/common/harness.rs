@@ -235,8 +235,8 @@ pub fn handle_with(
 
 /// The measured configurations for input dtype `dt`, by label: "fused" (the default handle:
 /// tensor cores forward and backward for f16/bf16), "fused_simtbwd" (the SIMT backward
-/// instead; f16/bf16 only), "fused_devlabels" (the default with
-/// `LabelCheck::Device`: no synchronous label copy per call; f16/bf16 only), "fused_wgmma" (the
+/// instead; f16/bf16 only), "fused_hostlabels" (the default with
+/// `LabelCheck::Host`: one synchronous label copy per call, as before the device check was the default; f16/bf16 only), "fused_wgmma" (the
 /// opt-in wgmma forward on sm_90a; f16/bf16 only), "fused_tf32" (f32 through the opt-in TF32 forward),
 /// "fused_wide" (the 128 x 256 forward tiles; TF32 for f32), "naive" (the eager baseline), and with `simt` "simt" (the fused plan with tensor cores off;
 /// f16/bf16 only).
@@ -251,8 +251,8 @@ pub fn variants(
     if half {
         v.push(("fused_simtbwd", fused(|o| o.tensor_core_backward = false)));
         v.push((
-            "fused_devlabels",
-            fused(|o| o.label_check = LabelCheck::Device),
+            "fused_hostlabels",
+            fused(|o| o.label_check = LabelCheck::Host),
         ));
         // Benchmark-only kernel candidates go through the hidden override.
         v.push(("fused_wgmma", fused(|o| o.kernel_override.wgmma = true)));

@@ -24,7 +24,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 22] = [
+pub const ENTRY_POINTS: [&str; 21] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -33,7 +33,6 @@ pub const ENTRY_POINTS: [&str; 22] = [
     "fm_combine_rows",
     "fm_reduce_loss",
     "fm_label_status",
-    "fm_upstream_rows",
     "fm_grad_x_partial",
     "fm_x_finish",
     "fm_x_finish_f32out",

@@ -626,36 +626,26 @@ impl Builder {
 
 use Arg::{Null, Params, Read, Write, F32, I32, I64};
 
-/// The label status record of this call (kernels/labels.cu), under [`LabelCheck::Device`]:
-/// `prev` is the forward's record when the backward builds it.
-fn label_status(bd: &mut Builder, shape: Shape, prev: bool) {
-    // Written whole by the kernel's thread 0 (kernels/labels.cu): no memset.
-    bd.alloc(Buf::Status, Elem::I64, STATUS_LEN);
-    let prev = if prev { Read(Buf::PrevStatus) } else { Null };
-    bd.launch(
-        "fm_label_status",
-        [1, 1, 1],
-        1024,
-        0,
-        vec![
-            Read(Buf::Labels),
-            I64(shape.b as i64),
-            I64(shape.c as i64),
-            prev,
-            Write(Buf::Status),
-        ],
-    );
-}
-
-/// Row norms of a `rows x d` matrix: one warp per row.
-fn row_norms(bd: &mut Builder, v: Buf, out: Buf, rows: usize, d: i32) -> Result<()> {
-    bd.alloc(out, Elem::F32, rows);
+/// Row norms of x (B rows) and w (C rows) in one launch: one warp per row, x's rows first.
+fn row_norms(bd: &mut Builder, shape: Shape) -> Result<()> {
+    let (b, c) = (shape.b, shape.c);
+    let d = i32_of(shape.d, "D")?;
+    bd.alloc(Buf::XNorm, Elem::F32, b);
+    bd.alloc(Buf::WNorm, Elem::F32, c);
     bd.launch(
         "fm_row_norms",
-        grid_1d(rows as u64 * 32, THREADS)?,
+        grid_1d((b as u64 + c as u64) * 32, THREADS)?,
         THREADS,
         0,
-        vec![Read(v), I64(rows as i64), I32(d), Write(out)],
+        vec![
+            Read(Buf::X),
+            I64(b as i64),
+            Write(Buf::XNorm),
+            Read(Buf::W),
+            I64(c as i64),
+            Write(Buf::WNorm),
+            I32(d),
+        ],
     );
     Ok(())
 }
@@ -688,9 +678,19 @@ fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape) -> Result<()> {
     Ok(())
 }
 
-/// The reduction of per-row losses into the loss (one block, fixed order).
-fn reduce_loss(bd: &mut Builder, b: usize, mean: bool) {
+/// The reduction of per-row losses into the loss (one block, fixed order). Under
+/// [`LabelCheck::Device`] the same launch writes the forward's label status record
+/// (kernels/labels.cu; written whole by the kernel, so no memset): one launch, not two, for
+/// what is one pass over the B labels either way.
+fn reduce_loss(bd: &mut Builder, shape: Shape, mean: bool, label_check: LabelCheck) {
     bd.alloc(Buf::Loss, Elem::F32, 1);
+    let status = match label_check {
+        LabelCheck::Device => {
+            bd.alloc(Buf::Status, Elem::I64, STATUS_LEN);
+            Write(Buf::Status)
+        }
+        LabelCheck::Host => Null,
+    };
     bd.launch(
         "fm_reduce_loss",
         [1, 1, 1],
@@ -699,9 +699,11 @@ fn reduce_loss(bd: &mut Builder, b: usize, mean: bool) {
         vec![
             Read(Buf::RowLoss),
             Read(Buf::Labels),
-            I64(b as i64),
+            I64(shape.b as i64),
+            I64(shape.c as i64),
             I32(mean as i32),
             Write(Buf::Loss),
+            status,
         ],
     );
 }
@@ -718,14 +720,11 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
     check_dtype(pr.dtype)?;
     let shape = pr.shape;
     let mut bd = Builder::new();
-    if ch.label_check == LabelCheck::Device {
-        label_status(&mut bd, shape, false);
-    }
     match ch.plan {
         Plan::Fused => fused_forward(bd, dev, ch, pr),
         Plan::Naive => {
             let bytes = naive_materialize(&mut bd, dev, pr.params, shape)?;
-            reduce_loss(&mut bd, shape.b, pr.mean);
+            reduce_loss(&mut bd, shape, pr.mean, ch.label_check);
             Ok(bd.finish(bytes, false, false))
         }
     }
@@ -750,8 +749,7 @@ fn fused_forward(
 ) -> Result<LaunchPlan> {
     let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
     let di = i32_of(d, "D")?;
-    row_norms(&mut bd, Buf::X, Buf::XNorm, b, di)?;
-    row_norms(&mut bd, Buf::W, Buf::WNorm, c, di)?;
+    row_norms(&mut bd, pr.shape)?;
     target_rows(&mut bd, pr.params, pr.shape)?;
 
     // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are legal;
@@ -828,7 +826,7 @@ fn fused_forward(
             Write(Buf::RowLoss),
         ],
     );
-    reduce_loss(&mut bd, b, pr.mean);
+    reduce_loss(&mut bd, pr.shape, pr.mean, ch.label_check);
     Ok(bd.finish(workspace_bytes, tensor_cores, wgmma))
 }
 
@@ -903,23 +901,26 @@ pub fn backward(dev: &DeviceFacts, ch: &Choices, pr: &BackwardProblem) -> Result
     // (per-row buffer or null, scalar) as the gradient kernels take them.
     let (g_rows, g_scalar) = match ch.label_check {
         LabelCheck::Device => {
-            label_status(&mut bd, shape, true);
             let (g_in, g) = match pr.upstream {
                 PlanUpstream::PerRow => (Read(Buf::GRows), 0.0),
                 PlanUpstream::Scalar(v) => (Null, v),
             };
-            // Poisoned there (NaN) when the labels are bad or not the forward's.
-            // Every row < B is written (ignored rows get 0): no memset.
+            // One block: this call's label status (compared with the forward's record), then every
+            // row's upstream from it, poisoned (NaN) when the labels are bad or not the
+            // forward's. Both written whole: no memset.
+            bd.alloc(Buf::Status, Elem::I64, STATUS_LEN);
             bd.alloc(Buf::GDev, Elem::F32, shape.b);
             bd.launch(
-                "fm_upstream_rows",
-                grid_1d(shape.b as u64, 256)?,
-                256,
+                "fm_label_status",
+                [1, 1, 1],
+                1024,
                 0,
                 vec![
                     Read(Buf::Labels),
                     I64(shape.b as i64),
-                    Read(Buf::Status),
+                    I64(shape.c as i64),
+                    Read(Buf::PrevStatus),
+                    Write(Buf::Status),
                     g_in,
                     F32(g),
                     I32(pr.mean as i32),
@@ -1092,8 +1093,7 @@ fn naive_materialize(
     let (b, d, c) = (shape.b, shape.d, shape.c);
     rows_grid(b.max(c))?;
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
-    row_norms(bd, Buf::X, Buf::XNorm, b, di)?;
-    row_norms(bd, Buf::W, Buf::WNorm, c, di)?;
+    row_norms(bd, shape)?;
     for (v, norms, out, rows, on) in [
         (Buf::X, Buf::XNorm, Buf::Xh, b, 1),
         (Buf::W, Buf::WNorm, Buf::Wh, c, p.normalize_weights),

@@ -201,7 +201,6 @@ const std::map<std::string, Binder>& table() {
         FM_K("fm_x_finish", FM_ENTRY(fm_x_finish)),
         FM_K("fm_grad_w", FM_ENTRY(fm_grad_w)),
         FM_K("fm_label_status", FM_ENTRY(fm_label_status)),
-        FM_K("fm_upstream_rows", FM_ENTRY(fm_upstream_rows)),
         FM_K("naive_normalize", FM_ENTRY(naive_normalize)),
         FM_K("naive_cosine", FM_ENTRY(naive_cosine)),
         FM_K("naive_logits", FM_ENTRY(naive_logits)),
