@@ -45,7 +45,8 @@
 // The gradient kernels (grad.cu, grad_tc.cu). The dx kernels write dxh_part, proj_part and
 // dn_part and take dw null; the dw kernels write dw (T_OUT: the input dtype or float) and take
 // the three partials null; scale (the tensor-core dw kernels' K) is null elsewhere. g_rows null
-// means every row's upstream is g_scalar.
+// means every row's upstream is g_scalar. stages: the tensor-core kernels' partner buffers (1 or
+// 2, sized by the host into the dynamic shared memory; 0 for the SIMT kernels, which ignore it).
 #define FM_GRAD_ARGS(F)         \
     F(const T_IN*, x)           \
     F(const T_IN*, w)           \
@@ -66,7 +67,8 @@
     F(float, g_scalar)          \
     F(int, D)                   \
     F(int, tiles_per_split)     \
-    F(int, nsplit)
+    F(int, nsplit)              \
+    F(int, stages)
 
 #define FM_ARGS_FIELD(type, name) type name;
 struct FmTileArgs {

@@ -28,20 +28,21 @@
 #define FM_G_WG_SMEM 164864
 
 // Tensor-core backward (grad_tc.cu): partner rows per tile; FmGt<64> (D <= 256) and FmGt<32>
-// (D up to 512 per block): own rows, D columns per block, sizeof(Smem).
+// (D up to 512 per block): own rows, D columns per block, sizeof(FmGt<OWN>::Smem), the fixed part
+// of the dynamic shared memory (the resident tiles' 2 ld (OWN + stages PN) bytes follow).
 #define FM_G_GT_PN 64
 #define FM_G_GT64_OWN 64
 #define FM_G_GT64_DCH 256
-#define FM_G_GT64_SMEM 45312
+#define FM_G_GT64_FIXED_SMEM 11520
 #define FM_G_GT32_OWN 32
 #define FM_G_GT32_DCH 512
-#define FM_G_GT32_SMEM 72448
+#define FM_G_GT32_FIXED_SMEM 5888
 
 // Bytes of the family argument structs (args.cuh), as src/cuda/args.rs packs them: FmTileArgs
 // (9 pointers, FmParams, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs (13 pointers,
-// FmParams, 2 i64, 1 float, 3 int).
+// FmParams, 2 i64, 1 float, 4 int, 4 bytes of tail padding).
 #define FM_G_TILE_ARGS_BYTES 152
-#define FM_G_GRAD_ARGS_BYTES 184
+#define FM_G_GRAD_ARGS_BYTES 192
 
 // The label status record's length (labels.cu).
 #define FM_G_STATUS_LEN 6

@@ -4,23 +4,29 @@
 // Both kernels share one main loop. A block owns OWN "own" rows and DCH columns of D of the
 // output; it walks "partner" tiles of GT_PN rows. For dx the own rows are x's rows and the
 // partners are classes (a class split of them); for dw the own rows are classes and the partners
-// are all of x's rows. Per partner tile:
-//   1. S = own . partner^T, the raw dot products (m16n8k16 mma.sync, ldmatrix fragments, a
-//      3-stage cp.async pipeline over 32-wide steps of D), as in logits_tc.cu;
+// are all of x's rows. The own rows stay in shared memory for the whole loop, all D columns, and
+// each partner tile arrives whole (all D columns) by cp.async into one of `stages` buffers: with
+// two, the next tile is in flight while this one's S, epilogue and product run, so no step waits
+// on a global load. Per partner tile:
+//   1. S = own . partner^T, the raw dot products (m16n8k16 mma.sync, ldmatrix fragments from the
+//      resident tiles);
 //   2. the epilogue recomputes the logit and softmax from the saved lse and forms the unit
 //      gradient e_ij = (softmax - onehot) dtarget/dc, accumulating proj = sum dc c (and dn for x)
 //      in f32; e goes to shared memory in T_IN, except the target entries (below);
-//   3. the partners' D chunk is scaled into shared memory (wh_j for dx; xh_i r_i g_i / K for dw,
-//      K a power of two >= max |r_i g_i| from fm_grad_scale, so the 16-bit operand stays <= 1);
-//   4. out += e . chunk on tensor cores (ldmatrix.trans for the [partner][d] chunk).
+//   3. out += e' . partner on tensor cores, the partner tile itself the B operand
+//      (ldmatrix.trans of the [partner][d] tile), where each partner row carries a factor (wh_j =
+//      w_j / |w_j| for dx; xh_i r_i g_i / K for dw, K a power of two >= max |r_i g_i| from
+//      fm_grad_scale): bf16 multiplies e by it before rounding (e' = e f, f32's range), f16
+//      scales the tile in place after S (e' = e; f16 cannot hold e / |w_j|).
 // The target entry e_iy (one per row of x) stays out of the 16-bit product: its dtarget/dc reaches
 // m1 sin(m1 theta + m2) / sin(theta), ~1000 at the angle clamp (Raw, or Monotonic with m2 > 0),
 // and the normalization backward then cancels most of e_iy wh_y against xh_i proj_i, which is
 // formed in f32 from unrounded e and c: rounding e_iy and wh_y (or xh_i) to 16 bits left errors of
 // ~0.6 (bf16) there. So e_iy wh_y (dx row i) and e_iy xh_i r_i g_i (dw row y) are added in f32
-// by the thread that owns that output element, in a fixed order (O(B D) in all): off the target
-// every e_ij is a probability in [0, 1], which the 16-bit operand holds to its precision.
-// In f16 the dw kernel also scales each class row's e by a running power of two (fm_grad_w_tc).
+// by the thread that owns that output element, in a fixed order (O(B D) in all), from the tile as
+// given: off the target every e_ij is a probability in [0, 1], which the 16-bit operand holds to
+// its precision. In f16 the dw kernel also scales each class row's e by a running power of two
+// (fm_grad_w_tc).
 // dx partials are multiplied by r_i g_i and reduced over splits by fm_x_finish (normalize.cu);
 // dw is multiplied by K and finished here with the normalization backward.
 //
@@ -33,20 +39,28 @@
 //
 // Block: 256 threads = 8 warps. S: warps 2 (own) x 4 (partner), OWN/2 x 16 each. Product: warps
 // OWN/32 (own) x 256/OWN (d), 32 x 64 each: 64 f32 accumulators per thread in both shapes.
-// Shared memory, dynamic: the S pipeline and the chunk share one union (the pipeline is drained
-// before the chunk is written).
+// Shared memory, dynamic: FmGt<OWN>::Smem, then the own rows and `stages` partner tiles, each row
+// fm_gt_ld(D) elements: 2 ld (OWN + stages GT_PN) bytes beyond the fixed part, 172 KB for FmGt<32>
+// at D = 512 with two stages. The host picks 2 stages where the device allows that much, 1 where
+// only that fits, and the SIMT kernels beyond (src/cuda/plan.rs: `tc_backward_smem`).
 // Requires D % 8 == 0 and 16-byte aligned x and w, like the tensor-core forward.
 #include "tile.cuh"
 
 #if FM_DTYPE != FM_F32
 
 #define GT_PN FM_G_GT_PN
-#define GT_BK 32
-#define GT_STAGES 3
-#define GT_LD (GT_BK + 8)     // 80-byte rows: ldmatrix's 8 rows hit 8 distinct 16-byte bank groups
 #define GT_ELD (GT_PN + 8)    // 144-byte rows
 
 struct __align__(16) FmU4 { unsigned v[4]; };
+
+// Mutation hooks: under the emulator FM_EMU_FAULT may name one wait or barrier of the main loop
+// to leave out (tests/emulated_kernels.rs:
+// `a_missing_wait_or_barrier_in_the_tensor_core_backward_is_caught`); compiled away elsewhere.
+#ifdef FM_EMU
+#define FM_GT_KEEP(name) (!fm_emu::fault_is(name))
+#else
+#define FM_GT_KEEP(name) true
+#endif
 
 template <int OWN>
 struct FmGt {
@@ -54,15 +68,6 @@ struct FmGt {
     static constexpr int MI = OWN / 32;          // S: m16 tiles per warp along own
     static constexpr int PW_D = 256 / OWN;       // product warps along d (OWN / 32 along own)
     static constexpr int DCH = 64 * PW_D;        // columns of D per block
-    static constexpr int CLD = DCH + 8;          // chunk rows of 528 / 1040 bytes (16 mod 128)
-    struct Pipe {
-        unsigned short own[GT_STAGES][OWN][GT_LD];
-        unsigned short par[GT_STAGES][GT_PN][GT_LD];
-    };
-    union Buf {
-        Pipe pipe;
-        unsigned short chunk[GT_PN][CLD];
-    };
     // The dw kernel's per-tile view of `red` during its loop: the partial row maxima of |e| (f16
     // scaling), each partner's target entry e_iy and the bit mask of the partners whose target is
     // one of the block's classes.
@@ -76,20 +81,28 @@ struct FmGt {
                                 // holds own row's target entry e_iy
         Tgt tgt;
     };
+    // The fixed part of the dynamic shared memory. The resident tiles follow it (fm_gt_tiles):
+    // own[OWN][ld], then `stages` partner tiles par[GT_PN][ld], ld = fm_gt_ld(D).
     struct Smem {
-        Buf u;
         unsigned short es[OWN][GT_ELD];   // e tile, [own][partner]
-        float pscale[GT_PN];              // per-partner factor of the chunk
+        float pscale[GT_PN];              // per-partner factor of the product
         Red r;
     };
     static_assert(sizeof(Tgt) <= sizeof(float[2][4][OWN]), "Tgt fits in red: Smem keeps its size");
+    static_assert(sizeof(Smem) % 16 == 0, "the tiles after Smem stay 16-byte aligned");
 };
-// Dynamic shared memory of the kernels; the host passes the same numbers (geometry.cuh; src/cuda/plan.rs:
-// TC_BACKWARD and TC_BACKWARD_D512).
-static_assert(sizeof(FmGt<FM_G_GT64_OWN>::Smem) == FM_G_GT64_SMEM, "geometry.cuh: FM_G_GT64_SMEM");
-static_assert(sizeof(FmGt<FM_G_GT32_OWN>::Smem) == FM_G_GT32_SMEM, "geometry.cuh: FM_G_GT32_SMEM");
+// The fixed part's size; the host adds the tiles' 2 ld (OWN + stages GT_PN) bytes (geometry.cuh;
+// src/cuda/plan.rs: `tc_backward_smem`).
+static_assert(sizeof(FmGt<FM_G_GT64_OWN>::Smem) == FM_G_GT64_FIXED_SMEM, "geometry.cuh: FM_G_GT64_FIXED_SMEM");
+static_assert(sizeof(FmGt<FM_G_GT32_OWN>::Smem) == FM_G_GT32_FIXED_SMEM, "geometry.cuh: FM_G_GT32_FIXED_SMEM");
 static_assert(FmGt<FM_G_GT64_OWN>::DCH == FM_G_GT64_DCH && FmGt<FM_G_GT32_OWN>::DCH == FM_G_GT32_DCH,
               "geometry.cuh: FM_G_GT*_DCH");
+
+// The resident tiles' row stride in elements: D rounded up to 32 (the S loop's steps of 16 read up
+// to there; columns D.. are zero-filled), plus 8, so that rows lie 16 or 80 bytes apart mod 128
+// and ldmatrix's 8 row addresses hit 8 distinct 16-byte bank groups.
+__device__ __forceinline__ int fm_gt_dp(int D) { return (D + 31) / 32 * 32; }
+__device__ __forceinline__ int fm_gt_ld(int D) { return fm_gt_dp(D) + 8; }
 
 // K = the smallest power of two >= max_i |r_i g_i| over counted rows (1 when none is nonzero);
 // written to scale[0]. One block; fixed order (max is order-free anyway).
@@ -119,28 +132,32 @@ extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ label
     }
 }
 
-// One pipeline step: own rows own0.. and partner rows par0.. of columns k0..k0+32 into `stage`
-// (OWN * 4 + 256 16-byte chunks: one partner chunk per thread, one own chunk per thread < OWN * 4;
-// zero-filled outside the matrices).
-template <int OWN>
-__device__ __forceinline__ void fm_gt_load(typename FmGt<OWN>::Pipe& sm, int stage, const T_IN* own_m, i64 own0,
-                                           i64 n_own, const T_IN* par_m, i64 par0, i64 n_par, int k0, int D) {
-    const int tid = threadIdx.x, r = tid >> 2, ch = tid & 3, kc = k0 + ch * 8;
-    bool ok;
-    if (r < OWN) {
-        ok = own0 + r < n_own && kc < D;   // D % 8 == 0: a chunk is wholly inside or outside
-        fm_cp_async16(&sm.own[stage][r][ch * 8], ok ? (const void*)(own_m + (own0 + r) * D + kc) : (const void*)own_m,
-                      ok);
+// ROWS rows of a row-major matrix (D columns) starting at `src`, whole, into dst[ROWS][ld] by
+// cp.async (the caller commits). Rows >= n_rows, a row whose `live` is false (the calling thread's
+// row: fm_gt_load_row<ROWS>()) and columns D..dp are zero-filled without reading. Each row is
+// copied by 256 / ROWS threads, consecutive threads on consecutive 16-byte chunks (64 or 128
+// contiguous bytes per row and instruction). Offsets within the tile are 32-bit.
+template <int ROWS>
+__device__ __forceinline__ int fm_gt_load_row() { return (int)threadIdx.x / (256 / ROWS); }
+
+template <int ROWS>
+__device__ __forceinline__ void fm_gt_load_rows(unsigned short* dst, int ld, int dp, const T_IN* src, int n_rows,
+                                                int D, bool live) {
+    constexpr int TPR = 256 / ROWS;
+    const int r = fm_gt_load_row<ROWS>(), c0 = ((int)threadIdx.x % TPR) * 8;
+    const bool row_ok = r < n_rows && live;
+    const T_IN* s = src + (row_ok ? r * D : 0);
+    unsigned short* d = dst + r * ld;
+    for (int c = c0; c < dp; c += TPR * 8) {
+        const bool ok = row_ok && c < D;   // D % 8 == 0: a chunk is wholly inside or outside
+        fm_cp_async16(d + c, ok ? (const void*)(s + c) : (const void*)src, ok);
     }
-    ok = par0 + r < n_par && kc < D;
-    fm_cp_async16(&sm.par[stage][r][ch * 8], ok ? (const void*)(par_m + (par0 + r) * D + kc) : (const void*)par_m, ok);
 }
 
-// S = own . partner^T for one partner tile, into s[mi][ni][4] (warp tile OWN/2 own x 16 partner).
-// Leaves the pipeline drained and the block synchronized (the union may be reused).
+// S = own . partner^T for one partner tile, from the resident tiles, into s[mi][ni][4] (warp tile
+// OWN/2 own x 16 partner; m16n8k16 mma.sync over dp columns, ldmatrix fragments).
 template <int OWN>
-__device__ __forceinline__ void fm_gt_dots(typename FmGt<OWN>::Smem& sm, const T_IN* own_m, i64 own0, i64 n_own,
-                                           const T_IN* par_m, i64 par0, i64 n_par, int D,
+__device__ __forceinline__ void fm_gt_dots(const unsigned short* own, const unsigned short* par, int ld, int dp,
                                            float s[FmGt<OWN>::MI][2][4]) {
     constexpr int MI = FmGt<OWN>::MI;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -151,37 +168,21 @@ __device__ __forceinline__ void fm_gt_dots(typename FmGt<OWN>::Smem& sm, const T
         for (int ni = 0; ni < 2; ++ni)
 #pragma unroll
             for (int v = 0; v < 4; ++v) s[mi][ni][v] = 0.0f;
-    const int ksteps = (D + GT_BK - 1) / GT_BK;
+    const unsigned short* a_at = own + (wm + (lane & 15)) * ld + (lane >> 4) * 8;
+    // Partner rows are [n][k]: lanes 0-7 n 0-7 k 0-7, 8-15 n 0-7 k 8-15, 16-23 n 8-15 k 0-7, ...
+    const unsigned short* b_at = par + (wn + (lane & 7) + 8 * (lane >> 4)) * ld + 8 * ((lane >> 3) & 1);
+#pragma unroll 2
+    for (int k = 0; k < dp; k += 16) {
+        unsigned a[MI][4], b[2][2], q[4];
 #pragma unroll
-    for (int st = 0; st < GT_STAGES - 1; ++st) {
-        if (st < ksteps) fm_gt_load<OWN>(sm.u.pipe, st, own_m, own0, n_own, par_m, par0, n_par, st * GT_BK, D);
-        fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
+        for (int mi = 0; mi < MI; ++mi) fm_ldmatrix_x4(a[mi], a_at + mi * 16 * ld + k);
+        fm_ldmatrix_x4(q, b_at + k);
+        b[0][0] = q[0]; b[0][1] = q[1]; b[1][0] = q[2]; b[1][1] = q[3];
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(s[mi][ni], a[mi], b[ni]);
     }
-    for (int kt = 0; kt < ksteps; ++kt) {
-        fm_cp_async_wait<GT_STAGES - 2>();
-        __syncthreads();   // stage kt is visible to all; everyone is done reading stage kt-1
-        int nxt = kt + GT_STAGES - 1;
-        if (nxt < ksteps)
-            fm_gt_load<OWN>(sm.u.pipe, nxt % GT_STAGES, own_m, own0, n_own, par_m, par0, n_par, nxt * GT_BK, D);
-        fm_cp_async_commit();
-        const int st = kt % GT_STAGES;
-#pragma unroll
-        for (int kk = 0; kk < GT_BK; kk += 16) {
-            unsigned a[MI][4], b[2][2], q[4];
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-                fm_ldmatrix_x4(a[mi], &sm.u.pipe.own[st][wm + mi * 16 + (lane & 15)][kk + (lane >> 4) * 8]);
-            // Partner rows are [n][k]: lanes 0-7 n 0-7 k 0-7, 8-15 n 0-7 k 8-15, 16-23 n 8-15 k 0-7, ...
-            fm_ldmatrix_x4(q, &sm.u.pipe.par[st][wn + (lane & 7) + 8 * (lane >> 4)][kk + 8 * ((lane >> 3) & 1)]);
-            b[0][0] = q[0]; b[0][1] = q[1]; b[1][0] = q[2]; b[1][1] = q[3];
-#pragma unroll
-            for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-                for (int ni = 0; ni < 2; ++ni) fm_mma16816<FM_DTYPE == FM_BF16>(s[mi][ni], a[mi], b[ni]);
-        }
-    }
-    fm_cp_async_wait<0>();
-    __syncthreads();
 }
 
 // The product warp's tile: own rows wm.. (32) and chunk columns wd.. (64).
@@ -191,13 +192,23 @@ __device__ __forceinline__ void fm_gt_product_warp(int warp, int& wm, int& wd) {
     wd = (warp % FmGt<OWN>::PW_D) * 64;
 }
 
-// out[mi][nj] += es . chunk (warp tile 32 own x 64 d), then a barrier so both buffers may be
-// overwritten by the next partner tile.
+// out[mi][nj] += es . par[:, d0 + wd..] (warp tile 32 own x 64 d) on tensor cores, the partner
+// tile read in place ([partner][d], ldmatrix.trans). Column blocks at or past dp (a block's chunk
+// reaching past D) read the last 16 columns instead: their outputs are never written, and every
+// address stays inside the tile. No barrier: the caller's next one orders the buffers' reuse.
 template <int OWN>
-__device__ __forceinline__ void fm_gt_product(typename FmGt<OWN>::Smem& sm, float out[2][8][4]) {
+__device__ __forceinline__ void fm_gt_product(const typename FmGt<OWN>::Smem& sm, const unsigned short* par, int ld,
+                                              int dp, int d0, float out[2][8][4]) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int wm, wd;
     fm_gt_product_warp<OWN>(warp, wm, wd);
+    int col[4];
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb) {
+        const int c = d0 + wd + nb * 16;
+        col[nb] = (c < dp ? c : dp - 16) + (lane >> 4) * 8;
+    }
+    const unsigned short* b_at = par + (lane & 15) * ld;
 #pragma unroll
     for (int kk = 0; kk < GT_PN; kk += 16) {
         unsigned a[2][4], b[8][2];
@@ -207,7 +218,7 @@ __device__ __forceinline__ void fm_gt_product(typename FmGt<OWN>::Smem& sm, floa
 #pragma unroll
         for (int nb = 0; nb < 4; ++nb) {
             unsigned q[4];
-            fm_ldmatrix_x4_trans(q, &sm.u.chunk[kk + (lane & 15)][wd + nb * 16 + (lane >> 4) * 8]);
+            fm_ldmatrix_x4_trans(q, b_at + kk * ld + col[nb]);
             b[2 * nb][0] = q[0]; b[2 * nb][1] = q[1]; b[2 * nb + 1][0] = q[2]; b[2 * nb + 1][1] = q[3];
         }
 #pragma unroll
@@ -215,25 +226,25 @@ __device__ __forceinline__ void fm_gt_product(typename FmGt<OWN>::Smem& sm, floa
 #pragma unroll
             for (int nj = 0; nj < 8; ++nj) fm_mma16816<FM_DTYPE == FM_BF16>(out[mi][nj], a[mi], b[nj]);
     }
-    __syncthreads();
 }
 
-// Fills the chunk: partner rows par0.. (n_par of them) of `m`, columns d0..d0+DCH, each row
-// multiplied by sm.pscale[row] (already written and synchronized); zeros outside and for rows
-// whose factor is 0. 16-byte loads.
+// f16 only: the partner tile's rows times sm.pscale[row] (already written and synchronized),
+// rounded to T_IN, in place, over the columns d0.. this block's product reads (S is done with the
+// tile). A row whose factor is 0 becomes zeros without reading (0 * NaN would poison the product).
+// bf16 folds the factor into e instead (see fm_grad_x_tc): f16's range cannot hold e / |w_j|.
 template <int OWN>
-__device__ __forceinline__ void fm_gt_fill_chunk(typename FmGt<OWN>::Smem& sm, const T_IN* __restrict__ m, i64 par0,
-                                                 i64 n_par, int d0, int D) {
+__device__ __forceinline__ void fm_gt_scale_partner(const typename FmGt<OWN>::Smem& sm, unsigned short* par, int ld,
+                                                    int dp, int d0) {
     constexpr int DCH = FmGt<OWN>::DCH;
-    for (int e = threadIdx.x; e < GT_PN * (DCH / 8); e += blockDim.x) {
-        const int r = e / (DCH / 8), dd = (e % (DCH / 8)) * 8;
+    const int dend = d0 + DCH < dp ? d0 + DCH : dp;
+    const int r = (int)threadIdx.x >> 2;   // 4 threads per row, 16-byte chunks
+    const float f = sm.pscale[r];
+    unsigned short* row = par + r * ld;
+    for (int c = d0 + ((int)threadIdx.x & 3) * 8; c < dend; c += 32) {
+        FmU4* at = reinterpret_cast<FmU4*>(row + c);
         FmU4 out;
-        const i64 row = par0 + r;
-        const int d = d0 + dd;
-        const float f = row < n_par ? sm.pscale[r] : 0.0f;
-        // f == 0 (an ignored row) writes zeros without reading: 0 * NaN would poison the product.
-        if (f != 0.0f && d < D) {
-            FmU4 in = *reinterpret_cast<const FmU4*>(m + row * D + d);
+        if (f != 0.0f) {
+            const FmU4 in = *at;
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
                 T_IN lo, hi;
@@ -246,7 +257,7 @@ __device__ __forceinline__ void fm_gt_fill_chunk(typename FmGt<OWN>::Smem& sm, c
         } else {
             out.v[0] = out.v[1] = out.v[2] = out.v[3] = 0u;
         }
-        *reinterpret_cast<FmU4*>(&sm.u.chunk[r][dd]) = out;
+        *at = out;
     }
 }
 
@@ -272,9 +283,9 @@ __device__ __forceinline__ float fm_gt_rowsum(typename FmGt<OWN>::Smem& sm, int 
     return s;
 }
 
-// Two adjacent 16-bit elements m[idx], m[idx + 1] (idx even: one aligned 32-bit load) in f32.
-__device__ __forceinline__ void fm_gt_pair(const T_IN* __restrict__ m, i64 idx, float& a, float& b) {
-    const unsigned v = *reinterpret_cast<const unsigned*>(m + idx);
+// Two adjacent 16-bit elements of a resident tile, p[0] and p[1] (p 4-byte aligned), in f32.
+__device__ __forceinline__ void fm_gt_pair(const unsigned short* p, float& a, float& b) {
+    const unsigned v = *reinterpret_cast<const unsigned*>(p);
     T_IN lo, hi;
     lo.bits = (unsigned short)(v & 0xffffu);
     hi.bits = (unsigned short)(v >> 16);
@@ -304,19 +315,40 @@ __device__ __forceinline__ int fm_gt_exp_for(float m) {
 // Grid (ceil(B / OWN), nsplit, ceil(D / DCH)). Block (rt, split, dc) writes rows rt*OWN.. x
 // dims dc*DCH.. of split `split`'s partial dxh (already multiplied by r_i g_i), and for dc == 0
 // the split's proj_i and dn_i.
+//
+// The block's x rows stay in shared memory for the whole split (all D columns); its class tiles
+// stream through `stages` (2 or 1, the host's pick by shared memory) whole-D buffers by cp.async:
+// with 2, tile t + 1 is in flight while tile t's S, epilogue and product run. Per class tile the
+// product's B operand is the tile itself: bf16 multiplies e by the class factor 1/|w_j| before
+// rounding it into es (bf16 has f32's range), f16 scales the tile in place once S is done
+// (fm_gt_scale_partner: f16 cannot hold e / |w_j|).
 template <int OWN>
 __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
     FM_GRAD_UNPACK
     typedef FmGt<OWN> G;
     constexpr int MI = G::MI;
-    FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem), set by the host
+    constexpr bool FOLD = FM_DTYPE == FM_BF16;
+    FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem) + the tiles, set by the host
     typename G::Smem& sm = *reinterpret_cast<typename G::Smem*>(smem_raw);
+    const int dp = fm_gt_dp(D), ld = fm_gt_ld(D);
+    unsigned short* own_s = reinterpret_cast<unsigned short*>(smem_raw + sizeof(typename G::Smem));
+    unsigned short* par_s = own_s + OWN * ld;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * (OWN / 2), wn = (warp & 3) * 16, g = lane >> 2, t = lane & 3;
     const i64 own0 = (i64)blockIdx.x * OWN;
     const int split = blockIdx.y, d0 = blockIdx.z * G::DCH;
     i64 ntiles = (C + GT_PN - 1) / GT_PN, t_begin, t_end;
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
+    const bool fold_w = FOLD && p.normalize_weights;
+
+    // The own rows, then the first class tile, in one group.
+    fm_gt_load_rows<OWN>(own_s, ld, dp, x + own0 * D, (int)(B - own0 < OWN ? B - own0 : OWN), D, true);
+    auto load_tile = [&](i64 tile, unsigned short* dst) {
+        const i64 par0 = tile * GT_PN;
+        fm_gt_load_rows<GT_PN>(dst, ld, dp, w + par0 * D, (int)(C - par0 < GT_PN ? C - par0 : GT_PN), D, true);
+    };
+    if (t_begin < t_end) load_tile(t_begin, par_s);
+    fm_cp_async_commit();
 
     FmRow R[2 * MI];   // S rows q = mi*2 + h: wm + mi*16 + g + 8h
 #pragma unroll
@@ -345,16 +377,23 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
     for (int q = 0; q < 2 * MI; ++q) ec[q] = dt[q] = 0.0f;
 
     for (i64 tile = t_begin; tile < t_end; ++tile) {
+        const int buf = stages == 2 ? (int)((tile - t_begin) & 1) : 0;
+        unsigned short* pt = par_s + buf * (GT_PN * ld);
+        if (FM_GT_KEEP("gt_wait")) fm_cp_async_wait<0>();
+        if (FM_GT_KEEP("gt_sync")) __syncthreads();   // tile `tile` is visible to all; everyone is done with the previous tile
+        if (stages == 2 && tile + 1 < t_end) load_tile(tile + 1, par_s + (buf ^ 1) * (GT_PN * ld));
+        fm_cp_async_commit();
         const i64 par0 = tile * GT_PN;
         float s[MI][2][4];
-        fm_gt_dots<OWN>(sm, x, own0, B, w, par0, C, D, s);
+        fm_gt_dots<OWN>(own_s, pt, ld, dp, s);
 #pragma unroll
         for (int ni = 0; ni < 2; ++ni) {
-            float inv_w[2];
+            float inv_w[2], fw[2];
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 i64 col = par0 + wn + ni * 8 + 2 * t + j;
                 inv_w[j] = col < C ? fm_inv_norm(wnorm[col]) : 0.0f;
+                fw[j] = fold_w ? inv_w[j] : 1.0f;   // bf16: es = e / |w_j|, the tile stays w
             }
 #pragma unroll
             for (int q = 0; q < 2 * MI; ++q) {
@@ -371,20 +410,21 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
                         if (col == R[q].label)
                             sm.r.red[1][0][lr] = ge.e;   // the target: added in f32 below, not in es
                         else
-                            e2[j] = ge.e;
+                            e2[j] = ge.e * fw[j];
                     }
                 }
                 unsigned pk = (unsigned)fm_from_f32<T_IN>(e2[0]).bits | ((unsigned)fm_from_f32<T_IN>(e2[1]).bits << 16);
                 *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
             }
         }
-        if (tid < GT_PN) {
+        if (!FOLD && tid < GT_PN) {
             i64 col = par0 + tid;
             sm.pscale[tid] = (col < C && p.normalize_weights) ? fm_inv_norm(wnorm[col]) : 1.0f;
         }
-        __syncthreads();
+        if (FM_GT_KEEP("gt_es_sync")) __syncthreads();
         // out_i += e_iy wh_y in f32 for the product rows whose target is in this tile, before
-        // the tile's product (a fixed order); wh_y from the unrounded w_y / |w_y|.
+        // the tile's product (a fixed order); wh_y from the unrounded w_y / |w_y| (the tile
+        // holds w_y as given).
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int y = plab[q];
@@ -392,20 +432,30 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
             const int mi = q >> 1, h = q & 1;
             const float ey = sm.r.red[1][0][pm + mi * 16 + g + 8 * h];
             const float f = p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f;
+            const unsigned short* wy = pt + (int)(y - par0) * ld;
 #pragma unroll
             for (int nj = 0; nj < 8; ++nj) {
                 const int d = d0 + pd + nj * 8 + 2 * t;
                 if (d >= D) continue;
                 float a, b;
-                fm_gt_pair(w, (i64)y * D + d, a, b);
+                fm_gt_pair(wy + d, a, b);
                 out[mi][nj][h * 2] = fmaf(ey, a * f, out[mi][nj][h * 2]);
                 out[mi][nj][h * 2 + 1] = fmaf(ey, b * f, out[mi][nj][h * 2 + 1]);
             }
         }
-        fm_gt_fill_chunk<OWN>(sm, w, par0, C, d0, D);
-        __syncthreads();
-        fm_gt_product<OWN>(sm, out);
+        if (!FOLD && p.normalize_weights) {
+            if (FM_GT_KEEP("gt_scale_sync")) __syncthreads();   // every target term has read the tile as given
+            fm_gt_scale_partner<OWN>(sm, pt, ld, dp, d0);
+            if (FM_GT_KEEP("gt_product_sync")) __syncthreads();
+        }
+        fm_gt_product<OWN>(sm, pt, ld, dp, d0, out);
+        if (stages == 1 && tile + 1 < t_end) {
+            if (FM_GT_KEEP("gt_reload_sync")) __syncthreads();   // the product is done with the one buffer
+            load_tile(tile + 1, par_s);
+            fm_cp_async_commit();
+        }
     }
+    fm_cp_async_wait<0>();   // an empty split leaves its own rows' copy in flight
 
     // dxh_i = r_i g_i * out (rows of ignored labels: g = 0, exact zeros). The product warp's
     // rows differ from its S rows when OWN = 32, so their factors are loaded here.
@@ -438,7 +488,12 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
 }
 
 // Grid (ceil(C / OWN), ceil(D / DCH)). Block (ct, dc) owns classes ct*OWN.. x dims dc*DCH.. of
-// dw and loops over every row tile of the batch. scale[0] = K from fm_grad_scale.
+// dw and loops over every row tile of the batch. scale[0] = K from fm_grad_scale. The block's
+// class rows stay in shared memory; the row tiles stream through `stages` whole-D buffers as in
+// fm_grad_x_tc, rows that contribute nothing (ignored, g = 0) zero-filled without reading (their
+// x may be non-finite, and 0 * NaN would poison the product). The product's B operand is the
+// tile itself: bf16 multiplies e by the row factor xh_i r_i g_i / K = r_i g_i / (K |x_i|) before
+// rounding it into es, f16 scales the tile in place (fm_gt_scale_partner).
 //
 // f16 keeps 11 significant bits only down to 2^-14 and nothing below 2^-24, while a class row's
 // probabilities e_ij can all lie far below that (s = 64, many classes: a class never near any row;
@@ -455,9 +510,13 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
     typedef FmGt<OWN> G;
     constexpr int MI = G::MI;
     constexpr bool SCALED = FM_DTYPE == FM_F16;
-    FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem), set by the host
+    constexpr bool FOLD = FM_DTYPE == FM_BF16;
+    FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem) + the tiles, set by the host
     typename G::Smem& sm = *reinterpret_cast<typename G::Smem*>(smem_raw);
     typename G::Tgt& tg = sm.r.tgt;
+    const int dp = fm_gt_dp(D), ld = fm_gt_ld(D);
+    unsigned short* own_s = reinterpret_cast<unsigned short*>(smem_raw + sizeof(typename G::Smem));
+    unsigned short* par_s = own_s + OWN * ld;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = (warp >> 2) * (OWN / 2), wn = (warp & 3) * 16, g = lane >> 2, t = lane & 3;
     const i64 own0 = (i64)blockIdx.x * OWN;
@@ -465,6 +524,27 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
     const float K = scale[0], inv_K = 1.0f / K;
     int pm, pd;
     fm_gt_product_warp<OWN>(warp, pm, pd);
+
+    // The class rows, then the first row tile, in one group. Whether the calling thread's load row
+    // of the next tile contributes is fetched a tile ahead (nlab, ng: plain loads whose latency
+    // the tile in between hides), so issuing a tile's copies never waits on a label.
+    fm_gt_load_rows<OWN>(own_s, ld, dp, w + own0 * D, (int)(C - own0 < OWN ? C - own0 : OWN), D, true);
+    const int lrow = fm_gt_load_row<GT_PN>();
+    int nlab;
+    float ng;
+    auto fetch = [&](i64 par0) {
+        const i64 row = par0 + lrow;
+        nlab = row < B ? labels[row] : -1;
+        ng = row < B && g_rows ? g_rows[row] : g_scalar;
+    };
+    auto load_tile = [&](i64 par0, unsigned short* dst) {
+        const bool live = nlab >= 0 && ng != 0.0f;   // as fm_upstream(..) != 0: the row counts
+        fm_gt_load_rows<GT_PN>(dst, ld, dp, x + par0 * D, (int)(B - par0 < GT_PN ? B - par0 : GT_PN), D, live);
+    };
+    fetch(0);
+    load_tile(0, par_s);
+    fm_cp_async_commit();
+    fetch(GT_PN);
 
     float inv_w[2 * MI];   // S classes q = mi*2 + h
 #pragma unroll
@@ -490,8 +570,17 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
     for (int q = 0; q < 4; ++q) kp[q] = SCALED ? FM_GT_KMAX : 0;
 
     for (i64 par0 = 0; par0 < B; par0 += GT_PN) {
+        const int buf = stages == 2 ? (int)((par0 / GT_PN) & 1) : 0;
+        unsigned short* pt = par_s + buf * (GT_PN * ld);
+        if (FM_GT_KEEP("gt_wait")) fm_cp_async_wait<0>();
+        if (FM_GT_KEEP("gt_sync")) __syncthreads();   // this tile is visible to all; everyone is done with the previous tile
+        if (stages == 2 && par0 + GT_PN < B) {
+            load_tile(par0 + GT_PN, par_s + (buf ^ 1) * (GT_PN * ld));
+            fetch(par0 + 2 * GT_PN);
+        }
+        fm_cp_async_commit();
         float s[MI][2][4];
-        fm_gt_dots<OWN>(sm, w, own0, C, x, par0, B, D, s);
+        fm_gt_dots<OWN>(own_s, pt, ld, dp, s);
         float mx[2 * MI];   // f16: the row's largest |e| in this tile (this thread's share)
 #pragma unroll
         for (int q = 0; q < 2 * MI; ++q) mx[q] = 0.0f;
@@ -502,9 +591,11 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                 const int pl = wn + ni * 8 + 2 * t + j;
                 const FmRow R = fm_load_row(p, par0 + pl, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
                 const float coef = R.g == 0.0f ? 0.0f : R.r * R.g;
-                // A zero x row's chunk is exactly zero, so its e_ij (up to ~1: its logits are all
-                // 0) contribute nothing to dwh; left in the scale's maximum they would set k_j and
-                // flush every other partner's tiny e_ij (the ones that make up dwh_j). So they
+                // bf16: the row factor xh_i r_i g_i / K of the product goes into e (as pscale).
+                const float fx = FOLD ? (R.g == 0.0f ? 0.0f : R.inv_x * coef * inv_K) : 1.0f;
+                // A zero x row's tile row is exactly zero, so its e_ij (up to ~1: its logits are
+                // all 0) contribute nothing to dwh; left in the scale's maximum they would set k_j
+                // and flush every other partner's tiny e_ij (the ones that make up dwh_j). So they
                 // are left out of the maximum and, when finite, stored as 0 (exact: 0 * e = 0);
                 // a non-finite e is kept so that it propagates as on the reference.
                 const bool zero_x = SCALED && par0 + pl < B && xnorm[par0 + pl] == 0.0f;
@@ -521,7 +612,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                         if (R.label == col)
                             tg.e[pl] = ge.e;   // the target: added in f32 below, not in es
                         else
-                            e = ge.e;
+                            e = ge.e * fx;
                     }
                     s[mi][ni][h * 2 + j] = e;   // e kept until the scale is known
                 }
@@ -546,7 +637,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
             for (int o = 1; o < 32; o <<= 1) m |= __shfl_xor_sync(0xffffffffu, m, o);
             if (lane == 0) tg.mask[warp] = m;
         }
-        __syncthreads();
+        if (FM_GT_KEEP("gt_es_sync")) __syncthreads();
         // The tile's scale per row from the partial maxima, then es = e 2^k.
 #pragma unroll
         for (int q = 0; q < 2 * MI; ++q) {
@@ -585,7 +676,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
         }
         // out_j += e_iy 2^k_j xh_i r_i g_i / K in f32 for the partners i whose target y = j is a
         // product row, in increasing i, before the tile's product (a fixed order). xh_i r_i g_i / K
-        // from the unrounded x_i and the chunk's factor.
+        // from the unrounded x_i (the tile holds x_i as given) and the row factor.
 #pragma unroll
         for (int wd = 0; wd < GT_PN / 32; ++wd) {
             unsigned m = tg.mask[wd];
@@ -594,7 +685,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                 m &= m - 1u;
                 const int lr = labels[par0 + i] - (int)own0;
                 const float ei = tg.e[i] * sm.pscale[i];
-                const T_IN* xr = x + (par0 + i) * D;
+                const unsigned short* xr = pt + i * ld;
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
                     const int mi = q >> 1, h = q & 1;
@@ -605,21 +696,31 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                         const int d = d0 + pd + nj * 8 + 2 * t;
                         if (d >= D) continue;
                         float a, b;
-                        fm_gt_pair(xr, d, a, b);
+                        fm_gt_pair(xr + d, a, b);
                         out[mi][nj][h * 2] = fmaf(f, a, out[mi][nj][h * 2]);
                         out[mi][nj][h * 2 + 1] = fmaf(f, b, out[mi][nj][h * 2 + 1]);
                     }
                 }
             }
         }
-        fm_gt_fill_chunk<OWN>(sm, x, par0, B, d0, D);
-        __syncthreads();
-        fm_gt_product<OWN>(sm, out);
+        if (!FOLD) {
+            if (FM_GT_KEEP("gt_scale_sync")) __syncthreads();   // every target term has read the tile as given
+            fm_gt_scale_partner<OWN>(sm, pt, ld, dp, d0);
+        }
+        if (FM_GT_KEEP("gt_product_sync")) __syncthreads();   // es (and the scaled tile) complete
+        fm_gt_product<OWN>(sm, pt, ld, dp, d0, out);
+        if (stages == 1 && par0 + GT_PN < B) {
+            if (FM_GT_KEEP("gt_reload_sync")) __syncthreads();   // the product is done with the one buffer
+            load_tile(par0 + GT_PN, par_s);
+            fm_cp_async_commit();
+            fetch(par0 + 2 * GT_PN);
+        }
     }
 
     // dwh_j = K 2^-k_j out. With weight normalization the forward is wh_j = w_j / max(|w_j|, eps):
     // dw_j = (dwh_j - wh_j proj_j) / |w_j| where |w_j| >= eps, and dwh_j / eps below it (the
     // derivative of w_j / eps, linear there; no projection term), as F.normalize's autograd.
+    // w_j is read from the resident class rows.
     float pr = fm_gt_rowsum<OWN>(sm, 0, pj, tid);
     if (tid < OWN) sm.r.red[1][0][tid] = pr;   // slot 1 is free: broadcast proj_j to all threads
     __syncthreads();
@@ -632,6 +733,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
         const float nw = wnorm[col];
         const float iw = fm_inv_norm(nw);
         const float unscale = fm_gt_pow2(-kp[q]);
+        const unsigned short* wr = own_s + lr * ld;
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj)
 #pragma unroll
@@ -640,7 +742,9 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                 if (d >= D) continue;
                 float gv = K * (out[mi][nj][h * 2 + j] * unscale);
                 if (p.normalize_weights) {
-                    const float wh = fm_to_f32(w[col * D + d]) * iw;
+                    T_IN wv;
+                    wv.bits = wr[d];
+                    const float wh = fm_to_f32(wv) * iw;
                     gv = (gv - wh * fm_norm_proj(nw, proj)) * iw;
                 }
 #if defined(FM_EMU) && defined(FM_EMU_FAULT_TC_DW)

@@ -146,6 +146,7 @@ fn build_driver(dtype: DType, fault: bool) -> Option<PathBuf> {
 }
 
 /// One emulated run: the spec, shape, dtype, which kernels, and how the class tiles are split.
+#[derive(Clone, Copy)]
 struct Case {
     spec: MarginLoss,
     shape: Shape,
@@ -187,6 +188,9 @@ struct Case {
     /// Gradients in the 16-bit input dtype (`FusedMarginLoss::backward`'s default) instead of f32
     /// (`backward_f32`): the entry points without `_f32out`.
     grad16: bool,
+    /// A wait or barrier of the tensor-core backward to leave out (`FM_EMU_FAULT`, read by
+    /// kernels/grad_tc.cu's `FM_GT_KEEP` under the emulator only): the mutation tests.
+    fault: Option<&'static str>,
     seed: u64,
 }
 
@@ -451,8 +455,15 @@ enum BufInit {
 }
 
 /// Runs a job on the emulator driver; returns the output bytes.
-fn run_job(exe: &Path, job: &Job, outputs: &[u32], tag: &str, schedule: (&str, &str)) -> Vec<u8> {
-    let (o, out) = try_job(exe, job, outputs, tag, schedule);
+fn run_job(
+    exe: &Path,
+    job: &Job,
+    outputs: &[u32],
+    tag: &str,
+    schedule: (&str, &str),
+    fault: Option<&str>,
+) -> Vec<u8> {
+    let (o, out) = try_job(exe, job, outputs, tag, schedule, fault);
     assert!(
         o.status.success(),
         "emulator failed: {}",
@@ -474,6 +485,7 @@ fn try_job(
     outputs: &[u32],
     tag: &str,
     schedule: (&str, &str),
+    fault: Option<&str>,
 ) -> (std::process::Output, Option<Vec<u8>>) {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let tag = format!("{}_{tag}", std::process::id());
@@ -506,6 +518,7 @@ fn try_job(
         .arg(&outp)
         .env("FM_EMU_ORDER", schedule.0)
         .env("FM_EMU_CP", schedule.1)
+        .env("FM_EMU_FAULT", fault.unwrap_or(""))
         .env(
             "ASAN_OPTIONS",
             join(
@@ -617,7 +630,7 @@ fn run<T: Element + Bits>(
         outs.extend([fids[&Buf::Status], bids[&Buf::Status]]);
     }
     let tag = format!("{}_{}", case.seed, T::DTYPE.suffix());
-    let out = run_job(exe, &job, &outs, &tag, case.schedule);
+    let out = run_job(exe, &job, &outs, &tag, case.schedule, case.fault);
     let gsize = if case.grad16 { esize as usize } else { 4 };
     let n = 1 + 2 * b;
     let ng = b * d + c * d;
@@ -875,6 +888,7 @@ fn case(
         arena: true,
         planned: None,
         grad16: false,
+        fault: None,
         seed,
     }
 }
@@ -941,6 +955,150 @@ fn tensor_core_edge_shapes() {
     .enumerate()
     {
         check::<bf16>(&case(spec, shape, true, tps, 300 + k as u64));
+    }
+}
+
+/// `case` planned for `dev` (an sm_80/86 part, or an H100 at a width past the two-buffer limit)
+/// with the choices its flags stand for; returns it with the number of partner buffers the
+/// tensor-core backward got there (the last field of its FmGradArgs).
+fn on_device(c: Case, dev: plan::DeviceFacts, dtype: DType) -> (Case, i32) {
+    let ch = choices(&c, dtype);
+    let c = Case {
+        planned: Some((dev, ch)),
+        ..c
+    };
+    let labels = margin_inputs(c.shape, c.seed).labels;
+    let (_, bwd) = plans(&c, dtype, &labels, &dev, &ch);
+    assert!(
+        bwd.tensor_cores,
+        "{:?} on {dev:?}: tensor-core backward",
+        c.shape
+    );
+    let stages = bwd
+        .launches()
+        .filter(|l| l.entry.starts_with("fm_grad_x_tc") || l.entry.starts_with("fm_grad_w_tc"))
+        .map(|l| match l.args.last() {
+            Some(plan::Arg::I32(n)) => *n,
+            other => panic!("{}: last field {other:?}", l.entry),
+        })
+        .reduce(|a, b| {
+            assert_eq!(a, b, "both kernels get the same buffers");
+            a
+        })
+        .expect("the tensor-core gradient kernels");
+    (c, stages)
+}
+
+/// The tensor-core backward with one partner buffer, where two do not fit the device's shared
+/// memory: D = 520 on an A100 (163 KB; two chunks of FmGt<32>), D = 384 and 480 on a 99 KB
+/// sm_86 part (FmGt<32>, one chunk), D = 1,024 on an H100 (two chunks), bf16 and f16 (the
+/// tile scaled in place); each dx block walks 2 or 3 class tiles and B > 64 gives the dw blocks
+/// 2 row tiles, so tiles are reloaded into the one buffer after a product.
+#[test]
+fn tensor_core_backward_one_partner_buffer() {
+    let spec = MarginLoss::arcface(0.5);
+    let runs = [
+        (DType::BF16, (70, 520, 150), plan::DeviceFacts::A100, (2, 2)),
+        (DType::F16, (33, 520, 197), plan::DeviceFacts::A100, (1, 2)),
+        (DType::F16, (70, 384, 140), plan::DeviceFacts::SM86, (1, 2)),
+        (DType::BF16, (20, 480, 130), plan::DeviceFacts::SM86, (1, 3)),
+        (DType::BF16, (20, 1024, 70), plan::DeviceFacts::H100, (1, 2)),
+    ];
+    for (k, (dt, shape, dev, tps)) in runs.into_iter().enumerate() {
+        let (c, stages) = on_device(case(spec, shape, true, tps, 170 + k as u64), dev, dt);
+        assert_eq!(stages, 1, "{shape:?} on {dev:?}");
+        match dt {
+            DType::BF16 => check::<bf16>(&c),
+            _ => check::<f16>(&c),
+        }
+    }
+    // On an H100 the same widths get two buffers (D = 520) or stay at one (D = 1,024).
+    let c = case(spec, (45, 520, 150), true, (2, 1), 170);
+    assert_eq!(on_device(c, plan::DeviceFacts::H100, DType::BF16).1, 2);
+}
+
+/// Mutation tests of the tensor-core backward's pipeline: each of its waits and barriers left
+/// out in turn (`FM_EMU_FAULT`, emulator only) changes the outputs under a schedule that lets the
+/// race show (copies landing only at their wait, a warp running ahead), for both dtypes (f16 has
+/// the extra barriers around the in-place scale) and both buffer counts. So the schedules of
+/// `no_races_under_other_schedules` would catch a kernel edit that lost one.
+#[test]
+fn a_missing_wait_or_barrier_in_the_tensor_core_backward_is_caught() {
+    let spec = MarginLoss::arcface(0.5).reduction(Reduction::None);
+    let bits =
+        |o: &Outputs| -> Vec<u64> { o.dx.iter().chain(&o.dw).map(|v| v.to_bits()).collect() };
+    // (hook, schedule, f16 only, one buffer only)
+    let faults: [(&str, (&'static str, &'static str), bool, bool); 6] = [
+        ("gt_wait", ("forward", "deferred"), false, false),
+        ("gt_sync", ("greedy", "eager"), false, false),
+        ("gt_es_sync", ("greedy-reverse", "eager"), false, false),
+        ("gt_scale_sync", ("greedy-reverse", "eager"), true, false),
+        ("gt_product_sync", ("greedy", "eager"), false, false),
+        ("gt_reload_sync", ("greedy", "eager"), false, true),
+    ];
+    for dt in [DType::BF16, DType::F16] {
+        let Some(exe) = driver(dt) else { return };
+        let two = case(spec, (70, 40, 200), true, (2, 2), 820);
+        let (one, stages) = on_device(
+            case(spec, (70, 384, 150), true, (2, 2), 821),
+            plan::DeviceFacts::SM86,
+            dt,
+        );
+        assert_eq!(stages, 1);
+        for (base, one_buffer) in [(two, false), (one, true)] {
+            let mut good_of = HashMap::new();
+            for (hook, sched, f16_only, one_only) in faults {
+                if (f16_only && dt != DType::F16) || (one_only && !one_buffer) {
+                    continue;
+                }
+                let c = Case {
+                    schedule: sched,
+                    ..base
+                };
+                let broken = Case {
+                    fault: Some(hook),
+                    ..c
+                };
+                let run_bits = |c: &Case| {
+                    let inp = margin_inputs(c.shape, c.seed);
+                    let up: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
+                    match dt {
+                        DType::BF16 => {
+                            let x: Vec<bf16> = inp.x.iter().map(|&v| bf16::from_f64(v)).collect();
+                            let w: Vec<bf16> = inp.w.iter().map(|&v| bf16::from_f64(v)).collect();
+                            bits(&run(&exe, c, &x, &w, &inp.labels, &inp.labels, &up))
+                        }
+                        _ => {
+                            let x: Vec<f16> = inp.x.iter().map(|&v| f16::from_f64(v)).collect();
+                            let w: Vec<f16> = inp.w.iter().map(|&v| f16::from_f64(v)).collect();
+                            bits(&run(&exe, c, &x, &w, &inp.labels, &inp.labels, &up))
+                        }
+                    }
+                };
+                let good = good_of.entry(sched).or_insert_with(|| run_bits(&c));
+                // Caught: other outputs, or the emulator's own report (a thread that exits with
+                // copies in flight, a read of a stage whose copies have not landed).
+                let bad =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_bits(&broken)));
+                match bad {
+                    Ok(bad) => {
+                        let diff = good.iter().zip(&bad).filter(|(a, b)| a != b).count();
+                        assert!(
+                            diff > 0,
+                            "{dt:?} {:?}: leaving out {hook} changed nothing under {sched:?}",
+                            base.shape
+                        );
+                    }
+                    Err(e) => {
+                        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+                        assert!(
+                            msg.contains("emulator failed"),
+                            "{dt:?} {hook}: not an emulator report: {msg}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -1144,6 +1302,18 @@ fn no_races_under_other_schedules() {
         (DType::BF16, case(spec, (70, 40, 200), true, (1, 2), 800)),
         // D > 256: the backward's 32 x 512 tiles (fm_grad_*_tc_d512).
         (DType::BF16, case(spec, (40, 264, 150), true, (1, 2), 803)),
+        // f16: the partner tile scaled in place between S and the product (its own barriers).
+        (DType::F16, case(spec, (70, 40, 200), true, (2, 2), 805)),
+        // One partner buffer (D = 520 on an A100), reloaded after each product.
+        (
+            DType::BF16,
+            on_device(
+                case(spec, (70, 520, 150), true, (2, 2), 806),
+                plan::DeviceFacts::A100,
+                DType::BF16,
+            )
+            .0,
+        ),
         // The wgmma forward, 9 pipeline iterations per block (3 class tiles x 3 k steps), so
         // stages are refilled: deferred copies and wgmma catch a missing wait or barrier.
         (
@@ -1163,6 +1333,10 @@ fn no_races_under_other_schedules() {
         let run_bits = |c: &Case| match dt {
             DType::BF16 => {
                 let (x, w, l, u) = inputs::<bf16>(c);
+                bits(&run(&exe, c, &x, &w, &l, &l, &u))
+            }
+            DType::F16 => {
+                let (x, w, l, u) = inputs::<f16>(c);
                 bits(&run(&exe, c, &x, &w, &l, &l, &u))
             }
             _ => {
@@ -1865,7 +2039,7 @@ fn sanitizer_catches_an_overrun() {
         job.add_plan(&p, &mut ids);
         let tag = format!("overrun_{short}");
         let outs = [ids[&plan::Buf::RowLoss]];
-        try_job(&exe, &job, &outs, &tag, ("forward", "eager"))
+        try_job(&exe, &job, &outs, &tag, ("forward", "eager"), None)
     };
 
     let (ok, out) = run_short(0);

@@ -285,6 +285,10 @@ fn backward_tiles_by_dtype_and_d() {
                 (256, true),
                 (264, true),
                 (512, true),
+                (672, true),
+                (680, true),
+                (1024, true),
+                (2048, true),
                 (100, true),
                 (64, false),
             ] {
@@ -292,7 +296,13 @@ fn backward_tiles_by_dtype_and_d() {
                 let what = format!("{name} {dtype:?} D = {d} aligned {aligned}");
                 let p = bwd(&dev, &tc, dtype, shape, aligned, true);
                 well_formed(&p, &BWD_GIVEN, &what);
-                let on = dtype != DType::F32 && d % 8 == 0 && aligned;
+                // The tensor-core kernels hold their own rows and 2 partner tiles (else 1) in
+                // shared memory with all D columns; where not even 1 fits, SIMT.
+                let optin = dev.smem_optin as usize;
+                let stages = [2, 1]
+                    .into_iter()
+                    .find(|&st| plan::tc_backward_smem(d, st) <= optin);
+                let on = dtype != DType::F32 && d % 8 == 0 && aligned && stages.is_some();
                 assert_eq!(p.tensor_cores, on, "{what}");
                 let (x, w) = match (on, d > 256) {
                     (false, _) => ("fm_grad_x_partial", "fm_grad_w_f32out"),
@@ -307,9 +317,38 @@ fn backward_tiles_by_dtype_and_d() {
                 assert_eq!(writer(&p, Buf::DxhPart), x, "{what}");
                 assert_eq!(writer(&p, Buf::Dw), w, "{what}");
                 assert_eq!(p.spec_of(Buf::Scale).is_some(), on, "{what}: K only on TC");
+                // Both gradient kernels get the buffers' shared memory and their count (the
+                // last field of FmGradArgs), within the device's limit.
+                let want_stages = if on { stages.unwrap() } else { 0 };
+                for l in p.launches().filter(|l| l.entry == x || l.entry == w) {
+                    let smem = if on {
+                        plan::tc_backward_smem(d, want_stages) as u32
+                    } else {
+                        0
+                    };
+                    assert_eq!(l.smem, smem, "{what}: {} shared memory", l.entry);
+                    assert!(l.smem <= dev.smem_optin, "{what}");
+                    assert_eq!(
+                        l.args.last(),
+                        Some(&Arg::I32(want_stages as i32)),
+                        "{what}: {} stages",
+                        l.entry
+                    );
+                }
             }
         }
     }
+    // Where the buffers go: on an H100 (227 KB) two stages up to D = 672 (FmGt<32>: 172,288
+    // bytes at D = 512), one up to D = 1,152, SIMT past that; on a 99 KB sm_86/89 part one stage
+    // up to D = 480.
+    let h100 = DeviceFacts::H100.smem_optin as usize;
+    assert_eq!(plan::tc_backward_smem(512, 2), 172_288);
+    assert_eq!(plan::tc_backward_smem(256, 2), 11_520 + 2 * 264 * 192);
+    assert!(plan::tc_backward_smem(672, 2) <= h100 && plan::tc_backward_smem(680, 2) > h100);
+    assert!(plan::tc_backward_smem(1152, 1) <= h100 && plan::tc_backward_smem(1160, 1) > h100);
+    let sm86 = DeviceFacts::SM86.smem_optin as usize;
+    assert!(plan::tc_backward_smem(256, 2) > sm86 && plan::tc_backward_smem(256, 1) <= sm86);
+    assert!(plan::tc_backward_smem(480, 1) <= sm86 && plan::tc_backward_smem(488, 1) > sm86);
     // The tensor-core backward is the default; switched off, the backward is SIMT whatever the
     // inputs.
     let on = bwd(
@@ -368,8 +407,11 @@ fn splits_fill_the_device_within_their_caps() {
                 tc_backward: true,
                 ..Choices::default()
             };
-            for (ch, cap) in [(Choices::default(), 64), (tc, 32)] {
+            for ch in [Choices::default(), tc] {
                 let p = bwd(&dev, &ch, DType::BF16, shape, true, true);
+                // The tensor-core dx kernel's cap, or the SIMT one's where its buffers do not
+                // fit the device (D = 512 on a 99 KB part).
+                let cap = if p.tensor_cores { 32 } else { 64 };
                 let parts = p.spec_of(Buf::DxhPart).unwrap().len;
                 assert!(parts <= cap * b * 512, "{what}: dx partials {parts}");
                 assert_eq!(parts % (b * 512), 0, "{what}");
@@ -578,7 +620,7 @@ fn argument_struct_layouts() {
     };
     // 9 pointers, then FmParams (48 bytes), then B at 120.
     assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (72, 120));
-    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (152, 184));
+    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (152, 192));
     // 13 pointers, FmParams, B, C, then g_scalar at 168.
     assert_eq!(
         (at(&GRAD_ARGS, "p"), at(&GRAD_ARGS, "g_scalar")),

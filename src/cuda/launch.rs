@@ -18,11 +18,12 @@ impl CudaElement for f32 {}
 impl CudaElement for half::f16 {}
 impl CudaElement for half::bf16 {}
 
-/// One loaded module and the functions fetched from it so far.
+/// One loaded module and the functions fetched from it so far, each with the dynamic shared
+/// memory it has been allowed.
 pub(crate) struct Kernels {
     module: Arc<CudaModule>,
     dtype: DType,
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    functions: Mutex<HashMap<String, (CudaFunction, u32)>>,
 }
 
 impl Kernels {
@@ -40,19 +41,25 @@ impl Kernels {
         self.get_with_smem(base, 0)
     }
 
-    /// `get` for a kernel launched with `smem_bytes` of dynamic shared memory (always the same
-    /// for one entry point): on first load the function is allowed that much, which CUDA
-    /// requires above 48 KB. Cached with the function, so launches pay no driver call for it.
+    /// `get` for a kernel launched with `smem_bytes` of dynamic shared memory, which CUDA
+    /// requires a function to be allowed above 48 KB. The tensor-core backward's need grows with
+    /// D, so the allowance is raised when a launch needs more than the function has (a driver call
+    /// then, none on later launches of that size or less).
     pub(crate) fn get_with_smem(&self, base: &str, smem_bytes: u32) -> Result<CudaFunction> {
         let name = entry_name(base, self.dtype);
         let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(f) = fns.get(&name) {
-            return Ok(f.clone());
+        if let Some((f, allowed)) = fns.get(&name) {
+            if *allowed >= smem_bytes {
+                return Ok(f.clone());
+            }
         }
-        let f = self
-            .module
-            .load_function(&name)
-            .map_err(|e| cuda_err(&format!("load kernel {name}"), e))?;
+        let f = match fns.get(&name) {
+            Some((f, _)) => f.clone(),
+            None => self
+                .module
+                .load_function(&name)
+                .map_err(|e| cuda_err(&format!("load kernel {name}"), e))?,
+        };
         if smem_bytes > 0 {
             f.set_attribute(
                 cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -60,7 +67,7 @@ impl Kernels {
             )
             .map_err(|e| cuda_err(&format!("allow {smem_bytes} B of dynamic shared memory for {name}"), e))?;
         }
-        fns.insert(name, f.clone());
+        fns.insert(name, (f.clone(), smem_bytes));
         Ok(f)
     }
 }

@@ -843,7 +843,9 @@ struct BackwardTiles {
     /// Kernel base names: dx partials and dw.
     x_kernel: &'static str,
     w_kernel: &'static str,
-    smem: u32,
+    /// The tensor-core kernels' fixed dynamic shared memory, `sizeof(FmGt<OWN>::Smem)` (0 for
+    /// the SIMT kernels); the resident tiles come on top ([`tc_backward_smem`]).
+    smem_fixed: usize,
 }
 
 const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
@@ -854,7 +856,7 @@ const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
     max_x_splits: MAX_X_SPLITS,
     x_kernel: "fm_grad_x_partial",
     w_kernel: "fm_grad_w",
-    smem: 0,
+    smem_fixed: 0,
 };
 
 /// The tensor-core backward, FmGt<64> of kernels/grad_tc.cu: 64 own rows (or classes) x 256
@@ -867,7 +869,7 @@ const TC_BACKWARD: BackwardTiles = BackwardTiles {
     max_x_splits: MAX_TC_X_SPLITS,
     x_kernel: "fm_grad_x_tc",
     w_kernel: "fm_grad_w_tc",
-    smem: g::GT64_SMEM as u32, // sizeof(FmGt<64>::Smem), static_assert in grad_tc.cu
+    smem_fixed: g::GT64_FIXED_SMEM, // sizeof(FmGt<64>::Smem), static_assert in grad_tc.cu
 };
 
 /// FmGt<32>: 32 own rows x 512 columns per block, so up to D = 512 each block recomputes its
@@ -880,8 +882,28 @@ const TC_BACKWARD_D512: BackwardTiles = BackwardTiles {
     max_x_splits: MAX_TC_X_SPLITS,
     x_kernel: "fm_grad_x_tc_d512",
     w_kernel: "fm_grad_w_tc_d512",
-    smem: g::GT32_SMEM as u32, // sizeof(FmGt<32>::Smem), static_assert in grad_tc.cu
+    smem_fixed: g::GT32_FIXED_SMEM, // sizeof(FmGt<32>::Smem), static_assert in grad_tc.cu
 };
+
+/// The tensor-core backward's tiles for width `d`: FmGt<32> (512 columns per block) past 256.
+fn tc_backward_tiles(d: usize) -> &'static BackwardTiles {
+    if d > TC_BACKWARD.dchunk {
+        &TC_BACKWARD_D512
+    } else {
+        &TC_BACKWARD
+    }
+}
+
+/// Dynamic shared memory of a tensor-core backward block at width `d` with `stages` partner
+/// buffers (kernels/grad_tc.cu; the tiles `backward` picks for `d`): the fixed part, then the own
+/// rows and the partner tiles, resident with all D columns, each row `fm_gt_ld(D)` = D rounded up
+/// to 32, plus 8, 16-bit elements. At D = 512 (FmGt<32>) with two stages:
+/// 5,888 + 2 * 520 * (32 + 2 * 64) = 172,288 bytes.
+pub fn tc_backward_smem(d: usize, stages: usize) -> usize {
+    let t = tc_backward_tiles(d);
+    let ld = d.div_ceil(32) * 32 + 8;
+    t.smem_fixed + 2 * ld * (t.rows + stages * GT_PN)
+}
 
 /// The backward of `choices.plan`. Under [`LabelCheck::Device`] it starts with this call's
 /// label status (against [`Buf::PrevStatus`]) and the per-row upstream the device derives from
@@ -959,13 +981,23 @@ fn fused_backward(
     let mut p = pr.params;
     p.tf32_dots = (pr.fwd_tensor_cores && pr.dtype == DType::F32) as i32;
     let half = pr.dtype != DType::F32;
-    let tc = ch.tc_backward && ch.tensor_cores && half && tc_shape_ok(pr.dtype, d, pr.aligned);
-    // The 32 x 512 tiles for D > 256 when the device gives a block their 72 KB of shared memory.
-    let d512 = d > TC_BACKWARD.dchunk && TC_BACKWARD_D512.smem <= dev.smem_optin;
-    let t = match (tc, d512) {
-        (false, _) => &SIMT_BACKWARD,
-        (true, false) => &TC_BACKWARD,
-        (true, true) => &TC_BACKWARD_D512,
+    let tc_asked =
+        ch.tc_backward && ch.tensor_cores && half && tc_shape_ok(pr.dtype, d, pr.aligned);
+    // The 32 x 512 tiles for D > 256. The tensor-core kernels keep their own rows and 2 (else 1)
+    // partner tiles in shared memory with all D columns: where not even 1 fits the device's
+    // block limit (D past 1,152 on an H100, past 480 on a 99 KB sm_86/89 part), the SIMT kernels.
+    let tc_tiles = tc_backward_tiles(d);
+    let stages = [2, 1]
+        .into_iter()
+        .find(|&st| tc_backward_smem(d, st) <= dev.smem_optin as usize)
+        .filter(|_| tc_asked);
+    let tc = stages.is_some();
+    let t = if tc { tc_tiles } else { &SIMT_BACKWARD };
+    let stages = stages.unwrap_or(0);
+    let smem = if tc {
+        tc_backward_smem(d, stages) as u32
+    } else {
+        0
     };
     let row_tiles = b.div_ceil(t.rows);
     let ntiles = c.div_ceil(t.classes);
@@ -1028,12 +1060,13 @@ fn fused_backward(
         d: I32(di),
         tiles_per_split: I32(tps),
         nsplit: I32(ns),
+        stages: I32(stages as i32),
     };
     bd.launch_struct(
         t.x_kernel,
         grid3(row_tiles, sp.nsplit, dchunks, t.x_kernel)?,
         THREADS,
-        t.smem,
+        smem,
         grad_args.clone(),
     )?;
     bd.alloc(Buf::Dx, Elem::Grad, b * d);
@@ -1066,7 +1099,7 @@ fn fused_backward(
         &wk,
         grid3(c.div_ceil(t.w_classes), dchunks, 1, &wk)?,
         THREADS,
-        t.smem,
+        smem,
         GradArgs {
             scale: if tc { Read(Buf::Scale) } else { Null }, // fm_grad_w_tc only: K
             dxh_part: Null,

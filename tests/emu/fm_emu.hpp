@@ -122,6 +122,13 @@ struct Modes {
 };
 inline Modes g_modes;
 
+// A deliberate fault for the mutation tests: FM_EMU_FAULT names a wait or barrier a kernel leaves
+// out where it asks fault_is (kernels/grad_tc.cu: FM_GT_KEEP); empty or unset, none.
+inline bool fault_is(const char* name) {
+    static const char* f = std::getenv("FM_EMU_FAULT");
+    return f && std::strcmp(f, name) == 0;
+}
+
 // One barrier per warp (threads >> 5) or warpgroup (threads >> 7): arrivals, threads still
 // running, and a generation that a waiting thread watches change.
 struct Barriers {
