@@ -9,6 +9,12 @@
 #include "ptx.cuh"
 #include "geometry.cuh"
 
+// The compile unit this translation unit holds (geometry.cuh, FM_G_UNIT_*); 0: all of them.
+#ifndef FM_UNIT
+#define FM_UNIT 0
+#endif
+#define FM_IN_UNIT(u) (FM_UNIT == 0 || FM_UNIT == (u))
+
 typedef long long i64;
 
 // ---- element types ----------------------------------------------------------------------------
@@ -211,6 +217,7 @@ __device__ __forceinline__ void fm_online_merge(float& m, float& s, float m2, fl
 #endif
 
 // ---- poisoning (tests): fill a buffer with a bit pattern (NaN) so unwritten elements show ----
+#if FM_IN_UNIT(FM_G_UNIT_CORE)
 extern "C" __global__ void FM_ENTRY(fm_fill_u32)(unsigned* __restrict__ p, i64 n, unsigned v) {
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e < n) p[e] = v;
@@ -219,5 +226,6 @@ extern "C" __global__ void FM_ENTRY(fm_fill_u16)(unsigned short* __restrict__ p,
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e < n) p[e] = v;
 }
+#endif
 
 #endif  // FM_COMMON_CUH

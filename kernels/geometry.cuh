@@ -38,6 +38,21 @@
 #define FM_G_GT32_DCH 512
 #define FM_G_GT32_FIXED_SMEM 5888
 
+// Compile units: all.cu compiled with -DFM_UNIT=<code> holds one unit's entry points (the host
+// compiles and loads only the units a plan launches, src/cuda/compile.rs `Unit`); without
+// FM_UNIT (or 0) every unit, as nvcc and the emulator build it.
+#define FM_G_UNIT_CORE 1
+#define FM_G_UNIT_FWD_SIMT 2
+#define FM_G_UNIT_FWD_TC 3
+#define FM_G_UNIT_FWD_TC_WIDE 4
+#define FM_G_UNIT_FWD_WG 5
+#define FM_G_UNIT_GRAD_SIMT 6
+#define FM_G_UNIT_GRAD_TC64 7
+#define FM_G_UNIT_GRAD_TC32 8
+#define FM_G_UNIT_NAIVE 9
+#define FM_G_UNIT_GRAD_TC64_F32OUT 10
+#define FM_G_UNIT_GRAD_TC32_F32OUT 11
+
 // Bytes of the family argument structs (args.cuh), as src/cuda/args.rs packs them: FmTileArgs
 // (9 pointers, FmParams, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs (13 pointers,
 // FmParams, 2 i64, 1 float, 4 int, 4 bytes of tail padding).

@@ -104,34 +104,6 @@ static_assert(FmGt<FM_G_GT64_OWN>::DCH == FM_G_GT64_DCH && FmGt<FM_G_GT32_OWN>::
 __device__ __forceinline__ int fm_gt_dp(int D) { return (D + 31) / 32 * 32; }
 __device__ __forceinline__ int fm_gt_ld(int D) { return fm_gt_dp(D) + 8; }
 
-// K = the smallest power of two >= max_i |r_i g_i| over counted rows (1 when none is nonzero);
-// written to scale[0]. One block; fixed order (max is order-free anyway).
-extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ labels,
-                                                   const float* __restrict__ xnorm,
-                                                   const float* __restrict__ g_rows, float g_scalar,
-                                                   FmParams p, i64 B, float* __restrict__ scale) {
-    __shared__ float sm[1024];
-    float m = 0.0f;
-    for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
-        float g = fm_upstream(g_rows, g_scalar, i, labels[i]);
-        float v = g == 0.0f ? 0.0f : fabsf(fm_row_scale(p, fm_row_margin(p, i, xnorm[i]), xnorm[i]) * g);
-        if (fm_finite(v)) m = fmaxf(m, v);   // finite only: non-finite rows propagate by themselves
-    }
-    sm[threadIdx.x] = m;
-    __syncthreads();
-    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
-        if ((int)threadIdx.x < o) sm[threadIdx.x] = fmaxf(sm[threadIdx.x], sm[threadIdx.x + o]);
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        int e = 0;
-        float mx = sm[0];
-        if (mx > 0.0f) frexpf(mx, &e);   // mx = f 2^e, f in [0.5, 1): 2^e > mx
-        // 2^128 is not a float: K = 2^127 then, and |r g| / K <= 2 still fits f16 and bf16.
-        scale[0] = mx > 0.0f ? ldexpf(1.0f, e < 127 ? e : 127) : 1.0f;
-    }
-}
-
 // ROWS rows of a row-major matrix (D columns) starting at `src`, whole, into dst[ROWS][ld] by
 // cp.async (the caller commits). Rows >= n_rows, a row whose `live` is false (the calling thread's
 // row: fm_gt_load_row<ROWS>()) and columns D..dp are zero-filled without reading. Each row is
@@ -768,13 +740,26 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY(fm_grad_w_tc##SUFFIX)(                               \
         const FmGradArgs<T_IN> args) {                                                                               \
         fm_grad_w_tc<OWN, T_IN>(args);                                                                               \
-    }                                                                                                                \
+    }
+#define FM_GT_ENTRIES_F32OUT(SUFFIX, OWN)                                                                            \
     extern "C" __global__ void __launch_bounds__(256, 1) FM_ENTRY_F32OUT(fm_grad_w_tc##SUFFIX)(                        \
         const FmGradArgs<float> args) {                                                                              \
         fm_grad_w_tc<OWN, float>(args);                                                                              \
     }
 
+// One unit per tile shape and dw dtype (a plan launches one shape, and `backward` the 16-bit dw,
+// `backward_f32` the f32 one): each is compiled only when launched.
+#if FM_IN_UNIT(FM_G_UNIT_GRAD_TC64)
 FM_GT_ENTRIES(, 64)
+#endif
+#if FM_IN_UNIT(FM_G_UNIT_GRAD_TC64_F32OUT)
+FM_GT_ENTRIES_F32OUT(, 64)
+#endif
+#if FM_IN_UNIT(FM_G_UNIT_GRAD_TC32)
 FM_GT_ENTRIES(_d512, 32)
+#endif
+#if FM_IN_UNIT(FM_G_UNIT_GRAD_TC32_F32OUT)
+FM_GT_ENTRIES_F32OUT(_d512, 32)
+#endif
 
 #endif  // FM_DTYPE != FM_F32

@@ -245,10 +245,19 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
 #define FM_TC_ENTRY(name, Op, MI, NI)                                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
     FM_ENTRY(name)(const FmTileArgs args) { fm_fwd_tc<Op, MI, NI>(args); }
+// The narrow tiles are unit FWD_TC, the wide ones FWD_TC_WIDE (compiled only when asked for).
 #if FM_DTYPE != FM_F32
+#if FM_IN_UNIT(FM_G_UNIT_FWD_TC)
 FM_TC_ENTRY(fm_fwd_tiles_tc, FmTcHalf, 2, 4)
+#endif
+#if FM_IN_UNIT(FM_G_UNIT_FWD_TC_WIDE)
 FM_TC_ENTRY(fm_fwd_tiles_tc_wide, FmTcHalf, 4, 8)
+#endif
 #else
+#if FM_IN_UNIT(FM_G_UNIT_FWD_TC)
 FM_TC_ENTRY(fm_fwd_tiles_tf32, FmTcTf32, 2, 4)
+#endif
+#if FM_IN_UNIT(FM_G_UNIT_FWD_TC_WIDE)
 FM_TC_ENTRY(fm_fwd_tiles_tf32_wide, FmTcTf32, 4, 8)
+#endif
 #endif

@@ -100,3 +100,35 @@ extern "C" __global__ void FM_ENTRY_F32OUT(fm_x_finish)(const T_IN* x, const flo
                                                         FmParams p, float* dx) {
     fm_x_finish<float>(x, xnorm, dxh_part, proj_part, dn_part, nsplit, B, D, p, dx);
 }
+
+#if FM_DTYPE != FM_F32
+// The tensor-core backward's (grad_tc.cu) scale, here in the core unit so that either of its
+// tile shapes' units can use it.
+// K = the smallest power of two >= max_i |r_i g_i| over counted rows (1 when none is nonzero);
+// written to scale[0]. One block; fixed order (max is order-free anyway).
+extern "C" __global__ void FM_ENTRY(fm_grad_scale)(const int* __restrict__ labels,
+                                                   const float* __restrict__ xnorm,
+                                                   const float* __restrict__ g_rows, float g_scalar,
+                                                   FmParams p, i64 B, float* __restrict__ scale) {
+    __shared__ float sm[1024];
+    float m = 0.0f;
+    for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
+        float g = fm_upstream(g_rows, g_scalar, i, labels[i]);
+        float v = g == 0.0f ? 0.0f : fabsf(fm_row_scale(p, fm_row_margin(p, i, xnorm[i]), xnorm[i]) * g);
+        if (fm_finite(v)) m = fmaxf(m, v);   // finite only: non-finite rows propagate by themselves
+    }
+    sm[threadIdx.x] = m;
+    __syncthreads();
+    for (int o = blockDim.x / 2; o > 0; o >>= 1) {
+        if ((int)threadIdx.x < o) sm[threadIdx.x] = fmaxf(sm[threadIdx.x], sm[threadIdx.x + o]);
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        int e = 0;
+        float mx = sm[0];
+        if (mx > 0.0f) frexpf(mx, &e);   // mx = f 2^e, f in [0.5, 1): 2^e > mx
+        // 2^128 is not a float: K = 2^127 then, and |r g| / K <= 2 still fits f16 and bf16.
+        scale[0] = mx > 0.0f ? ldexpf(1.0f, e < 127 ? e : 127) : 1.0f;
+    }
+}
+#endif

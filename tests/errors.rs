@@ -1,7 +1,7 @@
 //! Errors that chain: a failure inside a CUDA library keeps that library's own error as
 //! `source()` (a caller can tell out-of-memory from a bad argument by its code), and the crate's
 //! own checks have none.
-use fused_margin::cuda::{compile_ptx_uncached, nvrtc_available};
+use fused_margin::cuda::{compile_ptx_uncached, nvrtc_available, Unit};
 use fused_margin::{CudaSource, DType, Error, MarginLoss, Shape};
 use std::error::Error as _;
 
@@ -55,7 +55,7 @@ fn nvrtc_errors_keep_their_code() {
         eprintln!("skipped: libnvrtc not found");
         return;
     }
-    let e = compile_ptx_uncached(DType::F32, "sm_1").unwrap_err();
+    let e = compile_ptx_uncached(DType::F32, Unit::All, "sm_1").unwrap_err();
     let Error::Compile {
         source: Some(CudaSource::Nvrtc(code)),
         ..

@@ -435,6 +435,34 @@ fn fused_wgmma_bf16_f16() {
     run_all_opts::<f16>(Plan::Fused, o(true));
 }
 
+/// The tensor-core backward at widths where its resident tiles take most of the device's shared
+/// memory: D = 512 and 520 (two partner buffers on an H100/H200: 172 and 183 KB), D = 1,024
+/// (one buffer, two D chunks), against the reference, after asserting that the backward runs on
+/// tensor cores there.
+#[test]
+fn tc_backward_wide_d_and_one_buffer() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let gpu = poisoned(&stream, Plan::Fused);
+    let spec = MarginLoss::arcface(0.5);
+    for (k, shape) in [
+        Shape::new(96, 512, 700),
+        Shape::new(70, 520, 300),
+        Shape::new(33, 1024, 200),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let inp = inputs(shape, 920 + k as u64);
+        let x = upload::<bf16>(&stream, &inp.x);
+        let w = upload::<bf16>(&stream, &inp.w);
+        let l = stream.clone_htod(&inp.labels).unwrap();
+        let (_, g) = step_f32(&gpu, &spec, &x, &w, &l, shape);
+        assert!(g.tensor_cores, "{shape:?}: tensor-core backward");
+        check::<bf16>(&gpu, &spec, shape, 900 + k as u64);
+        check::<f16>(&gpu, &spec, shape, 910 + k as u64);
+    }
+}
+
 /// `LabelCheck::Host` (the other suites run the default, `LabelCheck::Device`): labels checked
 /// and counted on the host give the same results (fused plan on tensor cores and SIMT, naive
 /// plan), every spec.

@@ -2,9 +2,18 @@
 //! Skips with a printed reason when libnvrtc is absent; fails instead when
 //! `FUSED_MARGIN_REQUIRE_NVRTC=1` (as CI sets it).
 use fused_margin::cuda::{
-    compile_ptx_uncached, entry_name, nvrtc_available, ENTRY_POINTS, F32_ENTRY_POINTS,
+    compile_ptx_uncached, entry_name, nvrtc_available, Unit, ENTRY_POINTS, F32_ENTRY_POINTS,
     HALF_ENTRY_POINTS, KERNEL_DTYPES, SM90A_HALF_ENTRY_POINTS,
 };
+use std::collections::BTreeSet;
+
+/// The `.entry` names of a PTX text.
+fn entries(ptx: &str) -> BTreeSet<String> {
+    ptx.lines()
+        .filter_map(|l| l.trim().strip_prefix(".visible .entry "))
+        .map(|l| l.split('(').next().unwrap_or(l).to_string())
+        .collect()
+}
 
 fn nvrtc_or_skip() -> bool {
     if nvrtc_available() {
@@ -22,7 +31,7 @@ fn compiles(dtype: fused_margin::DType, arch: &str) {
     if !nvrtc_or_skip() {
         return;
     }
-    let ptx = compile_ptx_uncached(dtype, arch)
+    let ptx = compile_ptx_uncached(dtype, Unit::All, arch)
         .unwrap_or_else(|e| panic!("{dtype:?} for {arch}: {e}"))
         .to_src();
     let half = if dtype == fused_margin::DType::F32 {
@@ -104,7 +113,7 @@ fn f64_is_rejected_with_a_clear_error() {
     if !nvrtc_or_skip() {
         return;
     }
-    let e = compile_ptx_uncached(fused_margin::DType::F64, "sm_90").unwrap_err();
+    let e = compile_ptx_uncached(fused_margin::DType::F64, Unit::All, "sm_90").unwrap_err();
     assert!(e.to_string().contains("f64"), "{e}");
 }
 
@@ -141,7 +150,9 @@ fn tile_kernels_carry_no_margin_maths() {
         return;
     }
     for dtype in [fused_margin::DType::F32, fused_margin::DType::BF16] {
-        let ptx = compile_ptx_uncached(dtype, "sm_90").unwrap().to_src();
+        let ptx = compile_ptx_uncached(dtype, Unit::All, "sm_90")
+            .unwrap()
+            .to_src();
         let mut checked = 0;
         for body in ptx.split(".entry ").skip(1) {
             let name = body.split(['(', ' ', '\n']).next().unwrap_or("");
@@ -164,6 +175,58 @@ fn tile_kernels_carry_no_margin_maths() {
     }
 }
 
+/// The compile units (`Unit`, kernels/all.cu's FM_UNIT): each unit's PTX holds exactly the entry
+/// points `Unit::of` assigns to it, and together they hold the whole translation unit's, each
+/// once; f32 and bf16 for sm_90a (every entry point of its dtype). Prints each unit's compile
+/// time (BENCHMARKS.md, "First call").
+#[test]
+fn units_hold_exactly_their_entry_points() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    for dtype in [fused_margin::DType::F32, fused_margin::DType::BF16] {
+        let all = entries(
+            &compile_ptx_uncached(dtype, Unit::All, "sm_90a")
+                .unwrap()
+                .to_src(),
+        );
+        assert!(all.len() > 20, "{dtype:?}: {all:?}");
+        let mut union = BTreeSet::new();
+        for unit in Unit::EACH {
+            let t = std::time::Instant::now();
+            let ptx = compile_ptx_uncached(dtype, unit, "sm_90a")
+                .unwrap_or_else(|e| panic!("{dtype:?} {unit:?}: {e}"))
+                .to_src();
+            let got = entries(&ptx);
+            println!(
+                "{dtype:?} {:>12}: {:.2} s, {} entry points, {} bytes of PTX",
+                unit.name(),
+                t.elapsed().as_secs_f64(),
+                got.len(),
+                ptx.len()
+            );
+            for name in &got {
+                let base = name
+                    .strip_suffix(&format!("_{}", dtype.suffix()))
+                    .unwrap_or_else(|| panic!("{name}: no dtype suffix"));
+                assert_eq!(Unit::of(base), Some(unit), "{name} compiled into {unit:?}");
+                assert!(union.insert(name.clone()), "{name} in two units");
+            }
+        }
+        assert_eq!(
+            union, all,
+            "{dtype:?}: the units together are the whole module"
+        );
+    }
+    assert_eq!(
+        Unit::of("fm_grad_w_tc_d512_f32out"),
+        Some(Unit::GradTc32F32Out)
+    );
+    assert_eq!(Unit::of("fm_grad_w_f32out"), Some(Unit::GradSimt));
+    assert_eq!(Unit::of("naive_nothing"), None);
+    assert_eq!(Unit::of("fm_grad"), None);
+}
+
 /// The on-disk PTX cache: a second compile reads the file; a foreign, corrupt or unreadable
 /// file is ignored and replaced; a directory that cannot be created costs only the cache.
 #[test]
@@ -176,7 +239,7 @@ fn disk_cache_round_trip_and_failures() {
     let dir = std::env::temp_dir().join(format!("fm-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let t = std::time::Instant::now();
-    let (first, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_80").unwrap();
+    let (first, how) = compile_ptx_in(Some(&dir), DType::F32, Unit::Core, "sm_80").unwrap();
     let compile_s = t.elapsed().as_secs_f64();
     assert_eq!(how, PtxSource::Compiled);
     let files: Vec<_> = std::fs::read_dir(&dir)
@@ -185,7 +248,7 @@ fn disk_cache_round_trip_and_failures() {
         .collect();
     assert_eq!(files.len(), 1, "one cache file: {files:?}");
     let t = std::time::Instant::now();
-    let (again, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_80").unwrap();
+    let (again, how) = compile_ptx_in(Some(&dir), DType::F32, Unit::Core, "sm_80").unwrap();
     println!(
         "f32 sm_80: compiled in {compile_s:.1} s, read from disk in {:.3} s",
         t.elapsed().as_secs_f64()
@@ -193,7 +256,7 @@ fn disk_cache_round_trip_and_failures() {
     assert_eq!(how, PtxSource::Disk);
     assert_eq!(again.to_src(), first.to_src());
     // Another dtype or arch is another file.
-    let (_, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_90").unwrap();
+    let (_, how) = compile_ptx_in(Some(&dir), DType::F32, Unit::Core, "sm_90").unwrap();
     assert_eq!(how, PtxSource::Compiled);
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
     // Truncated, a foreign key, a NUL: each ignored, recompiled and replaced.
@@ -205,7 +268,7 @@ fn disk_cache_round_trip_and_failures() {
         text.replacen(".version", ".version\0", 1),
     ] {
         std::fs::write(&files[0], bad).unwrap();
-        let (p, how) = compile_ptx_in(Some(&dir), DType::F32, "sm_80").unwrap();
+        let (p, how) = compile_ptx_in(Some(&dir), DType::F32, Unit::Core, "sm_80").unwrap();
         assert_eq!(how, PtxSource::Compiled);
         assert_eq!(p.to_src(), first.to_src());
         assert_eq!(
@@ -217,7 +280,7 @@ fn disk_cache_round_trip_and_failures() {
     // A cache "directory" that is a file, and one under /proc (cannot be created): no cache,
     // no error.
     for unusable in [files[0].clone(), "/proc/fused-margin-cache".into()] {
-        let (p, how) = compile_ptx_in(Some(&unusable), DType::F32, "sm_80").unwrap();
+        let (p, how) = compile_ptx_in(Some(&unusable), DType::F32, Unit::Core, "sm_80").unwrap();
         assert_eq!(how, PtxSource::Compiled, "{}", unusable.display());
         assert_eq!(p.to_src(), first.to_src());
     }

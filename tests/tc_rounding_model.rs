@@ -7,19 +7,22 @@
 //! What the model copies from the kernels (grad_tc.cu line numbers):
 //! - the unit gradient e_ij = (softmax - onehot) dtarget/dc in f32 from the saved lse
 //!   (`fm_grad_elem`, tile.cuh 129-139), with z = r t, t = c off the target;
-//! - dx (`fm_grad_x_tc`): e rounded to f16 with no scale (377); the partner chunk
-//!   wh_j = f16(w_j * (1/|w_j|)) (383, `fm_gt_fill_chunk` 242-243); the target entry e_iy kept in
-//!   f32 and added as fmaf(e_iy, w_yd / |w_y|, out) before the tile's product (389-404); f32
-//!   accumulation over the class split (407), partials times r_i g_i (418-425); proj_i = sum e c
-//!   in f32 from the unrounded e (369, 434); `fm_x_finish` (normalize.cu 70-79) sums the splits
-//!   in split order and applies the normalization backward in f32;
-//! - dw (`fm_grad_w_tc`): K = the power of two from `fm_grad_scale` (114-118: frexp, so K > max
-//!   |r g|); the chunk f16(x_i * (1/|x_i|) r_i g_i / K) (541, 242-243); per class row a running
-//!   power of two 2^k_j, k_j = min over row tiles of `fm_gt_exp_for`(max |e| of the tile, target
-//!   included) (520, 552-566, 297-302), accumulators rescaled when k_j drops (568-585); es =
-//!   f16(e 2^k_j) (562); the target entry in f32 as fmaf(e_iy pscale_i 2^k_j, x_id, out) before
-//!   the product (589-614); dwh = K (out 2^-k_j), then the normalization backward with proj_j
-//!   from the unrounded e in f32 (518, 620-649).
+//! - dx (`fm_grad_x_tc`): e rounded to f16 with no scale (416); the partner tile scaled in place
+//!   to wh_j = f16(w_j * (1/|w_j|)) (422, `fm_gt_scale_partner` 253-254); the target entry e_iy
+//!   kept in f32 and added as fmaf(e_iy, w_yd / |w_y|, out) before the tile's product (425-449);
+//!   f32 accumulation over the class split (451), partials times r_i g_i (460-475); proj_i =
+//!   sum e c in f32 from the unrounded e (408, 484); `fm_x_finish` (normalize.cu 70-79) sums the
+//!   splits in split order and applies the normalization backward in f32;
+//! - dw (`fm_grad_w_tc`): K = the power of two from `fm_grad_scale` (129-131: frexp, so K > max
+//!   |r g|); the partner tile scaled in place to f16(x_i * (1/|x_i|) r_i g_i / K) (632, 253-254);
+//!   per class row a running power of two 2^k_j, k_j = min over row tiles of `fm_gt_exp_for`(max
+//!   |e| of the tile, target included) (647, 307-313), accumulators rescaled when k_j drops
+//!   (664-673); es = f16(e 2^k_j) (653); the target entry in f32 as fmaf(e_iy pscale_i 2^k_j,
+//!   x_id, out) before the product (677-709); dwh = K (out 2^-k_j), then the normalization
+//!   backward with proj_j from the unrounded e in f32 (609, 720-753).
+//!
+//! (The bf16 kernels instead fold the partner factor into e before rounding it and leave the tile
+//! as given; this model is of the f16 kernels, whose rounding the resident-tile rewrite kept.)
 //!
 //! What it does not model: the cosines come from a generator, not from the vectors (S is f32 on
 //! the tensor cores; its error is shared with the SIMT path and far below f16's), the vectors
@@ -57,7 +60,7 @@ use std::sync::OnceLock;
 
 /// Partner rows per tile (FM_G_GT_PN, kernels/geometry.cuh): classes per dx tile, rows per dw tile.
 const PN: usize = 64;
-/// FM_GT_KMAX (grad_tc.cu 296).
+/// FM_GT_KMAX (grad_tc.cu 307).
 const KMAX: i32 = 125;
 /// docs/MATH.md's f16 bar for dx and dw (normwise relative error).
 const F16_BAR: f64 = 5e-3;

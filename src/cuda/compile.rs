@@ -1,12 +1,15 @@
-//! NVRTC compilation of the kernel translation unit, one PTX per (input dtype, architecture),
-//! cached process-wide (every later handle reuses it) and on disk (every later process does), see
-//! [`cache_dir`]. The driver's JIT of the PTX to machine code at module load has the driver's own
+//! NVRTC compilation of the kernel translation unit, one PTX per (input dtype, compile unit,
+//! architecture), cached process-wide (every later handle reuses it) and on disk (every later
+//! process does), see [`cache_dir`]. A [`Unit`] is one kernel family (and tile shape): a handle
+//! compiles and loads only the units its plans launch, in parallel, so the first call pays for
+//! the kernels it runs, not for all of them. The driver's JIT of the PTX to machine code at module load has the driver's own
 //! disk cache (`~/.nv/ComputeCache`, `CUDA_CACHE_PATH`). tests/compile_time.rs measures the
 //! compile; BENCHMARKS.md, "First call", has the figures.
 //!
 //! The loss options are kernel arguments, not compile-time constants: only the B target elements
 //! read them, so specializing would multiply compiles for no measurable gain.
 
+use super::geometry as g;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
@@ -68,6 +71,116 @@ pub const F32_ENTRY_POINTS: [&str; 2] = ["fm_fwd_tiles_tf32", "fm_fwd_tiles_tf32
 /// forward, selected by the benchmark-only kernel override of [`super::Options`]).
 pub const SM90A_HALF_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_wg"];
 
+/// A compile unit of kernels/all.cu (`-DFM_UNIT=`, codes in kernels/geometry.cuh): the entry
+/// points of one kernel family and tile shape. [`Unit::All`] is the whole translation unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Unit {
+    /// Every entry point (as nvcc and the emulator build it).
+    All,
+    /// The small kernels every fused plan runs: norms, target rows, combine, loss, labels, x
+    /// finish, the tensor-core backward's scale, the poisoning fills.
+    Core,
+    /// The SIMT forward tiles.
+    FwdSimt,
+    /// The 64 x 128 tensor-core forward tiles (f16/bf16, and TF32 for f32).
+    FwdTc,
+    /// The 128 x 256 tensor-core forward tiles (an opt-in).
+    FwdTcWide,
+    /// The wgmma forward (sm_90a, f16/bf16; an opt-in).
+    FwdWg,
+    /// The SIMT backward.
+    GradSimt,
+    /// The tensor-core backward's 64-row tiles (D <= 256), dw in the input dtype.
+    GradTc64,
+    /// Their dw kernel with f32 gradients (`backward_f32`).
+    GradTc64F32Out,
+    /// The tensor-core backward's 32-row x 512-column tiles (D > 256), dw in the input dtype.
+    GradTc32,
+    /// Their dw kernel with f32 gradients.
+    GradTc32F32Out,
+    /// The naive plan's kernels.
+    Naive,
+}
+
+impl Unit {
+    /// Every unit but [`Unit::All`]: together they hold every entry point once.
+    pub const EACH: [Unit; 11] = [
+        Unit::Core,
+        Unit::FwdSimt,
+        Unit::FwdTc,
+        Unit::FwdTcWide,
+        Unit::FwdWg,
+        Unit::GradSimt,
+        Unit::GradTc64,
+        Unit::GradTc64F32Out,
+        Unit::GradTc32,
+        Unit::GradTc32F32Out,
+        Unit::Naive,
+    ];
+
+    /// The `FM_UNIT` code (kernels/geometry.cuh); 0 for [`Unit::All`].
+    fn code(self) -> usize {
+        match self {
+            Unit::All => 0,
+            Unit::Core => g::UNIT_CORE,
+            Unit::FwdSimt => g::UNIT_FWD_SIMT,
+            Unit::FwdTc => g::UNIT_FWD_TC,
+            Unit::FwdTcWide => g::UNIT_FWD_TC_WIDE,
+            Unit::FwdWg => g::UNIT_FWD_WG,
+            Unit::GradSimt => g::UNIT_GRAD_SIMT,
+            Unit::GradTc64 => g::UNIT_GRAD_TC64,
+            Unit::GradTc64F32Out => g::UNIT_GRAD_TC64_F32OUT,
+            Unit::GradTc32 => g::UNIT_GRAD_TC32,
+            Unit::GradTc32F32Out => g::UNIT_GRAD_TC32_F32OUT,
+            Unit::Naive => g::UNIT_NAIVE,
+        }
+    }
+
+    /// A short name for file names and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::All => "all",
+            Unit::Core => "core",
+            Unit::FwdSimt => "fwd_simt",
+            Unit::FwdTc => "fwd_tc",
+            Unit::FwdTcWide => "fwd_tc_wide",
+            Unit::FwdWg => "fwd_wg",
+            Unit::GradSimt => "grad_simt",
+            Unit::GradTc64 => "grad_tc64",
+            Unit::GradTc64F32Out => "grad_tc64_f32out",
+            Unit::GradTc32 => "grad_tc32",
+            Unit::GradTc32F32Out => "grad_tc32_f32out",
+            Unit::Naive => "naive",
+        }
+    }
+
+    /// The unit that holds entry point `base` (a name of [`ENTRY_POINTS`] and its kin, without
+    /// the dtype suffix; an `_f32out` variant lives with its kernel, but for the tensor-core dw
+    /// kernels, whose f32 variants are units of their own); `None` for a name that is
+    /// no entry point. kernels_compile checks this against the compiled units.
+    pub fn of(base: &str) -> Option<Unit> {
+        let k = base.strip_suffix("_f32out").unwrap_or(base);
+        let f32out = k.len() < base.len();
+        Some(match k {
+            "fm_fill_u32" | "fm_fill_u16" | "fm_row_norms" | "fm_target_rows" | "fm_x_finish"
+            | "fm_combine_rows" | "fm_reduce_loss" | "fm_label_status" | "fm_grad_scale" => {
+                Unit::Core
+            }
+            "fm_fwd_tiles" => Unit::FwdSimt,
+            "fm_fwd_tiles_tc" | "fm_fwd_tiles_tf32" => Unit::FwdTc,
+            "fm_fwd_tiles_tc_wide" | "fm_fwd_tiles_tf32_wide" => Unit::FwdTcWide,
+            "fm_fwd_tiles_wg" => Unit::FwdWg,
+            "fm_grad_x_partial" | "fm_grad_w" => Unit::GradSimt,
+            "fm_grad_w_tc" if f32out => Unit::GradTc64F32Out,
+            "fm_grad_w_tc_d512" if f32out => Unit::GradTc32F32Out,
+            "fm_grad_x_tc" | "fm_grad_w_tc" => Unit::GradTc64,
+            "fm_grad_x_tc_d512" | "fm_grad_w_tc_d512" => Unit::GradTc32,
+            n if n.starts_with("naive_") && ENTRY_POINTS.contains(&n) => Unit::Naive,
+            _ => return None,
+        })
+    }
+}
+
 /// True when libnvrtc can be loaded (cudarc panics on first use otherwise).
 pub fn nvrtc_available() -> bool {
     super::libs::nvrtc_present()
@@ -85,10 +198,19 @@ fn dtype_define(dtype: DType) -> Result<&'static str> {
     }
 }
 
-/// Compiles the kernels for `dtype` and `arch` (e.g. `"sm_90"`), without caching. Works without
-/// a GPU (only libnvrtc is needed). Accurate maths: no fast-math flags.
-pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
-    let module = format!("fused-margin kernels ({}, {arch})", dtype.suffix());
+/// Ok for an input dtype the kernels are built for, the typed error for f64.
+pub(crate) fn check_dtype(dtype: DType) -> Result<()> {
+    dtype_define(dtype).map(|_| ())
+}
+
+/// Compiles the kernels of `unit` for `dtype` and `arch` (e.g. `"sm_90"`), without caching.
+/// Works without a GPU (only libnvrtc is needed). Accurate maths: no fast-math flags.
+pub fn compile_ptx_uncached(dtype: DType, unit: Unit, arch: &str) -> Result<Ptx> {
+    let module = format!(
+        "fused-margin kernels ({}, {}, {arch})",
+        dtype.suffix(),
+        unit.name()
+    );
     // The dtype first: an f64 request is wrong on every machine, and saying "libnvrtc not found"
     // to it would send the caller after the wrong problem.
     let define = dtype_define(dtype)?;
@@ -102,10 +224,15 @@ pub fn compile_ptx_uncached(dtype: DType, arch: &str) -> Result<Ptx> {
     let opts = CompileOptions {
         options: vec![
             define.to_string(),
+            format!("-DFM_UNIT={}", unit.code()),
             format!("--gpu-architecture={arch}"),
             "--std=c++17".into(),
         ],
-        name: Some(format!("fused_margin_{}.cu", dtype.suffix())),
+        name: Some(format!(
+            "fused_margin_{}_{}.cu",
+            dtype.suffix(),
+            unit.name()
+        )),
         ..Default::default()
     };
     cudarc::nvrtc::compile_ptx_with_opts(source::KERNELS_CU, opts).map_err(|e| {
@@ -173,29 +300,31 @@ fn nvrtc_version() -> (i32, i32) {
 /// What identifies one compile: the source, the options, NVRTC's version and this crate's. The
 /// whole key is stored in the file and compared on read, so a hash collision cannot load the
 /// wrong PTX.
-fn cache_key(dtype: DType, arch: &str) -> Result<String> {
+fn cache_key(dtype: DType, unit: Unit, arch: &str) -> Result<String> {
     let (major, minor) = nvrtc_version();
     let src = source::KERNELS_CU.as_bytes();
     Ok(format!(
-        "fused-margin {} kernels {:016x} len {} {} --gpu-architecture={arch} --std=c++17 nvrtc {major}.{minor}",
+        "fused-margin {} kernels {:016x} len {} {} -DFM_UNIT={} --gpu-architecture={arch} --std=c++17 nvrtc {major}.{minor}",
         env!("CARGO_PKG_VERSION"),
         fnv1a(&[src]),
         src.len(),
         dtype_define(dtype)?,
+        unit.code(),
     ))
 }
 
-fn cache_file(dir: &Path, key: &str, dtype: DType, arch: &str) -> PathBuf {
+fn cache_file(dir: &Path, key: &str, dtype: DType, unit: Unit, arch: &str) -> PathBuf {
     dir.join(format!(
-        "kernels-{}-{arch}-{:016x}.ptx",
+        "kernels-{}-{}-{arch}-{:016x}.ptx",
         dtype.suffix(),
+        unit.name(),
         fnv1a(&[key.as_bytes()])
     ))
 }
 
 /// The cached PTX of `key` in `dir`, if a file there holds exactly it (first line: the key).
-fn cache_read(dir: &Path, key: &str, dtype: DType, arch: &str) -> Option<Ptx> {
-    let text = std::fs::read_to_string(cache_file(dir, key, dtype, arch)).ok()?;
+fn cache_read(dir: &Path, key: &str, dtype: DType, unit: Unit, arch: &str) -> Option<Ptx> {
+    let text = std::fs::read_to_string(cache_file(dir, key, dtype, unit, arch)).ok()?;
     let (head, ptx) = text.split_once('\n')?;
     let body = ptx.strip_suffix("\n// fused-margin: end of cached PTX\n")?;
     // A NUL would make cudarc's module load panic (it builds a C string from the text).
@@ -204,8 +333,8 @@ fn cache_read(dir: &Path, key: &str, dtype: DType, arch: &str) -> Option<Ptx> {
 
 /// Stores `ptx` under `key` in `dir`: written to a temporary name, then renamed, so a reader never
 /// sees half a file. Every failure is ignored (the cache is an optimization).
-fn cache_write(dir: &Path, key: &str, dtype: DType, arch: &str, ptx: &Ptx) {
-    let file = cache_file(dir, key, dtype, arch);
+fn cache_write(dir: &Path, key: &str, dtype: DType, unit: Unit, arch: &str, ptx: &Ptx) {
+    let file = cache_file(dir, key, dtype, unit, arch);
     let tmp = file.with_extension(format!("tmp{}", std::process::id()));
     let text = format!(
         "// {key}\n{}\n// fused-margin: end of cached PTX\n",
@@ -228,33 +357,43 @@ pub enum PtxSource {
     Compiled,
 }
 
-/// The PTX for `dtype` and `arch` through the disk cache in `dir` (`None`: no disk cache), and
-/// where it came from. Not cached in memory; [`compile_ptx`] is this plus the process cache.
-pub fn compile_ptx_in(dir: Option<&Path>, dtype: DType, arch: &str) -> Result<(Ptx, PtxSource)> {
+/// The PTX of `unit` for `dtype` and `arch` through the disk cache in `dir` (`None`: no disk
+/// cache), and where it came from. Not cached in memory; [`compile_ptx`] is this plus the process
+/// cache.
+pub fn compile_ptx_in(
+    dir: Option<&Path>,
+    dtype: DType,
+    unit: Unit,
+    arch: &str,
+) -> Result<(Ptx, PtxSource)> {
     dtype_define(dtype)?;
     if let (Some(dir), true) = (dir, nvrtc_available()) {
-        let key = cache_key(dtype, arch)?;
-        if let Some(ptx) = cache_read(dir, &key, dtype, arch) {
+        let key = cache_key(dtype, unit, arch)?;
+        if let Some(ptx) = cache_read(dir, &key, dtype, unit, arch) {
             return Ok((ptx, PtxSource::Disk));
         }
-        let ptx = compile_ptx_uncached(dtype, arch)?;
-        cache_write(dir, &key, dtype, arch, &ptx);
+        let ptx = compile_ptx_uncached(dtype, unit, arch)?;
+        cache_write(dir, &key, dtype, unit, arch, &ptx);
         return Ok((ptx, PtxSource::Compiled));
     }
-    Ok((compile_ptx_uncached(dtype, arch)?, PtxSource::Compiled))
+    Ok((
+        compile_ptx_uncached(dtype, unit, arch)?,
+        PtxSource::Compiled,
+    ))
 }
 
 /// Compiles (once per process, and once per machine through the disk cache of [`cache_dir`])
-/// and returns the PTX for `dtype` and `arch`.
-pub fn compile_ptx(dtype: DType, arch: &str) -> Result<Ptx> {
-    static CACHE: OnceLock<Mutex<HashMap<(DType, String), Ptx>>> = OnceLock::new();
+/// and returns the PTX of `unit` for `dtype` and `arch`.
+pub fn compile_ptx(dtype: DType, unit: Unit, arch: &str) -> Result<Ptx> {
+    type Cache = Mutex<HashMap<(DType, Unit, String), Ptx>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let key = (dtype, arch.to_string());
+    let key = (dtype, unit, arch.to_string());
     if let Some(p) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
         return Ok(p.clone());
     }
-    // Compile outside the lock: other dtypes need not wait. A racing duplicate compile is harmless.
-    let (ptx, _) = compile_ptx_in(cache_dir().as_deref(), dtype, arch)?;
+    // Compile outside the lock: other units need not wait. A racing duplicate compile is harmless.
+    let (ptx, _) = compile_ptx_in(cache_dir().as_deref(), dtype, unit, arch)?;
     cache
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -276,8 +415,8 @@ mod tests {
     #[test]
     fn f64_is_unsupported_whether_or_not_nvrtc_is_present() {
         for result in [
-            compile_ptx_uncached(DType::F64, "sm_90"),
-            compile_ptx(DType::F64, "sm_80"),
+            compile_ptx_uncached(DType::F64, Unit::All, "sm_90"),
+            compile_ptx(DType::F64, Unit::Core, "sm_80"),
         ] {
             match result {
                 Err(Error::Unsupported { detail }) => {

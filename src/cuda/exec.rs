@@ -93,6 +93,14 @@ pub(crate) fn execute<T: CudaElement, O: CudaElement>(
     bound: &Bound<'_, T>,
     keep: &[Buf],
 ) -> Result<Kept<O>> {
+    // Every compile unit the plan launches, compiled in parallel before anything is enqueued (the
+    // fills poison buffers when the options ask for it).
+    let fills = h.options().poison.then_some(["fm_fill_u32", "fm_fill_u16"]);
+    k.prepare(
+        plan.launches()
+            .map(|l| l.entry.as_str())
+            .chain(fills.into_iter().flatten()),
+    )?;
     let (arena_len, arena_offs) = plan.arena_layout(keep);
     // Held until the plan is enqueued (see the module's documentation).
     let mut arena_slot = h.arena.lock().unwrap_or_else(|p| p.into_inner());

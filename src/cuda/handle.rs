@@ -3,7 +3,6 @@
 //! backward entry points, which build a launch plan (src/cuda/plan.rs) and run it
 //! (src/cuda/exec.rs).
 
-use super::compile::compile_ptx;
 use super::exec;
 use super::labels::{LabelCheck, LabelState};
 use super::launch::{cuda_err, fill_nan, CudaElement, Kernels};
@@ -195,8 +194,18 @@ impl FusedMarginLoss {
         {
             return Ok(selfcheck::choices_after(&r.outcome, &ch));
         }
+        // Every compile unit of both runs at once, so they compile in parallel (this is the first
+        // call's compile). A failure here is left for the runs to report: the SIMT run's is the
+        // call's error, the fast run's a failed check.
+        let reference = selfcheck::reference_choices(&ch);
+        let (sf, sb) = self.problem_plans(T::DTYPE, &pr, &reference)?;
+        let _ = self.kernels(T::DTYPE)?.prepare(
+            [&fwd, &bwd, &sf, &sb]
+                .into_iter()
+                .flat_map(|p| p.launches().map(|l| l.entry.as_str())),
+        );
         // The SIMT run is the yardstick: its failure is the call's error, not the fast path's.
-        let simt = self.run_problem::<T>(&pr, &selfcheck::reference_choices(&ch))?;
+        let simt = self.run_problem::<T>(&pr, &reference)?;
         let outcome = match self.run_problem::<T>(&pr, &ch) {
             Ok(fast) => {
                 let tf32 = T::DTYPE == DType::F32 && ch.tf32;
@@ -368,20 +377,19 @@ impl FusedMarginLoss {
             .as_ref()
     }
 
-    /// The module for `dtype`, compiled (once per process) and loaded (once per handle) on first
-    /// use.
+    /// The kernels of `dtype`: each compile unit compiled (once per process) and loaded (once per
+    /// handle) when a plan first launches it (`Kernels::prepare`).
     pub(crate) fn kernels(&self, dtype: DType) -> Result<Arc<Kernels>> {
         let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = mods.get(&dtype) {
             return Ok(k.clone());
         }
-        let ptx = compile_ptx(dtype, &self.arch)?;
-        let module = self
-            .stream
-            .context()
-            .load_module(ptx)
-            .map_err(|e| cuda_err("load kernel module", e))?;
-        let k = Arc::new(Kernels::new(module, dtype));
+        crate::cuda::compile::check_dtype(dtype)?;
+        let k = Arc::new(Kernels::new(
+            self.stream.context().clone(),
+            &self.arch,
+            dtype,
+        ));
         mods.insert(dtype, k.clone());
         Ok(k)
     }

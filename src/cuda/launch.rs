@@ -1,13 +1,13 @@
-//! The small pieces every launch uses: the element types the kernels take, a loaded module and
-//! its functions ([`Kernels`]), driver errors as [`Error::Cuda`], 1-D grids, the NaN fill of
+//! The small pieces every launch uses: the element types the kernels take, the compiled units'
+//! modules and their functions ([`Kernels`]), driver errors as [`Error::Cuda`], 1-D grids, the NaN fill of
 //! poisoned buffers, and the kernels' option block as bytes.
 
-use super::compile::entry_name;
+use super::compile::{compile_ptx, entry_name, Unit};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
-    PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,22 +18,92 @@ impl CudaElement for f32 {}
 impl CudaElement for half::f16 {}
 impl CudaElement for half::bf16 {}
 
-/// One loaded module and the functions fetched from it so far, each with the dynamic shared
-/// memory it has been allowed.
+/// The kernels of one input dtype on one device: each compile unit's module, compiled and loaded
+/// when a plan first launches one of its entry points, and the functions fetched so far, each
+/// with the dynamic shared memory it has been allowed.
 pub(crate) struct Kernels {
-    module: Arc<CudaModule>,
+    ctx: Arc<CudaContext>,
+    arch: String,
     dtype: DType,
+    modules: Mutex<HashMap<Unit, Arc<CudaModule>>>,
     functions: Mutex<HashMap<String, (CudaFunction, u32)>>,
 }
 
 impl Kernels {
-    /// The module `module`, compiled for inputs of `dtype`, with no function fetched yet.
-    pub(crate) fn new(module: Arc<CudaModule>, dtype: DType) -> Self {
+    /// The kernels of `dtype` for `arch` on `ctx`, with nothing compiled or loaded yet.
+    pub(crate) fn new(ctx: Arc<CudaContext>, arch: &str, dtype: DType) -> Self {
         Self {
-            module,
+            ctx,
+            arch: arch.to_string(),
             dtype,
+            modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The unit of `base`, or an error naming it (a plan that names no entry point is a bug).
+    fn unit_of(base: &str) -> Result<Unit> {
+        Unit::of(base).ok_or_else(|| Error::InvalidArgument {
+            what: "launch plan",
+            detail: format!("{base} is no kernel entry point"),
+        })
+    }
+
+    /// Compiles and loads the units of `bases` that are not loaded yet, one thread per unit: NVRTC
+    /// and the driver's JIT at module load are thread-safe, and a first call would otherwise wait
+    /// for each unit in turn. Compiled units stay in the process and disk caches
+    /// ([`compile_ptx`]) even where a load fails; the first failure in unit order is returned.
+    pub(crate) fn prepare<'a>(&self, bases: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        let mut want = Vec::new();
+        {
+            let mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            for b in bases {
+                let u = Self::unit_of(b)?;
+                if !mods.contains_key(&u) && !want.contains(&u) {
+                    want.push(u);
+                }
+            }
+        }
+        want.sort();
+        let build = |u: Unit| -> Result<Arc<CudaModule>> {
+            let ptx = compile_ptx(self.dtype, u, &self.arch)?;
+            self.ctx
+                .load_module(ptx)
+                .map_err(|e| cuda_err(&format!("load kernel module {}", u.name()), e))
+        };
+        let built: Vec<Result<Arc<CudaModule>>> = match want.len() {
+            0 => return Ok(()),
+            1 => vec![build(want[0])],
+            _ => std::thread::scope(|sc| {
+                let jobs: Vec<_> = want.iter().map(|&u| sc.spawn(move || build(u))).collect();
+                jobs.into_iter()
+                    .zip(&want)
+                    .map(|(j, u)| {
+                        j.join().unwrap_or_else(|_| {
+                            Err(Error::Compile {
+                                module: format!("fused-margin kernels ({})", u.name()),
+                                log: "the compiling thread panicked".into(),
+                                source: None,
+                            })
+                        })
+                    })
+                    .collect()
+            }),
+        };
+        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut first_err = None;
+        for (u, m) in want.into_iter().zip(built) {
+            match m {
+                // A unit another thread loaded meanwhile keeps its first module.
+                Ok(m) => {
+                    mods.entry(u).or_insert(m);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     /// The entry point `base` for this module's dtype (e.g. `fm_grad_w` -> `fm_grad_w_bf16`).
@@ -55,10 +125,23 @@ impl Kernels {
         }
         let f = match fns.get(&name) {
             Some((f, _)) => f.clone(),
-            None => self
-                .module
-                .load_function(&name)
-                .map_err(|e| cuda_err(&format!("load kernel {name}"), e))?,
+            None => {
+                self.prepare([base])?;
+                let unit = Self::unit_of(base)?;
+                let module = self
+                    .modules
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&unit)
+                    .cloned()
+                    .ok_or_else(|| Error::InvalidArgument {
+                        what: "launch plan",
+                        detail: format!("the module of {} was not loaded", unit.name()),
+                    })?;
+                module
+                    .load_function(&name)
+                    .map_err(|e| cuda_err(&format!("load kernel {name}"), e))?
+            }
         };
         if smem_bytes > 0 {
             f.set_attribute(

@@ -76,7 +76,7 @@ pub use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
 pub use compile::{
     cache_dir, compile_ptx, compile_ptx_in, compile_ptx_uncached, entry_name, nvrtc_available,
-    source, PtxSource, ENTRY_POINTS, F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES,
+    source, PtxSource, Unit, ENTRY_POINTS, F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES,
     SM90A_HALF_ENTRY_POINTS,
 };
 pub use handle::{default_stream, device_available, FusedMarginLoss};
