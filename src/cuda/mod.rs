@@ -67,12 +67,13 @@ pub mod plan;
 pub mod raw;
 mod results;
 pub mod selfcheck;
+mod spans;
 
 /// The cudarc this crate is built against (0.19): its device buffers, views and streams are what
 /// [`FusedMarginLoss`] takes.
 pub use cudarc;
 /// cudarc's types in this module's signatures, re-exported so a caller can name them.
-pub use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 pub use compile::{
     cache_dir, compile_ptx, compile_ptx_in, compile_ptx_uncached, entry_name, nvrtc_available,
@@ -87,5 +88,8 @@ pub(crate) use launch::{cuda_err, Kernels};
 #[doc(hidden)]
 pub use options::KernelOverride;
 pub use options::{F32Precision, Options, Plan};
-pub use results::{DeviceUpstream, GpuForward, GpuGradients, GpuUpstream};
+pub use results::{
+    DeviceUpstream, GpuBackwardRun, GpuForward, GpuForwardOut, GpuGradOut, GpuGradients, GpuSaved,
+    GpuUpstream,
+};
 pub use selfcheck::{Outcome as SelfCheckOutcome, SelfCheckReport};
