@@ -140,7 +140,7 @@ impl RawForward {
     }
 
     /// The number of rows that count (label >= 0). (Raw entry points check labels on the host,
-    /// before the launch; the `Result` is [`GpuForward::counted`]'s.)
+    /// before the launch; the `Result` is [`GpuSaved::counted`]'s.)
     pub fn counted(&self) -> Result<usize> {
         self.fwd.counted()
     }
