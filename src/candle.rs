@@ -20,9 +20,15 @@
 //! kernels on candle's own stream (CUDA tensors, feature `candle-cuda`) and keeps what the
 //! backward needs (per-row logsumexp and norms: `O(B + C)`, never `B x C`) inside the op, which
 //! candle's graph holds as long as the loss tensor lives. Its `bwd` applies a second op on the
-//! same inputs that computes `dx` and `dw` together, on the same device as the forward; `dw`
-//! leaves that op through a third, trivial op, because a candle op returns one tensor. Gradients
-//! are in the input dtype; they are not themselves differentiable (no second-order gradients).
+//! same inputs that computes `dx` and `dw` together, on the same device as the forward, into one
+//! buffer (`dx`, then `dw` at a 256-byte aligned offset) that it returns as one tensor; `bwd`
+//! splits it into the two gradients with `narrow` and `reshape`, which share its storage (no
+//! copy). On CUDA the kernels write both in place ([`FusedMarginLoss::backward_into`]) and the
+//! forward's loss likewise ([`FusedMarginLoss::forward_into`]). Gradients are in the input
+//! dtype; they are not themselves differentiable (no second-order gradients).
+//!
+//! [`FusedMarginLoss::backward_into`]: crate::cuda::FusedMarginLoss::backward_into
+//! [`FusedMarginLoss::forward_into`]: crate::cuda::FusedMarginLoss::forward_into
 //!
 //! Loss dtype: the scalar loss of `Reduction::Mean` and `Reduction::Sum` is f32 for every input
 //! dtype, as PyTorch's autocast computes losses in f32. The sum of B row losses outgrows f16
@@ -35,7 +41,7 @@ use crate::dtype::Element;
 use crate::error::Error;
 use crate::spec::{MarginLoss, Reduction, Shape, Upstream};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Tensor, WithDType};
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -299,7 +305,7 @@ fn not_contiguous(name: &str, l: &Layout) -> candle_core::Error {
 enum Saved {
     Cpu(cpu::Forward),
     #[cfg(feature = "candle-cuda")]
-    Cuda(Box<crate::cuda::GpuForward>),
+    Cuda(Box<crate::cuda::GpuSaved>),
 }
 
 type SavedSlot = Arc<Mutex<Option<Saved>>>;
@@ -454,18 +460,56 @@ impl CustomOp3 for MarginOp {
                 UpstreamArg::Scalar(grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
             }
         };
-        let dw_slot = Arc::new(Mutex::new(None));
+        let layout = GradLayout::new(self.shape, x.dtype().size_in_bytes())?;
         let grad_op = GradOp {
             spec: self.spec,
             shape: self.shape,
             options: self.options.clone(),
             saved: self.saved.clone(),
             upstream,
-            dw: dw_slot.clone(),
+            layout,
         };
-        let dx = x.apply_op3_no_bwd(w, labels, &grad_op)?;
-        let dw = w.apply_op1_no_bwd(&TakeDw { dw: dw_slot })?;
+        // One op gives both gradients, in one buffer; the two views share its storage.
+        let Shape { b, d, c } = self.shape;
+        let both = x.apply_op3_no_bwd(w, labels, &grad_op)?;
+        let dx = both.narrow(0, 0, b * d)?.reshape((b, d))?;
+        let dw = both.narrow(0, layout.dw_offset, c * d)?.reshape((c, d))?;
         Ok((Some(dx), Some(dw), None))
+    }
+}
+
+/// Where the backward op puts the gradients in the one buffer it returns: `dx` (B x D) at 0, `dw`
+/// (C x D) at `dw_offset`, the first multiple of 256 bytes after `dx`, so `dw` starts as aligned
+/// as a fresh allocation. (The kernels store gradients one element at a time, which needs only
+/// element alignment; the padding keeps `dw` fit for vectorized readers and stores, at most 255
+/// bytes.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GradLayout {
+    dw_offset: usize,
+    /// Elements of the whole buffer: `dw_offset + C*D`.
+    len: usize,
+}
+
+impl GradLayout {
+    const ALIGN_BYTES: usize = 256;
+
+    /// The layout for `shape` with elements of `elem_bytes` (2 or 4).
+    fn new(shape: Shape, elem_bytes: usize) -> candle_core::Result<Self> {
+        let per = (Self::ALIGN_BYTES / elem_bytes.max(1)).max(1);
+        // Checked although margin_loss validated the shape: a wrap here would misplace dw.
+        let dw_offset = shape
+            .b
+            .checked_mul(shape.d)
+            .and_then(|dx| dx.div_ceil(per).checked_mul(per));
+        let len =
+            dw_offset.and_then(|o| shape.c.checked_mul(shape.d).and_then(|n| o.checked_add(n)));
+        let (Some(dw_offset), Some(len)) = (dw_offset, len) else {
+            return Err(msg(format!(
+                "fused_margin::candle: the gradients of {shape:?} (B*D and C*D elements, dw at a \
+                 256-byte boundary) overflow usize"
+            )));
+        };
+        Ok(Self { dw_offset, len })
     }
 }
 
@@ -480,16 +524,8 @@ enum UpstreamArg {
     PerRowDevice(Tensor),
 }
 
-/// `dw` handed from [`GradOp`] to [`TakeDw`].
-enum DwStash {
-    Cpu(CpuStorage),
-    #[cfg(feature = "candle-cuda")]
-    Cuda(candle_core::CudaStorage),
-}
-
-type DwSlot = Arc<Mutex<Option<DwStash>>>;
-
-/// The backward op: `(x, w, labels) -> dx`, with `dw` left in `dw` for [`TakeDw`].
+/// The backward op: `(x, w, labels) -> [dx, padding, dw]`, one rank-1 tensor laid out as
+/// `layout` says.
 struct GradOp {
     spec: MarginLoss,
     shape: Shape,
@@ -497,7 +533,7 @@ struct GradOp {
     options: Options,
     saved: SavedSlot,
     upstream: UpstreamArg,
-    dw: DwSlot,
+    layout: GradLayout,
 }
 
 impl CpuTyped for GradOp {
@@ -527,12 +563,21 @@ impl CpuTyped for GradOp {
             }
         };
         let g = cpu::backward(&self.spec, fwd, x, w, labels, self.shape, upstream).map_err(wrap)?;
-        let to_t =
-            |v: Vec<f64>| -> Vec<T> { v.into_iter().map(<T as Element>::from_f64).collect() };
-        *lock(&self.dw) = Some(DwStash::Cpu(T::to_cpu_storage_owned(to_t(g.dw))));
+        // dx, zeros up to dw's offset, dw: the CUDA op's layout, so `bwd` splits both alike.
+        let mut both: Vec<T> = Vec::with_capacity(self.layout.len);
+        both.extend(g.dx.iter().map(|&v| <T as Element>::from_f64(v)));
+        both.resize(self.layout.dw_offset, <T as Element>::from_f64(0.0));
+        both.extend(g.dw.iter().map(|&v| <T as Element>::from_f64(v)));
+        if both.len() != self.layout.len {
+            return Err(msg(format!(
+                "fused_margin::candle: internal: {} gradient values for a layout of {}",
+                both.len(),
+                self.layout.len
+            )));
+        }
         Ok((
-            T::to_cpu_storage_owned(to_t(g.dx)),
-            candle_core::Shape::from((self.shape.b, self.shape.d)),
+            T::to_cpu_storage_owned(both),
+            candle_core::Shape::from(self.layout.len),
         ))
     }
 }
@@ -565,7 +610,7 @@ impl CustomOp3 for GradOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let gpu = gpu::handle(s1.device(), &self.options)?;
-        let (dx, dw) = match s1.dtype() {
+        let both = match s1.dtype() {
             DType::F32 => gpu::backward::<f32>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
             DType::F16 => gpu::backward::<f16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
             DType::BF16 => gpu::backward::<bf16>(&gpu, self, s1, l1, s2, l2, s3, l3)?,
@@ -575,49 +620,7 @@ impl CustomOp3 for GradOp {
                 )))
             }
         };
-        *lock(&self.dw) = Some(DwStash::Cuda(dw));
-        Ok((dx, candle_core::Shape::from((self.shape.b, self.shape.d))))
-    }
-}
-
-/// Returns the `dw` that [`GradOp`] computed (applied to `w` only for its device and so that
-/// candle builds the tensor; `w` itself is not read).
-struct TakeDw {
-    dw: DwSlot,
-}
-
-impl TakeDw {
-    fn missing(&self) -> candle_core::Error {
-        msg("fused_margin::candle: internal: dw was not computed on this device".into())
-    }
-}
-
-impl CustomOp1 for TakeDw {
-    fn name(&self) -> &'static str {
-        "fused-margin-loss-take-dw"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        match lock(&self.dw).take() {
-            Some(DwStash::Cpu(s)) => Ok((s, l.shape().clone())),
-            _ => Err(self.missing()),
-        }
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        match lock(&self.dw).take() {
-            Some(DwStash::Cuda(s)) => Ok((s, l.shape().clone())),
-            _ => Err(self.missing()),
-        }
+        Ok((both, candle_core::Shape::from(self.layout.len)))
     }
 }
 
@@ -626,7 +629,9 @@ impl CustomOp1 for TakeDw {
 #[cfg(feature = "candle-cuda")]
 mod gpu {
     use super::{lock, msg, not_contiguous, wrap, GradOp, MarginOp, Saved, UpstreamArg};
-    use crate::cuda::{CudaElement, FusedMarginLoss, GpuUpstream, Options};
+    use crate::cuda::{
+        CudaElement, FusedMarginLoss, GpuForwardOut, GpuGradOut, GpuSaved, GpuUpstream, Options,
+    };
     use crate::spec::Reduction;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::{CudaDType, DeviceId};
@@ -702,23 +707,38 @@ mod gpu {
             view::<T>(s2, l2, "w")?,
             view::<i32>(s3, l3, "labels")?,
         );
-        let fwd = gpu
-            .forward(&op.spec, &x, &w, &labels, op.shape)
-            .map_err(wrap)?;
-        // The result is a copy: the forward's own buffers stay saved for the backward.
-        let src = match op.spec.reduction {
-            Reduction::None => &fwd.row_loss,
-            Reduction::Mean | Reduction::Sum => &fwd.loss,
+        // The loss (mean, sum) or the row losses (none): the op's result, written in place by
+        // the kernels; the other one stays with the saved state.
+        let n = match op.spec.reduction {
+            Reduction::None => op.shape.b,
+            Reduction::Mean | Reduction::Sum => 1,
         };
-        let out = gpu
-            .stream()
-            .clone_dtod(src)
-            .map_err(|e| msg(format!("fused_margin::candle: copy the loss: {e:?}")))?;
+        // SAFETY: uninitialized f32 device memory (no invalid bit patterns) of exactly the
+        // output's length, which forward_into checks and its kernels write whole (fm_reduce_loss
+        // the loss; fm_combine_rows / naive_softmax every row) before anything reads it; on an
+        // error it is dropped unread.
+        let mut out = unsafe { gpu.stream().alloc::<f32>(n) }
+            .map_err(|e| msg(format!("fused_margin::candle: allocate the loss: {e:?}")))?;
+        let views = match op.spec.reduction {
+            Reduction::None => GpuForwardOut {
+                loss: None,
+                row_loss: Some(out.as_view_mut()),
+            },
+            Reduction::Mean | Reduction::Sum => GpuForwardOut {
+                loss: Some(out.as_view_mut()),
+                row_loss: None,
+            },
+        };
+        let saved = gpu
+            .forward_into(&op.spec, &x, &w, &labels, op.shape, views)
+            .map_err(wrap)?;
         // The scalar loss stays f32 (see margin_loss); row losses take the input dtype.
         let storage = to_dtype(s1.device(), out, op.out_dtype(<T as WithDType>::DTYPE))?;
-        Ok((Saved::Cuda(Box::new(fwd)), storage))
+        Ok((Saved::Cuda(Box::new(saved)), storage))
     }
 
+    /// `dx` and `dw` into one buffer laid out as `op.layout` (the op's result), written in
+    /// place by the kernels.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn backward<T: CudaElement + CudaDType + WithDType>(
         gpu: &FusedMarginLoss,
@@ -729,20 +749,27 @@ mod gpu {
         l2: &Layout,
         s3: &CudaStorage,
         l3: &Layout,
-    ) -> candle_core::Result<(CudaStorage, CudaStorage)> {
+    ) -> candle_core::Result<CudaStorage> {
         let (x, w, labels) = (
             view::<T>(s1, l1, "x")?,
             view::<T>(s2, l2, "w")?,
             view::<i32>(s3, l3, "labels")?,
         );
         let saved = lock(&op.saved);
-        let recomputed;
-        let fwd = match &*saved {
+        let recomputed: GpuSaved;
+        let fwd: &GpuSaved = match &*saved {
             Some(Saved::Cuda(f)) => f,
             // Not saved by a CUDA forward (cannot happen through margin_loss): recompute it.
             _ => {
                 recomputed = gpu
-                    .forward(&op.spec, &x, &w, &labels, op.shape)
+                    .forward_into(
+                        &op.spec,
+                        &x,
+                        &w,
+                        &labels,
+                        op.shape,
+                        GpuForwardOut::default(),
+                    )
                     .map_err(wrap)?;
                 &recomputed
             }
@@ -752,9 +779,29 @@ mod gpu {
         // read back already (the stream has run the forward), so this small copy waits for
         // nothing more.
         fwd.check().map_err(wrap)?;
-        let grads = match &op.upstream {
+        let internal = |what: &str| {
+            msg(format!(
+                "fused_margin::candle: internal: the gradient buffer has no room for {what}"
+            ))
+        };
+        let bd = op.shape.b * op.shape.d;
+        // SAFETY: uninitialized device memory of T (f32, f16 or bf16: no invalid bit patterns).
+        // backward_into writes every element of dx (0..B*D) and of dw (dw_offset..len) before
+        // anything reads them, and the padding between them is never read: the op's result is
+        // only seen through the two tensors `bwd` narrows out of it. On an error it is dropped.
+        let mut both = unsafe { gpu.stream().alloc::<T>(op.layout.len) }.map_err(|e| {
+            msg(format!(
+                "fused_margin::candle: allocate the gradients: {e:?}"
+            ))
+        })?;
+        let (mut head, dw) = both
+            .try_split_at_mut(op.layout.dw_offset)
+            .ok_or_else(|| internal("dw"))?;
+        let dx = head.try_slice_mut(..bd).ok_or_else(|| internal("dx"))?;
+        let out = GpuGradOut { dx, dw };
+        match &op.upstream {
             UpstreamArg::Scalar(v) => {
-                gpu.backward::<T>(fwd, &x, &w, &labels, GpuUpstream::Scalar(*v as f32))
+                gpu.backward_into::<T>(fwd, &x, &w, &labels, GpuUpstream::Scalar(*v as f32), out)
             }
             UpstreamArg::PerRowDevice(t) => {
                 let (storage, layout) = t.storage_and_layout();
@@ -765,7 +812,7 @@ mod gpu {
                     ));
                 };
                 let g = view::<f32>(cs, layout, "upstream gradient")?;
-                gpu.backward::<T>(fwd, &x, &w, &labels, GpuUpstream::PerRow(&g))
+                gpu.backward_into::<T>(fwd, &x, &w, &labels, GpuUpstream::PerRow(&g), out)
             }
             UpstreamArg::PerRowHost(_) => {
                 return Err(msg(
@@ -774,10 +821,41 @@ mod gpu {
             }
         }
         .map_err(wrap)?;
-        let dev = s1.device().clone();
-        Ok((
-            CudaStorage::wrap_cuda_slice(grads.dx, dev.clone()),
-            CudaStorage::wrap_cuda_slice(grads.dw, dev),
-        ))
+        Ok(CudaStorage::wrap_cuda_slice(both, s1.device().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dw_starts_at_the_next_256_byte_boundary_after_dx() {
+        // B*D = 21: dw after 64 f32 (256 bytes) or 128 16-bit elements.
+        let s = Shape::new(3, 7, 5);
+        assert_eq!(
+            GradLayout::new(s, 4).unwrap(),
+            GradLayout {
+                dw_offset: 64,
+                len: 64 + 35
+            }
+        );
+        assert_eq!(GradLayout::new(s, 2).unwrap().dw_offset, 128);
+        // dx already ends on a boundary: no padding.
+        let even = Shape::new(2, 64, 3);
+        assert_eq!(
+            GradLayout::new(even, 2).unwrap(),
+            GradLayout {
+                dw_offset: 128,
+                len: 128 + 192
+            }
+        );
+        assert_eq!(
+            GradLayout::new(Shape::new(2, 65, 3), 4).unwrap().dw_offset,
+            192
+        );
+        // An offset plus C*D past usize is an error, not a wrap.
+        let huge = Shape::new(1, 3, usize::MAX / 3);
+        assert!(GradLayout::new(huge, 4).is_err());
     }
 }

@@ -332,6 +332,59 @@ fn backward_can_run_twice_on_one_loss() {
     }
 }
 
+/// The backward op returns dx and dw as two views of one buffer (`bwd` narrows them out; their
+/// layout is unit-tested in src/candle.rs): through candle's gradient store and an optimizer step
+/// they behave as any gradient, dims and values, in every dtype.
+#[test]
+fn gradients_from_one_buffer_train_like_any_other() {
+    use candle_nn::Optimizer;
+    let dev = Device::Cpu;
+    let shape = Shape::new(3, 7, 5);
+    let (x, w, labels) = inputs(shape, 12);
+    let spec = MarginLoss::arcface(0.5).scale(8.0);
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let var = |v: &[f32], dims: (usize, usize)| {
+            let t = Tensor::from_vec(v.to_vec(), dims, &dev).unwrap();
+            Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+        };
+        let (xt, wt) = (var(&x, (3, 7)), var(&w, (5, 7)));
+        let lt = Tensor::from_vec(labels.clone(), 3, &dev).unwrap();
+        let loss = margin_loss(xt.as_tensor(), wt.as_tensor(), &lt, &spec).unwrap();
+        let grads = loss.backward().unwrap();
+        let (dx, dw) = (
+            grads.get(xt.as_tensor()).unwrap(),
+            grads.get(wt.as_tensor()).unwrap(),
+        );
+        assert_eq!(
+            (dx.dims(), dw.dims()),
+            (&[3, 7][..], &[5, 7][..]),
+            "{dtype:?}"
+        );
+        // SGD on the two views moves w by exactly -lr dw (the reference's dw, rounded).
+        let v = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let (w0, dw0) = (v(wt.as_tensor()), v(dw));
+        let mut sgd = candle_nn::SGD::new(vec![wt.clone()], 0.5).unwrap();
+        sgd.backward_step(&loss).unwrap();
+        let want: Vec<f64> = w0.iter().zip(&dw0).map(|(a, g)| a - 0.5 * g).collect();
+        let got = v(wt.as_tensor());
+        let tol = if dtype == DType::F32 { 1e-6 } else { 2e-2 };
+        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= tol * (1.0 + b.abs()),
+                "{dtype:?} w[{k}]: {a} vs {b}"
+            );
+        }
+        assert_ne!(got, w0, "{dtype:?}: the step moved w");
+    }
+}
+
 /// The error of a call, as text (the op must fail).
 fn err_text(r: candle_core::Result<Tensor>) -> String {
     match r {

@@ -4,10 +4,10 @@
 //!
 //! Without a GPU every test prints why and passes; with `FUSED_MARGIN_REQUIRE_GPU=1` (the GPU
 //! machine's bundle sets it) a missing device fails instead.
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use fused_margin::cuda::{
-    self, CudaElement, F32Precision, FusedMarginLoss, GpuForward, GpuGradients, GpuUpstream,
-    LabelCheck, Options, Plan,
+    self, CudaElement, F32Precision, FusedMarginLoss, GpuForward, GpuForwardOut, GpuGradOut,
+    GpuGradients, GpuUpstream, LabelCheck, Options, Plan,
 };
 use fused_margin::{
     cpu, DType, GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, Upstream,
@@ -1223,4 +1223,398 @@ fn self_check_passes_on_this_device() {
     simt.forward(&spec, &xd.as_view(), &wd.as_view(), &ld.as_view(), shape)
         .unwrap();
     assert!(simt.self_checks().is_empty(), "nothing fast to check");
+}
+
+/// Exact bit patterns of device values (through f64, exact for f32, f16 and bf16), so that NaN
+/// compares equal to the same NaN.
+fn bits_of<T: CudaElement, S: DevicePtr<T>>(s: &Arc<CudaStream>, v: &S) -> Vec<u64> {
+    s.clone_dtoh(v)
+        .unwrap()
+        .iter()
+        .map(|e| e.to_f64().to_bits())
+        .collect()
+}
+
+/// The `_into` calls against the allocating ones on one handle, bit for bit: forward into both
+/// views, forward into the loss view only (the row losses then stay with the saved state),
+/// backward and f32 backward into dx and dw as two views of one buffer, dw starting one element
+/// past dx (so only element alignment holds).
+fn into_same<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, shape: Shape, seed: u64) {
+    let s = gpu.stream();
+    let what = format!("{:?} {:?} {spec:?} {shape:?}", gpu.options().plan, T::DTYPE);
+    let inp = common::margin_inputs(shape, seed);
+    let (x, w) = (upload::<T>(s, &inp.x), upload::<T>(s, &inp.w));
+    let l = s.clone_htod(&inp.labels).unwrap();
+    let g = upload::<f32>(s, &inp.upstream);
+    let (xv, wv, lv, gv) = (x.as_view(), w.as_view(), l.as_view(), g.as_view());
+    let up = match spec.reduction {
+        Reduction::None => GpuUpstream::PerRow(&gv),
+        Reduction::Mean | Reduction::Sum => GpuUpstream::Scalar(0.75),
+    };
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+
+    let f = gpu.forward(spec, &xv, &wv, &lv, shape).unwrap();
+    let mut loss = s.alloc_zeros::<f32>(1).unwrap();
+    let mut rows = s.alloc_zeros::<f32>(b).unwrap();
+    let saved = gpu
+        .forward_into(
+            spec,
+            &xv,
+            &wv,
+            &lv,
+            shape,
+            GpuForwardOut {
+                loss: Some(loss.as_view_mut()),
+                row_loss: Some(rows.as_view_mut()),
+            },
+        )
+        .unwrap();
+    assert_eq!(bits_of(s, &loss), bits_of(s, &f.loss), "{what}: loss");
+    assert_eq!(
+        bits_of(s, &rows),
+        bits_of(s, &f.row_loss),
+        "{what}: row losses"
+    );
+    assert_eq!(bits_of(s, &saved.lse), bits_of(s, &f.lse), "{what}: lse");
+    assert_eq!(saved.kernels, f.kernels, "{what}: kernels");
+    assert!(
+        matches!(
+            saved.loss_host(),
+            Err(fused_margin::Error::Unsupported { .. })
+        ),
+        "{what}: the loss is the caller's"
+    );
+    // Only the loss given: the row losses are kept by the saved state.
+    let mut loss2 = s.alloc_zeros::<f32>(1).unwrap();
+    let part = gpu
+        .forward_into(
+            spec,
+            &xv,
+            &wv,
+            &lv,
+            shape,
+            GpuForwardOut {
+                loss: Some(loss2.as_view_mut()),
+                row_loss: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(bits_of(s, &loss2), bits_of(s, &f.loss), "{what}: loss only");
+    let kept: Vec<u32> = part
+        .row_loss_host()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let want: Vec<u32> = f
+        .row_loss_host()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(kept, want, "{what}: kept row losses");
+
+    let gr = gpu.backward(&f, &xv, &wv, &lv, up).unwrap();
+    let mut both = s.alloc_zeros::<T>(b * d + 1 + c * d).unwrap();
+    let (mut head, dw) = both.split_at_mut(b * d + 1);
+    let run = gpu
+        .backward_into(
+            &saved,
+            &xv,
+            &wv,
+            &lv,
+            up,
+            GpuGradOut {
+                dx: head.slice_mut(..b * d),
+                dw,
+            },
+        )
+        .unwrap();
+    run.check().unwrap();
+    assert_eq!(run.kernels, gr.kernels, "{what}: backward kernels");
+    assert_eq!(
+        bits_of(s, &both.slice(..b * d)),
+        bits_of(s, &gr.dx),
+        "{what}: dx"
+    );
+    assert_eq!(
+        bits_of(s, &both.slice(b * d + 1..)),
+        bits_of(s, &gr.dw),
+        "{what}: dw"
+    );
+    assert_eq!(
+        bits_of(s, &both.slice(b * d..b * d + 1)),
+        vec![0f64.to_bits()],
+        "{what}: the element between dx and dw is untouched"
+    );
+
+    let g32 = gpu.backward_f32(&f, &xv, &wv, &lv, up).unwrap();
+    let mut dx32 = s.alloc_zeros::<f32>(b * d).unwrap();
+    let mut dw32 = s.alloc_zeros::<f32>(c * d).unwrap();
+    gpu.backward_f32_into(
+        &saved,
+        &xv,
+        &wv,
+        &lv,
+        up,
+        GpuGradOut {
+            dx: dx32.as_view_mut(),
+            dw: dw32.as_view_mut(),
+        },
+    )
+    .unwrap();
+    assert_eq!(bits_of(s, &dx32), bits_of(s, &g32.dx), "{what}: f32 dx");
+    assert_eq!(bits_of(s, &dw32), bits_of(s, &g32.dw), "{what}: f32 dw");
+}
+
+#[test]
+fn into_results_equal_the_allocating_calls_bit_for_bit() {
+    let Some(stream) = gpu_or_skip() else { return };
+    let shape = Shape::new(37, 64, 301);
+    let specs = [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35).reduction(Reduction::Sum),
+        MarginLoss::arcface(0.5).reduction(Reduction::None),
+    ];
+    for plan in [Plan::Fused, Plan::Naive] {
+        // Poisoned: an element of a view the kernels failed to write would read NaN.
+        let gpu = poisoned(&stream, plan);
+        for (k, spec) in specs.iter().enumerate() {
+            into_same::<f32>(&gpu, spec, shape, 70 + k as u64);
+            into_same::<bf16>(&gpu, spec, shape, 80 + k as u64);
+            into_same::<f16>(&gpu, spec, shape, 90 + k as u64);
+        }
+    }
+    // The host label check too (the raw entry's mode).
+    let host = handle(&stream, |o| {
+        o.label_check = LabelCheck::Host;
+        o.poison = true;
+    });
+    into_same::<bf16>(&host, &specs[0], shape, 99);
+}
+
+/// A second `CudaSlice` over `len` elements at byte offset `off` of memory `owner` holds (how
+/// another framework's tensor can alias it): never freed, leaked on drop.
+struct Alias<T>(std::mem::ManuallyDrop<CudaSlice<T>>);
+
+impl<T> Alias<T> {
+    fn of<U>(s: &Arc<CudaStream>, owner: &CudaSlice<U>, off: u64, len: usize) -> Self {
+        let (p, _record) = owner.device_ptr(s);
+        // SAFETY: `off + len` elements of T lie inside `owner`'s allocation (the callers' sizes),
+        // which outlives this alias; the alias is never freed (Drop leaks it).
+        Self(std::mem::ManuallyDrop::new(unsafe {
+            s.upgrade_device_ptr::<T>(p + off, len)
+        }))
+    }
+}
+
+impl<T> Drop for Alias<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; the memory is `owner`'s, so hand the pointer back unfreed.
+        let _ = unsafe { std::mem::ManuallyDrop::take(&mut self.0) }.leak();
+    }
+}
+
+#[test]
+fn into_bad_views_are_typed_errors_before_any_launch() {
+    use fused_margin::Error;
+    let Some(stream) = gpu_or_skip() else { return };
+    // Poisoned: had anything been enqueued for the call, the views would hold NaN.
+    let gpu = poisoned(&stream, Plan::Fused);
+    let s = &stream;
+    let shape = Shape::new(4, 8, 10);
+    let (b, d, c) = (shape.b, shape.d, shape.c);
+    let x = s.clone_htod(&[0.5f32; 32]).unwrap();
+    let w = s.clone_htod(&[0.25f32; 80]).unwrap();
+    let l = s.clone_htod(&[1i32, 2, 3, 4]).unwrap();
+    let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
+    let spec = MarginLoss::arcface(0.5);
+    let sentinel = 7.0f32;
+    let untouched = |v: &CudaSlice<f32>, what: &str| {
+        let h = s.clone_dtoh(v).unwrap();
+        assert!(
+            h.iter().all(|&e| e == sentinel),
+            "{what} was written: {h:?}"
+        );
+    };
+    let invalid = |r: Result<(), Error>, what: &str, part: &str| match r {
+        Err(Error::InvalidArgument { what: w, detail }) => {
+            assert_eq!(w, what, "{detail}");
+            assert!(detail.contains(part), "{detail}");
+        }
+        other => panic!("expected InvalidArgument for {what}, got {other:?}"),
+    };
+
+    // Lengths.
+    let mut loss2 = s.clone_htod(&[sentinel; 2]).unwrap();
+    let e = gpu.forward_into(
+        &spec,
+        &xv,
+        &wv,
+        &lv,
+        shape,
+        GpuForwardOut {
+            loss: Some(loss2.as_view_mut()),
+            row_loss: None,
+        },
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::Length {
+                what: "loss",
+                expected: 1,
+                got: 2
+            })
+        ),
+        "{e:?}"
+    );
+    untouched(&loss2, "loss");
+    let mut rows = s.clone_htod(&[sentinel; 5]).unwrap();
+    let e = gpu.forward_into(
+        &spec,
+        &xv,
+        &wv,
+        &lv,
+        shape,
+        GpuForwardOut {
+            loss: None,
+            row_loss: Some(rows.slice_mut(..b - 1)),
+        },
+    );
+    assert!(
+        matches!(
+            e,
+            Err(Error::Length {
+                what: "row_loss",
+                expected: 4,
+                got: 3
+            })
+        ),
+        "{e:?}"
+    );
+    untouched(&rows, "row_loss");
+
+    // The loss inside the row losses (an alias of element 2).
+    let mut inner = Alias::<f32>::of(s, &rows, 8, 1);
+    let e = gpu.forward_into(
+        &spec,
+        &xv,
+        &wv,
+        &lv,
+        shape,
+        GpuForwardOut {
+            loss: Some(inner.0.as_view_mut()),
+            row_loss: Some(rows.slice_mut(..b)),
+        },
+    );
+    invalid(e.map(drop), "loss", "overlaps row_loss");
+    untouched(&rows, "row_loss");
+
+    let f = gpu.forward(&spec, &xv, &wv, &lv, shape).unwrap();
+    // One element more than dx and dw need.
+    let mut grads = s.clone_htod(&vec![sentinel; b * d + c * d + 1]).unwrap();
+    // dx one element short.
+    {
+        let (mut dx, mut dw) = grads.split_at_mut(b * d);
+        let e = gpu.backward_into(
+            &f,
+            &xv,
+            &wv,
+            &lv,
+            GpuUpstream::ONE,
+            GpuGradOut {
+                dx: dx.slice_mut(1..),
+                dw: dw.slice_mut(..c * d),
+            },
+        );
+        assert!(
+            matches!(
+                e,
+                Err(Error::Length {
+                    what: "dx",
+                    expected: 32,
+                    got: 31
+                })
+            ),
+            "{e:?}"
+        );
+    }
+    // dw one element long.
+    {
+        let (dx, dw) = grads.split_at_mut(b * d);
+        let e = gpu.backward_into(&f, &xv, &wv, &lv, GpuUpstream::ONE, GpuGradOut { dx, dw });
+        assert!(
+            matches!(
+                e,
+                Err(Error::Length {
+                    what: "dw",
+                    expected: 320,
+                    got: 321
+                })
+            ),
+            "{e:?}"
+        );
+    }
+    untouched(&grads, "dx, dw");
+    // dw starting four elements before the end of dx (an alias), and dx over x itself.
+    let mut dw_alias = Alias::<f32>::of(s, &grads, 4 * (b * d - 4) as u64, c * d);
+    {
+        let (mut dx, _) = grads.split_at_mut(b * d);
+        let e = gpu.backward_into(
+            &f,
+            &xv,
+            &wv,
+            &lv,
+            GpuUpstream::ONE,
+            GpuGradOut {
+                dx: dx.slice_mut(..),
+                dw: dw_alias.0.as_view_mut(),
+            },
+        );
+        invalid(e.map(drop), "dx", "overlaps dw");
+    }
+    untouched(&grads, "dx, dw");
+    let mut x_alias = Alias::<f32>::of(s, &x, 0, b * d);
+    {
+        let (_, mut dw) = grads.split_at_mut(b * d);
+        let e = gpu.backward_into(
+            &f,
+            &xv,
+            &wv,
+            &lv,
+            GpuUpstream::ONE,
+            GpuGradOut {
+                dx: x_alias.0.as_view_mut(),
+                dw: dw.slice_mut(..c * d),
+            },
+        );
+        invalid(e.map(drop), "dx", "overlaps x");
+    }
+    untouched(&grads, "dx, dw");
+    assert_eq!(s.clone_dtoh(&x).unwrap(), vec![0.5f32; 32], "x was written");
+    // And views of the right lengths work: every element of dx and dw written, the one past
+    // them not.
+    let (dx, mut dw) = grads.split_at_mut(b * d);
+    gpu.backward_into(
+        &f,
+        &xv,
+        &wv,
+        &lv,
+        GpuUpstream::ONE,
+        GpuGradOut {
+            dx,
+            dw: dw.slice_mut(..c * d),
+        },
+    )
+    .unwrap()
+    .check()
+    .unwrap();
+    let h = s.clone_dtoh(&grads).unwrap();
+    let (written, past) = h.split_at(b * d + c * d);
+    assert!(
+        written.iter().all(|v| v.is_finite() && *v != sentinel),
+        "{h:?}"
+    );
+    assert_eq!(past, [sentinel]);
 }

@@ -240,7 +240,14 @@ mod gpu {
     use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
     use fused_margin::{cpu, Element, Upstream};
     use half::bf16;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex, MutexGuard};
+
+    /// Held by each GPU test: one at a time, so that the pool measurement of
+    /// `gpu_outputs_are_written_in_place` sees only its own allocations.
+    fn serial() -> MutexGuard<'static, ()> {
+        static GPU: Mutex<()> = Mutex::new(());
+        GPU.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
     fn stream() -> Option<Arc<CudaStream>> {
         let required = std::env::var("FUSED_MARGIN_REQUIRE_GPU").as_deref() == Ok("1");
@@ -360,7 +367,19 @@ mod gpu {
             "{dtype:?} loss {l:?} vs {}",
             r.loss
         );
-        assert_eq!(fwd.loss_host().unwrap() as f64, l[0]);
+        // The loss is only in the caller's buffer (written in place, never copied)...
+        assert!(
+            matches!(fwd.loss_host(), Err(Error::Unsupported { .. })),
+            "{:?}",
+            fwd.loss_host()
+        );
+        // ...and kept by this crate when the caller gives no buffer for it: the same bits.
+        // SAFETY: as above.
+        let kept = unsafe { raw::forward(0, cu, &spec, &inputs, &RawForwardOut::default()) };
+        assert_eq!(
+            kept.unwrap().loss_host().unwrap().to_bits(),
+            (l[0] as f32).to_bits()
+        );
         for (name, got, want) in [
             ("dx", host(stream, &dx), &rg.dx),
             ("dw", host(stream, &dw), &rg.dw),
@@ -415,6 +434,7 @@ mod gpu {
 
     #[test]
     fn gpu_forward_backward_match_the_reference() {
+        let _one = serial();
         let Some(stream) = stream() else { return };
         case::<f32>(&stream, DType::F32, (1e-5, 1e-4));
         case::<bf16>(&stream, DType::BF16, (5e-3, 2e-2));
@@ -422,6 +442,7 @@ mod gpu {
 
     #[test]
     fn gpu_forward_backward_in_one_call_with_per_row_upstream() {
+        let _one = serial();
         let Some(stream) = stream() else { return };
         let shape = Shape::new(19, 40, 33);
         let (x, w, labels) = data(shape);
@@ -475,5 +496,66 @@ mod gpu {
         assert_eq!(got_rows[2], 0.0, "row 2 is ignored");
         assert!(rel(&host(&stream, &dx), &rg.dx) <= 1e-4);
         assert!(rel(&host(&stream, &dw), &rg.dw) <= 1e-4);
+    }
+
+    /// The kernels write the caller's buffers themselves: a warm backward allocates nothing near
+    /// the size of the gradients (it used to write this crate's own dx and dw and copy them), and
+    /// repeated calls give the same bits in the caller's buffers.
+    #[test]
+    fn gpu_outputs_are_written_in_place() {
+        let _one = serial();
+        let Some(stream) = stream() else { return };
+        let Ok(pool) = fused_margin::cuda::measure::PoolPeak::new(&stream) else {
+            eprintln!("skipped: no stream-ordered allocator to measure");
+            return;
+        };
+        let shape = Shape::new(64, 128, 4096);
+        let (x, w, labels) = data(shape);
+        let xd = stream.clone_htod(&x).unwrap();
+        let wd = stream.clone_htod(&w).unwrap();
+        let ld = stream.clone_htod(&labels).unwrap();
+        let loss = stream.alloc_zeros::<f32>(1).unwrap();
+        let dx = stream.alloc_zeros::<f32>(shape.b * shape.d).unwrap();
+        let dw = stream.alloc_zeros::<f32>(shape.c * shape.d).unwrap();
+        let inputs = RawInputs {
+            x: ptr(&xd, &stream),
+            w: ptr(&wd, &stream),
+            labels: ptr(&ld, &stream),
+            dtype: DType::F32,
+            shape,
+        };
+        let out = RawForwardOut {
+            loss: Some(ptr(&loss, &stream)),
+            row_loss: None,
+        };
+        let grads = RawGradOut {
+            dx: ptr(&dx, &stream),
+            dw: ptr(&dw, &stream),
+            dtype: DType::F32,
+        };
+        let spec = MarginLoss::arcface(0.5).scale(16.0);
+        let cu = stream.cu_stream();
+        let step = || {
+            // SAFETY: live allocations of the stated lengths on device 0, made on `stream`;
+            // outputs are separate allocations; read back on the same stream.
+            unsafe { raw::forward_backward(0, cu, &spec, &inputs, RawUpstream::ONE, &out, &grads) }
+                .unwrap();
+            stream.synchronize().unwrap();
+        };
+        // The first call loads the kernels and grows the handle's workspace arena.
+        step();
+        let first = (host(&stream, &loss), host(&stream, &dx), host(&stream, &dw));
+        pool.reset().unwrap();
+        let before = pool.used().unwrap();
+        step();
+        let extra = pool.high().unwrap() - before;
+        let grad_bytes = (4 * (shape.b + shape.c) * shape.d) as u64;
+        assert!(
+            extra < grad_bytes / 4,
+            "a warm step allocated {extra} bytes at its peak; the gradients are {grad_bytes}"
+        );
+        let again = (host(&stream, &loss), host(&stream, &dx), host(&stream, &dw));
+        assert_eq!(first, again, "the caller's outputs, call to call");
+        assert!(again.2.iter().any(|&v| v != 0.0), "dw was written");
     }
 }

@@ -10,8 +10,12 @@ use super::libs;
 use super::options::{F32Precision, Options, Plan};
 use super::params::FmParams;
 use super::plan::{self, Buf};
-use super::results::{DeviceUpstream, GpuForward, GpuGradients, GpuUpstream};
+use super::results::{
+    DeviceUpstream, GpuBackwardRun, GpuForward, GpuForwardOut, GpuGradOut, GpuGradients, GpuSaved,
+    GpuUpstream,
+};
 use super::selfcheck::{self, CheckOutputs, Outcome, SelfCheckReport};
+use super::spans::{check_disjoint, Span};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{
@@ -19,7 +23,9 @@ use crate::spec::{
     Shape,
 };
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceSlice};
+use cudarc::driver::{
+    CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceSlice,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -289,8 +295,8 @@ impl FusedMarginLoss {
             .clone_htod(&pr.labels)
             .map_err(|e| cuda_err("copy the self-check's labels", e))?;
         let (xv, wv, lv) = (x.as_view(), w.as_view(), labels.as_view());
-        let fwd = self.forward_with(&pr.spec, &xv, &wv, &lv, pr.shape, Some(ch))?;
-        let g = self.backward_with::<T, f32>(&fwd, &xv, &wv, &lv, GpuUpstream::ONE, Some(ch))?;
+        let fwd = self.forward_owned(&pr.spec, &xv, &wv, &lv, pr.shape, Some(ch))?;
+        let g = self.backward_owned::<T, f32>(&fwd, &xv, &wv, &lv, GpuUpstream::ONE, Some(ch))?;
         let host = |what: &str, v: &CudaSlice<f32>| -> Result<Vec<f64>> {
             let h = self
                 .stream
@@ -408,7 +414,7 @@ impl FusedMarginLoss {
         let mut s = unsafe { self.stream.alloc::<O>(n.max(1)) }
             .map_err(|e| cuda_err(&format!("allocate {n} x {}", O::DTYPE.suffix()), e))?;
         if self.options.poison {
-            fill_nan(&self.stream, k, &mut s)?;
+            fill_nan(&self.stream, k, &mut s.as_view_mut())?;
         }
         Ok(s)
     }
@@ -432,17 +438,15 @@ impl FusedMarginLoss {
         Ok(())
     }
 
-    /// Checks spec, shape, buffer lengths and devices before any launch, then the labels under
-    /// [`LabelCheck::Host`]: copied to the host and checked there, giving (counted rows,
-    /// fingerprint). Under [`LabelCheck::Device`] (None) the plan's first launch checks them.
-    fn validate<T: CudaElement>(
+    /// Checks spec, shape, buffer lengths and devices before any launch.
+    fn check_inputs<T: CudaElement>(
         &self,
         spec: &MarginLoss,
         x: &CudaView<'_, T>,
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         shape: Shape,
-    ) -> Result<Option<(usize, u64)>> {
+    ) -> Result<()> {
         spec.validate()?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
         self.check_device("x", x.stream())?;
@@ -454,6 +458,17 @@ impl FusedMarginLoss {
                 detail: format!("D = {} must be < 2^31", shape.d),
             });
         }
+        Ok(())
+    }
+
+    /// Under [`LabelCheck::Host`] the labels copied to the host and checked there, giving
+    /// (counted rows, fingerprint). Under [`LabelCheck::Device`] (None) the plan's first launch
+    /// checks them.
+    fn host_labels(
+        &self,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+    ) -> Result<Option<(usize, u64)>> {
         match self.options.label_check {
             LabelCheck::Host => {
                 let host = self
@@ -467,6 +482,50 @@ impl FusedMarginLoss {
         }
     }
 
+    /// The address range of a view, for the overlap checks. (cudarc gives a view's address only
+    /// through `device_ptr`, which also orders this stream after the view's last write.)
+    fn span<E, V: DevicePtr<E>>(&self, what: &'static str, v: &V) -> Span {
+        let (ptr, _record) = v.device_ptr(&self.stream);
+        Span {
+            what,
+            ptr,
+            len: v.len(),
+            elem: std::mem::size_of::<E>(),
+        }
+    }
+
+    /// A caller's output view: exactly `expected` elements, on this handle's device. Returns its
+    /// address range for the overlap check.
+    fn check_out<E>(
+        &self,
+        what: &'static str,
+        v: &CudaViewMut<'_, E>,
+        expected: usize,
+    ) -> Result<Span> {
+        if v.len() != expected {
+            return Err(Error::Length {
+                what,
+                expected,
+                got: v.len(),
+            });
+        }
+        self.check_device(what, v.stream())?;
+        Ok(self.span::<E, _>(what, v))
+    }
+
+    /// An output buffer of this crate's for a result the caller did not give a view for:
+    /// uninitialized, as [`Self::alloc`], and poisoned by the executor with the other output
+    /// views when [`Options::poison`] is on (not here: it would be filled twice).
+    fn alloc_output<O: CudaElement>(&self, n: usize) -> Result<CudaSlice<O>> {
+        // SAFETY: uninitialized device memory of a type with no invalid bit patterns, bound as an
+        // output view of the plan's Loss, RowLoss, Dx or Dw, which its kernels write whole (the
+        // loss by fm_reduce_loss, every row loss by fm_combine_rows / naive_softmax, every
+        // element of dx and dw by fm_x_finish, the dw kernels or naive_norm_backward) before
+        // anything reads them.
+        unsafe { self.stream.alloc::<O>(n.max(1)) }
+            .map_err(|e| cuda_err(&format!("allocate {n} x {}", O::DTYPE.suffix()), e))
+    }
+
     /// True when both views start at 16-byte aligned device addresses (cp.async's 16-byte copies
     /// need it).
     fn aligned16<T: CudaElement>(&self, x: &CudaView<'_, T>, w: &CudaView<'_, T>) -> bool {
@@ -476,7 +535,8 @@ impl FusedMarginLoss {
     }
 
     /// Forward pass on the GPU (docs/MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
-    /// (negative = ignored), all on this handle's device.
+    /// (negative = ignored), all on this handle's device. The loss and the row losses are
+    /// written into buffers this call allocates ([`Self::forward_into`] with no views).
     pub fn forward<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -485,11 +545,35 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
     ) -> Result<GpuForward> {
-        self.forward_with(spec, x, w, labels, shape, None)
+        self.forward_owned(spec, x, w, labels, shape, None)
     }
 
-    /// The forward under `choices`, or (None) the handle's after the self-check.
-    fn forward_with<T: CudaElement>(
+    /// [`Self::forward`] that writes the loss and/or the row losses into the caller's views
+    /// (`out`; no copy: the kernels write them in place) and returns what the backward needs.
+    /// An output left `None` goes to a buffer of this crate's, kept by the returned
+    /// [`GpuSaved`].
+    ///
+    /// Checked before any launch, besides [`Self::forward`]'s checks: each view's length (the
+    /// loss 1, the row losses B; [`Error::Length`] naming `"loss"` or `"row_loss"`), its device
+    /// ([`Error::InvalidArgument`]), and that it overlaps no input and no other output
+    /// ([`Error::InvalidArgument`] naming the output, both address ranges and lengths). The
+    /// element type is f32 by the signature. A view on another stream of the handle's device is
+    /// ordered as an input is (cudarc's events).
+    pub fn forward_into<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+        out: GpuForwardOut<'_>,
+    ) -> Result<GpuSaved> {
+        self.forward_with(spec, x, w, labels, shape, out, None)
+    }
+
+    /// The allocating forward under `choices` (None: the handle's after the self-check): the
+    /// `_into` path with no views, its two outputs moved out of the saved state.
+    fn forward_owned<T: CudaElement>(
         &self,
         spec: &MarginLoss,
         x: &CudaView<'_, T>,
@@ -498,7 +582,50 @@ impl FusedMarginLoss {
         shape: Shape,
         choices: Option<&plan::Choices>,
     ) -> Result<GpuForward> {
-        let host_labels = self.validate(spec, x, w, labels, shape)?;
+        let mut saved =
+            self.forward_with(spec, x, w, labels, shape, GpuForwardOut::default(), choices)?;
+        match (saved.loss.take(), saved.row_loss.take()) {
+            (Some(loss), Some(row_loss)) => Ok(GpuForward {
+                loss,
+                row_loss,
+                saved,
+            }),
+            _ => Err(Error::InvalidArgument {
+                what: "launch plan",
+                detail: "the forward kept no loss or no row losses".into(),
+            }),
+        }
+    }
+
+    /// The forward into `out` under `choices`, or (None) the handle's after the self-check.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+        out: GpuForwardOut<'_>,
+        choices: Option<&plan::Choices>,
+    ) -> Result<GpuSaved> {
+        self.check_inputs(spec, x, w, labels, shape)?;
+        let mut outs = Vec::new();
+        if let Some(v) = &out.loss {
+            outs.push(self.check_out("loss", v, 1)?);
+        }
+        if let Some(v) = &out.row_loss {
+            outs.push(self.check_out("row_loss", v, shape.b)?);
+        }
+        if !outs.is_empty() {
+            let ins = [
+                self.span::<T, _>("x", x),
+                self.span::<T, _>("w", w),
+                self.span::<i32, _>("labels", labels),
+            ];
+            check_disjoint(&ins, &outs)?;
+        }
+        let host_labels = self.host_labels(labels, shape)?;
         let ch = match choices {
             Some(c) => *c,
             None => self.checked_choices::<T>(shape.d)?,
@@ -520,7 +647,26 @@ impl FusedMarginLoss {
             saved: Vec::new(),
             prev_status: None,
         };
-        let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, &plan::FORWARD_OUTPUTS)?;
+        // The outputs without a caller's view go to buffers of this crate's, kept by the result.
+        let mut own_loss = match out.loss {
+            Some(_) => None,
+            None => Some(self.alloc_output::<f32>(1)?),
+        };
+        let mut own_rows = match out.row_loss {
+            Some(_) => None,
+            None => Some(self.alloc_output::<f32>(shape.b)?),
+        };
+        let mut views: Vec<(Buf, exec::Out<'_, f32>)> = Vec::with_capacity(2);
+        for (buf, given, own) in [
+            (Buf::Loss, out.loss, &mut own_loss),
+            (Buf::RowLoss, out.row_loss, &mut own_rows),
+        ] {
+            if let Some(v) = given.or_else(|| own.as_mut().map(|s| s.as_view_mut())) {
+                views.push((buf, exec::Out::F32(v)));
+            }
+        }
+        let mut kept =
+            exec::execute::<T, f32>(self, &k, &lp, &bound, views, &plan::FORWARD_OUTPUTS)?;
         let labels = match host_labels {
             Some((counted, fingerprint)) => LabelState::Host {
                 counted,
@@ -528,13 +674,21 @@ impl FusedMarginLoss {
             },
             None => LabelState::Device(kept.i64(Buf::Status)?),
         };
-        Ok(GpuForward {
-            loss: kept.f32(Buf::Loss)?,
-            row_loss: kept.f32(Buf::RowLoss)?,
-            lse: kept.f32(Buf::Lse)?,
-            x_norm: kept.f32(Buf::XNorm)?,
-            w_norm: kept.f32(Buf::WNorm)?,
-            target: kept.f32_if_any(Buf::Target),
+        let (lse, x_norm, w_norm) = (
+            kept.f32(Buf::Lse)?,
+            kept.f32(Buf::XNorm)?,
+            kept.f32(Buf::WNorm)?,
+        );
+        let target = kept.f32_if_any(Buf::Target);
+        // Lets go of the views into own_loss and own_rows.
+        drop(kept);
+        Ok(GpuSaved {
+            lse,
+            x_norm,
+            w_norm,
+            target,
+            loss: own_loss,
+            row_loss: own_rows,
             workspace_bytes: lp.workspace_bytes,
             tensor_cores: lp.tensor_cores,
             wgmma: lp.wgmma,
@@ -548,8 +702,10 @@ impl FusedMarginLoss {
         })
     }
 
-    /// Backward pass (docs/MATH.md "Backward") of `fwd`, gradients in the input dtype. The spec and
-    /// shape are the forward's ([`GpuForward::spec`], [`GpuForward::shape`]).
+    /// Backward pass (docs/MATH.md "Backward") of `fwd`, gradients in the input dtype, in buffers
+    /// this call allocates ([`Self::backward_into`] into them). The spec and shape are the
+    /// forward's ([`GpuSaved::spec`], [`GpuSaved::shape`]); a [`GpuForward`] passes as
+    /// `&fwd` (it dereferences to its [`GpuSaved`]).
     ///
     /// # What is checked against the forward
     ///
@@ -558,7 +714,7 @@ impl FusedMarginLoss {
     /// upstream fits the reduction (finite, `|g| <= 1e12` for a scalar). Labels: under
     /// [`LabelCheck::Host`] their count and order-sensitive fingerprint are compared with the
     /// forward's (a typed error here); under [`LabelCheck::Device`] the device record is
-    /// (reported by [`GpuGradients::check`]).
+    /// (reported by [`GpuBackwardRun::check`]).
     ///
     /// **`x` and `w` are not compared with the forward's.** The backward recomputes the logits
     /// from the `x` and `w` given and the norms and logsumexp the forward saved, so other inputs
@@ -568,38 +724,98 @@ impl FusedMarginLoss {
     /// the caller's part, as with any saved activation.
     pub fn backward<T: CudaElement>(
         &self,
-        fwd: &GpuForward,
+        fwd: &GpuSaved,
         x: &CudaView<'_, T>,
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<T>> {
-        self.backward_with::<T, T>(fwd, x, w, labels, upstream, None)
+        self.backward_owned::<T, T>(fwd, x, w, labels, upstream, None)
     }
 
     /// Backward pass with f32 gradients whatever the input dtype (accumulation is f32 either way;
     /// this skips the final rounding to f16/bf16). Checks as [`Self::backward`].
     pub fn backward_f32<T: CudaElement>(
         &self,
-        fwd: &GpuForward,
+        fwd: &GpuSaved,
         x: &CudaView<'_, T>,
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
     ) -> Result<GpuGradients<f32>> {
-        self.backward_with::<T, f32>(fwd, x, w, labels, upstream, None)
+        self.backward_owned::<T, f32>(fwd, x, w, labels, upstream, None)
     }
 
-    /// The backward under `choices`, or (None) the handle's after the self-check.
-    fn backward_with<T: CudaElement, O: CudaElement>(
+    /// [`Self::backward`] that writes `dx` and `dw` (input dtype) into the caller's views
+    /// (`out`; no copy: the kernels write them in place).
+    ///
+    /// Checked before any launch, besides [`Self::backward`]'s checks: each view's length
+    /// (`dx` B x D, `dw` C x D; [`Error::Length`] naming `"dx"` or `"dw"`), its device
+    /// ([`Error::InvalidArgument`]), and that the two overlap neither each other nor `x`, `w`,
+    /// `labels` or a per-row upstream ([`Error::InvalidArgument`] naming the output, both address
+    /// ranges and lengths). The element type is the input dtype by the signature
+    /// ([`Self::backward_f32_into`] for f32). The views need only their element alignment (the
+    /// kernels store one element at a time), so dx and dw may be two views of one buffer at any
+    /// split.
+    pub fn backward_into<T: CudaElement>(
         &self,
-        fwd: &GpuForward,
+        fwd: &GpuSaved,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+        out: GpuGradOut<'_, T>,
+    ) -> Result<GpuBackwardRun> {
+        self.backward_with::<T, T>(fwd, x, w, labels, upstream, out, None)
+    }
+
+    /// [`Self::backward_f32`] into the caller's f32 views: checks as [`Self::backward_into`].
+    pub fn backward_f32_into<T: CudaElement>(
+        &self,
+        fwd: &GpuSaved,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+        out: GpuGradOut<'_, f32>,
+    ) -> Result<GpuBackwardRun> {
+        self.backward_with::<T, f32>(fwd, x, w, labels, upstream, out, None)
+    }
+
+    /// The allocating backward under `choices` (None: the handle's after the self-check): the
+    /// `_into` path into two buffers allocated once the checks that need no launch have passed
+    /// (so a bad call allocates nothing).
+    fn backward_owned<T: CudaElement, O: CudaElement>(
+        &self,
+        fwd: &GpuSaved,
         x: &CudaView<'_, T>,
         w: &CudaView<'_, T>,
         labels: &CudaView<'_, i32>,
         upstream: GpuUpstream<'_>,
         choices: Option<&plan::Choices>,
     ) -> Result<GpuGradients<O>> {
+        self.check_backward_args::<T>(fwd, x, w, labels, upstream)?;
+        let shape = fwd.shape;
+        let mut dx = self.alloc_output::<O>(shape.b * shape.d)?;
+        let mut dw = self.alloc_output::<O>(shape.c * shape.d)?;
+        let out = GpuGradOut {
+            dx: dx.as_view_mut(),
+            dw: dw.as_view_mut(),
+        };
+        let run = self.backward_with::<T, O>(fwd, x, w, labels, upstream, out, choices)?;
+        Ok(GpuGradients { dx, dw, run })
+    }
+
+    /// The backward's checks against the forward and of the inputs and the upstream, in the
+    /// order [`Self::backward_with`] makes them (cheap: no copy, no launch).
+    fn check_backward_args<T: CudaElement>(
+        &self,
+        fwd: &GpuSaved,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<()> {
         let (spec, shape) = (&fwd.spec, fwd.shape);
         let label_check = self.options.label_check;
         if fwd.label_check() != label_check {
@@ -623,18 +839,48 @@ impl FusedMarginLoss {
         }
         // The upstream is checked before anything is launched; its per-row value for a scalar
         // needs the counted rows, known here only under LabelCheck::Host.
-        let per_row = match upstream {
-            DeviceUpstream::Scalar(v) => {
-                check_scalar_upstream(spec.reduction, v as f64, shape.b)?;
-                None
-            }
+        match upstream {
+            DeviceUpstream::Scalar(v) => check_scalar_upstream(spec.reduction, v as f64, shape.b)?,
             DeviceUpstream::PerRow(view) => {
                 check_per_row_upstream(spec.reduction, view.len(), shape.b)?;
                 self.check_device("upstream", view.stream())?;
-                Some(view)
             }
+        }
+        self.check_inputs(spec, x, w, labels, shape)
+    }
+
+    /// The backward into `out` under `choices`, or (None) the handle's after the self-check.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_with<T: CudaElement, O: CudaElement>(
+        &self,
+        fwd: &GpuSaved,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        upstream: GpuUpstream<'_>,
+        out: GpuGradOut<'_, O>,
+        choices: Option<&plan::Choices>,
+    ) -> Result<GpuBackwardRun> {
+        let (spec, shape) = (&fwd.spec, fwd.shape);
+        self.check_backward_args::<T>(fwd, x, w, labels, upstream)?;
+        let per_row = match upstream {
+            DeviceUpstream::Scalar(_) => None,
+            DeviceUpstream::PerRow(view) => Some(view),
         };
-        let host_labels = self.validate(spec, x, w, labels, shape)?;
+        let outs = [
+            self.check_out("dx", &out.dx, shape.b * shape.d)?,
+            self.check_out("dw", &out.dw, shape.c * shape.d)?,
+        ];
+        let mut ins = vec![
+            self.span::<T, _>("x", x),
+            self.span::<T, _>("w", w),
+            self.span::<i32, _>("labels", labels),
+        ];
+        if let Some(g) = per_row {
+            ins.push(self.span::<f32, _>("upstream", g));
+        }
+        check_disjoint(&ins, &outs)?;
+        let host_labels = self.host_labels(labels, shape)?;
         let ch = match choices {
             Some(c) => *c,
             None => self.checked_choices::<T>(shape.d)?,
@@ -719,14 +965,17 @@ impl FusedMarginLoss {
                 LabelState::Host { .. } => None,
             },
         };
-        let mut kept = exec::execute::<T, O>(self, &k, &lp, &bound, &plan::BACKWARD_OUTPUTS)?;
+        let views = vec![
+            (Buf::Dx, exec::Out::Grad(out.dx)),
+            (Buf::Dw, exec::Out::Grad(out.dw)),
+        ];
+        let mut kept =
+            exec::execute::<T, O>(self, &k, &lp, &bound, views, &plan::BACKWARD_OUTPUTS)?;
         let label_status = match host_labels {
             Some(_) => None,
             None => Some((kept.i64(Buf::Status)?, self.stream.clone(), shape)),
         };
-        Ok(GpuGradients {
-            dx: kept.grad(Buf::Dx)?,
-            dw: kept.grad(Buf::Dw)?,
+        Ok(GpuBackwardRun {
             workspace_bytes: lp.workspace_bytes,
             tensor_cores: lp.tensor_cores,
             kernels: lp.launches().map(|l| l.entry.clone()).collect(),
@@ -740,5 +989,7 @@ const _: fn() = || {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<FusedMarginLoss>();
     assert_send_sync::<GpuForward>();
+    assert_send_sync::<GpuSaved>();
+    assert_send_sync::<GpuBackwardRun>();
     assert_send_sync::<Options>();
 };

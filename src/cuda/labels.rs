@@ -22,8 +22,8 @@ pub enum LabelCheck {
     /// Check the labels on the device (one extra small kernel; no copy, no synchronization), so
     /// the host can queue the forward, the backward and the rest of a training step without
     /// waiting. A bad label cannot fail the call that launched the kernels; instead:
-    /// - reading a result on the host ([`super::GpuForward::check`], `loss_host`, `row_loss_host`,
-    ///   `lse_host`, `counted`, and [`super::GpuGradients::check`]) returns the same
+    /// - reading a result on the host ([`super::GpuSaved::check`], `loss_host`, `row_loss_host`,
+    ///   `lse_host`, `counted`, and [`super::GpuBackwardRun::check`]) returns the same
     ///   [`Error::LabelOutOfRange`] (first bad row, its label, C), and labels passed to backward
     ///   that are not the forward's (another count, values or order) give
     ///   [`Error::ForwardMismatch`] there;

@@ -6,7 +6,7 @@ use super::compile::{compile_ptx, entry_name, Unit};
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, DriverError,
+    CudaContext, CudaFunction, CudaModule, CudaStream, CudaViewMut, DeviceRepr, DriverError,
     LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use std::collections::HashMap;
@@ -176,11 +176,12 @@ pub(crate) fn grid_1d(n: u64, threads: u32) -> Result<LaunchConfig> {
     })
 }
 
-/// Fills `s` with NaN on `stream` (the poisoning of [`super::Options::poison`]).
+/// Fills `s` with NaN on `stream` (the poisoning of [`super::Options::poison`]): a buffer of
+/// this crate's (`&mut slice.as_view_mut()`) or an output view of the caller's.
 pub(crate) fn fill_nan<O: CudaElement>(
     stream: &Arc<CudaStream>,
     k: &Kernels,
-    s: &mut CudaSlice<O>,
+    s: &mut CudaViewMut<'_, O>,
 ) -> Result<()> {
     let n = s.len() as i64;
     let cfg = grid_1d(n as u64, 256)?;
@@ -191,7 +192,7 @@ pub(crate) fn fill_nan<O: CudaElement>(
             let mut b = stream.launch_builder(&f);
             b.arg(s).arg(&n).arg(&nan);
             // SAFETY: fm_fill_u32(unsigned*, i64 n, unsigned) writes n 4-byte elements of a
-            // buffer of exactly n 4-byte elements.
+            // view of exactly n 4-byte elements.
             unsafe { b.launch(cfg) }.map_err(|e| cuda_err("poison buffer", e))?;
         }
         _ => {
@@ -205,7 +206,7 @@ pub(crate) fn fill_nan<O: CudaElement>(
             let mut b = stream.launch_builder(&f);
             b.arg(s).arg(&n).arg(&nan);
             // SAFETY: fm_fill_u16(unsigned short*, i64 n, unsigned short) writes n 2-byte
-            // elements of a buffer of exactly n 2-byte elements.
+            // elements of a view of exactly n 2-byte elements.
             unsafe { b.launch(cfg) }.map_err(|e| cuda_err("poison buffer", e))?;
         }
     }

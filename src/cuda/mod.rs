@@ -39,17 +39,24 @@
 //! Validation happens in Rust before any launch: spec, shape, lengths, devices. The label range
 //! is checked on the device by default ([`LabelCheck::Device`]: no synchronization, so a step
 //! queues without waiting for the GPU), and a bad label is reported when a result is read
-//! ([`GpuForward::check`], `loss_host`, [`GpuGradients::check`]); until then the outputs it
+//! ([`GpuSaved::check`], `loss_host`, [`GpuBackwardRun::check`]); until then the outputs it
 //! touches are NaN. [`LabelCheck::Host`] copies the labels to the host and checks them before any
 //! launch instead (one synchronous copy per call).
 //!
 //! After the first call of a shape a default step allocates only its outputs: the fused plans'
 //! workspaces come from an arena the handle keeps ([`FusedMarginLoss::workspace_held_bytes`]).
+//! [`FusedMarginLoss::forward_into`], [`FusedMarginLoss::backward_into`] and
+//! [`FusedMarginLoss::backward_f32_into`] write the outputs into the caller's views instead
+//! ([`GpuForwardOut`], [`GpuGradOut`]; checked before any launch), returning what the backward
+//! needs ([`GpuSaved`]) or what ran ([`GpuBackwardRun`]); [`FusedMarginLoss::forward`] and
+//! [`FusedMarginLoss::backward`] are the same calls into buffers they allocate.
 //!
 //! Files: `options.rs` ([`Options`]: what the user chooses), `handle.rs` ([`FusedMarginLoss`]:
-//! device facts, module cache, allocation, validation, forward and backward), `results.rs`
-//! ([`GpuForward`], [`GpuGradients`], [`DeviceUpstream`]), `plan.rs` (the launch plan as data),
-//! `exec.rs` (its cudarc executor), `launch.rs` (small launch helpers), `labels.rs`,
+//! device facts, module cache, allocation, validation, forward and backward and their `_into`
+//! forms), `results.rs`
+//! ([`GpuForward`], [`GpuGradients`], [`GpuSaved`], [`GpuBackwardRun`], [`DeviceUpstream`]),
+//! `spans.rs` (the overlap check of output views and raw pointers), `plan.rs` (the launch plan as
+//! data), `exec.rs` (its cudarc executor), `launch.rs` (small launch helpers), `labels.rs`,
 //! `compile.rs` (NVRTC), `params.rs`, `libs.rs`, [`measure`], [`raw`].
 
 pub mod args;
@@ -67,12 +74,13 @@ pub mod plan;
 pub mod raw;
 mod results;
 pub mod selfcheck;
+mod spans;
 
 /// The cudarc this crate is built against (0.19): its device buffers, views and streams are what
 /// [`FusedMarginLoss`] takes.
 pub use cudarc;
 /// cudarc's types in this module's signatures, re-exported so a caller can name them.
-pub use cudarc::driver::{CudaSlice, CudaStream, CudaView};
+pub use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 pub use compile::{
     cache_dir, compile_ptx, compile_ptx_in, compile_ptx_uncached, entry_name, nvrtc_available,
@@ -87,5 +95,8 @@ pub(crate) use launch::{cuda_err, Kernels};
 #[doc(hidden)]
 pub use options::KernelOverride;
 pub use options::{F32Precision, Options, Plan};
-pub use results::{DeviceUpstream, GpuForward, GpuGradients, GpuUpstream};
+pub use results::{
+    DeviceUpstream, GpuBackwardRun, GpuForward, GpuForwardOut, GpuGradOut, GpuGradients, GpuSaved,
+    GpuUpstream,
+};
 pub use selfcheck::{Outcome as SelfCheckOutcome, SelfCheckReport};

@@ -1,8 +1,8 @@
 //! What a user chooses for a [`FusedMarginLoss`](super::FusedMarginLoss): one plain value,
 //! fixed when the handle is made ([`FusedMarginLoss::with_options`](super::FusedMarginLoss::with_options)).
 //!
-//! What actually ran is in the results ([`GpuForward::tensor_cores`](super::GpuForward::tensor_cores),
-//! [`GpuForward::kernels`](super::GpuForward::kernels), ...): an option is a permission, and the
+//! What actually ran is in the results ([`GpuSaved::tensor_cores`](super::GpuSaved::tensor_cores),
+//! [`GpuSaved::kernels`](super::GpuSaved::kernels), ...): an option is a permission, and the
 //! plan builder (src/cuda/plan.rs) falls back where a path's conditions (dtype, `D`, alignment,
 //! device) do not hold.
 

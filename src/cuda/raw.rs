@@ -39,14 +39,16 @@
 //! [`check_forward_backward`]), and the stream is checked to belong to device `ordinal`'s primary
 //! context. What cannot be checked is the contract in each function's "Safety" section.
 //!
-//! Costs: the kernels write into the crate's own buffers, which are then copied into the caller's
-//! outputs on the same stream (`O(B + C + (B + C) D)` bytes, small beside the `B x C x D` work).
-//! A handle per (device, stream handle value) is created on first use and kept for the process,
+//! Costs: the kernels write the loss, the row losses and the gradients straight into the caller's
+//! outputs (through [`FusedMarginLoss::forward_into`] and
+//! [`backward_into`](FusedMarginLoss::backward_into)): nothing is copied after them. A handle
+//! per (device, stream handle value) is created on first use and kept for the process,
 //! so kernels are loaded once per stream; a framework that creates streams without bound should
 //! reuse a few.
 
 use super::libs;
-use super::{CudaElement, DeviceUpstream, FusedMarginLoss, GpuForward};
+use super::spans::{check_disjoint, Span};
+use super::{CudaElement, DeviceUpstream, FusedMarginLoss, GpuForwardOut, GpuGradOut, GpuSaved};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{MarginLoss, Reduction, Shape};
@@ -119,23 +121,26 @@ pub type RawUpstream = DeviceUpstream<RawBuffer>;
 
 /// What [`forward`] keeps for [`backward`]: per-row logsumexp and the norms (`O(B + C)` floats,
 /// in device memory this crate owns, allocated on the forward's stream and freed on it when this
-/// value is dropped).
+/// value is dropped), and the loss or the row losses where the caller gave no buffer for them.
 #[derive(Debug)]
 pub struct RawForward {
-    fwd: GpuForward,
+    fwd: GpuSaved,
     ordinal: usize,
     stream: usize,
     dtype: DType,
 }
 
 impl RawForward {
-    /// Copies the reduced loss to the host (synchronizes the stream).
+    /// Copies the reduced loss to the host (synchronizes the stream) when [`forward`] wrote it
+    /// into this crate's memory, i.e. when [`RawForwardOut::loss`] was `None`. When the caller
+    /// gave a loss buffer the loss is only there (written in place, not copied), and this is an
+    /// [`Error::Unsupported`] saying so: read the caller's buffer after the stream has run.
     pub fn loss_host(&self) -> Result<f32> {
         self.fwd.loss_host()
     }
 
     /// The number of rows that count (label >= 0). (Raw entry points check labels on the host,
-    /// before the launch; the `Result` is [`GpuForward::counted`]'s.)
+    /// before the launch; the `Result` is [`GpuSaved::counted`]'s.)
     pub fn counted(&self) -> Result<usize> {
         self.fwd.counted()
     }
@@ -151,15 +156,16 @@ impl RawForward {
     }
 }
 
-/// Forward pass (docs/MATH.md "Forward") on the caller's buffers and stream. Writes the loss and/or the
-/// per-row losses into `out`, and returns what [`backward`] needs.
+/// Forward pass (docs/MATH.md "Forward") on the caller's buffers and stream. The kernels write
+/// the loss and/or the per-row losses straight into `out` (no copy), and the call returns what
+/// [`backward`] needs.
 ///
 /// # Safety
 ///
 /// The caller guarantees, for the pointers in `inputs` and `out`:
 /// - each is a live device allocation of device `ordinal`, valid for `len` elements of its type
-///   (`inputs.dtype` for `x` and `w`, `i32` for `labels`, `f32` for the outputs), and `labels`
-///   holds initialized values;
+///   (`inputs.dtype` for `x` and `w`, `i32` for `labels`, `f32` for the outputs; outputs valid
+///   for writes by the kernels this call enqueues), and `labels` holds initialized values;
 /// - the buffers stay allocated, the inputs unmodified and the outputs neither read nor written
 ///   by anything else, until the work this call enqueues on `stream` has completed: order other
 ///   work after it on `stream` (or wait for an event recorded there after this call);
@@ -176,7 +182,8 @@ impl RawForward {
 ///
 /// The calling thread's current context is set to device `ordinal`'s primary context. The labels
 /// are copied to the host to be checked before any launch, so the call waits for work already
-/// on `stream`.
+/// on `stream`. An error returned after the launches began (a failed launch) may leave the
+/// outputs partly written.
 pub unsafe fn forward(
     ordinal: usize,
     stream: CUstream,
@@ -203,7 +210,8 @@ pub unsafe fn forward(
     })
 }
 
-/// Backward pass (docs/MATH.md "Backward"): writes `dx` and `dw` into `out`, from `fwd` (returned by
+/// Backward pass (docs/MATH.md "Backward"): the kernels write `dx` and `dw` straight into `out`
+/// (no copy), from `fwd` (returned by
 /// [`forward`] for the same inputs, device and stream), with the forward's spec
 /// ([`RawForward::spec`]).
 ///
@@ -308,7 +316,7 @@ pub fn check_forward_backward(
     check_backward(spec, inputs, upstream, grad_out)?;
     let mut outs = forward_outputs(fwd_out);
     outs.extend(grad_outputs(grad_out));
-    check_overlaps(&[], &outs)
+    check_disjoint(&[], &outs)
 }
 
 fn unsupported_dtype(dtype: DType) -> Error {
@@ -322,96 +330,48 @@ fn invalid(what: &'static str, detail: String) -> Error {
 }
 
 /// A buffer with its name and element size, for the pointer checks.
-#[derive(Debug, Clone, Copy)]
-struct Named {
-    what: &'static str,
-    buf: RawBuffer,
-    elem: usize,
-}
-
-impl Named {
-    /// The byte range `[start, end)`; lengths were checked against a validated shape, so the
-    /// product fits, and an end past the address space is reported.
-    fn bytes(&self) -> Result<(u64, u64)> {
-        let n = (self.buf.len as u64).checked_mul(self.elem as u64);
-        match n.and_then(|n| self.buf.ptr.checked_add(n)) {
-            Some(end) => Ok((self.buf.ptr, end)),
-            None => Err(invalid(
-                self.what,
-                format!(
-                    "{:#x} + {} elements of {} bytes overflows the address space",
-                    self.buf.ptr, self.buf.len, self.elem
-                ),
-            )),
-        }
+fn named(what: &'static str, buf: RawBuffer, elem: usize) -> Span {
+    Span {
+        what,
+        ptr: buf.ptr,
+        len: buf.len,
+        elem,
     }
 }
 
 /// Checks a pointer: not null, aligned to its element size, its length as expected.
-fn check_buffer(b: Named, expected: usize) -> Result<()> {
-    if b.buf.len != expected {
+fn check_buffer(b: Span, expected: usize) -> Result<()> {
+    if b.len != expected {
         return Err(Error::Length {
             what: b.what,
             expected,
-            got: b.buf.len,
+            got: b.len,
         });
     }
-    if b.buf.ptr == 0 {
+    if b.ptr == 0 {
         return Err(invalid(b.what, "null device pointer".into()));
     }
-    if b.buf.ptr % b.elem as u64 != 0 {
+    if b.ptr % b.elem as u64 != 0 {
         return Err(invalid(
             b.what,
             format!(
                 "pointer {:#x} is not aligned to its {}-byte elements",
-                b.buf.ptr, b.elem
+                b.ptr, b.elem
             ),
         ));
     }
     b.bytes().map(|_| ())
 }
 
-/// Checks that no output overlaps an input or another output.
-fn check_overlaps(inputs: &[Named], outputs: &[Named]) -> Result<()> {
-    for (k, o) in outputs.iter().enumerate() {
-        let (o0, o1) = o.bytes()?;
-        for other in inputs.iter().chain(&outputs[k + 1..]) {
-            let (a0, a1) = other.bytes()?;
-            if o0 < a1 && a0 < o1 {
-                return Err(invalid(
-                    o.what,
-                    format!(
-                        "output [{o0:#x}, {o1:#x}) overlaps {} [{a0:#x}, {a1:#x})",
-                        other.what
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn input_buffers(inputs: &RawInputs) -> Result<[Named; 3]> {
+fn input_buffers(inputs: &RawInputs) -> Result<[Span; 3]> {
     let elem = match inputs.dtype {
         DType::F32 | DType::F16 | DType::BF16 => inputs.dtype.size(),
         DType::F64 => return Err(unsupported_dtype(inputs.dtype)),
     };
     Ok([
-        Named {
-            what: "x",
-            buf: inputs.x,
-            elem,
-        },
-        Named {
-            what: "w",
-            buf: inputs.w,
-            elem,
-        },
-        Named {
-            what: "labels",
-            buf: inputs.labels,
-            elem: 4,
-        },
+        named("x", inputs.x, elem),
+        named("w", inputs.w, elem),
+        named("labels", inputs.labels, 4),
     ])
 }
 
@@ -431,39 +391,20 @@ fn check_inputs(spec: &MarginLoss, inputs: &RawInputs) -> Result<()> {
     check_buffer(labels, s.b)
 }
 
-fn forward_outputs(out: &RawForwardOut) -> Vec<Named> {
+fn forward_outputs(out: &RawForwardOut) -> Vec<Span> {
     let mut v = Vec::new();
     if let Some(buf) = out.loss {
-        v.push(Named {
-            what: "loss",
-            buf,
-            elem: 4,
-        });
+        v.push(named("loss", buf, 4));
     }
     if let Some(buf) = out.row_loss {
-        v.push(Named {
-            what: "row_loss",
-            buf,
-            elem: 4,
-        });
+        v.push(named("row_loss", buf, 4));
     }
     v
 }
 
-fn grad_outputs(out: &RawGradOut) -> Vec<Named> {
+fn grad_outputs(out: &RawGradOut) -> Vec<Span> {
     let elem = out.dtype.size();
-    vec![
-        Named {
-            what: "dx",
-            buf: out.dx,
-            elem,
-        },
-        Named {
-            what: "dw",
-            buf: out.dw,
-            elem,
-        },
-    ]
+    vec![named("dx", out.dx, elem), named("dw", out.dw, elem)]
 }
 
 fn check_forward_out(inputs: &RawInputs, out: &RawForwardOut) -> Result<()> {
@@ -472,7 +413,7 @@ fn check_forward_out(inputs: &RawInputs, out: &RawForwardOut) -> Result<()> {
         let expected = if o.what == "loss" { 1 } else { inputs.shape.b };
         check_buffer(*o, expected)?;
     }
-    check_overlaps(&input_buffers(inputs)?, &outs)
+    check_disjoint(&input_buffers(inputs)?, &outs)
 }
 
 fn check_grad_out(
@@ -499,11 +440,7 @@ fn check_grad_out(
             crate::spec::check_upstream_value(v as f64, "scalar upstream")?;
         }
         (RawUpstream::PerRow(buf), Reduction::None) => {
-            let g = Named {
-                what: "upstream",
-                buf,
-                elem: 4,
-            };
+            let g = named("upstream", buf, 4);
             check_buffer(g, s.b)?;
             reads.push(g);
         }
@@ -521,7 +458,7 @@ fn check_grad_out(
             })
         }
     }
-    check_overlaps(&reads, &outs)
+    check_disjoint(&reads, &outs)
 }
 
 /// One context per device, and one handle per stream handle value on it.
@@ -654,30 +591,6 @@ impl<T> std::ops::DerefMut for Borrowed<T> {
     }
 }
 
-/// Copies `src` (exactly `dst.len` elements, checked by the callers) into the caller's `dst`.
-///
-/// # Safety
-/// `dst` as in [`Borrowed::new`].
-unsafe fn copy_out<T: cudarc::driver::DeviceRepr>(
-    stream: &Arc<CudaStream>,
-    src: &CudaSlice<T>,
-    dst: RawBuffer,
-    what: &str,
-) -> Result<()> {
-    if src.len() != dst.len {
-        return Err(Error::Length {
-            what: "internal output",
-            expected: dst.len,
-            got: src.len(),
-        });
-    }
-    // SAFETY: forwarded.
-    let mut d = unsafe { Borrowed::<T>::new(stream, dst) };
-    stream
-        .memcpy_dtod(src, &mut *d)
-        .map_err(|e| super::cuda_err(&format!("copy {what} to the caller's buffer"), e))
-}
-
 /// # Safety
 /// [`forward`]'s contract, with `inputs.dtype` the dtype of `T`.
 unsafe fn forward_typed<T: CudaElement>(
@@ -685,7 +598,7 @@ unsafe fn forward_typed<T: CudaElement>(
     spec: &MarginLoss,
     inputs: &RawInputs,
     out: &RawForwardOut,
-) -> Result<GpuForward> {
+) -> Result<GpuSaved> {
     let s = gpu.stream();
     // SAFETY: forwarded from `forward`'s contract.
     let (x, w, labels) = unsafe {
@@ -695,29 +608,32 @@ unsafe fn forward_typed<T: CudaElement>(
             Borrowed::<i32>::new(s, inputs.labels),
         )
     };
-    let fwd = gpu.forward(
+    // SAFETY: forwarded; the outputs are f32 buffers of the checked lengths (1, B), valid for
+    // the kernels' writes, overlapping nothing else passed (checked).
+    let (mut loss, mut rows) = unsafe {
+        (
+            out.loss.map(|b| Borrowed::<f32>::new(s, b)),
+            out.row_loss.map(|b| Borrowed::<f32>::new(s, b)),
+        )
+    };
+    gpu.forward_into(
         spec,
         &x.as_view(),
         &w.as_view(),
         &labels.as_view(),
         inputs.shape,
-    )?;
-    if let Some(dst) = out.loss {
-        // SAFETY: forwarded; length checked (1).
-        unsafe { copy_out(s, &fwd.loss, dst, "loss")? };
-    }
-    if let Some(dst) = out.row_loss {
-        // SAFETY: forwarded; length checked (B).
-        unsafe { copy_out(s, &fwd.row_loss, dst, "row losses")? };
-    }
-    Ok(fwd)
+        GpuForwardOut {
+            loss: loss.as_mut().map(|b| b.as_view_mut()),
+            row_loss: rows.as_mut().map(|b| b.as_view_mut()),
+        },
+    )
 }
 
 /// # Safety
 /// [`backward`]'s contract, with `inputs.dtype` the dtype of `T`.
 unsafe fn backward_typed<T: CudaElement>(
     gpu: &FusedMarginLoss,
-    fwd: &GpuForward,
+    fwd: &GpuSaved,
     inputs: &RawInputs,
     upstream: RawUpstream,
     out: &RawGradOut,
@@ -744,19 +660,30 @@ unsafe fn backward_typed<T: CudaElement>(
             DeviceUpstream::PerRow(&gv)
         }
     };
+    // The gradients go straight into the caller's dx and dw.
     if out.dtype == T::DTYPE {
-        let grads = gpu.backward::<T>(fwd, &xv, &wv, &lv, up)?;
-        // SAFETY: forwarded; lengths checked (B*D, C*D) and equal to the gradients'.
-        unsafe {
-            copy_out(s, &grads.dx, out.dx, "dx")?;
-            copy_out(s, &grads.dw, out.dw, "dw")
-        }
+        // SAFETY: forwarded; `out.dtype` is T's, the lengths are B*D and C*D (checked), valid
+        // for the kernels' writes, overlapping nothing else passed (checked).
+        let (mut dx, mut dw) =
+            unsafe { (Borrowed::<T>::new(s, out.dx), Borrowed::<T>::new(s, out.dw)) };
+        let views = GpuGradOut {
+            dx: dx.as_view_mut(),
+            dw: dw.as_view_mut(),
+        };
+        gpu.backward_into::<T>(fwd, &xv, &wv, &lv, up, views)?;
     } else {
-        let grads = gpu.backward_f32::<T>(fwd, &xv, &wv, &lv, up)?;
-        // SAFETY: as above.
-        unsafe {
-            copy_out(s, &grads.dx, out.dx, "dx")?;
-            copy_out(s, &grads.dw, out.dw, "dw")
-        }
+        // SAFETY: as above, with `out.dtype` F32 (check_grad_out allows only T's dtype or F32).
+        let (mut dx, mut dw) = unsafe {
+            (
+                Borrowed::<f32>::new(s, out.dx),
+                Borrowed::<f32>::new(s, out.dw),
+            )
+        };
+        let views = GpuGradOut {
+            dx: dx.as_view_mut(),
+            dw: dw.as_view_mut(),
+        };
+        gpu.backward_f32_into::<T>(fwd, &xv, &wv, &lv, up, views)?;
     }
+    Ok(())
 }
