@@ -68,6 +68,7 @@ typedef fm_bf16 T_IN;
 #define FM_THETA_CLAMP 1e-7    // docs/MATH.md step 4: acos(clamp(c, -1 + d, 1 - d))
 #define FM_PI 3.14159265358979323846
 #define FM_NEG_INF __int_as_float(0xff800000)
+#define FM_POS_INF __int_as_float(0x7f800000)
 #define FM_NAN __int_as_float(0x7fffffff)
 
 // ---- the loss options, passed by value to every kernel (layout = src/cuda/params.rs) -----------

@@ -25,8 +25,8 @@
 // ~0.6 (bf16) there. So e_iy wh_y (dx row i) and e_iy xh_i r_i g_i (dw row y) are added in f32
 // by the thread that owns that output element, in a fixed order (O(B D) in all), from the tile as
 // given: off the target every e_ij is a probability in [0, 1], which the 16-bit operand holds to
-// its precision. In f16 the dw kernel also scales each class row's e by a running power of two
-// (fm_grad_w_tc).
+// its precision. In f16 both kernels also scale each e row (a class row for dw, a row of x for dx)
+// by a running power of two (fm_grad_w_tc, fm_grad_x_tc).
 // dx partials are multiplied by r_i g_i and reduced over splits by fm_x_finish (normalize.cu);
 // dw is multiplied by K and finished here with the normalization backward.
 //
@@ -284,6 +284,15 @@ __device__ __forceinline__ int fm_gt_exp_for(float m) {
     return k > FM_GT_KMAX ? FM_GT_KMAX : (k < -126 ? -126 : k);
 }
 
+// The dx kernel's first k_i for a row whose target entry is e_iy (0 without one): as large as
+// FM_GT_KMAX allows with 2^k_i |e_iy| < 2^64, so the f32 target term e_iy 2^k_i wh_y stays far from
+// overflow; the tiles' non-target maxima lower it from there (the target needs no headroom in the
+// 16-bit operand: it is added in f32).
+__device__ __forceinline__ int fm_gt_k_start(float e_target) {
+    const int k = fm_gt_exp_for(fabsf(e_target)) + 64;
+    return k < FM_GT_KMAX ? k : FM_GT_KMAX;
+}
+
 // Grid (ceil(B / OWN), nsplit, ceil(D / DCH)). Block (rt, split, dc) writes rows rt*OWN.. x
 // dims dc*DCH.. of split `split`'s partial dxh (already multiplied by r_i g_i), and for dc == 0
 // the split's proj_i and dn_i.
@@ -294,14 +303,23 @@ __device__ __forceinline__ int fm_gt_exp_for(float m) {
 // product's B operand is the tile itself: bf16 multiplies e by the class factor 1/|w_j| before
 // rounding it into es (bf16 has f32's range), f16 scales the tile in place once S is done
 // (fm_gt_scale_partner: f16 cannot hold e / |w_j|).
+//
+// f16 also scales each row's e by a running power of two 2^k_i, as fm_grad_w_tc does per class
+// row: softmax values of a large-C row lie far below f16's normal range (s = 64: most of a
+// well-classified row's non-target mass flushed to 0 without it; tests/tc_rounding_model.rs). k_i
+// comes from the non-target entries only (the target e_iy is added in f32 at the same scale and
+// needs no 16-bit headroom), from at most FM_GT_KMAX and 2^k_i |e_iy| < 2^64 at the start
+// (fm_gt_k_start); out 2^-k_i is the unscaled sum.
 template <int OWN>
 __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
     FM_GRAD_UNPACK
     typedef FmGt<OWN> G;
     constexpr int MI = G::MI;
     constexpr bool FOLD = FM_DTYPE == FM_BF16;
+    constexpr bool SCALED = FM_DTYPE == FM_F16;
     FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem) + the tiles, set by the host
     typename G::Smem& sm = *reinterpret_cast<typename G::Smem*>(smem_raw);
+    typename G::Tgt& tg = sm.r.tgt;   // tg.part: the rows' partial maxima of |e| (f16)
     const int dp = fm_gt_dp(D), ld = fm_gt_ld(D);
     unsigned short* own_s = reinterpret_cast<unsigned short*>(smem_raw + sizeof(typename G::Smem));
     unsigned short* par_s = own_s + OWN * ld;
@@ -331,12 +349,19 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
     int pm, pd;
     fm_gt_product_warp<OWN>(warp, pm, pd);
     int plab[4];
+    // f16: the running exponents k_i of the rows' e scale (fm_grad_x_tc's comment), for the S rows
+    // and the product rows (the same rows when OWN = 64, with the same history).
+    int ks[2 * MI], kp[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const i64 row = own0 + pm + (q >> 1) * 16 + g + 8 * (q & 1);
         const int lab = row < B ? labels[row] : -1;
         plab[q] = (row < B && lab < C && fm_upstream(g_rows, g_scalar, row, lab) != 0.0f) ? lab : -1;
+        kp[q] = SCALED ? fm_gt_k_start(plab[q] >= 0 ? expm1f(-tgt[2 * B + row]) * tgt[2 * row + 1] : 0.0f) : 0;
     }
+#pragma unroll
+    for (int q = 0; q < 2 * MI; ++q)
+        ks[q] = SCALED ? fm_gt_k_start(R[q].g != 0.0f && R[q].label < C ? expm1f(-R[q].ce) * R[q].tdt : 0.0f) : 0;
     float out[2][8][4];
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -358,6 +383,9 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
         const i64 par0 = tile * GT_PN;
         float s[MI][2][4];
         fm_gt_dots<OWN>(own_s, pt, ld, dp, s);
+        float mx[2 * MI];   // f16: the row's largest non-target |e| in this tile (this thread's share)
+#pragma unroll
+        for (int q = 0; q < 2 * MI; ++q) mx[q] = 0.0f;
 #pragma unroll
         for (int ni = 0; ni < 2; ++ni) {
             float inv_w[2], fw[2];
@@ -370,23 +398,32 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
 #pragma unroll
             for (int q = 0; q < 2 * MI; ++q) {
                 const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
-                float e2[2];
 #pragma unroll
                 for (int j = 0; j < 2; ++j) {
                     i64 col = par0 + wn + ni * 8 + 2 * t + j;
-                    e2[j] = 0.0f;
+                    float e = 0.0f;
                     if (col < C && R[q].g != 0.0f) {
                         FmGradElem ge = fm_grad_elem(p, R[q], col, s[mi][ni][h * 2 + j], inv_w[j]);
                         ec[q] = fmaf(ge.e, ge.c, ec[q]);
                         dt[q] += ge.dt;
-                        if (col == R[q].label)
+                        if (col == R[q].label) {
                             sm.r.red[1][0][lr] = ge.e;   // the target: added in f32 below, not in es
-                        else
-                            e2[j] = ge.e * fw[j];
+                        } else {
+                            e = ge.e * fw[j];
+                            if (SCALED) mx[q] = fmaxf(mx[q], fabsf(e));
+                        }
                     }
+                    s[mi][ni][h * 2 + j] = e;   // kept until the scale is known
                 }
-                unsigned pk = (unsigned)fm_from_f32<T_IN>(e2[0]).bits | ((unsigned)fm_from_f32<T_IN>(e2[1]).bits << 16);
-                *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
+            }
+        }
+        if (SCALED) {
+#pragma unroll
+            for (int q = 0; q < 2 * MI; ++q) {
+                float m = mx[q];
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+                if (t == 0) tg.part[warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = m;
             }
         }
         if (!FOLD && tid < GT_PN) {
@@ -394,15 +431,51 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
             sm.pscale[tid] = (col < C && p.normalize_weights) ? fm_inv_norm(wnorm[col]) : 1.0f;
         }
         if (FM_GT_KEEP("gt_es_sync")) __syncthreads();
-        // out_i += e_iy wh_y in f32 for the product rows whose target is in this tile, before
-        // the tile's product (a fixed order); wh_y from the unrounded w_y / |w_y| (the tile
-        // holds w_y as given).
+        // es = e 2^k_i: the tile's scale per row from the partial maxima (f16; bf16 k_i = 0).
+#pragma unroll
+        for (int q = 0; q < 2 * MI; ++q) {
+            const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
+            if (SCALED) {
+                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
+                const int k = fm_gt_exp_for(m);
+                ks[q] = k < ks[q] ? k : ks[q];
+            }
+            const float f = fm_gt_pow2(ks[q]);
+#pragma unroll
+            for (int ni = 0; ni < 2; ++ni) {
+                const unsigned pk = (unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2] * f).bits |
+                                    ((unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2 + 1] * f).bits << 16);
+                *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
+            }
+        }
+        // The product rows: the same scale (same maxima, same history), the accumulators rescaled.
+        if (SCALED) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int mi = q >> 1, h = q & 1, lr = pm + mi * 16 + g + 8 * h;
+                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
+                const int k = fm_gt_exp_for(m);
+                if (k < kp[q]) {
+                    const int dk = k - kp[q];
+                    const float f = fm_gt_pow2(dk < -126 ? -126 : dk);   // past 2^-126: negligible
+#pragma unroll
+                    for (int nj = 0; nj < 8; ++nj) {
+                        out[mi][nj][h * 2] *= f;
+                        out[mi][nj][h * 2 + 1] *= f;
+                    }
+                    kp[q] = k;
+                }
+            }
+        }
+        // out_i += e_iy 2^k_i wh_y in f32 for the product rows whose target is in this tile,
+        // before the tile's product (a fixed order); wh_y from the unrounded w_y / |w_y| (the
+        // tile holds w_y as given).
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             const int y = plab[q];
             if (y < par0 || y >= par0 + GT_PN) continue;
             const int mi = q >> 1, h = q & 1;
-            const float ey = sm.r.red[1][0][pm + mi * 16 + g + 8 * h];
+            const float ey = sm.r.red[1][0][pm + mi * 16 + g + 8 * h] * fm_gt_pow2(kp[q]);
             const float f = p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f;
             const unsigned short* wy = pt + (int)(y - par0) * ld;
 #pragma unroll
@@ -418,8 +491,8 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
         if (!FOLD && p.normalize_weights) {
             if (FM_GT_KEEP("gt_scale_sync")) __syncthreads();   // every target term has read the tile as given
             fm_gt_scale_partner<OWN>(sm, pt, ld, dp, d0);
-            if (FM_GT_KEEP("gt_product_sync")) __syncthreads();
         }
+        if (FM_GT_KEEP("gt_product_sync")) __syncthreads();   // es (and the scaled tile) complete
         fm_gt_product<OWN>(sm, pt, ld, dp, d0, out);
         if (stages == 1 && tile + 1 < t_end) {
             if (FM_GT_KEEP("gt_reload_sync")) __syncthreads();   // the product is done with the one buffer
@@ -438,13 +511,14 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
         if (row >= B) continue;
         const FmRow Rp = fm_load_row(p, row, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
         const float coef = Rp.g == 0.0f ? 0.0f : Rp.r * Rp.g;
+        const float unscale = fm_gt_pow2(-kp[q]);   // f16: out 2^-k_i is the unscaled sum
         float* o = dxh_part + ((i64)split * B + row) * D;
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj)
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 int d = d0 + pd + nj * 8 + 2 * t + j;
-                if (d < D) o[d] = coef * out[mi][nj][h * 2 + j];
+                if (d < D) o[d] = coef * (out[mi][nj][h * 2 + j] * unscale);
             }
     }
     if (blockIdx.z == 0) {

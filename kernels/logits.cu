@@ -37,7 +37,7 @@ FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
                 if (col < C && rows[a] < B) {
                     bool tgt = R[a].label == col;
                     FmElem e = fm_elem(p, R[a], acc[a][b], fm_inv_norm(wnorm[col]), tgt);
-                    z[b] = e.z;
+                    z[b] = tgt ? FM_NEG_INF : e.z;   // the target to zy only (fm_combine_rows)
                     if (tgt) zy[rows[a]] = e.z;
                 } else {
                     z[b] = FM_NEG_INF;

@@ -71,12 +71,14 @@ struct FmElem { float c, t, z, dt; };
 // and r_i (the per-row slot, fm_row_margin), the target t and dtarget/dc at the label (tgt, from
 // fm_target_rows), and in the backward the saved lse_i and upstream g_i. Rows past B: label -1
 // and zeros (never written, never counted).
-struct FmRow { int label; float inv_x, r, lse, g, tt, tdt; FmMargin m; };
+// In the backward also l_i, the row's cross-entropy from fm_combine_rows (tgt[2 B + row]).
+struct FmRow { int label; float inv_x, r, lse, g, tt, tdt, ce; FmMargin m; };
 
 __device__ __forceinline__ FmRow fm_row_ctx(const FmParams& p, i64 row, i64 B, const int* labels,
                                             const float* xnorm, const float* tgt) {
     FmRow R;
     R.lse = 0.0f;
+    R.ce = 0.0f;
     R.g = 0.0f;
     if (row < B) {
         R.label = labels[row];
@@ -99,6 +101,7 @@ __device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, 
     FmRow R = fm_row_ctx(p, row, B, labels, xnorm, tgt);
     if (row < B) {
         R.lse = lse[row];
+        R.ce = tgt[2 * B + row];
         R.g = fm_upstream(g_rows, g_scalar, row, R.label);
     }
     return R;
@@ -130,7 +133,9 @@ __device__ __forceinline__ FmGradElem fm_grad_elem(const FmParams& p, const FmRo
                                                    float inv_w) {
     bool tgt = R.label == col;
     FmElem el = fm_elem(p, R, dot, inv_w, tgt);
-    float d = expf(el.z - R.lse) - (tgt ? 1.0f : 0.0f);
+    // softmax - onehot; at the target p_iy - 1 = expm1(-l_i) from the forward's l_i, exact where
+    // expf(z - lse) - 1 would cancel (a well-classified row: 1 - p_iy below f32's 2^-24 of lse).
+    float d = tgt ? expm1f(-R.ce) : expf(el.z - R.lse);
     FmGradElem q;
     q.e = d * el.dt;
     q.c = el.c;
@@ -176,8 +181,8 @@ __device__ __forceinline__ void fm_tc_col_factors(const float* __restrict__ wnor
 }
 
 // One row's share of a class tile (docs/MATH.md steps 2-5): the logits z of its 2 NI columns from the
-// raw dot products, z_iy written when the label is among them, and the tile's (max, sum-exp)
-// merged into the row's running pair.
+// raw dot products, z_iy written when the label is among them, and the tile's (max, sum-exp) of
+// the other columns merged into the row's running pair.
 template <int NI>
 __device__ __forceinline__ void fm_tc_row_epilogue(const FmParams& p, const float (&acc)[NI][4], int h, i64 row,
                                                    i64 B, i64 col_base, const bool (&cin)[NI][2],
@@ -194,7 +199,9 @@ __device__ __forceinline__ void fm_tc_row_epilogue(const FmParams& p, const floa
             if (cin[ni][j] && row < B) {
                 const bool tgt = R.label == col;
                 FmElem e = fm_elem(p, R, acc[ni][h * 2 + j], inv_w[ni][j], tgt);
-                v = e.z;
+                // The target goes to zy only: fm_combine_rows adds it to the other classes'
+                // logsumexp without cancellation.
+                v = tgt ? FM_NEG_INF : e.z;
                 if (tgt) zy[row] = e.z;
             }
             z[ni * 2 + j] = v;

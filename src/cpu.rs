@@ -20,7 +20,9 @@ pub struct Forward {
     /// The reduced loss: the mean over counted rows (0 when none count), or the sum; for
     /// `Reduction::None`, the sum of `row_loss` (the per-row values are the result then).
     pub loss: f64,
-    /// `l_i = lse_i - z_iy` per row; 0 for ignored rows.
+    /// `l_i = lse_i - z_iy` per row (computed as `softplus(logsumexp_{j != y} z_ij - z_iy)`, free
+    /// of the cancellation; the backward's target entry `expm1(-l_i)` reads it); 0 for ignored
+    /// rows.
     pub row_loss: Vec<f64>,
     /// `lse_i = logsumexp_j z_ij` per row (for ignored rows: over the plain logits `r_i c_ij`).
     pub lse: Vec<f64>,
@@ -275,18 +277,40 @@ pub fn forward<T: Element>(
                     let i = i0 + k;
                     let (z, _, _) = p.logit(i, j, dot(p.xh(i), wj));
                     if labels[i] >= 0 && labels[i] as usize == j {
-                        zy[k] = z;
+                        zy[k] = z; // kept out of the sum: added below without cancellation
+                    } else {
+                        push_logit(&mut m[k], &mut s[k], z);
                     }
-                    push_logit(&mut m[k], &mut s[k], z);
                 }
             }
             for k in 0..rows {
-                lse_blk[k] = m[k] + s[k].ln();
-                loss_blk[k] = if labels[i0 + k] >= 0 {
-                    lse_blk[k] - zy[k]
+                // (m, s): the logsumexp over the other classes, lnt. A counted row's loss is
+                // l = softplus(lnt - z_y) and lse = z_y + l: `lse - z_y` would cancel for a
+                // well-classified row (l ~ 1e-17 beside lse ~ 50 is below f64's resolution of
+                // lse). A non-finite z_y or lnt takes the plain route, so NaN and Inf propagate
+                // as in PyTorch. The kernels compute the same (fm_combine_rows).
+                let lnt = m[k] + s[k].ln();
+                let z = zy[k];
+                if labels[i0 + k] < 0 {
+                    lse_blk[k] = lnt;
+                    loss_blk[k] = 0.0;
+                } else if z.is_finite() && !lnt.is_nan() && lnt != f64::INFINITY {
+                    // lse from the larger of the two, so that it stays within rounding of
+                    // max(lnt, z_y) however large they are.
+                    let d = lnt - z; // finite or -Inf
+                    let t = (-d.abs()).exp().ln_1p();
+                    if d > 0.0 {
+                        lse_blk[k] = lnt + t;
+                        loss_blk[k] = d + t;
+                    } else {
+                        lse_blk[k] = z + t;
+                        loss_blk[k] = t;
+                    }
                 } else {
-                    0.0
-                };
+                    push_logit(&mut m[k], &mut s[k], z);
+                    lse_blk[k] = m[k] + s[k].ln();
+                    loss_blk[k] = lse_blk[k] - z;
+                }
             }
         });
     let total: f64 = row_loss.iter().sum();
@@ -357,12 +381,13 @@ pub fn backward<T: Element>(
         });
     }
     let p = Problem::new(spec, x, w, labels, shape)?;
-    if fwd.lse.len() != shape.b || fwd.counted != p.counted {
+    if fwd.lse.len() != shape.b || fwd.row_loss.len() != shape.b || fwd.counted != p.counted {
         return Err(Error::ForwardMismatch {
             detail: format!(
-                "forward counted {} rows with {} lse values, these labels count {} of B = {}",
+                "forward counted {} rows with {} lse and {} row-loss values, these labels count                  {} of B = {}",
                 fwd.counted,
                 fwd.lse.len(),
+                fwd.row_loss.len(),
                 p.counted,
                 shape.b
             ),
@@ -439,8 +464,13 @@ pub fn backward<T: Element>(
                         let j = j0 + jj;
                         let wj = p.wh(j);
                         let (z, t, dt) = p.logit(i, j, dot(p.xh(i), wj));
-                        let onehot = if labels[i] as usize == j { 1.0 } else { 0.0 };
-                        let dz = g[i] * ((z - fwd.lse[i]).exp() - onehot);
+                        // softmax - onehot; at the target p_y - 1 = expm1(-l_i) from the forward's
+                        // l_i, exact where exp(z - lse) - 1 would cancel.
+                        let dz = if labels[i] as usize == j {
+                            g[i] * (-fwd.row_loss[i]).exp_m1()
+                        } else {
+                            g[i] * (z - fwd.lse[i]).exp()
+                        };
                         *dn_i += s_i * dz * t;
                         *dc_ij = p.r[i] * dz * dt;
                         for (a, wv) in dxh_i.iter_mut().zip(wj) {

@@ -1946,6 +1946,72 @@ fn tc_backward_cases(
     assert!(failed.is_empty(), "over the bar:\n{}", failed.join("\n"));
 }
 
+/// A well-classified batch: each x_i is its class row plus a little noise (cosine ~0.99 to the
+/// target, ~N(0, 1/D) to the others), so at s = 64 (ArcFace) and s = 30 (CosFace) the row losses
+/// l_i = -log p_iy are 1e-14 to 1e-5, far below f32's resolution of lse_i ~ 30-60. The loss then
+/// comes from the non-target logsumexp (fm_combine_rows: l_i = softplus(lnt - z_iy), no
+/// cancellation) and the target's gradient entry from expm1(-l_i); `expf(z - lse) - 1` and
+/// `lse - z` gave 0 there. f16's dx needs its per-row scale (all of e lies below f16's range).
+/// Every backward: SIMT (f32, bf16), the tensor-core ones (bf16, f16, both tile shapes).
+fn converged_inputs(shape: Shape, seed: u64) -> common::Inputs {
+    let Shape { b, d, c } = shape;
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66;
+    let mut unif = move || {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut v = z;
+        v = (v ^ (v >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        v = (v ^ (v >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((v ^ (v >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut normal = move || {
+        let (u1, u2) = (unif().max(1e-300), unif());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    };
+    let w: Vec<f64> = (0..c * d).map(|_| normal()).collect();
+    let labels: Vec<i32> = (0..b).map(|i| ((i * 7 + 3) % c) as i32).collect();
+    let x: Vec<f64> = (0..b * d)
+        .map(|e| w[labels[e / d] as usize * d + e % d] + 0.1 * normal())
+        .collect();
+    common::Inputs {
+        x,
+        w,
+        labels,
+        upstream: (0..b).map(|i| 0.5 + (i % 3) as f64 * 0.25).collect(),
+    }
+}
+
+#[test]
+fn converged_rows_keep_their_loss_and_gradients() {
+    let specs = [
+        MarginLoss::arcface(0.5),
+        MarginLoss::cosface(0.35)
+            .scale(30.0)
+            .reduction(Reduction::None),
+    ];
+    let shapes = [(40, 64, 300), (33, 512, 200)];
+    tc_backward_cases("converged", &specs, &shapes, &converged_inputs, 1300);
+    // The SIMT kernels: f32, and bf16 off the tensor cores. CosFace at s = 30 only (l_i ~ 1e-5,
+    // where `lse - z` in f32 was off by ~10%): at l_i ~ 1e-14 (ArcFace, s = 64) the row loss is
+    // ill-conditioned in f32 whatever the arithmetic, its relative error being the logits'
+    // absolute one (|z| ~ 50 times 2^-24), ~2e-5, past the f32 loss bar.
+    for (k, spec) in specs.iter().enumerate().skip(1) {
+        let c = case(*spec, (40, 64, 300), false, (2, 3), 1350 + k as u64);
+        let inp = converged_inputs(c.shape, c.seed);
+        for dt in [DType::F32, DType::BF16] {
+            let got = match dt {
+                DType::F32 => check_given::<f32>(&c, &inp),
+                _ => check_given::<bf16>(&c, &inp),
+            };
+            let Some((ex, ew)) = got else { return };
+            let bar = bars(dt).1;
+            assert!(
+                ex <= bar && ew <= bar,
+                "SIMT {dt:?} {spec:?}: dx rel {ex:e}, dw rel {ew:e} (bar {bar:e})"
+            );
+        }
+    }
+}
+
 /// A zero-norm class row (5) that no row has as its target, at s = 64: its dw = dwh / eps is made
 /// only of probabilities far below f16's normal range (2^-14), and it dominates dw's norm, so a
 /// tensor-core backward that rounds e to f16 unscaled flushes it. Every 16-bit backward, both tile

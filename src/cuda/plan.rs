@@ -653,10 +653,12 @@ fn row_norms(bd: &mut Builder, shape: Shape) -> Result<()> {
 /// The margin at each row's target (`fm_target_rows`, kernels/normalize.cu), once per row, so the
 /// tile kernels evaluate no margin maths per element. One warp per row: it reads x's row, w's
 /// label row and both norms (labels outside 0..C read no w), and writes `Target[2 row..2 row + 2]`,
-/// an output of the forward (kept with its result) that the fused backward reads.
+/// an output of the forward (kept with its result) that the fused backward reads. Its last B
+/// elements are the rows' cross-entropies `l_i`, written by `fm_combine_rows` (computed there
+/// without cancellation, for the backward's target entry `expm1(-l_i)`).
 fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape) -> Result<()> {
     let (b, d) = (shape.b, i32_of(shape.d, "D")?);
-    bd.alloc(Buf::Target, Elem::F32, 2 * b);
+    bd.alloc(Buf::Target, Elem::F32, 3 * b);
     bd.launch(
         "fm_target_rows",
         grid_1d(b as u64 * 32, THREADS)?,
@@ -824,6 +826,7 @@ fn fused_forward(
             I64(c as i64),
             Write(Buf::Lse),
             Write(Buf::RowLoss),
+            Write(Buf::Target),
         ],
     );
     reduce_loss(&mut bd, pr.shape, pr.mean, ch.label_check);
