@@ -284,6 +284,78 @@ __device__ __forceinline__ int fm_gt_exp_for(float m) {
     return k > FM_GT_KMAX ? FM_GT_KMAX : (k < -126 ? -126 : k);
 }
 
+// The f16 row scales, shared by both kernels (the S layout of fm_gt_dots: row q of a thread is
+// wm + (q >> 1) * 16 + g + 8 (q & 1)):
+// each S row's largest |e| of the tile, this thread's share mx[q], reduced over the quad into
+// tg.part[partner warp][row] (the caller synchronizes before reading it).
+template <int OWN>
+__device__ __forceinline__ void fm_gt_part_max(typename FmGt<OWN>::Tgt& tg, const float mx[2 * FmGt<OWN>::MI]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = (warp >> 2) * (OWN / 2), g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int q = 0; q < 2 * FmGt<OWN>::MI; ++q) {
+        float m = mx[q];
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        if (t == 0) tg.part[warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = m;
+    }
+}
+
+// The row's tile maximum from the 4 partner warps' partials.
+template <int OWN>
+__device__ __forceinline__ float fm_gt_row_max(const typename FmGt<OWN>::Tgt& tg, int lr) {
+    return fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
+}
+
+// es = e 2^k for the S rows: with SCALED each row's k first lowered to what the tile's maximum
+// allows (fm_gt_exp_for), then the e kept in s rounded to T_IN into sm.es.
+template <int OWN, bool SCALED>
+__device__ __forceinline__ void fm_gt_store_es(typename FmGt<OWN>::Smem& sm, const float s[FmGt<OWN>::MI][2][4],
+                                               int ks[2 * FmGt<OWN>::MI]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = (warp >> 2) * (OWN / 2), wn = (warp & 3) * 16, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int q = 0; q < 2 * FmGt<OWN>::MI; ++q) {
+        const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
+        if (SCALED) {
+            const int k = fm_gt_exp_for(fm_gt_row_max<OWN>(sm.r.tgt, lr));
+            ks[q] = k < ks[q] ? k : ks[q];
+        }
+        const float f = fm_gt_pow2(ks[q]);
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni) {
+            const unsigned pk = (unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2] * f).bits |
+                                ((unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2 + 1] * f).bits << 16);
+            *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
+        }
+    }
+}
+
+// The product rows' k lowered the same way (the same maxima and history as their S rows), their
+// f32 accumulators multiplied by the power of two 2^(k_new - k_old) first.
+template <int OWN>
+__device__ __forceinline__ void fm_gt_lower_product_rows(const typename FmGt<OWN>::Tgt& tg, int kp[4],
+                                                         float out[2][8][4]) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2;
+    int pm, pd;
+    fm_gt_product_warp<OWN>(warp, pm, pd);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int mi = q >> 1, h = q & 1, lr = pm + mi * 16 + g + 8 * h;
+        const int k = fm_gt_exp_for(fm_gt_row_max<OWN>(tg, lr));
+        if (k < kp[q]) {
+            const int dk = k - kp[q];
+            const float f = fm_gt_pow2(dk < -126 ? -126 : dk);   // past 2^-126: negligible
+#pragma unroll
+            for (int nj = 0; nj < 8; ++nj) {
+                out[mi][nj][h * 2] *= f;
+                out[mi][nj][h * 2 + 1] *= f;
+            }
+            kp[q] = k;
+        }
+    }
+}
+
 // The dx kernel's first k_i for a row whose target entry is e_iy (0 without one): as large as
 // FM_GT_KMAX allows with 2^k_i |e_iy| < 2^64, so the f32 target term e_iy 2^k_i wh_y stays far from
 // overflow; the tiles' non-target maxima lower it from there (the target needs no headroom in the
@@ -319,7 +391,6 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
     constexpr bool SCALED = FM_DTYPE == FM_F16;
     FM_DYNAMIC_SMEM(smem_raw);   // sizeof(FmGt<OWN>::Smem) + the tiles, set by the host
     typename G::Smem& sm = *reinterpret_cast<typename G::Smem*>(smem_raw);
-    typename G::Tgt& tg = sm.r.tgt;   // tg.part: the rows' partial maxima of |e| (f16)
     const int dp = fm_gt_dp(D), ld = fm_gt_ld(D);
     unsigned short* own_s = reinterpret_cast<unsigned short*>(smem_raw + sizeof(typename G::Smem));
     unsigned short* par_s = own_s + OWN * ld;
@@ -417,56 +488,16 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
                 }
             }
         }
-        if (SCALED) {
-#pragma unroll
-            for (int q = 0; q < 2 * MI; ++q) {
-                float m = mx[q];
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-                if (t == 0) tg.part[warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = m;
-            }
-        }
+        if (SCALED) fm_gt_part_max<OWN>(sm.r.tgt, mx);
         if (!FOLD && tid < GT_PN) {
             i64 col = par0 + tid;
             sm.pscale[tid] = (col < C && p.normalize_weights) ? fm_inv_norm(wnorm[col]) : 1.0f;
         }
         if (FM_GT_KEEP("gt_es_sync")) __syncthreads();
         // es = e 2^k_i: the tile's scale per row from the partial maxima (f16; bf16 k_i = 0).
-#pragma unroll
-        for (int q = 0; q < 2 * MI; ++q) {
-            const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
-            if (SCALED) {
-                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
-                const int k = fm_gt_exp_for(m);
-                ks[q] = k < ks[q] ? k : ks[q];
-            }
-            const float f = fm_gt_pow2(ks[q]);
-#pragma unroll
-            for (int ni = 0; ni < 2; ++ni) {
-                const unsigned pk = (unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2] * f).bits |
-                                    ((unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2 + 1] * f).bits << 16);
-                *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
-            }
-        }
+        fm_gt_store_es<OWN, SCALED>(sm, s, ks);
         // The product rows: the same scale (same maxima, same history), the accumulators rescaled.
-        if (SCALED) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int mi = q >> 1, h = q & 1, lr = pm + mi * 16 + g + 8 * h;
-                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
-                const int k = fm_gt_exp_for(m);
-                if (k < kp[q]) {
-                    const int dk = k - kp[q];
-                    const float f = fm_gt_pow2(dk < -126 ? -126 : dk);   // past 2^-126: negligible
-#pragma unroll
-                    for (int nj = 0; nj < 8; ++nj) {
-                        out[mi][nj][h * 2] *= f;
-                        out[mi][nj][h * 2 + 1] *= f;
-                    }
-                    kp[q] = k;
-                }
-            }
-        }
+        if (SCALED) fm_gt_lower_product_rows<OWN>(sm.r.tgt, kp, out);
         // out_i += e_iy 2^k_i wh_y in f32 for the product rows whose target is in this tile,
         // before the tile's product (a fixed order); wh_y from the unrounded w_y / |w_y| (the
         // tile holds w_y as given).
@@ -664,15 +695,7 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
                 }
             }
         }
-        if (SCALED) {
-#pragma unroll
-            for (int q = 0; q < 2 * MI; ++q) {
-                float m = mx[q];
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-                m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-                if (t == 0) tg.part[warp & 3][wm + (q >> 1) * 16 + g + 8 * (q & 1)] = m;
-            }
-        }
+        if (SCALED) fm_gt_part_max<OWN>(sm.r.tgt, mx);
         if (tid < GT_PN) {   // warps 0 and 1 whole: one partner row per thread
             const FmRow R = fm_load_row(p, par0 + tid, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
             sm.pscale[tid] = R.g == 0.0f ? 0.0f : R.inv_x * (R.r * R.g) * inv_K;
@@ -685,41 +708,9 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
         }
         if (FM_GT_KEEP("gt_es_sync")) __syncthreads();
         // The tile's scale per row from the partial maxima, then es = e 2^k.
-#pragma unroll
-        for (int q = 0; q < 2 * MI; ++q) {
-            const int mi = q >> 1, h = q & 1, lr = wm + mi * 16 + g + 8 * h;
-            if (SCALED) {
-                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
-                const int k = fm_gt_exp_for(m);
-                ks[q] = k < ks[q] ? k : ks[q];
-            }
-            const float f = fm_gt_pow2(ks[q]);
-#pragma unroll
-            for (int ni = 0; ni < 2; ++ni) {
-                const unsigned pk = (unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2] * f).bits |
-                                    ((unsigned)fm_from_f32<T_IN>(s[mi][ni][h * 2 + 1] * f).bits << 16);
-                *reinterpret_cast<unsigned*>(&sm.es[lr][wn + ni * 8 + 2 * t]) = pk;
-            }
-        }
+        fm_gt_store_es<OWN, SCALED>(sm, s, ks);
         // The product rows: the same scale (same maxima, same history), the accumulators rescaled.
-        if (SCALED) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int mi = q >> 1, h = q & 1, lr = pm + mi * 16 + g + 8 * h;
-                const float m = fmaxf(fmaxf(tg.part[0][lr], tg.part[1][lr]), fmaxf(tg.part[2][lr], tg.part[3][lr]));
-                const int k = fm_gt_exp_for(m);
-                if (k < kp[q]) {
-                    const int dk = k - kp[q];
-                    const float f = fm_gt_pow2(dk < -126 ? -126 : dk);   // past 2^-126: negligible
-#pragma unroll
-                    for (int nj = 0; nj < 8; ++nj) {
-                        out[mi][nj][h * 2] *= f;
-                        out[mi][nj][h * 2 + 1] *= f;
-                    }
-                    kp[q] = k;
-                }
-            }
-        }
+        if (SCALED) fm_gt_lower_product_rows<OWN>(sm.r.tgt, kp, out);
         // out_j += e_iy 2^k_j xh_i r_i g_i / K in f32 for the partners i whose target y = j is a
         // product row, in increasing i, before the tile's product (a fixed order). xh_i r_i g_i / K
         // from the unrounded x_i (the tile holds x_i as given) and the row factor.
