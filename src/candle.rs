@@ -90,6 +90,7 @@ pub fn margin_loss_with(
     options: &Options,
 ) -> candle_core::Result<Tensor> {
     spec.validate().map_err(wrap)?;
+    spec.check_fixed_margin("the candle op").map_err(wrap)?;
     let shape = check_args(x, w, labels)?;
     shape.validate().map_err(wrap)?;
     let labels = labels_i32(labels, shape, x.device())?;
@@ -141,6 +142,7 @@ impl MarginHead {
         spec: MarginLoss,
     ) -> candle_core::Result<Self> {
         spec.validate().map_err(wrap)?;
+        spec.check_fixed_margin("MarginHead").map_err(wrap)?;
         let init = candle_nn::Init::Randn {
             mean: 0.0,
             stdev: 1.0,

@@ -6,6 +6,7 @@ use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::math::{self, RowMargin};
 use crate::spec::{MarginLoss, Reduction, Shape, Upstream, NORM_EPS};
+use crate::variant::{LossState, RowInputs, Variant};
 use rayon::prelude::*;
 
 /// Rows handled together, so each class row of `w` is read once per block, not once per row.
@@ -41,6 +42,28 @@ pub struct Forward {
     /// A 64-bit fingerprint of every element of `x` and `w` (their bits, in order): backward
     /// checks it, so other inputs are an error even where every row norm is the same.
     pub inputs_fingerprint: u64,
+    /// The state out (AdaFace, CurricularFace; `None` for the others): the state in, updated by
+    /// this call's counted rows. Pass it to the next call; the backward uses it as it is.
+    pub state: Option<LossState>,
+    /// The per-row values of the losses with per-row state (empty vectors for the others).
+    pub rows: RowValues,
+}
+
+/// Per-row values of the losses with per-row or batch state, what the forward decided and the
+/// backward reuses. Each vector is empty where the loss has no such value.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RowValues {
+    /// The target margins `m2_i` and `m3_i` of each row (AdaFace, MagFace, ElasticFace after the
+    /// Plus reordering; ignored rows keep theirs, unused).
+    pub m2: Vec<f64>,
+    /// See [`m2`](Self::m2).
+    pub m3: Vec<f64>,
+    /// CurricularFace's hardness threshold `tau_i` (0 for ignored rows).
+    pub tau: Vec<f64>,
+    /// CurricularFace's number of hard negatives (`c_ij > tau_i`) per row.
+    pub hard: Vec<usize>,
+    /// MagFace: the cross-entropy part `l_i` of `row_loss` (which adds `lambda_g g(a_i)`).
+    pub ce: Vec<f64>,
 }
 
 /// Gradients of the loss with respect to `x` (B x D) and `w` (C x D), in f64.
@@ -147,9 +170,17 @@ struct Problem<'a> {
     /// `r_i`: the row's `s`, or `s*|x_i|` without feature normalization (MATH.md step 3).
     r: Vec<f64>,
     counted: usize,
+    /// Sub-centers per class (`w` has `C*k` rows).
+    k: usize,
+    /// Per-row margins (the losses with per-row margins; empty otherwise).
+    rows: Vec<RowMargin>,
+    /// CurricularFace: `t` (the state out) and the rows' thresholds.
+    curricular: Option<(f64, Vec<f64>)>,
 }
 
 impl<'a> Problem<'a> {
+    /// Checks and prepares the inputs; the per-row state comes later ([`Problem::set_rows`]):
+    /// it needs the target cosines, computed from these.
     fn new<T: Element>(
         spec: &'a MarginLoss,
         x: &[T],
@@ -158,16 +189,37 @@ impl<'a> Problem<'a> {
         shape: Shape,
     ) -> Result<Self> {
         spec.validate()?;
-        shape.check_lengths(x.len(), w.len(), labels.len())?;
+        let k = spec.variant.centers();
+        // Sub-center: w has C*K rows; the rest of the checks read the class count C.
+        let w_len = if k > 1 {
+            let rows = shape.c.checked_mul(k).and_then(|r| r.checked_mul(shape.d));
+            match rows {
+                Some(n) if n == w.len() => shape.c * shape.d,
+                Some(n) => {
+                    return Err(Error::Length {
+                        what: "w (C*K*D with sub-centers)",
+                        expected: n,
+                        got: w.len(),
+                    })
+                }
+                None => {
+                    return Err(Error::TooLarge {
+                        what: "w",
+                        detail: format!("C*K*D = {}*{k}*{} overflows usize", shape.c, shape.d),
+                    })
+                }
+            }
+        } else {
+            w.len()
+        };
+        shape.check_lengths(x.len(), w_len, labels.len())?;
         let counted = shape.check_labels(labels)?;
         let xp = prepare(x, shape.d, true);
         let wp = prepare(w, shape.d, spec.normalize_weights);
-        // r_i from the row's scale (the per-row slot, math::RowMargin).
         let r = xp
             .norm
             .iter()
-            .enumerate()
-            .map(|(i, &n)| RowMargin::of(spec, i, n).row_scale(spec, n))
+            .map(|&n| RowMargin::uniform(spec).row_scale(spec, n))
             .collect();
         Ok(Self {
             spec,
@@ -177,30 +229,192 @@ impl<'a> Problem<'a> {
             w: wp,
             r,
             counted,
+            k,
+            rows: Vec::new(),
+            curricular: None,
         })
     }
 
-    /// Row `i`'s margins and scale (the per-row slot), computed where used rather than stored:
-    /// the CPU path's memory stays the stated `O(B + C)` per-row vectors (tests/memory.rs).
+    /// Row `i`'s margins and scale (the per-row slot).
     fn margin(&self, i: usize) -> RowMargin {
-        RowMargin::of(self.spec, i, self.x.norm[i])
+        if self.rows.is_empty() {
+            RowMargin::uniform(self.spec)
+        } else {
+            self.rows[i]
+        }
     }
 
     fn xh(&self, i: usize) -> &[f64] {
         &self.x.unit[i * self.shape.d..(i + 1) * self.shape.d]
     }
 
+    /// Row `j` of `wh` (with sub-centers: row `j*K + k` is sub-center `k` of class `j`).
     fn wh(&self, j: usize) -> &[f64] {
         &self.w.unit[j * self.shape.d..(j + 1) * self.shape.d]
     }
 
-    /// The logit `z_ij` and the value `t_ij` it scales (`c_ij`, or `target(c_iy)` at the label),
-    /// with `dt/dc` (MATH.md step 5).
+    /// `c_ij` and the winning sub-center: the largest of class `j`'s `K` cosines, the lowest `k`
+    /// on a tie (just `xh_i . wh_j` without sub-centers).
+    #[inline]
+    fn cosine(&self, i: usize, j: usize) -> (f64, usize) {
+        let xh = self.xh(i);
+        let mut best = dot(xh, self.wh(j * self.k));
+        let mut win = 0;
+        for kk in 1..self.k {
+            let c = dot(xh, self.wh(j * self.k + kk));
+            if c > best {
+                best = c;
+                win = kk;
+            }
+        }
+        (best, win)
+    }
+
+    /// The counted rows' raw norms and target cosines (before any margin), in row order: what
+    /// the batch statistics and ElasticFace+'s order read. Empty unless the loss needs them.
+    fn batch_inputs(&self) -> (Vec<f64>, Vec<f64>) {
+        let counted = (0..self.shape.b).filter(|&i| self.labels[i] >= 0);
+        match self.spec.variant {
+            Variant::AdaFace(_) => (counted.map(|i| self.x.norm[i]).collect(), Vec::new()),
+            Variant::CurricularFace(_) => (
+                Vec::new(),
+                counted
+                    .map(|i| self.cosine(i, self.labels[i] as usize).0)
+                    .collect(),
+            ),
+            _ => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// The per-row state of the forward: the state out from the state in and this call's
+    /// counted rows, then the rows' margins (AdaFace, MagFace, ElasticFace) or thresholds
+    /// (CurricularFace) from it. Returns the state out and the values to save.
+    fn set_rows(&mut self, inputs: &RowInputs<'_>) -> Result<(Option<LossState>, RowValues)> {
+        let spec = self.spec;
+        let b = self.shape.b;
+        spec.variant.check_inputs(inputs, b)?;
+        let (norms, cos_y) = self.batch_inputs();
+        let state = math::state_out(spec, inputs.state, &norms, &cos_y);
+        let mut saved = RowValues::default();
+        match (spec.variant, state) {
+            (Variant::AdaFace(a), Some(LossState::AdaFace { mean, std })) => {
+                self.rows = (0..b)
+                    .map(|i| {
+                        let (_, m2, m3) = math::adaface_row(&a, mean, std, self.x.norm[i]);
+                        RowMargin {
+                            m2,
+                            m3,
+                            ..RowMargin::uniform(spec)
+                        }
+                    })
+                    .collect();
+            }
+            (Variant::MagFace(g), _) => {
+                self.rows = (0..b)
+                    .map(|i| RowMargin {
+                        m2: math::magface_row(&g, self.x.norm[i]).1,
+                        ..RowMargin::uniform(spec)
+                    })
+                    .collect();
+            }
+            (Variant::ElasticFace(e), _) => {
+                // check_inputs made sure they are there; the error keeps this path panic-free.
+                let Some(m) = inputs.margins else {
+                    return Err(Error::InvalidArgument {
+                        what: "row inputs",
+                        detail: "ElasticFace needs its margins".into(),
+                    });
+                };
+                let mut margins = math::elastic_draw(&e, &m, b);
+                // The target cosines of every row (ignored rows' entries are never read).
+                let cy: Vec<f64> = (0..b)
+                    .map(|i| match self.labels[i] {
+                        y if y >= 0 => self.cosine(i, y as usize).0,
+                        _ => 0.0,
+                    })
+                    .collect();
+                math::elastic_plus(e.plus, self.labels, &cy, &mut margins);
+                self.rows = margins
+                    .iter()
+                    .map(|&m_i| math::elastic_row(&e, spec.s, m_i))
+                    .collect();
+            }
+            (Variant::CurricularFace(_), Some(LossState::CurricularFace { t })) => {
+                let mut it = cos_y.iter();
+                let tau = (0..b)
+                    .map(|i| match self.labels[i] {
+                        y if y >= 0 => math::curricular_tau(spec, *it.next().unwrap_or(&0.0)),
+                        _ => 0.0,
+                    })
+                    .collect();
+                self.curricular = Some((t, tau));
+            }
+            _ => {}
+        }
+        if !self.rows.is_empty() {
+            saved.m2 = self.rows.iter().map(|m| m.m2).collect();
+            saved.m3 = self.rows.iter().map(|m| m.m3).collect();
+        }
+        if let Some((_, tau)) = &self.curricular {
+            saved.tau = tau.clone();
+        }
+        Ok((state, saved))
+    }
+
+    /// The backward's per-row state: the forward's, as saved (its margins, thresholds and state
+    /// out), checked for length.
+    fn restore_rows(&mut self, fwd: &Forward) -> Result<()> {
+        let b = self.shape.b;
+        let bad = |what: &str, n: usize| {
+            Err(Error::ForwardMismatch {
+                detail: format!("the forward saved {n} {what} for B = {b} rows"),
+            })
+        };
+        if self.spec.variant.has_row_margins() {
+            if fwd.rows.m2.len() != b || fwd.rows.m3.len() != b {
+                return bad("row margins", fwd.rows.m2.len().min(fwd.rows.m3.len()));
+            }
+            self.rows = fwd
+                .rows
+                .m2
+                .iter()
+                .zip(&fwd.rows.m3)
+                .map(|(&m2, &m3)| RowMargin {
+                    m2,
+                    m3,
+                    ..RowMargin::uniform(self.spec)
+                })
+                .collect();
+        }
+        if let Variant::CurricularFace(_) = self.spec.variant {
+            let Some(LossState::CurricularFace { t }) = fwd.state else {
+                return Err(Error::ForwardMismatch {
+                    detail: format!(
+                        "a CurricularFace forward saves its t, found {:?}",
+                        fwd.state
+                    ),
+                });
+            };
+            if fwd.rows.tau.len() != b {
+                return bad("thresholds", fwd.rows.tau.len());
+            }
+            self.curricular = Some((t, fwd.rows.tau.clone()));
+        }
+        if matches!(self.spec.variant, Variant::MagFace(_)) && fwd.rows.ce.len() != b {
+            return bad("cross-entropy values", fwd.rows.ce.len());
+        }
+        Ok(())
+    }
+
+    /// The logit `z_ij` and the value `t_ij` it scales (`c_ij`, `target(c_iy)` at the label,
+    /// CurricularFace's `c (t + c)` at a hard negative), with `dt/dc` (MATH.md step 5).
     #[inline]
     fn logit(&self, i: usize, j: usize, c: f64) -> (f64, f64, f64) {
         let (t, dt) = if self.labels[i] >= 0 && self.labels[i] as usize == j {
             let tg = math::target(self.spec, &self.margin(i), c);
             (tg.value, tg.deriv)
+        } else if let (Some((t, tau)), true) = (&self.curricular, self.labels[i] >= 0) {
+            math::curricular_negative(*t, tau[i], c)
         } else {
             (c, 1.0)
         };
@@ -257,7 +471,28 @@ pub fn forward<T: Element>(
     labels: &[i32],
     shape: Shape,
 ) -> Result<Forward> {
-    let p = Problem::new(spec, x, w, labels, shape)?;
+    forward_with(spec, x, w, labels, shape, &RowInputs::default())
+}
+
+/// [`forward`] for the losses with per-row or batch state ([`crate::variant`]): `inputs` carries
+/// AdaFace's or CurricularFace's state in, or ElasticFace's margins (an error names what is
+/// missing or refused). The returned [`Forward::state`] is the state out and
+/// [`Forward::rows`] the per-row margins, thresholds and counts used; [`backward`] reads them
+/// from the forward (it takes no inputs of its own and never updates the state).
+///
+/// With sub-centers (`Variant::SubCenter { k }`) `w` has `C*k` rows and the backward's `dw`
+/// too. MagFace's `row_loss` (and so the loss) includes the regularizer `lambda_g g(a_i)`.
+pub fn forward_with<T: Element>(
+    spec: &MarginLoss,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    shape: Shape,
+    inputs: &RowInputs<'_>,
+) -> Result<Forward> {
+    let mut p = Problem::new(spec, x, w, labels, shape)?;
+    let (state, mut rows) = p.set_rows(inputs)?;
+    let p = p;
     let b = shape.b;
     let mut lse = vec![0.0; b];
     let mut row_loss = vec![0.0; b];
@@ -272,10 +507,9 @@ pub fn forward<T: Element>(
             let mut s = vec![0.0f64; rows];
             let mut zy = vec![0.0f64; rows];
             for j in 0..shape.c {
-                let wj = p.wh(j);
                 for k in 0..rows {
                     let i = i0 + k;
-                    let (z, _, _) = p.logit(i, j, dot(p.xh(i), wj));
+                    let (z, _, _) = p.logit(i, j, p.cosine(i, j).0);
                     if labels[i] >= 0 && labels[i] as usize == j {
                         zy[k] = z; // kept out of the sum: added below without cancellation
                     } else {
@@ -313,6 +547,29 @@ pub fn forward<T: Element>(
                 }
             }
         });
+    // CurricularFace's hard negatives per row (what the forward decided, for inspection).
+    if let Some((_, tau)) = &p.curricular {
+        rows.hard = (0..shape.b)
+            .into_par_iter()
+            .map(|i| match labels[i] {
+                y if y >= 0 => (0..shape.c)
+                    .filter(|&j| j != y as usize && p.cosine(i, j).0 > tau[i])
+                    .count(),
+                _ => 0,
+            })
+            .collect();
+    }
+    // MagFace: the regularizer joins each counted row's loss; the cross entropy stays apart for
+    // the backward's target entry expm1(-l_i).
+    if let Variant::MagFace(g) = spec.variant {
+        rows.ce = row_loss.clone();
+        for (i, l) in row_loss.iter_mut().enumerate() {
+            if labels[i] >= 0 {
+                let (a, _, _) = math::magface_row(&g, p.x.norm[i]);
+                *l += g.lambda_g * math::magface_reg(&g, a).0;
+            }
+        }
+    }
     let total: f64 = row_loss.iter().sum();
     let loss = match spec.reduction {
         Reduction::Mean if p.counted == 0 => 0.0,
@@ -330,6 +587,8 @@ pub fn forward<T: Element>(
         spec: *spec,
         shape,
         inputs_fingerprint: inputs_fingerprint(&p),
+        state,
+        rows,
     })
 }
 
@@ -380,7 +639,9 @@ pub fn backward<T: Element>(
             detail: format!("forward shape {:?}, backward shape {:?}", fwd.shape, shape),
         });
     }
-    let p = Problem::new(spec, x, w, labels, shape)?;
+    let mut p = Problem::new(spec, x, w, labels, shape)?;
+    p.restore_rows(fwd)?;
+    let p = p;
     if fwd.lse.len() != shape.b || fwd.row_loss.len() != shape.b || fwd.counted != p.counted {
         return Err(Error::ForwardMismatch {
             detail: format!(
@@ -434,44 +695,78 @@ pub fn backward<T: Element>(
     let g = upstream.per_row(spec.reduction, labels)?;
     let (b, d, c) = (shape.b, shape.d, shape.c);
 
-    // dxh_i = sum_j dc_ij wh_j; dn_i = s * sum_j dz_ij t_ij (only used without feature norm).
+    // dxh_i = sum_j dc_ij wh_j; dn_i = d loss / d|x_i| from the row scale (s * sum_j dz_ij t_ij,
+    // only without feature normalization) and MagFace's norm-dependent margin and regularizer.
     let mut dxh = vec![0.0f64; b * d];
     let mut dn = vec![0.0f64; b];
-    let mut dwh = vec![0.0f64; c * d];
+    let k = p.k;
+    let mut dwh = vec![0.0f64; c * k * d];
+    // MagFace's target entry reads the cross entropy alone (row_loss adds the regularizer).
+    let ce = if fwd.rows.ce.is_empty() {
+        &fwd.row_loss
+    } else {
+        &fwd.rows.ce
+    };
     // One class chunk of dc at a time: B x min(C, CLASS_CHUNK) values, so a large batch with few
     // classes allocates by its real width (B = 500,000 with C = 1 asked for 2 GB at a fixed 512).
     let chunk = CLASS_CHUNK.min(c);
     let mut dc = vec![0.0f64; b * chunk];
+    // With sub-centers, the winner of each (row, class) of the chunk: dc goes to it alone.
+    let mut win = vec![0u8; if k > 1 { b * chunk } else { 0 }];
     for j0 in (0..c).step_by(chunk) {
         let cols = chunk.min(c - j0);
         // dc for this class chunk, row blocks in parallel; each block owns its rows of dxh and dn.
+        let win_blocks: Vec<&mut [u8]> = if k > 1 {
+            win.chunks_mut(ROW_BLOCK * chunk).collect()
+        } else {
+            (0..b.div_ceil(ROW_BLOCK)).map(|_| &mut [][..]).collect()
+        };
         dc.par_chunks_mut(ROW_BLOCK * chunk)
             .zip(dxh.par_chunks_mut(ROW_BLOCK * d))
             .zip(dn.par_chunks_mut(ROW_BLOCK))
+            .zip(win_blocks.into_par_iter())
             .enumerate()
-            .for_each(|(blk, ((dc_blk, dxh_blk), dn_blk))| {
+            .for_each(|(blk, (((dc_blk, dxh_blk), dn_blk), win_blk))| {
                 let i0 = blk * ROW_BLOCK;
-                for (k, dn_i) in dn_blk.iter_mut().enumerate() {
-                    let i = i0 + k;
-                    let row = &mut dc_blk[k * chunk..k * chunk + cols];
+                for (r, dn_i) in dn_blk.iter_mut().enumerate() {
+                    let i = i0 + r;
+                    let row = &mut dc_blk[r * chunk..r * chunk + cols];
                     if g[i] == 0.0 {
                         row.fill(0.0);
                         continue;
                     }
-                    let dxh_i = &mut dxh_blk[k * d..(k + 1) * d];
+                    let dxh_i = &mut dxh_blk[r * d..(r + 1) * d];
                     let s_i = p.margin(i).s;
                     for (jj, dc_ij) in row.iter_mut().enumerate() {
                         let j = j0 + jj;
-                        let wj = p.wh(j);
-                        let (z, t, dt) = p.logit(i, j, dot(p.xh(i), wj));
+                        let (cos, kw) = p.cosine(i, j);
+                        if k > 1 {
+                            win_blk[r * chunk + jj] = kw as u8;
+                        }
+                        let wj = p.wh(j * k + kw);
+                        let (z, t, dt) = p.logit(i, j, cos);
                         // softmax - onehot; at the target p_y - 1 = expm1(-l_i) from the forward's
                         // l_i, exact where exp(z - lse) - 1 would cancel.
-                        let dz = if labels[i] as usize == j {
-                            g[i] * (-fwd.row_loss[i]).exp_m1()
+                        let target = labels[i] as usize == j;
+                        let dz = if target {
+                            g[i] * (-ce[i]).exp_m1()
                         } else {
                             g[i] * (z - fwd.lse[i]).exp()
                         };
-                        *dn_i += s_i * dz * t;
+                        if !spec.normalize_features {
+                            *dn_i += s_i * dz * t;
+                        }
+                        if let (Variant::MagFace(mg), true) = (spec.variant, target) {
+                            // m2_i = l_m + q (a_i - l_a) with a_i the clamped norm: inside the
+                            // clamp, dz_iy r_i dtarget/dm2 q and the regularizer's
+                            // g_i lambda_g g'(a_i) reach |x_i|.
+                            let (a, _, live) = math::magface_row(&mg, p.x.norm[i]);
+                            if live {
+                                let dm2 = math::target_dm2(spec, &p.margin(i), cos);
+                                *dn_i += dz * p.r[i] * dm2 * math::magface_slope(&mg)
+                                    + g[i] * mg.lambda_g * math::magface_reg(&mg, a).1;
+                            }
+                        }
                         *dc_ij = p.r[i] * dz * dt;
                         for (a, wv) in dxh_i.iter_mut().zip(wj) {
                             *a += *dc_ij * wv;
@@ -479,15 +774,20 @@ pub fn backward<T: Element>(
                     }
                 }
             });
-        // dwh_j = sum_i dc_ij xh_i; each class owns its row of dwh.
-        dwh[j0 * d..(j0 + cols) * d]
-            .par_chunks_mut(d)
+        // dwh_j = sum_i dc_ij xh_i (to the winning sub-center); each class owns its K rows.
+        dwh[j0 * k * d..(j0 + cols) * k * d]
+            .par_chunks_mut(k * d)
             .enumerate()
             .for_each(|(jj, dwh_j)| {
                 for i in 0..b {
                     let v = dc[i * chunk + jj];
                     if v != 0.0 {
-                        for (a, xv) in dwh_j.iter_mut().zip(p.xh(i)) {
+                        let kw = if k > 1 {
+                            win[i * chunk + jj] as usize
+                        } else {
+                            0
+                        };
+                        for (a, xv) in dwh_j[kw * d..(kw + 1) * d].iter_mut().zip(p.xh(i)) {
                             *a += v * xv;
                         }
                     }
@@ -513,8 +813,9 @@ pub fn backward<T: Element>(
     dx.par_chunks_mut(d).enumerate().for_each(|(i, dx_i)| {
         let xh = p.xh(i);
         unnormalize(dx_i, xh, p.x.norm[i]);
-        if !spec.normalize_features {
-            // The row scale s|x_i|: d|x_i|/dx_i = xh_i.
+        if !spec.normalize_features || matches!(spec.variant, Variant::MagFace(_)) {
+            // Through |x_i| (the row scale s|x_i|, MagFace's margin and regularizer):
+            // d|x_i|/dx_i = xh_i.
             for (a, v) in dx_i.iter_mut().zip(xh) {
                 *a += dn[i] * v;
             }

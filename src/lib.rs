@@ -55,9 +55,14 @@ pub mod dtype;
 pub mod error;
 pub mod math;
 pub mod spec;
+pub mod variant;
 
 pub use dtype::{DType, Element};
 pub use error::{CudaSource, Error, Result};
 pub use spec::{
     GradientMode, MarginLoss, OverflowPolicy, Reduction, Shape, SphereFaceSchedule, Upstream,
+};
+pub use variant::{
+    AdaFace, CurricularFace, ElasticFace, ElasticKind, ElasticMargins, ElasticPlus, ElasticRng,
+    LossState, MagFace, RowInputs, Variant,
 };

@@ -4,6 +4,10 @@
 //! `fm_target`); keep the two in step.
 
 use crate::spec::{GradientMode, MarginLoss, OverflowPolicy, THETA_CLAMP};
+use crate::variant::{
+    AdaFace, ElasticFace, ElasticKind, ElasticMargins, ElasticPlus, LossState, MagFace, Variant,
+    ADAFACE_EPS, ADAFACE_NORM_MAX,
+};
 use std::f64::consts::PI;
 
 /// The target logit's transform at one cosine: `value = target(c)` and `deriv = dtarget/dc`
@@ -71,7 +75,12 @@ impl RowMargin {
 ///   - Raw / Easy: `psi = cos(a) - m3`, `dpsi/dc = m1 sin(a) / sin(theta)`;
 ///   - Fallback: the same while `a <= pi`, else `psi = c - m2 sin(m2) - m3`, derivative 1;
 ///   - Monotonic: `k = floor(a/pi)`, `psi = (-1)^k cos(a) - 2k - m3`,
-///     `dpsi/dc = (-1)^k m1 sin(a) / sin(theta)`.
+///     `dpsi/dc = (-1)^k m1 sin(a) / sin(theta)`;
+///   - Clip (AdaFace): `psi = cos(clip(a, e, pi - e)) - m3`, `dpsi/dc = sin(a) / sin(theta)`
+///     inside the clip, 0 outside.
+///
+/// `d` is `1e-7`; for AdaFace it is its `e = 1e-3` and the cosine clamp is a true clamp (no
+/// gradient outside it), under every policy.
 pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
     let policy = spec.effective_policy();
     if policy == OverflowPolicy::Easy && c <= 0.0 {
@@ -80,11 +89,19 @@ pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
     if !spec.has_angular_margin() {
         return (c - m.m3, 1.0);
     }
-    let cc = c.clamp(-1.0 + THETA_CLAMP, 1.0 - THETA_CLAMP);
+    let ada = matches!(spec.variant, Variant::AdaFace(_));
+    let d = if ada { ADAFACE_EPS } else { THETA_CLAMP };
+    let cc = c.clamp(-1.0 + d, 1.0 - d);
+    // AdaFace's clamp is a true one: outside it psi is constant in c.
+    let live = !ada || (c > -1.0 + d && c < 1.0 - d);
     let theta = cc.acos();
     let a = m.m1 * theta + m.m2;
     // sin(theta) >= sin(acos(1 - 1e-7)) ~ 4.5e-4 thanks to the clamp: no division by zero.
-    let slope = m.m1 * a.sin() / theta.sin();
+    let slope = if live {
+        m.m1 * a.sin() / theta.sin()
+    } else {
+        0.0
+    };
     match policy {
         OverflowPolicy::Raw | OverflowPolicy::Easy => (a.cos() - m.m3, slope),
         OverflowPolicy::Fallback => {
@@ -99,7 +116,53 @@ pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
             let sign = if (k as i64) % 2 == 0 { 1.0 } else { -1.0 };
             (sign * a.cos() - 2.0 * k - m.m3, sign * slope)
         }
+        OverflowPolicy::Clip => {
+            let e = ADAFACE_EPS;
+            let inside = a > e && a < PI - e;
+            let tp = a.clamp(e, PI - e);
+            (tp.cos() - m.m3, if inside { slope } else { 0.0 })
+        }
     }
+}
+
+/// `dtarget/dm2` at `c` with the row's margins (MagFace's margin depends on the feature norm:
+/// its gradient reaches `x` through `m2_i`), after the lambda blend and the gradient mode
+/// (0 when detached, and wherever `psi` does not depend on `m2`).
+pub fn target_dm2(spec: &MarginLoss, m: &RowMargin, c: f64) -> f64 {
+    let policy = spec.effective_policy();
+    if spec.gradient == GradientMode::Detached
+        || !spec.has_angular_margin()
+        || (policy == OverflowPolicy::Easy && c <= 0.0)
+    {
+        return 0.0;
+    }
+    let ada = matches!(spec.variant, Variant::AdaFace(_));
+    let d = if ada { ADAFACE_EPS } else { THETA_CLAMP };
+    let theta = c.clamp(-1.0 + d, 1.0 - d).acos();
+    let a = m.m1 * theta + m.m2;
+    let dp = match policy {
+        OverflowPolicy::Raw | OverflowPolicy::Easy => -a.sin(),
+        OverflowPolicy::Fallback => {
+            if a > PI {
+                -(m.m2.sin() + m.m2 * m.m2.cos())
+            } else {
+                -a.sin()
+            }
+        }
+        OverflowPolicy::Monotonic => {
+            let k = (a / PI).floor();
+            let sign = if (k as i64) % 2 == 0 { 1.0 } else { -1.0 };
+            -sign * a.sin()
+        }
+        OverflowPolicy::Clip => {
+            if a > ADAFACE_EPS && a < PI - ADAFACE_EPS {
+                -a.sin()
+            } else {
+                0.0
+            }
+        }
+    };
+    dp / (1.0 + spec.lambda)
 }
 
 /// The target transform with the row's margins `m`, the lambda blend and the gradient mode
@@ -121,5 +184,151 @@ pub fn target(spec: &MarginLoss, m: &RowMargin, c: f64) -> Target {
             value: p,
             deriv: dp,
         }
+    }
+}
+
+// ---- The losses with per-row or batch state (MATH.md, "Losses with per-row or batch state").
+// Each computes its rows' margins (or CurricularFace's threshold) from the call's counted rows;
+// state is updated first and the rows read the updated value.
+
+/// AdaFace's state after a call whose counted rows have raw feature norms `norms`:
+/// `n = clip(|x|, e, 100)`, `mu <- alpha mean(n) + (1 - alpha) mu`, and with two rows or more
+/// `sigma <- alpha sd(n) + (1 - alpha) sigma` (`sd` with divisor `N - 1`, as `torch.std`).
+/// No counted row keeps the state.
+pub fn adaface_update(a: &AdaFace, mean: f64, std: f64, norms: &[f64]) -> (f64, f64) {
+    let n = norms.len();
+    if n == 0 {
+        return (mean, std);
+    }
+    let clip = |v: f64| v.clamp(ADAFACE_EPS, ADAFACE_NORM_MAX);
+    let mu_b = norms.iter().map(|&v| clip(v)).sum::<f64>() / n as f64;
+    let mean_out = a.alpha * mu_b + (1.0 - a.alpha) * mean;
+    let std_out = if n >= 2 {
+        let var = norms.iter().map(|&v| (clip(v) - mu_b).powi(2)).sum::<f64>() / (n - 1) as f64;
+        a.alpha * var.sqrt() + (1.0 - a.alpha) * std
+    } else {
+        std
+    };
+    (mean_out, std_out)
+}
+
+/// AdaFace's row: `z = clip(h (n - mu) / (sigma + e), -1, 1)` from the row's raw norm and the
+/// updated state; returns `(z, m2 = -m z, m3 = m (1 + z))`.
+pub fn adaface_row(a: &AdaFace, mean: f64, std: f64, x_norm: f64) -> (f64, f64, f64) {
+    let n = x_norm.clamp(ADAFACE_EPS, ADAFACE_NORM_MAX);
+    let z = (a.h * (n - mean) / (std + ADAFACE_EPS)).clamp(-1.0, 1.0);
+    (z, -a.m * z, a.m * (1.0 + z))
+}
+
+/// MagFace's row: `a = clip(|x|, l_a, u_a)` and `m2 = l_m + q (a - l_a)`,
+/// `q = (u_m - l_m) / (u_a - l_a)`; returns `(a, m2, live)` where `live` is `l_a < |x| < u_a`
+/// (the clamp passes the norm's gradient only inside).
+pub fn magface_row(g: &MagFace, x_norm: f64) -> (f64, f64, bool) {
+    let a = x_norm.clamp(g.l_a, g.u_a);
+    let m2 = g.l_m + magface_slope(g) * (a - g.l_a);
+    (a, m2, x_norm > g.l_a && x_norm < g.u_a)
+}
+
+/// MagFace's `q = dm2/da`.
+pub fn magface_slope(g: &MagFace) -> f64 {
+    (g.u_m - g.l_m) / (g.u_a - g.l_a)
+}
+
+/// MagFace's regularizer `g(a) = a / u_a^2 + 1/a` and its derivative `1/u_a^2 - 1/a^2`.
+pub fn magface_reg(g: &MagFace, a: f64) -> (f64, f64) {
+    let u2 = g.u_a * g.u_a;
+    (a / u2 + 1.0 / a, 1.0 / u2 - 1.0 / (a * a))
+}
+
+/// CurricularFace's `t` after a call whose counted rows have target cosines `cos_y` (before the
+/// margin): `t <- alpha mean(c_iy) + (1 - alpha) t`; no counted row keeps it.
+pub fn curricular_update(alpha: f64, t: f64, cos_y: &[f64]) -> f64 {
+    if cos_y.is_empty() {
+        return t;
+    }
+    let mean = cos_y.iter().sum::<f64>() / cos_y.len() as f64;
+    alpha * mean + (1.0 - alpha) * t
+}
+
+/// CurricularFace's hardness threshold of a row, `tau = cos(m1 theta + m2) - m3` with the
+/// spec's margins and no overflow policy (`c - m3` without an angular margin); no gradient.
+pub fn curricular_tau(spec: &MarginLoss, c_y: f64) -> f64 {
+    if spec.m1 == 1.0 && spec.m2 == 0.0 {
+        return c_y - spec.m3;
+    }
+    let theta = c_y.clamp(-1.0 + THETA_CLAMP, 1.0 - THETA_CLAMP).acos();
+    (spec.m1 * theta + spec.m2).cos() - spec.m3
+}
+
+/// A CurricularFace negative: `c` itself unless harder than the row's threshold (`c > tau`),
+/// then `c (t + c)` with derivative `t + 2c`. Returns `(value, dvalue/dc)`.
+pub fn curricular_negative(t: f64, tau: f64, c: f64) -> (f64, f64) {
+    if c > tau {
+        (c * (t + c), t + 2.0 * c)
+    } else {
+        (c, 1.0)
+    }
+}
+
+/// ElasticFace's margins of a call of `b` rows, before the Plus reordering: the given ones, or
+/// `m + sigma * N(0, 1)` from the generator for every row.
+pub fn elastic_draw(e: &ElasticFace, margins: &ElasticMargins<'_>, b: usize) -> Vec<f64> {
+    match margins {
+        ElasticMargins::Given(m) => m.to_vec(),
+        ElasticMargins::Seeded(rng) => (0..b).map(|i| e.m + e.sigma * rng.normal(i)).collect(),
+    }
+}
+
+/// ElasticFace+'s reordering of `margins` in place (MATH.md): the counted rows (`labels >= 0`,
+/// numbered `p` in order) sorted by their target cosine `cos_y`, largest first (ties: the lower
+/// row first) give `pi`; their margins sorted ascending give `sorted`. Rank: row `pi(k)` takes
+/// `sorted[k]`; Published: row `p` takes `sorted[pi(p)]`. Ignored rows keep theirs.
+pub fn elastic_plus(plus: ElasticPlus, labels: &[i32], cos_y: &[f64], margins: &mut [f64]) {
+    if plus == ElasticPlus::None {
+        return;
+    }
+    let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] >= 0).collect();
+    // pi as positions among the counted rows.
+    let mut pi: Vec<usize> = (0..rows.len()).collect();
+    pi.sort_by(|&a, &b| cos_y[rows[b]].total_cmp(&cos_y[rows[a]]).then(a.cmp(&b)));
+    let mut sorted: Vec<f64> = rows.iter().map(|&i| margins[i]).collect();
+    sorted.sort_by(f64::total_cmp);
+    for k in 0..rows.len() {
+        match plus {
+            ElasticPlus::Rank => margins[rows[pi[k]]] = sorted[k],
+            ElasticPlus::Published => margins[rows[k]] = sorted[pi[k]],
+            ElasticPlus::None => {}
+        }
+    }
+}
+
+/// The margins of row `i` for an ElasticFace margin `m_i`: Arc sets `m2`, Cos sets `m3`.
+pub fn elastic_row(e: &ElasticFace, s: f64, m_i: f64) -> RowMargin {
+    let (m2, m3) = match e.kind {
+        ElasticKind::Arc => (m_i, 0.0),
+        ElasticKind::Cos => (0.0, m_i),
+    };
+    RowMargin { m1: 1.0, m2, m3, s }
+}
+
+/// The state out of a call, from the state in and the call's counted rows' raw norms and
+/// target cosines (`None` for the losses without state).
+pub fn state_out(
+    spec: &MarginLoss,
+    state_in: Option<LossState>,
+    norms: &[f64],
+    cos_y: &[f64],
+) -> Option<LossState> {
+    match (spec.variant, state_in) {
+        (Variant::AdaFace(a), Some(LossState::AdaFace { mean, std })) => {
+            let (mean, std) = adaface_update(&a, mean, std, norms);
+            Some(LossState::AdaFace { mean, std })
+        }
+        (Variant::CurricularFace(c), Some(LossState::CurricularFace { t })) => {
+            Some(LossState::CurricularFace {
+                t: curricular_update(c.alpha, t, cos_y),
+            })
+        }
+        _ => None,
     }
 }

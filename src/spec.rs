@@ -4,6 +4,9 @@
 //! Every field follows `docs/MATH.md` ("Forward", step 4, and "Backward").
 
 use crate::error::{Error, Result};
+use crate::variant::{
+    AdaFace, CurricularFace, ElasticFace, ElasticKind, ElasticPlus, MagFace, Variant,
+};
 
 /// What happens where `m1*theta + m2 > pi`, i.e. where `cos(m1*theta + m2)` stops decreasing in
 /// `theta` (MATH.md, forward step 4).
@@ -20,6 +23,9 @@ pub enum OverflowPolicy {
     Raw,
     /// Margin only where `c > 0` (plain `cos(m1*theta + m2) - m3` there); `psi = c` where `c <= 0`.
     Easy,
+    /// AdaFace's angle clip, only with [`Variant::AdaFace`]: `psi = cos(theta') - m3_i` with
+    /// `theta' = clip(theta + m2_i, e, pi - e)`, `e = 1e-3`, a true clamp (no gradient outside).
+    Clip,
 }
 
 /// How the target transform enters the backward (MATH.md, "Backward").
@@ -84,6 +90,9 @@ pub struct MarginLoss {
     pub lambda: f64,
     /// How per-row losses are reduced.
     pub reduction: Reduction,
+    /// The loss with per-row or batch state this spec is, if any ([`Variant::Plain`] for the
+    /// fixed-margin family). See [`crate::variant`].
+    pub variant: Variant,
 }
 
 /// The angle clamp `d` of MATH.md: `theta = acos(clamp(c, -1 + d, 1 - d))`.
@@ -125,6 +134,7 @@ impl MarginLoss {
         gradient: GradientMode::Full,
         lambda: 0.0,
         reduction: Reduction::Mean,
+        variant: Variant::Plain,
     };
 
     /// Normalized softmax (NormFace): no margin, `z_ij = s * cos(theta_ij)`.
@@ -169,6 +179,82 @@ impl MarginLoss {
             m3,
             ..Self::BASE
         }
+    }
+
+    /// Sub-center ArcFace with `k` sub-centers per class (3 in the paper): ArcFace's `m2 = 0.5`,
+    /// `s = 64`, Fallback policy (as pytorch-metric-learning; insightface's is
+    /// [`Raw`](OverflowPolicy::Raw)); any margins via [`margins`](Self::margins). `w` has
+    /// `C*k` rows. insightface gives a tie's gradient to every tied sub-center, this crate to the
+    /// lowest one (ties have measure zero with real data).
+    pub fn subcenter(k: usize) -> Self {
+        Self {
+            m2: 0.5,
+            variant: Variant::SubCenter { k },
+            ..Self::BASE
+        }
+    }
+
+    /// AdaFace with the published defaults ([`AdaFace::default`]: `m = 0.4, h = 0.333,
+    /// alpha = 0.01`), `s = 64` and its angle clip ([`OverflowPolicy::Clip`]). Needs its state
+    /// ([`LossState::ADAFACE_INIT`](crate::variant::LossState::ADAFACE_INIT) at the start).
+    /// Unlike the reference head.py, negatives are not clamped to `1 - 1e-3` (they differ only
+    /// where a cosine exceeds it); CVLface's Partial FC variant is
+    /// `.gradient(Detached).policy(Raw)`.
+    pub fn adaface() -> Self {
+        Self {
+            policy: Some(OverflowPolicy::Clip),
+            variant: Variant::AdaFace(AdaFace::default()),
+            ..Self::BASE
+        }
+    }
+
+    /// CurricularFace with ArcFace's target (`m2 = 0.5`, Fallback), `s = 64` and
+    /// `alpha = 0.01` (TFace uses 0.1). Needs its state
+    /// ([`LossState::CURRICULAR_INIT`](crate::variant::LossState::CURRICULAR_INIT) at the start).
+    pub fn curricularface() -> Self {
+        Self {
+            m2: 0.5,
+            variant: Variant::CurricularFace(CurricularFace::default()),
+            ..Self::BASE
+        }
+    }
+
+    /// MagFace with the published defaults ([`MagFace::default`]), `s = 64` and MagLinear's
+    /// `easy_margin` ([`OverflowPolicy::Easy`]; its `False` is [`Fallback`](OverflowPolicy::Fallback)).
+    /// The row loss includes the regularizer `lambda_g g(a_i)`.
+    pub fn magface() -> Self {
+        Self {
+            policy: Some(OverflowPolicy::Easy),
+            variant: Variant::MagFace(MagFace::default()),
+            ..Self::BASE
+        }
+    }
+
+    /// ElasticFace-Arc (`m = 0.5, sigma = 0.05`, Raw policy as published) or ElasticFace-Cos
+    /// (`m = 0.35, sigma = 0.05`), `s = 64`; ElasticFace+ with `plus` (use `sigma = 0.0175` Arc,
+    /// `0.02` Cos for it, through [`variant`](Self::variant)). Needs margins per call
+    /// ([`ElasticMargins`](crate::variant::ElasticMargins)).
+    pub fn elasticface(kind: ElasticKind, plus: ElasticPlus) -> Self {
+        let (m, sigma, policy) = match kind {
+            ElasticKind::Arc => (0.5, 0.05, Some(OverflowPolicy::Raw)),
+            ElasticKind::Cos => (0.35, 0.05, None),
+        };
+        Self {
+            policy,
+            variant: Variant::ElasticFace(ElasticFace {
+                kind,
+                m,
+                sigma,
+                plus,
+            }),
+            ..Self::BASE
+        }
+    }
+
+    /// Sets the loss variant (with its parameters).
+    pub fn variant(mut self, variant: Variant) -> Self {
+        self.variant = variant;
+        self
     }
 
     /// Sets the scale `s`.
@@ -233,8 +319,15 @@ impl MarginLoss {
 
     /// True when the target transform involves the angle (`m1 != 1` or `m2 != 0`). Without it
     /// `psi = c - m3` directly, with no acos/cos round trip and no clamp (MATH.md).
+    ///
+    /// AdaFace, MagFace and ElasticFace-Arc always go through the angle (their `m2_i` is per row);
+    /// ElasticFace-Cos never does.
     pub fn has_angular_margin(&self) -> bool {
-        self.m1 != 1.0 || self.m2 != 0.0
+        match self.variant {
+            Variant::AdaFace(_) | Variant::MagFace(_) => true,
+            Variant::ElasticFace(e) => e.kind == ElasticKind::Arc,
+            _ => self.m1 != 1.0 || self.m2 != 0.0,
+        }
     }
 
     /// Checks every field against its documented range and names the first bad one:
@@ -283,7 +376,46 @@ impl MarginLoss {
             l.is_finite() && l >= 0.0,
             "must be finite and >= 0",
         )?;
+        self.variant.validate()?;
+        if self.variant.has_row_margins() {
+            // These losses set m2_i, m3_i per row: a spec margin as well would be ambiguous.
+            for (field, v, base) in [("m1", m1, 1.0), ("m2", m2, 0.0), ("m3", m3, 0.0)] {
+                if v != base {
+                    return Err(Error::InvalidSpec {
+                        field,
+                        value: v,
+                        rule: "must be the neutral value (m1 = 1, m2 = m3 = 0) for AdaFace, \
+                               MagFace and ElasticFace, which set their margins per row",
+                    });
+                }
+            }
+        }
+        if self.policy == Some(OverflowPolicy::Clip) && !matches!(self.variant, Variant::AdaFace(_))
+        {
+            return Err(Error::InvalidSpec {
+                field: "policy",
+                value: f64::NAN,
+                rule: "Clip (AdaFace's angle clip) is only valid with Variant::AdaFace",
+            });
+        }
         Ok(())
+    }
+
+    /// [`Error::Unsupported`] for a spec this backend (`what`: the GPU plans, the candle op, the
+    /// raw entry) cannot run yet: the losses with per-row or batch state run on the CPU
+    /// reference only.
+    pub fn check_fixed_margin(&self, what: &str) -> Result<()> {
+        if self.variant == Variant::Plain {
+            Ok(())
+        } else {
+            Err(Error::Unsupported {
+                detail: format!(
+                    "the {} loss runs on the CPU reference (fused_margin::cpu) only; {what} \
+                     supports the fixed-margin family (Variant::Plain)",
+                    self.variant.name()
+                ),
+            })
+        }
     }
 }
 

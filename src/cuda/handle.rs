@@ -448,6 +448,7 @@ impl FusedMarginLoss {
         shape: Shape,
     ) -> Result<()> {
         spec.validate()?;
+        spec.check_fixed_margin("the GPU plans")?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
         self.check_device("x", x.stream())?;
         self.check_device("w", w.stream())?;

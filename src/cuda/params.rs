@@ -68,6 +68,10 @@ impl PolicyCode {
             OverflowPolicy::Fallback => Self::Fallback,
             OverflowPolicy::Raw => Self::Raw,
             OverflowPolicy::Easy => Self::Easy,
+            // AdaFace's clip: never reaches a kernel (every GPU entry refuses the variants with
+            // MarginLoss::check_fixed_margin before building parameters, and validate allows
+            // Clip only with AdaFace). Raw is the nearest code, never used.
+            OverflowPolicy::Clip => Self::Raw,
         }
     }
 }

@@ -377,6 +377,7 @@ fn input_buffers(inputs: &RawInputs) -> Result<[Span; 3]> {
 
 fn check_inputs(spec: &MarginLoss, inputs: &RawInputs) -> Result<()> {
     spec.validate()?;
+    spec.check_fixed_margin("the raw-pointer entry")?;
     let s = inputs.shape;
     s.validate()?;
     if s.d > i32::MAX as usize {
