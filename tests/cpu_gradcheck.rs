@@ -113,7 +113,7 @@ fn kinks(spec: &MarginLoss) -> Vec<f64> {
                 k += 1.0;
             }
         }
-        OverflowPolicy::Raw | OverflowPolicy::Easy => {}
+        OverflowPolicy::Raw | OverflowPolicy::Easy | OverflowPolicy::Clip => {}
     }
     out
 }

@@ -66,6 +66,7 @@ fn setters_change_only_their_field() {
             gradient: GradientMode::Detached,
             lambda: 5.0,
             reduction: Reduction::None,
+            variant: fused_margin::Variant::Plain,
         }
     );
     // One setter alone leaves the rest as the preset had them.
