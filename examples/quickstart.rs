@@ -18,7 +18,10 @@
 //! options (`--epochs -1`, `--classes 0`, `--scale 0`) are refused with a message naming the
 //! flag and the value, and exit status 2.
 
-use fused_margin::{MarginLoss, Shape, SphereFaceSchedule};
+use fused_margin::{
+    ElasticMargins, ElasticRng, LossState, MarginLoss, RowInputs, Shape, SphereFaceSchedule,
+    Variant,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
@@ -71,12 +74,20 @@ fn embed(x: &[f32], we: &[f32]) -> Vec<f32> {
 }
 
 /// Held-out accuracy (%) and the mean angle (degrees) between each held-out embedding and its
-/// own class weight.
-fn evaluate(test: &Split, we: &[f32], w: &[f32]) -> (f64, f64) {
+/// own class weight (with `k` sub-centers per class, the nearest of them, as the loss).
+fn evaluate(test: &Split, we: &[f32], w: &[f32], k: usize) -> (f64, f64) {
     let emb = embed(&test.x, we);
     let (mut correct, mut angle) = (0usize, 0.0f64);
     for (e, &y) in emb.chunks_exact(D).zip(&test.y) {
-        let cos: Vec<f64> = w.chunks_exact(D).map(|wj| train::cosine(e, wj)).collect();
+        let cos: Vec<f64> = w
+            .chunks_exact(D * k)
+            .map(|centers| {
+                centers
+                    .chunks_exact(D)
+                    .map(|wj| train::cosine(e, wj))
+                    .fold(f64::NEG_INFINITY, f64::max)
+            })
+            .collect();
         let best = (0..cos.len())
             .max_by(|&i, &j| cos[i].total_cmp(&cos[j]))
             .unwrap_or(0);
@@ -106,12 +117,32 @@ fn main() -> fused_margin::Result<()> {
     let mut we: Vec<f32> = (0..D * D_IN)
         .map(|_| (train::normal(&mut rng) / (D_IN as f64).sqrt()) as f32)
         .collect();
-    let mut w: Vec<f32> = (0..c * D).map(|_| train::normal(&mut rng) as f32).collect();
+    // With sub-centers, K rows per class (class-major).
+    let k = spec0.variant.centers();
+    let mut w: Vec<f32> = (0..c * k * D)
+        .map(|_| train::normal(&mut rng) as f32)
+        .collect();
     let mut opt_we = Adam::new(we.len(), 2e-2);
     let mut opt_w = Adam::new(w.len(), 2e-2);
 
-    let (backend, device) = train::Backend::choose(args.device)?;
+    // The losses with state have no GPU kernels yet: `auto` takes the CPU reference for them
+    // (`--device gpu` asks for the GPU and gets the library's Unsupported error).
+    let device_choice = match (spec0.variant, args.device) {
+        (Variant::Plain, d) => d,
+        (_, train::DeviceChoice::Auto) => train::DeviceChoice::Cpu,
+        (_, d) => d,
+    };
+    let (backend, device) = train::Backend::choose(device_choice)?;
     println!("device: {device}");
+    if spec0.variant != Variant::Plain {
+        println!("loss variant: {:?}", spec0.variant);
+    }
+    // The state a loss carries from step to step (owned here, as a training loop would).
+    let mut state = match spec0.variant {
+        Variant::AdaFace(_) => Some(LossState::ADAFACE_INIT),
+        Variant::CurricularFace(_) => Some(LossState::CURRICULAR_INIT),
+        _ => None,
+    };
     println!(
         "{} (m1 = {}, m2 = {}, m3 = {}, s = {}{}) on {c} classes x {} points (D_in = {D_IN} -> D = {D}), {} train / {} held out, batch {BATCH}, Adam, {:?} inputs",
         args.loss,
@@ -125,7 +156,7 @@ fn main() -> fused_margin::Result<()> {
         test.y.len(),
         args.dtype
     );
-    let (acc0, angle0) = evaluate(&test, &we, &w);
+    let (acc0, angle0) = evaluate(&test, &we, &w, k);
     // SphereFace trains with its original annealing: the target starts as the plain cosine and
     // the margin fades in (lambda from 1000 down to 5).
     let schedule = (args.loss == "sphereface").then(SphereFaceSchedule::default);
@@ -155,7 +186,18 @@ fn main() -> fused_margin::Result<()> {
                 Some(s) => spec0.lambda(s.lambda_at(iter)?),
                 None => spec0,
             };
-            let out = train::loss_and_grads(
+            // ElasticFace draws new margins every step from (seed, step).
+            let inputs = RowInputs {
+                state,
+                margins: matches!(spec.variant, Variant::ElasticFace(_)).then_some(
+                    ElasticMargins::Seeded(ElasticRng {
+                        seed: args.seed,
+                        step: iter,
+                        row_offset: 0,
+                    }),
+                ),
+            };
+            let out = train::loss_and_grads_with(
                 &backend,
                 args.dtype,
                 &spec,
@@ -163,7 +205,9 @@ fn main() -> fused_margin::Result<()> {
                 &w,
                 &yb,
                 Shape::new(b, D, c),
+                &inputs,
             )?;
+            state = out.state;
             // Chain rule through emb = x W_e^T: dW_e = d_emb^T x (D x D_IN).
             let mut d_we = vec![0.0f32; D * D_IN];
             for (de, xi) in out.d_emb.chunks_exact(D).zip(xb.chunks_exact(D_IN)) {
@@ -186,7 +230,7 @@ fn main() -> fused_margin::Result<()> {
             first = epoch_loss;
         }
         last = epoch_loss;
-        let (acc, _) = evaluate(&test, &we, &w);
+        let (acc, _) = evaluate(&test, &we, &w, k);
         let line = format!("epoch {epoch:>3}: loss {epoch_loss:8.4}, held-out accuracy {acc:5.1}%");
         // A hidden bar (output not a terminal) drops println: print plainly then.
         if bar.is_hidden() {
@@ -196,7 +240,7 @@ fn main() -> fused_margin::Result<()> {
         }
     }
     bar.finish_and_clear();
-    let (acc1, angle1) = evaluate(&test, &we, &w);
+    let (acc1, angle1) = evaluate(&test, &we, &w, k);
     println!("({:.1} s)", started.elapsed().as_secs_f64());
     println!("verification (held-out):  before training   after training");
     println!("  accuracy                {acc0:14.1}%  {acc1:14.1}%");

@@ -77,3 +77,28 @@ fn out_of_range_values_are_refused_naming_flag_and_value() {
     refused(&["--epochs"], &["--epochs needs a value"]);
     refused(&["--bogus", "1"], &["\"--bogus\""]);
 }
+
+#[test]
+fn every_loss_name_gives_its_variant() {
+    use fused_margin::Variant;
+    for (name, want) in [
+        ("subcenter", "sub-center"),
+        ("adaface", "AdaFace"),
+        ("curricular", "CurricularFace"),
+        ("magface", "MagFace"),
+        ("elastic", "ElasticFace"),
+        ("arcface", "plain"),
+    ] {
+        let spec = spec_of(&run(&["--loss", name]).unwrap()).unwrap();
+        assert_eq!(spec.variant.name(), want, "--loss {name}");
+        assert_eq!(spec.s, 30.0, "--loss {name}: the quickstart's scale");
+    }
+    assert!(matches!(
+        spec_of(&run(&["--loss", "subcenter"]).unwrap())
+            .unwrap()
+            .variant,
+        Variant::SubCenter { k: 3 }
+    ));
+    // A per-row-margin loss refuses a spec margin, naming the flag.
+    refused(&["--loss", "adaface", "--m2", "0.5"], &["--m2", "m2 = 0.5"]);
+}

@@ -3,7 +3,7 @@
 //! includer to have `train` (common/train.rs) at its crate root.
 
 use crate::train::{DeviceChoice, InputDType};
-use fused_margin::MarginLoss;
+use fused_margin::{ElasticKind, ElasticPlus, MarginLoss};
 
 /// Points of every class held out for the accuracy.
 pub const HELD_OUT: usize = 4;
@@ -13,7 +13,9 @@ pub const DEFAULT_SCALE: f64 = 30.0;
 
 /// `--help`.
 pub const USAGE: &str = "usage: quickstart [options]
-  --loss NAME      arcface (default) | cosface | sphereface | nsl | combined
+  --loss NAME      arcface (default) | cosface | sphereface | nsl | combined, or one with
+                   per-row state (CPU reference only): subcenter (K = 3) | adaface |
+                   curricular | magface | elastic (ElasticFace-Arc, margins seeded per step)
   --m1 X --m2 X --m3 X
                    margins of cos(m1*theta + m2) - m3 (default: the preset's)
   --scale S        scale s (default 30; sphereface: 1 with the feature norm, as the paper).
@@ -137,9 +139,15 @@ pub fn spec_of(a: &Args) -> Result<MarginLoss, String> {
         "sphereface" => MarginLoss::sphereface(4.0),
         "nsl" => MarginLoss::nsl(s),
         "combined" => MarginLoss::combined(1.0, 0.3, 0.2).scale(s),
+        "subcenter" => MarginLoss::subcenter(3).scale(s),
+        "adaface" => MarginLoss::adaface().scale(s),
+        "curricular" => MarginLoss::curricularface().scale(s),
+        "magface" => MarginLoss::magface().scale(s),
+        "elastic" => MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None).scale(s),
         other => {
             return Err(format!(
-                "--loss needs arcface, cosface, sphereface, nsl or combined, got {other:?}"
+                "--loss needs arcface, cosface, sphereface, nsl, combined, subcenter, adaface, \
+                 curricular, magface or elastic, got {other:?}"
             ))
         }
     };

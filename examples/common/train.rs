@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream};
-use fused_margin::{cpu, MarginLoss, Shape, Upstream};
+use fused_margin::{cpu, LossState, MarginLoss, RowInputs, Shape, Upstream};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng};
 
@@ -177,6 +177,8 @@ impl Backend {
 
 /// The loss and its gradients with respect to the embeddings and the class weights (f32).
 pub struct LossAndGrads {
+    /// The state out of a loss with state (AdaFace, CurricularFace): the next call's state in.
+    pub state: Option<LossState>,
     /// The reduced loss.
     pub loss: f64,
     /// `dloss/demb`, B x D.
@@ -196,10 +198,35 @@ pub fn loss_and_grads(
     labels: &[i32],
     shape: Shape,
 ) -> fused_margin::Result<LossAndGrads> {
+    loss_and_grads_with(
+        backend,
+        dtype,
+        spec,
+        emb,
+        w,
+        labels,
+        shape,
+        &RowInputs::default(),
+    )
+}
+
+/// [`loss_and_grads`] for the losses with state or per-row inputs (CPU reference only: the GPU
+/// refuses them with `Error::Unsupported`).
+#[allow(clippy::too_many_arguments)] // the loss call's arguments, one each
+pub fn loss_and_grads_with(
+    backend: &Backend,
+    dtype: InputDType,
+    spec: &MarginLoss,
+    emb: &[f32],
+    w: &[f32],
+    labels: &[i32],
+    shape: Shape,
+    inputs: &RowInputs,
+) -> fused_margin::Result<LossAndGrads> {
     match dtype {
-        InputDType::F32 => typed::<f32>(backend, spec, emb, w, labels, shape),
-        InputDType::F16 => typed::<f16>(backend, spec, emb, w, labels, shape),
-        InputDType::BF16 => typed::<bf16>(backend, spec, emb, w, labels, shape),
+        InputDType::F32 => typed::<f32>(backend, spec, emb, w, labels, shape, inputs),
+        InputDType::F16 => typed::<f16>(backend, spec, emb, w, labels, shape, inputs),
+        InputDType::BF16 => typed::<bf16>(backend, spec, emb, w, labels, shape, inputs),
     }
 }
 
@@ -210,14 +237,16 @@ fn typed<T: CudaElement>(
     w: &[f32],
     labels: &[i32],
     shape: Shape,
+    inputs: &RowInputs,
 ) -> fused_margin::Result<LossAndGrads> {
     let emb: Vec<T> = emb.iter().map(|&v| T::from_f64(v as f64)).collect();
     let w: Vec<T> = w.iter().map(|&v| T::from_f64(v as f64)).collect();
     match backend {
         Backend::Cpu => {
-            let fwd = cpu::forward(spec, &emb, &w, labels, shape)?;
+            let fwd = cpu::forward_with(spec, &emb, &w, labels, shape, inputs)?;
             let g = cpu::backward(spec, &fwd, &emb, &w, labels, shape, Upstream::ONE)?;
             Ok(LossAndGrads {
+                state: fwd.state,
                 loss: fwd.loss,
                 d_emb: g.dx.iter().map(|&v| v as f32).collect(),
                 d_w: g.dw.iter().map(|&v| v as f32).collect(),
@@ -230,9 +259,15 @@ fn typed<T: CudaElement>(
             let wd = s.clone_htod(&w).map_err(err)?;
             let l = s.clone_htod(labels).map_err(err)?;
             let (xv, wv, lv) = (x.as_view(), wd.as_view(), l.as_view());
+            if *inputs != RowInputs::default() {
+                return Err(fused_margin::Error::Unsupported {
+                    detail: "the GPU plans take no per-row inputs".into(),
+                });
+            }
             let fwd = gpu.forward(spec, &xv, &wv, &lv, shape)?;
             let g = gpu.backward_f32(&fwd, &xv, &wv, &lv, GpuUpstream::ONE)?;
             Ok(LossAndGrads {
+                state: None,
                 loss: fwd.loss_host()? as f64,
                 d_emb: s.clone_dtoh(&g.dx).map_err(err)?,
                 d_w: s.clone_dtoh(&g.dw).map_err(err)?,
