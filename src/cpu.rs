@@ -496,10 +496,17 @@ pub fn forward_with<T: Element>(
     let b = shape.b;
     let mut lse = vec![0.0; b];
     let mut row_loss = vec![0.0; b];
+    // CurricularFace's hard negatives per row (what the forward decided, for inspection),
+    // counted in the same pass.
+    let curricular_tau = p.curricular.as_ref().map(|(_, tau)| tau);
+    let mut hard = vec![0usize; if curricular_tau.is_some() { b } else { 0 }];
+    let mut hard_blocks: Vec<&mut [usize]> = hard.chunks_mut(ROW_BLOCK).collect();
+    hard_blocks.resize_with(b.div_ceil(ROW_BLOCK), || &mut []);
     lse.par_chunks_mut(ROW_BLOCK)
         .zip(row_loss.par_chunks_mut(ROW_BLOCK))
+        .zip(hard_blocks.into_par_iter())
         .enumerate()
-        .for_each(|(blk, (lse_blk, loss_blk))| {
+        .for_each(|(blk, ((lse_blk, loss_blk), hard_blk))| {
             let i0 = blk * ROW_BLOCK;
             let rows = lse_blk.len();
             // Online max / sum-exp per row, as the GPU does per class tile.
@@ -509,11 +516,15 @@ pub fn forward_with<T: Element>(
             for j in 0..shape.c {
                 for k in 0..rows {
                     let i = i0 + k;
-                    let (z, _, _) = p.logit(i, j, p.cosine(i, j).0);
+                    let cos = p.cosine(i, j).0;
+                    let (z, _, _) = p.logit(i, j, cos);
                     if labels[i] >= 0 && labels[i] as usize == j {
                         zy[k] = z; // kept out of the sum: added below without cancellation
                     } else {
                         push_logit(&mut m[k], &mut s[k], z);
+                        if let (Some(tau), true) = (curricular_tau, labels[i] >= 0) {
+                            hard_blk[k] += (cos > tau[i]) as usize;
+                        }
                     }
                 }
             }
@@ -547,18 +558,7 @@ pub fn forward_with<T: Element>(
                 }
             }
         });
-    // CurricularFace's hard negatives per row (what the forward decided, for inspection).
-    if let Some((_, tau)) = &p.curricular {
-        rows.hard = (0..shape.b)
-            .into_par_iter()
-            .map(|i| match labels[i] {
-                y if y >= 0 => (0..shape.c)
-                    .filter(|&j| j != y as usize && p.cosine(i, j).0 > tau[i])
-                    .count(),
-                _ => 0,
-            })
-            .collect();
-    }
+    rows.hard = hard;
     // MagFace: the regularizer joins each counted row's loss; the cross entropy stays apart for
     // the backward's target entry expm1(-l_i).
     if let Variant::MagFace(g) = spec.variant {
@@ -616,7 +616,10 @@ fn inputs_fingerprint(p: &Problem<'_>) -> u64 {
 /// (`8 * (B*D + C*D)` bytes), the gradient accumulators (`8 * (B*D + C*D)`), one class chunk of
 /// `dc` (`8 * B * min(C, 512)`) and per-row and per-class values: at most
 /// `8 * (2*B*D + 2*C*D + B*min(C, 512) + 6*B + 3*C)` bytes whatever the ratio of B to C
-/// ([`forward`]: `8 * (B*D + C*D + 6*B + 3*C)`; both measured by `tests/memory.rs`).
+/// ([`forward`]: `8 * (B*D + C*D + 6*B + 3*C)`; both measured by `tests/memory.rs`). For the
+/// losses with state ([`crate::variant`]) read `C` as the `C*K` rows of `w` (sub-centers) in the
+/// `C*D` and `3*C` terms, and add `8 * 12*B` bytes of per-row margins and thresholds and, with
+/// sub-centers, `B * min(C, 512)` bytes of winners (to both bounds).
 pub fn backward<T: Element>(
     spec: &MarginLoss,
     fwd: &Forward,

@@ -449,6 +449,10 @@ fn wrong_shapes_ranks_dtypes_and_labels_are_errors_naming_the_values() {
     let text = err_text(margin_loss(&x, &wh, &labels, &spec));
     assert_mentions(&text, &["same dtype", "F32", "F16"]);
 
+    // The losses with state need state the op cannot carry yet: refused, naming the loss.
+    let text = err_text(margin_loss(&x, &w, &labels, &MarginLoss::magface()));
+    assert_mentions(&text, &["MagFace", "CPU reference"]);
+
     let x64 = x.to_dtype(DType::F64).unwrap();
     let w64 = w.to_dtype(DType::F64).unwrap();
     let text = err_text(margin_loss(&x64, &w64, &labels, &spec));

@@ -4,7 +4,10 @@
 //! one class used to allocate `B * 512` f64 of backward scratch whatever C was (B = 500,000,
 //! D = C = 1: 2 GB for 2 MB of input).
 
-use fused_margin::{cpu, MarginLoss, Shape, Upstream};
+use fused_margin::{
+    cpu, ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, MarginLoss, RowInputs,
+    Shape, Upstream, Variant,
+};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -54,30 +57,65 @@ fn backward_bound(s: Shape) -> usize {
 }
 
 fn check(shape: Shape) {
+    check_loss(shape, &MarginLoss::cosface(0.35), &RowInputs::default());
+}
+
+/// The bounds of a loss with state: `C` read as `w`'s `C*K` rows, plus `12*B` values of
+/// per-row margins and thresholds and, with sub-centers, `B * min(C, 512)` bytes of winners.
+fn check_loss(shape: Shape, spec: &MarginLoss, inputs: &RowInputs) {
     let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let spec = MarginLoss::cosface(0.35);
+    let k = spec.variant.centers();
     let x: Vec<f32> = (0..shape.b * shape.d)
         .map(|k| 0.5 + (k % 7) as f32 * 0.1)
         .collect();
-    let w: Vec<f32> = (0..shape.c * shape.d)
+    let w: Vec<f32> = (0..shape.c * k * shape.d)
         .map(|k| 1.0 - (k % 5) as f32 * 0.1)
         .collect();
     let labels: Vec<i32> = (0..shape.b).map(|i| (i % shape.c) as i32).collect();
-    let (fwd, pf) = peak_during(|| cpu::forward(&spec, &x, &w, &labels, shape).unwrap());
+    let rows = Shape::new(shape.b, shape.d, shape.c * k);
+    let extra = if spec.variant == Variant::Plain {
+        0
+    } else {
+        8 * 12 * shape.b + if k > 1 { shape.b * shape.c.min(512) } else { 0 }
+    };
+    let (fwd, pf) =
+        peak_during(|| cpu::forward_with(spec, &x, &w, &labels, shape, inputs).unwrap());
     assert!(fwd.loss.is_finite());
-    assert!(
-        pf <= forward_bound(shape),
-        "{shape:?}: forward peak {pf} B > {} B",
-        forward_bound(shape)
-    );
+    let bound = forward_bound(rows) + extra;
+    assert!(pf <= bound, "{shape:?}: forward peak {pf} B > {bound} B");
     let (g, pb) =
-        peak_during(|| cpu::backward(&spec, &fwd, &x, &w, &labels, shape, Upstream::ONE).unwrap());
+        peak_during(|| cpu::backward(spec, &fwd, &x, &w, &labels, shape, Upstream::ONE).unwrap());
     assert!(g.dx.iter().chain(&g.dw).all(|v| v.is_finite()));
-    assert!(
-        pb <= backward_bound(shape),
-        "{shape:?}: backward peak {pb} B > {} B",
-        backward_bound(shape)
-    );
+    let bound = backward_bound(rows) + extra;
+    assert!(pb <= bound, "{shape:?}: backward peak {pb} B > {bound} B");
+}
+
+#[test]
+fn the_losses_with_state_stay_within_the_formula() {
+    for shape in [Shape::new(20_000, 8, 3), Shape::new(3, 64, 20_000)] {
+        check_loss(shape, &MarginLoss::subcenter(3), &RowInputs::default());
+        check_loss(
+            shape,
+            &MarginLoss::adaface(),
+            &RowInputs::with_state(LossState::ADAFACE_INIT),
+        );
+        check_loss(
+            shape,
+            &MarginLoss::curricularface(),
+            &RowInputs::with_state(LossState::CURRICULAR_INIT),
+        );
+        check_loss(shape, &MarginLoss::magface(), &RowInputs::default());
+        let rng = ElasticRng {
+            seed: 1,
+            step: 2,
+            row_offset: 0,
+        };
+        check_loss(
+            shape,
+            &MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
+            &RowInputs::with_margins(ElasticMargins::Seeded(rng)),
+        );
+    }
 }
 
 #[test]

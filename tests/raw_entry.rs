@@ -202,6 +202,17 @@ fn dtypes_upstream_and_spec_are_checked() {
         raw::check_forward(&bad, &inputs, &out),
         Err(Error::InvalidSpec { field: "m2", .. })
     ));
+    // The losses with state run on the CPU reference only: refused before any launch.
+    for spec in [MarginLoss::adaface(), MarginLoss::subcenter(3)] {
+        assert!(matches!(
+            raw::check_forward(&spec, &inputs, &out),
+            Err(Error::Unsupported { detail }) if detail.contains("CPU reference")
+        ));
+        assert!(matches!(
+            raw::check_backward(&spec, &inputs, RawUpstream::Scalar(1.0), &grads),
+            Err(Error::Unsupported { .. })
+        ));
+    }
 }
 
 /// The raw upstream is the handle's upstream enum with a raw buffer in it (one type,

@@ -556,3 +556,130 @@ fn invalid_parameters_name_their_field() {
         ok.validate().unwrap();
     }
 }
+
+/// Random parameters of every loss (within their documented ranges) on random inputs: finite
+/// results, a non-negative loss, the reductions' arithmetic, the state finite and moving toward
+/// the batch, and the gradients orthogonal to their unit rows where the normalization alone
+/// carries them (every loss but MagFace, whose margin and regularizer also reach `|x_i|`).
+#[test]
+fn random_parameters_keep_the_invariants() {
+    use rand::Rng;
+    let mut r = rng(2026);
+    for case_no in 0..240 {
+        let kind = case_no % 6;
+        let shape = Shape::new(
+            r.random_range(2..10),
+            r.random_range(2..9),
+            r.random_range(2..14),
+        );
+        let k = if kind == 0 { r.random_range(1..5) } else { 1 };
+        let c = case(r.random(), shape, (0.5, 60.0), k);
+        let s = r.random_range(1.0..64.0);
+        let reduction = [Reduction::Mean, Reduction::Sum][r.random_range(0..2)];
+        let margins: Vec<f64> = (0..shape.b).map(|_| r.random_range(0.0..0.8)).collect();
+        let (spec, inputs) = match kind {
+            0 => (
+                MarginLoss::subcenter(k).margins(
+                    1.0,
+                    r.random_range(0.0..0.8),
+                    r.random_range(0.0..0.4),
+                ),
+                RowInputs::default(),
+            ),
+            1 => (
+                MarginLoss::adaface().variant(Variant::AdaFace(AdaFace {
+                    m: r.random_range(0.0..0.8),
+                    h: r.random_range(0.0..1.0),
+                    alpha: r.random_range(0.0..1.0),
+                })),
+                RowInputs::with_state(LossState::AdaFace {
+                    mean: r.random_range(0.0..50.0),
+                    std: r.random_range(0.0..100.0),
+                }),
+            ),
+            2 => (
+                MarginLoss::curricularface()
+                    .margins(1.0, r.random_range(0.0..0.8), 0.0)
+                    .variant(Variant::CurricularFace(CurricularFace {
+                        alpha: r.random_range(0.0..1.0),
+                    })),
+                RowInputs::with_state(LossState::CurricularFace {
+                    t: r.random_range(-0.5..1.0),
+                }),
+            ),
+            3 => {
+                let l_a = r.random_range(1.0..20.0);
+                let l_m = r.random_range(0.0..0.6);
+                (
+                    MarginLoss::magface().variant(Variant::MagFace(MagFace {
+                        l_a,
+                        u_a: l_a + r.random_range(1.0..100.0),
+                        l_m,
+                        u_m: l_m + r.random_range(0.0..0.4),
+                        lambda_g: r.random_range(0.0..40.0),
+                    })),
+                    RowInputs::default(),
+                )
+            }
+            4 => (
+                MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
+                RowInputs::with_margins(ElasticMargins::Given(&margins)),
+            ),
+            _ => (
+                MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::Published),
+                RowInputs::with_margins(ElasticMargins::Seeded(ElasticRng {
+                    seed: r.random(),
+                    step: r.random(),
+                    row_offset: r.random_range(0..1000),
+                })),
+            ),
+        };
+        let spec = spec.scale(s).reduction(reduction);
+        let what = format!("case {case_no}: {spec:?}");
+        let f = cpu::forward_with(&spec, &c.x, &c.w, &c.labels, shape, &inputs).unwrap();
+        let g = cpu::backward(&spec, &f, &c.x, &c.w, &c.labels, shape, Upstream::ONE).unwrap();
+        assert!(
+            f.loss.is_finite() && f.loss >= 0.0,
+            "{what}: loss {}",
+            f.loss
+        );
+        assert!(
+            f.row_loss.iter().all(|l| l.is_finite() && *l >= 0.0),
+            "{what}"
+        );
+        let total: f64 = f.row_loss.iter().sum();
+        let want = match reduction {
+            Reduction::Mean => total / f.counted.max(1) as f64,
+            _ => total,
+        };
+        assert!(
+            (f.loss - want).abs() <= 1e-12 * want.abs().max(1.0),
+            "{what}"
+        );
+        assert!(g.dx.iter().chain(&g.dw).all(|v| v.is_finite()), "{what}");
+        assert_eq!(g.dw.len(), shape.c * k * shape.d, "{what}");
+        match f.state {
+            Some(LossState::AdaFace { mean, std }) => {
+                assert!(mean.is_finite() && std.is_finite() && std >= 0.0, "{what}")
+            }
+            Some(LossState::CurricularFace { t }) => assert!(t.is_finite(), "{what}"),
+            None => {}
+        }
+        let d = shape.d;
+        let orth = |v: &[f64], g: &[f64]| {
+            let u = unit(v);
+            let p: f64 = u.iter().zip(g).map(|(a, b)| a * b).sum();
+            p.abs() <= 1e-9 * norm(g).max(1e-300)
+        };
+        if kind != 3 {
+            for i in 0..shape.b {
+                let (xi, gi) = (&c.x[i * d..(i + 1) * d], &g.dx[i * d..(i + 1) * d]);
+                assert!(orth(xi, gi), "{what}: dx row {i} along x");
+            }
+        }
+        for j in 0..shape.c * k {
+            let (wj, gj) = (&c.w[j * d..(j + 1) * d], &g.dw[j * d..(j + 1) * d]);
+            assert!(orth(wj, gj), "{what}: dw row {j} along w");
+        }
+    }
+}
