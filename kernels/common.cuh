@@ -118,6 +118,22 @@ __device__ __forceinline__ FmMargin fm_row_margin(const FmParams& p, i64 row, fl
     return m;
 }
 
+// The same with the caller's per-row margins, where given: rowm holds (m2_i, m3_i) per row
+// (ElasticFace's drawn margins, docs/MATH.md "Losses with per-row or batch state"); null keeps
+// the spec's. Read only where the target is formed (fm_target_rows, naive_logits), never per
+// element of a tile. The Fallback shift m2_i sin m2_i is taken in double here, as the host
+// takes the spec's.
+__device__ __forceinline__ FmMargin fm_row_margin_given(const FmParams& p, i64 row, float norm,
+                                                        const float* __restrict__ rowm) {
+    FmMargin m = fm_row_margin(p, row, norm);
+    if (rowm != nullptr) {
+        m.m2 = rowm[2 * row];
+        m.m3 = rowm[2 * row + 1];
+        m.fallback_shift = (float)((double)m.m2 * sin((double)m.m2));
+    }
+    return m;
+}
+
 __device__ __forceinline__ FmTarget fm_target(const FmParams& p, const FmMargin& m, double c) {
     double psi, dpsi;
     if (p.policy == FM_POLICY_EASY && c <= 0.0) {

@@ -39,7 +39,8 @@ extern "C" __global__ void FM_ENTRY(naive_cosine)(const float* __restrict__ xh, 
 
 // logits[i, j] = r_i * (j == y_i ? target(c) : c); tval keeps t_ij, dt keeps dtarget/dc (1 off the label).
 extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos, const int* __restrict__ labels,
-                                                  const float* __restrict__ xnorm, FmParams p, i64 B, i64 C,
+                                                  const float* __restrict__ xnorm,
+                                                  const float* __restrict__ rowm, FmParams p, i64 B, i64 C,
                                                   float* __restrict__ logits, float* __restrict__ tval,
                                                   float* __restrict__ dt) {
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -47,7 +48,7 @@ extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos,
     i64 i = e / C, j = e % C;
     float c = cos[e];
     float t = c, d = 1.0f;
-    const FmMargin m = fm_row_margin(p, i, xnorm[i]);
+    const FmMargin m = fm_row_margin_given(p, i, xnorm[i], rowm);
     if (labels[i] == j) {
         FmTarget tg = fm_target(p, m, (double)c);
         t = (float)tg.value;

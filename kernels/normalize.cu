@@ -34,8 +34,9 @@ extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ a, i6
 extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                                     const int* __restrict__ labels,
                                                     const float* __restrict__ xnorm,
-                                                    const float* __restrict__ wnorm, FmParams p, i64 B, i64 C,
-                                                    int D, float* __restrict__ tgt) {
+                                                    const float* __restrict__ wnorm,
+                                                    const float* __restrict__ rowm, FmParams p, i64 B,
+                                                    i64 C, int D, float* __restrict__ tgt) {
     i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= B) return;
@@ -52,7 +53,7 @@ extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, 
     if (lane == 0) {
         const float n = xnorm[row];
         const float c = acc * fm_inv_norm(n) * (p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f);
-        const FmTarget t = fm_target(p, fm_row_margin(p, row, n), (double)c);
+        const FmTarget t = fm_target(p, fm_row_margin_given(p, row, n, rowm), (double)c);
         tgt[2 * row] = (float)t.value;
         tgt[2 * row + 1] = (float)t.deriv;
     }

@@ -9,6 +9,7 @@
 //! passes, and `FUSED_MARGIN_REQUIRE_EMU=1` (set by .ci/run) turns that into a failure.
 use fused_margin::cuda::plan;
 use fused_margin::{cpu, cuda, DType, Element, GradientMode, MarginLoss, OverflowPolicy};
+use fused_margin::{ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, RowInputs};
 use fused_margin::{Reduction, Shape, Upstream};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -191,7 +192,20 @@ struct Case {
     /// A wait or barrier of the tensor-core backward to leave out (`FM_EMU_FAULT`, read by
     /// kernels/grad_tc.cu's `FM_GT_KEEP` under the emulator only): the mutation tests.
     fault: Option<&'static str>,
+    /// ElasticFace's generator (with an ElasticFace spec): the per-row margins the host draws and
+    /// binds as [`plan::Buf::RowMargins`], as the handle does.
+    elastic: Option<ElasticRng>,
     seed: u64,
+}
+
+impl Case {
+    /// The per-row inputs of the case (ElasticFace's seeded margins, else none).
+    fn row_inputs(&self) -> RowInputs<'static> {
+        match self.elastic {
+            Some(rng) => RowInputs::with_margins(ElasticMargins::Seeded(rng)),
+            None => RowInputs::default(),
+        }
+    }
 }
 
 struct Outputs {
@@ -264,6 +278,7 @@ fn plans(
             aligned: true,
             params,
             mean,
+            row_margins: case.elastic.is_some(),
         },
     )
     .unwrap();
@@ -293,6 +308,7 @@ fn plans(
             mean,
             upstream,
             fwd_tensor_cores: fwd.tensor_cores,
+            row_margins: case.elastic.is_some(),
         },
     )
     .unwrap();
@@ -582,6 +598,19 @@ fn run<T: Element + Bits>(
         (Buf::Labels, lid),
         (Buf::GRows, gid),
     ]);
+    // The per-row margins, drawn on the host by the handle's own function.
+    let rmid = plan::row_margins(&case.spec, &case.row_inputs(), b)
+        .unwrap()
+        .map(|m| {
+            job.buffer(
+                4,
+                2 * b,
+                BufInit::Data(m.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            )
+        });
+    if let Some(id) = rmid {
+        fids.insert(Buf::RowMargins, id);
+    }
     // One arena for both plans, as large as the larger needs, poisoned once (as a handle's is
     // when it poisons): the backward's workspaces reuse the forward's memory.
     let (fl, fo) = fwd.arena_layout(&plan::FORWARD_OUTPUTS);
@@ -605,6 +634,9 @@ fn run<T: Element + Bits>(
     ]);
     for r in [Buf::XNorm, Buf::WNorm, Buf::Lse] {
         bids.insert(r, fids[&r]);
+    }
+    if let Some(id) = rmid {
+        bids.insert(Buf::RowMargins, id);
     }
     // The fused forward's target record, which its backward reads (the naive plan has none).
     if let Some(&t) = fids.get(&Buf::Target) {
@@ -738,7 +770,15 @@ fn reference_of<T: Element>(
 ) -> (Vec<f32>, cpu::Forward, cpu::Gradients, Vec<f64>) {
     let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
     let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
-    let reference = cpu::forward(&case.spec, x, w, &inp.labels, case.shape).unwrap();
+    let reference = cpu::forward_with(
+        &case.spec,
+        x,
+        w,
+        &inp.labels,
+        case.shape,
+        &case.row_inputs(),
+    )
+    .unwrap();
     let cpu_up = match case.spec.reduction {
         Reduction::None => Upstream::PerRow(&up64),
         _ => Upstream::Scalar(1.0),
@@ -889,6 +929,7 @@ fn case(
         planned: None,
         grad16: false,
         fault: None,
+        elastic: None,
         seed,
     }
 }
@@ -934,6 +975,40 @@ fn tensor_core_backward_d512_tiles() {
 fn tensor_core_forward_and_backward_f16() {
     for (k, spec) in tc_specs().into_iter().enumerate() {
         check::<f16>(&case(spec, (70, 40, 131), true, (2, 1), 200 + k as u64));
+    }
+}
+
+/// ElasticFace: per-row margins the host draws (the handle's `plan::row_margins`), bound as an
+/// input and read where each row's target is formed (fm_target_rows, naive_logits), so every
+/// tile kernel runs unchanged. Arc and Cos on every kind of plan: SIMT (f32), tensor cores
+/// forward and backward (bf16, f16), wgmma (bf16), naive (f32).
+#[test]
+fn elastic_face_per_row_margins_on_every_path() {
+    let rng = ElasticRng {
+        seed: 5,
+        step: 77,
+        row_offset: 11,
+    };
+    let arc = MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None);
+    let cos =
+        MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::None).reduction(Reduction::None);
+    for (k, spec) in [arc, cos].into_iter().enumerate() {
+        let seed = 2400 + 10 * k as u64;
+        let c = |tc, shape| Case {
+            elastic: Some(rng),
+            ..case(spec, shape, tc, (1, 2), seed)
+        };
+        check::<f32>(&c(false, (37, 20, 70)));
+        check::<bf16>(&c(true, (45, 40, 131)));
+        check::<f16>(&c(true, (33, 48, 97)));
+        check::<bf16>(&Case {
+            wgmma: true,
+            ..c(true, (40, 64, 200))
+        });
+        check::<f32>(&Case {
+            naive: true,
+            ..c(false, (21, 12, 30))
+        });
     }
 }
 

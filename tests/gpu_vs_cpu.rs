@@ -1618,3 +1618,73 @@ fn into_bad_views_are_typed_errors_before_any_launch() {
     );
     assert_eq!(past, [sentinel]);
 }
+
+/// ElasticFace on the GPU (`forward_with`): the host's per-row margins, on both plans and every
+/// dtype, against the CPU reference with the same margins; the other losses with state are
+/// refused before any launch.
+#[test]
+fn elastic_face_through_forward_with() {
+    use fused_margin::{ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, RowInputs};
+    let Some(stream) = gpu_or_skip() else { return };
+    fn one<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, rows_in: &RowInputs) {
+        let shape = Shape::new(37, 64, 301);
+        let inp = inputs(shape, 91);
+        let s = gpu.stream();
+        let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
+        let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
+        let r = cpu::forward_with(spec, &x, &w, &inp.labels, shape, rows_in).unwrap();
+        let rg = cpu::backward(spec, &r, &x, &w, &inp.labels, shape, Upstream::ONE).unwrap();
+        let (xd, wd, ld) = (
+            s.clone_htod(&x).unwrap(),
+            s.clone_htod(&w).unwrap(),
+            s.clone_htod(&inp.labels).unwrap(),
+        );
+        let (xv, wv, lv) = (xd.as_view(), wd.as_view(), ld.as_view());
+        let f = gpu
+            .forward_with(spec, &xv, &wv, &lv, shape, rows_in)
+            .unwrap();
+        let g = gpu
+            .backward_f32(&f, &xv, &wv, &lv, GpuUpstream::ONE)
+            .unwrap();
+        let what = format!("{:?} {:?} {spec:?}", gpu.options().plan, T::DTYPE);
+        let (lbar, gbar) = bars(T::DTYPE);
+        let rows = to_f64(&s.clone_dtoh(&f.row_loss).unwrap());
+        assert!(rel(&rows, &r.row_loss) <= lbar, "{what}: row loss");
+        let dx = to_f64(&s.clone_dtoh(&g.dx).unwrap());
+        let dw = to_f64(&s.clone_dtoh(&g.dw).unwrap());
+        assert!(
+            rel(&dx, &rg.dx) <= gbar && rel(&dw, &rg.dw) <= gbar,
+            "{what}: gradients"
+        );
+    }
+    let margins: Vec<f64> = (0..37).map(|i| 0.45 + 0.003 * i as f64).collect();
+    let given = RowInputs::with_margins(ElasticMargins::Given(&margins));
+    let seeded = RowInputs::with_margins(ElasticMargins::Seeded(ElasticRng {
+        seed: 3,
+        step: 4,
+        row_offset: 0,
+    }));
+    let arc = MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None);
+    let cos = MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::None);
+    for plan in [Plan::Fused, Plan::Naive] {
+        let gpu = poisoned(&stream, plan);
+        one::<f32>(&gpu, &arc, &given);
+        one::<bf16>(&gpu, &arc, &seeded);
+        one::<f16>(&gpu, &cos, &seeded);
+        // Refused before any launch: Plus, and the losses whose statistics live on the device.
+        let x = upload::<f32>(&stream, &[0.5; 8]);
+        let w = upload::<f32>(&stream, &[0.5; 12]);
+        let l = stream.clone_htod(&[0i32, 1]).unwrap();
+        let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
+        for spec in [
+            MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
+            MarginLoss::adaface(),
+            MarginLoss::subcenter(1),
+        ] {
+            let e = gpu
+                .forward_with(&spec, &xv, &wv, &lv, Shape::new(2, 4, 3), &seeded)
+                .unwrap_err();
+            assert!(matches!(e, fused_margin::Error::Unsupported { .. }), "{e}");
+        }
+    }
+}

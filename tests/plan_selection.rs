@@ -43,6 +43,7 @@ fn fwd(dev: &DeviceFacts, ch: &Choices, dtype: DType, shape: Shape, aligned: boo
             aligned,
             params: params(),
             mean: true,
+            row_margins: false,
         },
     )
     .unwrap_or_else(|e| panic!("{ch:?} {dtype:?} {shape:?}: {e}"))
@@ -68,6 +69,7 @@ fn bwd(
             mean: true,
             upstream: PlanUpstream::Scalar(0.25),
             fwd_tensor_cores: fwd_tc,
+            row_margins: false,
         },
     )
     .unwrap_or_else(|e| panic!("{ch:?} {dtype:?} {shape:?}: {e}"))
@@ -538,6 +540,7 @@ fn bad_problems_are_typed_errors() {
         aligned: true,
         params: params(),
         mean: true,
+        row_margins: false,
     };
     assert!(matches!(
         plan::forward(&dev, &ch, &p),
@@ -562,6 +565,7 @@ fn bad_problems_are_typed_errors() {
         mean: true,
         upstream: PlanUpstream::PerRow,
         fwd_tensor_cores: true,
+        row_margins: false,
     };
     assert!(matches!(
         plan::backward(&dev, &ch, &b),

@@ -499,6 +499,7 @@ mod tests {
                 aligned: true,
                 params: FmParams::from_spec(&MarginLoss::arcface(0.5)),
                 mean: true,
+                row_margins: false,
             },
         )
         .unwrap()
@@ -517,6 +518,7 @@ mod tests {
                 mean: true,
                 upstream: plan::PlanUpstream::Scalar(1.0),
                 fwd_tensor_cores: true,
+                row_margins: false,
             },
         )
         .unwrap()

@@ -22,6 +22,7 @@ use crate::spec::{
     check_per_row_upstream, check_scalar_upstream, scalar_upstream_per_row, MarginLoss, Reduction,
     Shape,
 };
+use crate::variant::RowInputs;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceSlice,
@@ -259,6 +260,7 @@ impl FusedMarginLoss {
                 aligned: true,
                 params,
                 mean,
+                row_margins: false,
             },
         )?;
         let bwd = plan::backward(
@@ -273,6 +275,7 @@ impl FusedMarginLoss {
                 mean,
                 upstream: plan::PlanUpstream::Scalar(1.0),
                 fwd_tensor_cores: fwd.tensor_cores,
+                row_margins: false,
             },
         )?;
         Ok((fwd, bwd))
@@ -295,7 +298,15 @@ impl FusedMarginLoss {
             .clone_htod(&pr.labels)
             .map_err(|e| cuda_err("copy the self-check's labels", e))?;
         let (xv, wv, lv) = (x.as_view(), w.as_view(), labels.as_view());
-        let fwd = self.forward_owned(&pr.spec, &xv, &wv, &lv, pr.shape, Some(ch))?;
+        let fwd = self.forward_owned(
+            &pr.spec,
+            &xv,
+            &wv,
+            &lv,
+            pr.shape,
+            Some(ch),
+            &RowInputs::default(),
+        )?;
         let g = self.backward_owned::<T, f32>(&fwd, &xv, &wv, &lv, GpuUpstream::ONE, Some(ch))?;
         let host = |what: &str, v: &CudaSlice<f32>| -> Result<Vec<f64>> {
             let h = self
@@ -448,7 +459,7 @@ impl FusedMarginLoss {
         shape: Shape,
     ) -> Result<()> {
         spec.validate()?;
-        spec.check_fixed_margin("the GPU plans")?;
+        plan::check_gpu_variant(spec)?;
         shape.check_lengths(x.len(), w.len(), labels.len())?;
         self.check_device("x", x.stream())?;
         self.check_device("w", w.stream())?;
@@ -546,7 +557,24 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
     ) -> Result<GpuForward> {
-        self.forward_owned(spec, x, w, labels, shape, None)
+        self.forward_owned(spec, x, w, labels, shape, None, &RowInputs::default())
+    }
+
+    /// [`Self::forward`] for a loss that takes per-row inputs (as [`crate::cpu::forward_with`]).
+    /// On the GPU so far: ElasticFace without the Plus reordering, whose margins (given, or drawn
+    /// by the generator on the host: B values) are copied to the device and read where each
+    /// row's target is formed, so every forward and backward plan runs it unchanged. The other
+    /// losses with state are [`Error::Unsupported`] here (the CPU reference has them).
+    pub fn forward_with<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+        inputs: &RowInputs<'_>,
+    ) -> Result<GpuForward> {
+        self.forward_owned(spec, x, w, labels, shape, None, inputs)
     }
 
     /// [`Self::forward`] that writes the loss and/or the row losses into the caller's views
@@ -569,11 +597,12 @@ impl FusedMarginLoss {
         shape: Shape,
         out: GpuForwardOut<'_>,
     ) -> Result<GpuSaved> {
-        self.forward_with(spec, x, w, labels, shape, out, None)
+        self.forward_impl(spec, x, w, labels, shape, out, None, &RowInputs::default())
     }
 
     /// The allocating forward under `choices` (None: the handle's after the self-check): the
     /// `_into` path with no views, its two outputs moved out of the saved state.
+    #[allow(clippy::too_many_arguments)] // forward_impl's, less the output views
     fn forward_owned<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -582,9 +611,18 @@ impl FusedMarginLoss {
         labels: &CudaView<'_, i32>,
         shape: Shape,
         choices: Option<&plan::Choices>,
+        inputs: &RowInputs<'_>,
     ) -> Result<GpuForward> {
-        let mut saved =
-            self.forward_with(spec, x, w, labels, shape, GpuForwardOut::default(), choices)?;
+        let mut saved = self.forward_impl(
+            spec,
+            x,
+            w,
+            labels,
+            shape,
+            GpuForwardOut::default(),
+            choices,
+            inputs,
+        )?;
         match (saved.loss.take(), saved.row_loss.take()) {
             (Some(loss), Some(row_loss)) => Ok(GpuForward {
                 loss,
@@ -600,7 +638,7 @@ impl FusedMarginLoss {
 
     /// The forward into `out` under `choices`, or (None) the handle's after the self-check.
     #[allow(clippy::too_many_arguments)]
-    fn forward_with<T: CudaElement>(
+    fn forward_impl<T: CudaElement>(
         &self,
         spec: &MarginLoss,
         x: &CudaView<'_, T>,
@@ -609,8 +647,10 @@ impl FusedMarginLoss {
         shape: Shape,
         out: GpuForwardOut<'_>,
         choices: Option<&plan::Choices>,
+        inputs: &RowInputs<'_>,
     ) -> Result<GpuSaved> {
         self.check_inputs(spec, x, w, labels, shape)?;
+        let host_margins = plan::row_margins(spec, inputs, shape.b)?;
         let mut outs = Vec::new();
         if let Some(v) = &out.loss {
             outs.push(self.check_out("loss", v, 1)?);
@@ -638,14 +678,27 @@ impl FusedMarginLoss {
             aligned: self.aligned16(x, w),
             params: FmParams::from_spec(spec),
             mean: spec.reduction == Reduction::Mean,
+            row_margins: host_margins.is_some(),
         };
         let lp = plan::forward(&self.device_facts(), &ch, &problem)?;
+        // Pageable host memory: the copy has read it when the call returns.
+        let row_margins = match &host_margins {
+            Some(m) => Some(
+                self.stream
+                    .clone_htod(m)
+                    .map_err(|e| cuda_err("copy the row margins", e))?,
+            ),
+            None => None,
+        };
         let bound = exec::Bound {
             x,
             w,
             labels,
             g_rows: None,
-            saved: Vec::new(),
+            saved: match &row_margins {
+                Some(m) => vec![(Buf::RowMargins, m)],
+                None => Vec::new(),
+            },
             prev_status: None,
         };
         // The outputs without a caller's view go to buffers of this crate's, kept by the result.
@@ -688,6 +741,7 @@ impl FusedMarginLoss {
             x_norm,
             w_norm,
             target,
+            row_margins,
             loss: own_loss,
             row_loss: own_rows,
             workspace_bytes: lp.workspace_bytes,
@@ -943,6 +997,7 @@ impl FusedMarginLoss {
             mean: spec.reduction == Reduction::Mean,
             upstream,
             fwd_tensor_cores: fwd.tensor_cores,
+            row_margins: fwd.row_margins.is_some(),
         };
         let lp = plan::backward(&self.device_facts(), &ch, &problem)?;
         let bound = exec::Bound {
@@ -958,6 +1013,9 @@ impl FusedMarginLoss {
                 ];
                 if let Some(t) = &fwd.target {
                     saved.push((Buf::Target, t));
+                }
+                if let Some(m) = &fwd.row_margins {
+                    saved.push((Buf::RowMargins, m));
                 }
                 saved
             },

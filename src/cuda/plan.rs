@@ -18,7 +18,8 @@ use super::LabelCheck;
 use super::Plan;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::spec::Shape;
+use crate::spec::{MarginLoss, Shape};
+use crate::variant::{ElasticPlus, RowInputs, Variant};
 
 /// What the builder needs to know of the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +139,8 @@ pub enum Buf {
     Target,
     /// The tensor-core backward's power-of-two scale K, 1 f32.
     Scale,
+    /// The caller's per-row margins `(m2_i, m3_i)`, 2 B f32 (given: ElasticFace's).
+    RowMargins,
     /// dx partials per class split, nsplit x B x D f32.
     DxhPart,
     /// Projection partials per class split, nsplit x B f32.
@@ -413,6 +416,9 @@ pub struct ForwardProblem {
     pub params: FmParams,
     /// `Reduction::Mean`.
     pub mean: bool,
+    /// The caller gives per-row margins ([`Buf::RowMargins`]: ElasticFace's), read where the
+    /// target is formed.
+    pub row_margins: bool,
 }
 
 /// A backward's problem.
@@ -435,6 +441,9 @@ pub struct BackwardProblem {
     /// Whether the forward ran on tensor cores (after a TF32 forward the SIMT backward rounds its
     /// operands to TF32 too).
     pub fwd_tensor_cores: bool,
+    /// The forward had per-row margins ([`Buf::RowMargins`]; the naive backward recomputes the
+    /// target from them, the fused one reads the forward's target record).
+    pub row_margins: bool,
 }
 
 use super::geometry as g;
@@ -656,7 +665,7 @@ fn row_norms(bd: &mut Builder, shape: Shape) -> Result<()> {
 /// an output of the forward (kept with its result) that the fused backward reads. Its last B
 /// elements are the rows' cross-entropies `l_i`, written by `fm_combine_rows` (computed there
 /// without cancellation, for the backward's target entry `expm1(-l_i)`).
-fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape) -> Result<()> {
+fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape, rowm: Arg) -> Result<()> {
     let (b, d) = (shape.b, i32_of(shape.d, "D")?);
     bd.alloc(Buf::Target, Elem::F32, 3 * b);
     bd.launch(
@@ -670,6 +679,7 @@ fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape) -> Result<()> {
             Read(Buf::Labels),
             Read(Buf::XNorm),
             Read(Buf::WNorm),
+            rowm,
             Params(p),
             I64(b as i64),
             I64(shape.c as i64),
@@ -717,6 +727,58 @@ fn tc_shape_ok(dtype: DType, d: usize, aligned: bool) -> bool {
     aligned && d % vec == 0
 }
 
+/// The per-row margins `(m2_i, m3_i)` this call's loss reads on the device, on the host
+/// (None: the spec's margins on every row): the buffer [`Buf::RowMargins`] a plan with
+/// `row_margins` reads, 2 B f32, computed by the host as input data (the handle and the emulated
+/// tests bind the same values). Errors as [`Variant::check_inputs`].
+pub fn row_margins(
+    spec: &MarginLoss,
+    inputs: &RowInputs<'_>,
+    b: usize,
+) -> Result<Option<Vec<f32>>> {
+    spec.variant.check_inputs(inputs, b)?;
+    match (spec.variant, inputs.margins) {
+        (Variant::ElasticFace(e), Some(m)) if e.plus == ElasticPlus::None => {
+            let drawn = crate::math::elastic_draw(&e, &m, b);
+            Ok(Some(
+                drawn
+                    .iter()
+                    .flat_map(|&m_i| {
+                        let r = crate::math::elastic_row(&e, spec.s, m_i);
+                        [r.m2 as f32, r.m3 as f32]
+                    })
+                    .collect(),
+            ))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// [`Error::Unsupported`] for a loss the GPU plans do not run yet. ElasticFace without the Plus
+/// reordering runs (its margins are inputs, [`row_margins`]); Plus needs the order of the target
+/// cosines, and the other losses with state their statistics, on the device.
+pub fn check_gpu_variant(spec: &MarginLoss) -> Result<()> {
+    match spec.variant {
+        Variant::ElasticFace(e) if e.plus == ElasticPlus::None => Ok(()),
+        Variant::ElasticFace(_) => Err(Error::Unsupported {
+            detail: "ElasticFace+ (the Plus reordering by target cosine) runs on the CPU \
+                     reference (fused_margin::cpu) only; the GPU plans take ElasticFace with \
+                     ElasticPlus::None"
+                .into(),
+        }),
+        _ => spec.check_fixed_margin("the GPU plans"),
+    }
+}
+
+/// The per-row margins argument: the caller's buffer, or null (the spec's margins).
+fn row_margins_arg(given: bool) -> Arg {
+    if given {
+        Read(Buf::RowMargins)
+    } else {
+        Null
+    }
+}
+
 /// The forward of `choices.plan`.
 pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<LaunchPlan> {
     check_dtype(pr.dtype)?;
@@ -725,7 +787,8 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
     match ch.plan {
         Plan::Fused => fused_forward(bd, dev, ch, pr),
         Plan::Naive => {
-            let bytes = naive_materialize(&mut bd, dev, pr.params, shape)?;
+            let rowm = row_margins_arg(pr.row_margins);
+            let bytes = naive_materialize(&mut bd, dev, pr.params, shape, rowm)?;
             reduce_loss(&mut bd, shape, pr.mean, ch.label_check);
             Ok(bd.finish(bytes, false, false))
         }
@@ -752,7 +815,12 @@ fn fused_forward(
     let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
     let di = i32_of(d, "D")?;
     row_norms(&mut bd, pr.shape)?;
-    target_rows(&mut bd, pr.params, pr.shape)?;
+    target_rows(
+        &mut bd,
+        pr.params,
+        pr.shape,
+        row_margins_arg(pr.row_margins),
+    )?;
 
     // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are legal;
     // f32 takes the TF32 variant of the same kernel when opted in. Each tile shape needs its
@@ -1124,6 +1192,7 @@ fn naive_materialize(
     dev: &DeviceFacts,
     p: FmParams,
     shape: Shape,
+    rowm: Arg,
 ) -> Result<usize> {
     bd.pooled = false;
     let (b, d, c) = (shape.b, shape.d, shape.c);
@@ -1191,6 +1260,7 @@ fn naive_materialize(
             Read(Buf::Cos),
             Read(Buf::Labels),
             Read(Buf::XNorm),
+            rowm,
             Params(p),
             I64(bi),
             I64(ci),
@@ -1272,7 +1342,7 @@ fn naive_backward(
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
     // The saved norms and lse are recomputed here with the rest: the naive plan is the plain
     // eager baseline (and its recomputation matches the forward's bit for bit).
-    naive_materialize(&mut bd, dev, p, shape)?;
+    naive_materialize(&mut bd, dev, p, shape, row_margins_arg(pr.row_margins))?;
     bd.alloc(Buf::Dn, Elem::F32, b);
     bd.launch(
         "naive_dlogits",

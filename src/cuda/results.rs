@@ -85,6 +85,9 @@ pub struct GpuSaved {
     /// The fused plan's per-row (target(c_iy), dtarget/dc), 2 B f32, which its backward reads
     /// (so both passes use the same target); `None` for the naive plan.
     pub(crate) target: Option<CudaSlice<f32>>,
+    /// The caller's per-row margins `(m2_i, m3_i)` on the device (ElasticFace), which the naive
+    /// backward reads again; `None` for the spec's margins.
+    pub(crate) row_margins: Option<CudaSlice<f32>>,
     /// The reduced loss when it was not written into a caller's view.
     pub(super) loss: Option<CudaSlice<f32>>,
     /// The per-row losses when they were not written into a caller's view.
