@@ -21,12 +21,12 @@
 //!   tile scaled in place to wh_j = f16(w_j * (1/|w_j|)) (492-495, 522-525, `fm_gt_scale_partner`
 //!   207-234); f32 accumulation of es . wh over the class split (527, `fm_gt_product` 171-201);
 //!   partials r_i g_i (out 2^-k_i) (538-554); proj_i = sum e c in f32 from the unrounded e (478,
-//!   556-562); `fm_x_finish` (normalize.cu 66-90) sums the splits in split order and applies the
+//!   556-562); `fm_x_finish` (normalize.cu 67-91) sums the splits in split order and applies the
 //!   normalization backward in f32;
 //! - dx in bf16 (FOLD, 390, 403, 467, 483): no row scale (k_i = 0), es = bf16(e * (1/|w_j|)), the
 //!   tile left as given, the target term as in f16;
 //! - dw (`fm_grad_w_tc`, 584-793), f16: K = the power of two from `fm_grad_scale` (normalize.cu
-//!   109-133: frexp, so K > max |r g|; 601); the partner tile scaled in place to
+//!   110-134: frexp, so K > max |r g|; 601); the partner tile scaled in place to
 //!   f16(x_i * pscale_i), pscale_i = (1/|x_i|) r_i g_i / K (699-701, 743-746); per class row a
 //!   running power of two 2^k_j from KMAX (643-647), lowered by the largest |e| of each row tile,
 //!   target included (688), accumulators rescaled (711, 713); es = f16(e 2^k_j); the target entry
@@ -886,7 +886,7 @@ fn run(sc: Scenario) -> Report {
         .map(|s| run_split(&p, s, tps))
         .collect();
 
-    // fm_x_finish (normalize.cu 74-83): splits summed in order in f32, normalization backward.
+    // fm_x_finish (normalize.cu 75-84): splits summed in order in f32, normalization backward.
     let mut rows = vec![Vec::with_capacity(b); nx];
     let mut err2 = vec![0.0f64; nx];
     let (mut ref2_all, mut err2_f16) = (0.0f64, 0.0f64);
