@@ -8,9 +8,11 @@
 //! ([`cpu::Forward::state`](crate::cpu::Forward::state)), so every call is a pure function of its
 //! inputs and a training loop can checkpoint the state with its weights.
 //!
-//! Backends: the CPU reference computes all five. The GPU plans, the candle op and the raw entry
-//! do not yet: they return [`Error::Unsupported`](crate::Error::Unsupported) for any variant but
-//! [`Variant::Plain`], before any launch.
+//! Backends: the CPU reference computes all five. The GPU plans run ElasticFace without the Plus
+//! reordering ([`FusedMarginLoss::forward_with`](crate::cuda::FusedMarginLoss::forward_with):
+//! the host draws the margins and the kernels read them where each row's target is formed); the
+//! others, and every variant through the candle op and the raw entry, return
+//! [`Error::Unsupported`](crate::Error::Unsupported) before any launch.
 
 use crate::error::{Error, Result};
 
