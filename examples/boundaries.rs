@@ -5,14 +5,18 @@
 //! ```
 //!
 //! A small MLP (8 -> 32, tanh, -> 2) maps seeded clustered Gaussians of 8 classes to 2-D
-//! features; its class weights are 8 vectors in the plane. It is trained five times from the same
-//! initialization, once per loss: plain softmax (no normalization, no margin), NSL (s = 16),
-//! SphereFace (m = 4; with normalized features and s = 16, which trains this small model in a
-//! few seconds where the original feature-norm scaling needs its long lambda annealing), CosFace
-//! (m = 0.35, s = 16) and ArcFace (m = 0.5, s = 16). Each run is one panel of a PNG: held-out
-//! features as points coloured by class (raw in the plane for softmax, which keeps the feature
-//! norm; on the unit circle, with a little radial spread, for the normalized losses, whose
-//! decisions depend on the angle alone) and class weight directions as rays. Margins show as
+//! features; its class weights are 8 vectors in the plane (3 per class for sub-center). It is
+//! trained ten times from the same initialization, once per loss: plain softmax (no
+//! normalization, no margin), NSL (s = 16), SphereFace (m = 4; with normalized features and
+//! s = 16, which trains this small model in a few seconds where the original feature-norm scaling
+//! needs its long lambda annealing), CosFace (m = 0.35, s = 16), ArcFace (m = 0.5, s = 16), and
+//! the losses with state at s = 16 with their defaults: sub-center ArcFace (K = 3), AdaFace,
+//! CurricularFace, MagFace (its norm clamp starts at 10, far above these features' norms, so its
+//! margin stays at l_m = 0.45) and ElasticFace-Arc (margins drawn per step). The losses the GPU
+//! plans do not run yet train on the CPU reference. Each run is one panel of a PNG (five a row):
+//! held-out features as points coloured by class (raw in the plane for softmax, which keeps the
+//! feature norm; on the unit circle, with a little radial spread, for the normalized losses,
+//! whose decisions depend on the angle alone) and class weight directions as rays. Margins show as
 //! empty wedges between the classes.
 //!
 //! The printed summary measures them: for each pair of neighbouring classes (by mean feature
@@ -21,7 +25,10 @@
 //! titles need a TrueType font: DejaVu Sans is used when it is found; otherwise the panels have
 //! no titles and the summary names them in order.
 
-use fused_margin::{MarginLoss, Shape};
+use fused_margin::{
+    ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, MarginLoss, RowInputs, Shape,
+    Variant,
+};
 use plotters::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::f64::consts::PI;
@@ -45,11 +52,13 @@ struct Model {
     b1: Vec<f32>,
     w2: Vec<f32>,
     b2: Vec<f32>,
+    /// Class weights, `k` rows per class (sub-centers), class-major.
     w: Vec<f32>,
+    k: usize,
 }
 
 impl Model {
-    fn new(rng: &mut StdRng) -> Self {
+    fn new(rng: &mut StdRng, k: usize) -> Self {
         let mut g = |n: usize, scale: f64| -> Vec<f32> {
             (0..n)
                 .map(|_| (train::normal(rng) * scale) as f32)
@@ -60,7 +69,8 @@ impl Model {
             b1: vec![0.0; HIDDEN],
             w2: g(2 * HIDDEN, 1.0 / (HIDDEN as f64).sqrt()),
             b2: vec![0.0; 2],
-            w: g(CLASSES * 2, 1.0),
+            w: g(CLASSES * k * 2, 1.0),
+            k,
         }
     }
 
@@ -125,6 +135,31 @@ fn runs() -> Vec<Run> {
             spec: MarginLoss::arcface(0.5).scale(16.0),
             on_circle: true,
         },
+        Run {
+            name: "sub-center (K=3, m=0.5)",
+            spec: MarginLoss::subcenter(3).scale(16.0),
+            on_circle: true,
+        },
+        Run {
+            name: "AdaFace (m=0.4, h=0.333)",
+            spec: MarginLoss::adaface().scale(16.0),
+            on_circle: true,
+        },
+        Run {
+            name: "CurricularFace (m=0.5)",
+            spec: MarginLoss::curricularface().scale(16.0),
+            on_circle: true,
+        },
+        Run {
+            name: "MagFace (m 0.45-0.8)",
+            spec: MarginLoss::magface().scale(16.0),
+            on_circle: true,
+        },
+        Run {
+            name: "ElasticFace-Arc (m=0.5)",
+            spec: MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None).scale(16.0),
+            on_circle: true,
+        },
     ]
 }
 
@@ -187,6 +222,13 @@ fn fit(
     ];
     let n = data.y.len();
     let mut order: Vec<usize> = (0..n).collect();
+    // The state a loss carries from step to step, and the step counter ElasticFace draws from.
+    let mut state = match spec.variant {
+        Variant::AdaFace(_) => Some(LossState::ADAFACE_INIT),
+        Variant::CurricularFace(_) => Some(LossState::CURRICULAR_INIT),
+        _ => None,
+    };
+    let mut step = 0u64;
     for _ in 0..epochs {
         order.shuffle(rng);
         for batch in order.chunks(BATCH) {
@@ -197,7 +239,17 @@ fn fit(
                 .collect();
             let y: Vec<i32> = batch.iter().map(|&i| data.y[i]).collect();
             let (h, e) = model.forward(&x);
-            let g = train::loss_and_grads(
+            let inputs = RowInputs {
+                state,
+                margins: matches!(spec.variant, Variant::ElasticFace(_)).then_some(
+                    ElasticMargins::Seeded(ElasticRng {
+                        seed: 11,
+                        step,
+                        row_offset: 0,
+                    }),
+                ),
+            };
+            let g = train::loss_and_grads_with(
                 backend,
                 InputDType::F32,
                 spec,
@@ -205,7 +257,10 @@ fn fit(
                 &model.w,
                 &y,
                 Shape::new(b, 2, CLASSES),
+                &inputs,
             )?;
+            state = g.state;
+            step += 1;
             // Back through e = W2 h + b2 and h = tanh(W1 x + b1).
             let (mut dw1, mut db1) = (vec![0.0f32; HIDDEN * D_IN], vec![0.0f32; HIDDEN]);
             let (mut dw2, mut db2) = (vec![0.0f32; 2 * HIDDEN], vec![0.0f32; 2]);
@@ -253,6 +308,16 @@ fn wrap(a: f64) -> f64 {
     }
 }
 
+/// The cosine of feature `p` with class `j`: the nearest of its `k` sub-centers, as the loss.
+fn class_cosine(model: &Model, p: &[f32], j: usize) -> f64 {
+    (0..model.k)
+        .map(|s| {
+            let r = (j * model.k + s) * 2;
+            train::cosine(p, &model.w[r..r + 2])
+        })
+        .fold(f64::NEG_INFINITY, f64::max)
+}
+
 /// Held-out accuracy (%, nearest class weight by cosine) and the mean angular gap (degrees)
 /// between neighbouring classes (see the file's header).
 fn measure(model: &Model, test: &Split) -> (f64, f64) {
@@ -262,11 +327,7 @@ fn measure(model: &Model, test: &Split) -> (f64, f64) {
         .zip(&test.y)
         .filter(|(p, &y)| {
             let best = (0..CLASSES)
-                .max_by(|&i, &j| {
-                    let ci = train::cosine(p, &model.w[i * 2..i * 2 + 2]);
-                    let cj = train::cosine(p, &model.w[j * 2..j * 2 + 2]);
-                    ci.total_cmp(&cj)
-                })
+                .max_by(|&i, &j| class_cosine(model, p, i).total_cmp(&class_cosine(model, p, j)))
                 .unwrap_or(0);
             best == y as usize
         })
@@ -341,10 +402,13 @@ fn draw(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let titles = font();
     let size = 320u32;
-    let root = BitMapBackend::new(out, (size * panels.len() as u32, size + 24)).into_drawing_area();
+    // Five panels a row.
+    let cols = panels.len().min(5);
+    let rows = panels.len().div_ceil(cols);
+    let root = BitMapBackend::new(out, (size * cols as u32, (size + 24) * rows as u32))
+        .into_drawing_area();
     root.fill(&WHITE)?;
-    for (area, (title, model, on_circle)) in root.split_evenly((1, panels.len())).iter().zip(panels)
-    {
+    for (area, (title, model, on_circle)) in root.split_evenly((rows, cols)).iter().zip(panels) {
         let (_, e) = model.forward(&test.x);
         let pts: Vec<(f64, f64, usize, usize)> = e
             .chunks_exact(2)
@@ -384,7 +448,9 @@ fn draw(
             };
             Circle::new((px, py), 2, PALETTE[c].mix(0.7).filled())
         }))?;
-        for (c, wc) in model.w.chunks_exact(2).enumerate() {
+        // Every weight row, coloured by its class (sub-centers: K rays a class).
+        for (r, wc) in model.w.chunks_exact(2).enumerate() {
+            let c = r / model.k;
             let (wx, wy) = (wc[0] as f64, wc[1] as f64);
             let n = wx.hypot(wy).max(1e-12);
             chart.draw_series(LineSeries::new(
@@ -401,6 +467,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let o = opts();
     let (backend, device) = Backend::choose(o.device)?;
     println!("device: {device}");
+    // The losses the GPU plans do not run yet train on the CPU reference.
+    let cpu = Backend::Cpu;
     let started = std::time::Instant::now();
     let mut panels = Vec::new();
     let mut data_rng = StdRng::seed_from_u64(7);
@@ -409,9 +477,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for run in runs() {
         // Same initialization and batch order for every loss: only the loss differs.
         let mut rng = StdRng::seed_from_u64(11);
-        let mut model = Model::new(&mut rng);
+        let mut model = Model::new(&mut rng, run.spec.variant.centers());
+        let on_gpu = fused_margin::cuda::plan::check_gpu_variant(&run.spec).is_ok();
         fit(
-            &backend,
+            if on_gpu { &backend } else { &cpu },
             &run.spec,
             &mut model,
             &train_split,

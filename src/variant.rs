@@ -12,7 +12,7 @@
 //! reordering ([`FusedMarginLoss::forward_with`](crate::cuda::FusedMarginLoss::forward_with):
 //! the host draws the margins and the kernels read them where each row's target is formed); the
 //! others, and every variant through the candle op and the raw entry, return
-//! [`Error::Unsupported`](crate::Error::Unsupported) before any launch.
+//! [`Error::Unsupported`] before any launch.
 
 use crate::error::{Error, Result};
 

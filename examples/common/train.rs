@@ -259,12 +259,8 @@ fn typed<T: CudaElement>(
             let wd = s.clone_htod(&w).map_err(err)?;
             let l = s.clone_htod(labels).map_err(err)?;
             let (xv, wv, lv) = (x.as_view(), wd.as_view(), l.as_view());
-            if *inputs != RowInputs::default() {
-                return Err(fused_margin::Error::Unsupported {
-                    detail: "the GPU plans take no per-row inputs".into(),
-                });
-            }
-            let fwd = gpu.forward(spec, &xv, &wv, &lv, shape)?;
+            // The losses with state the GPU plans do not run are Error::Unsupported here.
+            let fwd = gpu.forward_with(spec, &xv, &wv, &lv, shape, inputs)?;
             let g = gpu.backward_f32(&fwd, &xv, &wv, &lv, GpuUpstream::ONE)?;
             Ok(LossAndGrads {
                 state: None,
