@@ -99,11 +99,10 @@ static_assert(sizeof(FmParams) == 48, "src/cuda/params.rs: FmParams is 48 bytes"
 struct FmTarget { double value; double deriv; };
 
 // ---- the per-row slot: the margins and scale of one row ---------------------------------------
-// For every loss so far they are the spec's, the same for every row. A loss whose margin or scale
-// varies per row (MagFace's m(|x_i|), AdaFace, ElasticFace) computes them here from the row's
-// context (its index and raw feature norm), and no kernel changes: every kernel takes its row's
-// FmMargin from fm_row_margin (through fm_row_ctx in tile.cuh) and passes it to fm_target and
-// fm_row_scale. The CPU twin is math::RowMargin::of.
+// For the fixed-margin family they are the spec's, the same for every row. Margins the caller
+// gives per row (ElasticFace's) come through fm_row_margin_given below, where the target is
+// formed; the tiles take only the scale from fm_row_margin (through fm_row_ctx in tile.cuh). The
+// CPU twin is math::RowMargin.
 struct FmMargin { float m1, m2, m3, s, fallback_shift; };
 
 __device__ __forceinline__ FmMargin fm_row_margin(const FmParams& p, i64 row, float norm) {

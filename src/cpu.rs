@@ -262,7 +262,9 @@ impl<'a> Problem<'a> {
         let mut win = 0;
         for kk in 1..self.k {
             let c = dot(xh, self.wh(j * self.k + kk));
-            if c > best {
+            // A NaN sub-center wins (so a bad row of w poisons its class, as without
+            // sub-centers); among numbers the strict > keeps the lowest k on a tie.
+            if c > best || (c.is_nan() && !best.is_nan()) {
                 best = c;
                 win = kk;
             }
@@ -318,6 +320,7 @@ impl<'a> Problem<'a> {
                     .collect();
             }
             (Variant::ElasticFace(e), _) => {
+                // (The target cosines are computed below only when Plus reorders by them.)
                 // check_inputs made sure they are there; the error keeps this path panic-free.
                 let Some(m) = inputs.margins else {
                     return Err(Error::InvalidArgument {
@@ -327,13 +330,15 @@ impl<'a> Problem<'a> {
                 };
                 let mut margins = math::elastic_draw(&e, &m, b);
                 // The target cosines of every row (ignored rows' entries are never read).
-                let cy: Vec<f64> = (0..b)
-                    .map(|i| match self.labels[i] {
-                        y if y >= 0 => self.cosine(i, y as usize).0,
-                        _ => 0.0,
-                    })
-                    .collect();
-                math::elastic_plus(e.plus, self.labels, &cy, &mut margins);
+                if e.plus != crate::variant::ElasticPlus::None {
+                    let cy: Vec<f64> = (0..b)
+                        .map(|i| match self.labels[i] {
+                            y if y >= 0 => self.cosine(i, y as usize).0,
+                            _ => 0.0,
+                        })
+                        .collect();
+                    math::elastic_plus(e.plus, self.labels, &cy, &mut margins);
+                }
                 self.rows = margins
                     .iter()
                     .map(|&m_i| math::elastic_row(&e, spec.s, m_i))

@@ -22,11 +22,12 @@ pub struct Target {
 
 /// The margins and scale of one row: what `target` and the row scale `r_i` read.
 ///
-/// For every loss so far they are the spec's, the same for every row ([`RowMargin::of`] ignores
-/// the row). A loss whose margin or scale varies per row (MagFace's `m(|x_i|)`, AdaFace's
-/// norm-adaptive margin, ElasticFace's sampled one) computes them in [`RowMargin::of`] from the
-/// row's context, and the CPU reference and the kernels (`fm_row_margin`) pick them up with no
-/// other change: every caller of the margin maths passes its row's `RowMargin`.
+/// For the fixed-margin family they are the spec's, the same for every row ([`RowMargin::of`]).
+/// The losses whose margins vary per row (MagFace's `m(|x_i|)`, AdaFace's norm-adaptive margin,
+/// ElasticFace's drawn one) compute them once per call from the row's context and the state
+/// (`adaface_row`, `magface_row`, `elastic_row` below; the CPU reference keeps one `RowMargin`
+/// per row, the kernels read the given margins in `fm_row_margin_given`): every caller of the
+/// margin maths passes its row's `RowMargin`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowMargin {
     /// Multiplicative angular margin.
@@ -106,7 +107,13 @@ pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
         OverflowPolicy::Raw | OverflowPolicy::Easy => (a.cos() - m.m3, slope),
         OverflowPolicy::Fallback => {
             if a > PI {
-                (c - m.m2 * m.m2.sin() - m.m3, 1.0)
+                // AdaFace's clamp holds here too: the clamped cosine, no slope outside.
+                let (cf, sf) = if ada {
+                    (cc, if live { 1.0 } else { 0.0 })
+                } else {
+                    (c, 1.0)
+                };
+                (cf - m.m2 * m.m2.sin() - m.m3, sf)
             } else {
                 (a.cos() - m.m3, slope)
             }
@@ -224,7 +231,8 @@ pub fn adaface_row(a: &AdaFace, mean: f64, std: f64, x_norm: f64) -> (f64, f64, 
 /// `q = (u_m - l_m) / (u_a - l_a)`; returns `(a, m2, live)` where `live` is `l_a < |x| < u_a`
 /// (the clamp passes the norm's gradient only inside).
 pub fn magface_row(g: &MagFace, x_norm: f64) -> (f64, f64, bool) {
-    let a = x_norm.clamp(g.l_a, g.u_a);
+    // max then min, not clamp: no panic for parameters validate() would refuse.
+    let a = x_norm.max(g.l_a).min(g.u_a);
     let m2 = g.l_m + magface_slope(g) * (a - g.l_a);
     (a, m2, x_norm > g.l_a && x_norm < g.u_a)
 }
@@ -283,8 +291,9 @@ pub fn elastic_draw(e: &ElasticFace, margins: &ElasticMargins<'_>, b: usize) -> 
 /// numbered `p` in order) sorted by their target cosine `cos_y`, largest first (ties: the lower
 /// row first) give `pi`; their margins sorted ascending give `sorted`. Rank: row `pi(k)` takes
 /// `sorted[k]`; Published: row `p` takes `sorted[pi(p)]`. Ignored rows keep theirs.
+/// Slices of other lengths than `labels` leave `margins` as they are.
 pub fn elastic_plus(plus: ElasticPlus, labels: &[i32], cos_y: &[f64], margins: &mut [f64]) {
-    if plus == ElasticPlus::None {
+    if plus == ElasticPlus::None || cos_y.len() != labels.len() || margins.len() != labels.len() {
         return;
     }
     let rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] >= 0).collect();

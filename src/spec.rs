@@ -410,8 +410,9 @@ impl MarginLoss {
         } else {
             Err(Error::Unsupported {
                 detail: format!(
-                    "the {} loss runs on the CPU reference (fused_margin::cpu) only; {what} \
-                     supports the fixed-margin family (Variant::Plain)",
+                    "{what} supports the fixed-margin family (Variant::Plain) only, not the {} \
+                     loss: the CPU reference (fused_margin::cpu) runs every loss, the GPU handle \
+                     (FusedMarginLoss::forward_with) ElasticFace without Plus",
                     self.variant.name()
                 ),
             })

@@ -227,6 +227,10 @@ impl<'a> RowInputs<'a> {
 pub const ADAFACE_EPS: f64 = 1e-3;
 /// AdaFace's upper clip of the feature norm.
 pub const ADAFACE_NORM_MAX: f64 = 100.0;
+/// Bound on ElasticFace's given margins: `|m_i| <= 16` (radians for Arc, a cosine shift for
+/// Cos). The contract leaves the draws unclamped; a draw is at most `m + 8.6 sigma < 12` for a
+/// valid spec, and 16 keeps the Cos logits within `17 s` (docs/MATH.md, "Range").
+pub const ELASTIC_MARGIN_MAX: f64 = 16.0;
 /// Largest number of sub-centers accepted.
 pub const SUBCENTER_K_MAX: usize = 64;
 
@@ -359,8 +363,9 @@ impl Variant {
     }
 
     /// Checks a call's [`RowInputs`] against the variant: the state a stateful loss needs (of its
-    /// kind, finite, `std >= 0`), ElasticFace's margins (B finite values within the margin's
-    /// range), and nothing a loss would ignore.
+    /// kind, finite, `std >= 0`), ElasticFace's given margins (B finite values with
+    /// `|m_i| <= 16`, [`ELASTIC_MARGIN_MAX`]; drawn ones are within it for every valid spec), and
+    /// nothing a loss would ignore.
     pub fn check_inputs(&self, inputs: &RowInputs<'_>, b: usize) -> Result<()> {
         let refuse = |what: &str| {
             Err(Error::InvalidArgument {
@@ -399,7 +404,7 @@ impl Variant {
             (_, None) => {}
         }
         match (self, inputs.margins) {
-            (Variant::ElasticFace(e), Some(ElasticMargins::Given(m))) => {
+            (Variant::ElasticFace(_), Some(ElasticMargins::Given(m))) => {
                 if m.len() != b {
                     return Err(Error::Length {
                         what: "margins",
@@ -407,12 +412,18 @@ impl Variant {
                         got: m.len(),
                     });
                 }
-                let (lo, hi, rule) = match e.kind {
-                    ElasticKind::Arc => (-3.0, 3.0, "must be finite and in [-3, 3] (radians)"),
-                    ElasticKind::Cos => (-2.0, 2.0, "must be finite and in [-2, 2]"),
-                };
-                for &v in m {
-                    check("margins[i]", v, (lo..=hi).contains(&v), rule)?;
+                if let Some((i, &v)) = m
+                    .iter()
+                    .enumerate()
+                    .find(|(_, v)| !v.is_finite() || v.abs() > ELASTIC_MARGIN_MAX)
+                {
+                    return Err(Error::InvalidArgument {
+                        what: "margins",
+                        detail: format!(
+                            "margin {i} is {v}: each must be finite with |m_i| <= 16 (the \
+                             range in which the logits stay within docs/MATH.md's bounds)"
+                        ),
+                    });
                 }
             }
             (Variant::ElasticFace(_), Some(ElasticMargins::Seeded(_))) => {}

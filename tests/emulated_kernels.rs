@@ -992,7 +992,10 @@ fn elastic_face_per_row_margins_on_every_path() {
     let arc = MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None);
     let cos =
         MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::None).reduction(Reduction::None);
-    for (k, spec) in [arc, cos].into_iter().enumerate() {
+    // Fallback past pi - m_i (the inputs' rows near -w_y cross it): the per-row shift
+    // m2_i sin m2_i that fm_row_margin_given takes in double.
+    let fallback = arc.policy(OverflowPolicy::Fallback);
+    for (k, spec) in [arc, cos, fallback].into_iter().enumerate() {
         let seed = 2400 + 10 * k as u64;
         let c = |tc, shape| Case {
             elastic: Some(rng),

@@ -396,7 +396,141 @@ fn elastic_seeded_margins_depend_on_the_global_row_only() {
     )
     .unwrap();
     assert_ne!(all.rows.m2, other.rows.m2);
-    assert!(all.rows.m2.iter().all(|m| (m - 0.5).abs() < 0.05 * 9.0));
+    // Each margin is m + sigma * N(0, 1) of its global row (the normals are pinned by the golden
+    // files' rng records).
+    for (i, m) in all.rows.m2.iter().enumerate() {
+        assert_eq!(*m, 0.5 + 0.05 * rng(100).normal(i), "row {i}");
+    }
+}
+
+#[test]
+fn subcenter_ties_and_nan_centers() {
+    let mut c = case(31, Shape::new(4, 5, 3), (0.5, 2.0), 3);
+    let d = c.shape.d;
+    // Sub-center 2 of every class a copy of sub-center 0: a tie; the gradient goes to k = 0.
+    for j in 0..c.shape.c {
+        let src: Vec<f64> = c.w[(j * 3) * d..(j * 3 + 1) * d].to_vec();
+        c.w[(j * 3 + 2) * d..(j * 3 + 3) * d].copy_from_slice(&src);
+    }
+    let spec = MarginLoss::subcenter(3);
+    let f = cpu::forward(&spec, &c.x, &c.w, &c.labels, c.shape).unwrap();
+    let g = cpu::backward(&spec, &f, &c.x, &c.w, &c.labels, c.shape, Upstream::ONE).unwrap();
+    for j in 0..c.shape.c {
+        let copy = &g.dw[(j * 3 + 2) * d..(j * 3 + 3) * d];
+        assert!(
+            copy.iter().all(|v| *v == 0.0),
+            "class {j}: the tied copy got gradient"
+        );
+    }
+    // A NaN in sub-center 1 of a class poisons every counted row, as a NaN class row does.
+    let mut bad = c.w.clone();
+    bad[(3 + 1) * d] = f64::NAN;
+    let f = cpu::forward(&spec, &c.x, &bad, &c.labels, c.shape).unwrap();
+    for (i, l) in f.row_loss.iter().enumerate() {
+        assert_eq!(l.is_nan(), c.labels[i] >= 0, "row {i}: {l}");
+    }
+}
+
+#[test]
+fn magface_gradients_with_raw_features_and_the_lambda_blend() {
+    let mut c = case(37, Shape::new(7, 6, 9), (1.0, 2.0), 1);
+    let d = c.shape.d;
+    for (row, n) in
+        c.x.chunks_mut(d)
+            .zip([5.0, 20.0, 40.0, 60.0, 80.0, 120.0, 30.0])
+    {
+        let k = n / norm(row);
+        row.iter_mut().for_each(|v| *v *= k);
+    }
+    // Raw features: r_i = s |x_i| adds its own norm term to MagFace's.
+    gradcheck(
+        MarginLoss::magface().scale(0.3).normalize_features(false),
+        &c,
+        &RowInputs::default(),
+        true,
+    );
+    gradcheck(
+        MarginLoss::magface().scale(16.0).lambda(2.0),
+        &c,
+        &RowInputs::default(),
+        true,
+    );
+    // Detached: the margin's norm term goes, the regularizer's stays. Against Full, dx differs
+    // only along each counted row's own direction (both terms are multiples of xh_i).
+    let full = MarginLoss::magface()
+        .scale(16.0)
+        .policy(OverflowPolicy::Raw);
+    let det = full.gradient(fused_margin::GradientMode::Detached);
+    let run = |s: &MarginLoss| {
+        let f = cpu::forward(s, &c.x, &c.w, &c.labels, c.shape).unwrap();
+        cpu::backward(s, &f, &c.x, &c.w, &c.labels, c.shape, Upstream::ONE).unwrap()
+    };
+    let (gf, gd) = (run(&full), run(&det));
+    let mut moved = 0;
+    for i in 0..c.shape.b {
+        let xh = unit(&c.x[i * d..(i + 1) * d]);
+        let diff: Vec<f64> = (0..d)
+            .map(|k| gf.dx[i * d + k] - gd.dx[i * d + k])
+            .collect();
+        // The part through the normalization is orthogonal to xh_i (in both), so what lies
+        // along xh_i is the norm terms alone: Full minus Detached is the margin's.
+        let along: f64 = xh.iter().zip(&diff).map(|(a, b)| a * b).sum();
+        moved += (along.abs() > 1e-9) as usize;
+    }
+    // The counted rows inside the clamp (norms 20, 40, 60, 80) change along xh; the clamped
+    // ones (5, 120) and the ignored last row do not.
+    assert_eq!(moved, 4);
+}
+
+#[test]
+fn elastic_plus_orders_count_only_the_counted_rows() {
+    use fused_margin::math::elastic_plus;
+    // Rows 0..5, row 2 ignored. Counted rows p = 0, 1, 3, 4 (positions 0..4) with target
+    // cosines 0.1, 0.9, 0.5, 0.3 and margins 0.40, 0.10, 0.30, 0.20.
+    let labels = [0, 1, -1, 2, 3];
+    let cos_y = [0.1, 0.9, 7.0, 0.5, 0.3];
+    let drawn = [0.40, 0.10, 9.0, 0.30, 0.20];
+    // By cosine, largest first: positions 1, 2, 3, 0 (pi). Sorted margins: 0.1, 0.2, 0.3, 0.4.
+    let mut rank = drawn;
+    elastic_plus(ElasticPlus::Rank, &labels, &cos_y, &mut rank);
+    // Rank: the k-th largest cosine gets the k-th smallest margin.
+    assert_eq!(rank, [0.40, 0.10, 9.0, 0.20, 0.30]);
+    let mut published = drawn;
+    elastic_plus(ElasticPlus::Published, &labels, &cos_y, &mut published);
+    // Published: position p gets sorted[pi(p)] = sorted[1, 2, 3, 0].
+    assert_eq!(published, [0.20, 0.30, 9.0, 0.40, 0.10]);
+    // Mismatched lengths leave the margins as they are (no panic).
+    let mut short = drawn;
+    elastic_plus(ElasticPlus::Rank, &labels, &cos_y[..3], &mut short);
+    assert_eq!(short, drawn);
+}
+
+#[test]
+fn adaface_clamp_is_a_true_clamp_under_every_policy() {
+    use fused_margin::math::{psi, RowMargin};
+    let m = RowMargin {
+        m1: 1.0,
+        m2: 0.4,
+        m3: 0.3,
+        s: 64.0,
+    };
+    for policy in [
+        OverflowPolicy::Clip,
+        OverflowPolicy::Raw,
+        OverflowPolicy::Fallback,
+        OverflowPolicy::Monotonic,
+    ] {
+        let spec = MarginLoss::adaface().policy(policy);
+        // Beyond 1 - 1e-3 and -1 + 1e-3 psi is constant in c: slope 0, the clamped value.
+        for (c, edge) in [(0.9995, 0.999), (-0.9995, -0.999)] {
+            let (v, dv) = psi(&spec, &m, c);
+            let (ve, _) = psi(&spec, &m, edge);
+            assert_eq!(dv, 0.0, "{policy:?} at {c}");
+            assert!((v - ve).abs() < 1e-12, "{policy:?} at {c}: {v} vs {ve}");
+        }
+        // Inside, the slope is the angle's.
+        assert!(psi(&spec, &m, 0.3).1 != 0.0, "{policy:?}");
+    }
 }
 
 #[test]
@@ -457,14 +591,13 @@ fn missing_refused_and_bad_inputs_are_errors() {
     ));
     let nan = [0.5, f64::NAN, 0.5, 0.5];
     assert!(matches!(
-        f(
-            &elastic,
-            &RowInputs::with_margins(ElasticMargins::Given(&nan))
-        ),
-        Error::InvalidSpec {
-            field: "margins[i]",
-            ..
-        }
+        f(&elastic, &RowInputs::with_margins(ElasticMargins::Given(&nan))),
+        Error::InvalidArgument { what: "margins", detail } if detail.contains("margin 1")
+    ));
+    let huge = [0.5, 0.5, 17.0, 0.5];
+    assert!(matches!(
+        f(&elastic, &RowInputs::with_margins(ElasticMargins::Given(&huge))),
+        Error::InvalidArgument { what: "margins", detail } if detail.contains("margin 2")
     ));
     // A non-finite state.
     let bad = RowInputs::with_state(LossState::AdaFace {

@@ -14,8 +14,8 @@ pub const DEFAULT_SCALE: f64 = 30.0;
 /// `--help`.
 pub const USAGE: &str = "usage: quickstart [options]
   --loss NAME      arcface (default) | cosface | sphereface | nsl | combined, or one with
-                   per-row state (CPU reference only): subcenter (K = 3) | adaface |
-                   curricular | magface | elastic (ElasticFace-Arc, margins seeded per step)
+                   per-row state (CPU reference; elastic on the GPU too): subcenter (K = 3) |
+                   adaface | curricular | magface | elastic (ElasticFace-Arc, seeded per step)
   --m1 X --m2 X --m3 X
                    margins of cos(m1*theta + m2) - m3 (default: the preset's)
   --scale S        scale s (default 30; sphereface: 1 with the feature norm, as the paper).

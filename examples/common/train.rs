@@ -210,8 +210,8 @@ pub fn loss_and_grads(
     )
 }
 
-/// [`loss_and_grads`] for the losses with state or per-row inputs (CPU reference only: the GPU
-/// refuses them with `Error::Unsupported`).
+/// [`loss_and_grads`] for the losses with state or per-row inputs (the GPU runs ElasticFace
+/// without Plus and refuses the others with `Error::Unsupported`).
 #[allow(clippy::too_many_arguments)] // the loss call's arguments, one each
 pub fn loss_and_grads_with(
     backend: &Backend,

@@ -68,9 +68,9 @@ impl PolicyCode {
             OverflowPolicy::Fallback => Self::Fallback,
             OverflowPolicy::Raw => Self::Raw,
             OverflowPolicy::Easy => Self::Easy,
-            // AdaFace's clip: never reaches a kernel (every GPU entry refuses the variants with
-            // MarginLoss::check_fixed_margin before building parameters, and validate allows
-            // Clip only with AdaFace). Raw is the nearest code, never used.
+            // AdaFace's clip: never reaches a kernel. validate() allows Clip only with AdaFace,
+            // and every GPU entry refuses Clip by name (plan::check_gpu_variant; candle and the
+            // raw entry refuse every variant) before building parameters. Raw is a placeholder.
             OverflowPolicy::Clip => Self::Raw,
         }
     }

@@ -758,6 +758,13 @@ pub fn row_margins(
 /// reordering runs (its margins are inputs, [`row_margins`]); Plus needs the order of the target
 /// cosines, and the other losses with state their statistics, on the device.
 pub fn check_gpu_variant(spec: &MarginLoss) -> Result<()> {
+    // No kernel has AdaFace's clip (FmParams' policy codes stop at Easy): refused by name, so
+    // admitting a variant can never run it as another policy.
+    if spec.effective_policy() == crate::spec::OverflowPolicy::Clip {
+        return Err(Error::Unsupported {
+            detail: "the Clip policy (AdaFace's angle clip) runs on the CPU reference only".into(),
+        });
+    }
     match spec.variant {
         Variant::ElasticFace(e) if e.plus == ElasticPlus::None => Ok(()),
         Variant::ElasticFace(_) => Err(Error::Unsupported {
