@@ -1001,6 +1001,33 @@ fn elastic_face_per_row_margins_on_every_path() {
             elastic: Some(rng),
             ..case(spec, shape, tc, (1, 2), seed)
         };
+        if spec.effective_policy() == OverflowPolicy::Fallback && spec.has_angular_margin() {
+            // Some counted row must pass pi - m_i, or the per-row shift goes unchecked.
+            let shape = Shape::new(37, 20, 70);
+            let inp = margin_inputs(shape, seed);
+            let m = plan::row_margins(
+                &spec,
+                &RowInputs::with_margins(ElasticMargins::Seeded(rng)),
+                37,
+            )
+            .unwrap()
+            .unwrap();
+            let d = shape.d;
+            let unit = |v: &[f64]| {
+                let n = v.iter().map(|e| e * e).sum::<f64>().sqrt();
+                v.iter().map(|e| e / n).collect::<Vec<f64>>()
+            };
+            let crossing = (0..shape.b).filter(|&i| inp.labels[i] >= 0).any(|i| {
+                let y = inp.labels[i] as usize;
+                let (xh, wh) = (
+                    unit(&inp.x[i * d..(i + 1) * d]),
+                    unit(&inp.w[y * d..(y + 1) * d]),
+                );
+                let c: f64 = xh.iter().zip(&wh).map(|(a, b)| a * b).sum();
+                c.acos() + m[2 * i] as f64 > std::f64::consts::PI
+            });
+            assert!(crossing, "no row passes pi - m_i");
+        }
         check::<f32>(&c(false, (37, 20, 70)));
         check::<bf16>(&c(true, (45, 40, 131)));
         check::<f16>(&c(true, (33, 48, 97)));
