@@ -25,10 +25,7 @@
 //! titles need a TrueType font: DejaVu Sans is used when it is found; otherwise the panels have
 //! no titles and the summary names them in order.
 
-use fused_margin::{
-    ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, MarginLoss, RowInputs, Shape,
-    Variant,
-};
+use fused_margin::{ElasticKind, ElasticPlus, MarginLoss, Shape};
 use plotters::prelude::*;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::f64::consts::PI;
@@ -223,11 +220,7 @@ fn fit(
     let n = data.y.len();
     let mut order: Vec<usize> = (0..n).collect();
     // The state a loss carries from step to step, and the step counter ElasticFace draws from.
-    let mut state = match spec.variant {
-        Variant::AdaFace(_) => Some(LossState::ADAFACE_INIT),
-        Variant::CurricularFace(_) => Some(LossState::CURRICULAR_INIT),
-        _ => None,
-    };
+    let mut state = spec.variant.initial_state();
     let mut step = 0u64;
     for _ in 0..epochs {
         order.shuffle(rng);
@@ -239,17 +232,8 @@ fn fit(
                 .collect();
             let y: Vec<i32> = batch.iter().map(|&i| data.y[i]).collect();
             let (h, e) = model.forward(&x);
-            let inputs = RowInputs {
-                state,
-                margins: matches!(spec.variant, Variant::ElasticFace(_)).then_some(
-                    ElasticMargins::Seeded(ElasticRng {
-                        seed: 11,
-                        step,
-                        row_offset: 0,
-                    }),
-                ),
-            };
-            let g = train::loss_and_grads_with(
+            let inputs = train::step_inputs(spec, state, 11, step);
+            let g = train::loss_and_grads(
                 backend,
                 InputDType::F32,
                 spec,

@@ -18,10 +18,7 @@
 //! options (`--epochs -1`, `--classes 0`, `--scale 0`) are refused with a message naming the
 //! flag and the value, and exit status 2.
 
-use fused_margin::{
-    ElasticMargins, ElasticRng, LossState, MarginLoss, RowInputs, Shape, SphereFaceSchedule,
-    Variant,
-};
+use fused_margin::{MarginLoss, Shape, SphereFaceSchedule, Variant};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
@@ -138,11 +135,7 @@ fn main() -> fused_margin::Result<()> {
         println!("loss variant: {:?}", spec0.variant);
     }
     // The state a loss carries from step to step (owned here, as a training loop would).
-    let mut state = match spec0.variant {
-        Variant::AdaFace(_) => Some(LossState::ADAFACE_INIT),
-        Variant::CurricularFace(_) => Some(LossState::CURRICULAR_INIT),
-        _ => None,
-    };
+    let mut state = spec0.variant.initial_state();
     println!(
         "{} (m1 = {}, m2 = {}, m3 = {}, s = {}{}) on {c} classes x {} points (D_in = {D_IN} -> D = {D}), {} train / {} held out, batch {BATCH}, Adam, {:?} inputs",
         args.loss,
@@ -187,17 +180,8 @@ fn main() -> fused_margin::Result<()> {
                 None => spec0,
             };
             // ElasticFace draws new margins every step from (seed, step).
-            let inputs = RowInputs {
-                state,
-                margins: matches!(spec.variant, Variant::ElasticFace(_)).then_some(
-                    ElasticMargins::Seeded(ElasticRng {
-                        seed: args.seed,
-                        step: iter,
-                        row_offset: 0,
-                    }),
-                ),
-            };
-            let out = train::loss_and_grads_with(
+            let inputs = train::step_inputs(&spec, state, args.seed, iter);
+            let out = train::loss_and_grads(
                 &backend,
                 args.dtype,
                 &spec,

@@ -22,7 +22,7 @@ pub struct Target {
 
 /// The margins and scale of one row: what `target` and the row scale `r_i` read.
 ///
-/// For the fixed-margin family they are the spec's, the same for every row ([`RowMargin::of`]).
+/// For the fixed-margin family they are the spec's, the same for every row ([`RowMargin::uniform`]).
 /// The losses whose margins vary per row (MagFace's `m(|x_i|)`, AdaFace's norm-adaptive margin,
 /// ElasticFace's drawn one) compute them once per call from the row's context and the state
 /// (`adaface_row`, `magface_row`, `elastic_row` below; the CPU reference keeps one `RowMargin`
@@ -41,12 +41,6 @@ pub struct RowMargin {
 }
 
 impl RowMargin {
-    /// The margins of row `row`, whose raw feature norm is `x_norm`.
-    pub fn of(spec: &MarginLoss, row: usize, x_norm: f64) -> Self {
-        let _ = (row, x_norm); // the per-row context: unused by the fixed-margin losses
-        Self::uniform(spec)
-    }
-
     /// The spec's margins (every row's, for the fixed-margin losses).
     pub fn uniform(spec: &MarginLoss) -> Self {
         Self {
@@ -83,12 +77,20 @@ impl RowMargin {
 /// `d` is `1e-7`; for AdaFace it is its `e = 1e-3` and the cosine clamp is a true clamp (no
 /// gradient outside it), under every policy.
 pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
+    let (v, dc, _) = psi_parts(spec, m, c);
+    (v, dc)
+}
+
+/// [`psi`] with its derivative in the row's `m2` too: `(psi, dpsi/dc, dpsi/dm2)`, each branch
+/// written once (MagFace's margin depends on the feature norm, so its gradient reaches `x`
+/// through `m2_i`). `dpsi/dm2` is 0 wherever `psi` does not depend on `m2`.
+pub fn psi_parts(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64, f64) {
     let policy = spec.effective_policy();
     if policy == OverflowPolicy::Easy && c <= 0.0 {
-        return (c, 1.0);
+        return (c, 1.0, 0.0);
     }
     if !spec.has_angular_margin() {
-        return (c - m.m3, 1.0);
+        return (c - m.m3, 1.0, 0.0);
     }
     let ada = matches!(spec.variant, Variant::AdaFace(_));
     let d = if ada { ADAFACE_EPS } else { THETA_CLAMP };
@@ -104,7 +106,7 @@ pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
         0.0
     };
     match policy {
-        OverflowPolicy::Raw | OverflowPolicy::Easy => (a.cos() - m.m3, slope),
+        OverflowPolicy::Raw | OverflowPolicy::Easy => (a.cos() - m.m3, slope, -a.sin()),
         OverflowPolicy::Fallback => {
             if a > PI {
                 // AdaFace's clamp holds here too: the clamped cosine, no slope outside.
@@ -113,63 +115,42 @@ pub fn psi(spec: &MarginLoss, m: &RowMargin, c: f64) -> (f64, f64) {
                 } else {
                     (c, 1.0)
                 };
-                (cf - m.m2 * m.m2.sin() - m.m3, sf)
+                let dm2 = -(m.m2.sin() + m.m2 * m.m2.cos());
+                (cf - m.m2 * m.m2.sin() - m.m3, sf, dm2)
             } else {
-                (a.cos() - m.m3, slope)
+                (a.cos() - m.m3, slope, -a.sin())
             }
         }
         OverflowPolicy::Monotonic => {
             let k = (a / PI).floor();
             let sign = if (k as i64) % 2 == 0 { 1.0 } else { -1.0 };
-            (sign * a.cos() - 2.0 * k - m.m3, sign * slope)
+            (
+                sign * a.cos() - 2.0 * k - m.m3,
+                sign * slope,
+                -sign * a.sin(),
+            )
         }
         OverflowPolicy::Clip => {
             let e = ADAFACE_EPS;
             let inside = a > e && a < PI - e;
             let tp = a.clamp(e, PI - e);
-            (tp.cos() - m.m3, if inside { slope } else { 0.0 })
+            let (dc, dm2) = if inside {
+                (slope, -a.sin())
+            } else {
+                (0.0, 0.0)
+            };
+            (tp.cos() - m.m3, dc, dm2)
         }
     }
 }
 
-/// `dtarget/dm2` at `c` with the row's margins (MagFace's margin depends on the feature norm:
-/// its gradient reaches `x` through `m2_i`), after the lambda blend and the gradient mode
-/// (0 when detached, and wherever `psi` does not depend on `m2`).
+/// `dtarget/dm2` at `c` with the row's margins ([`psi_parts`]), after the lambda blend and the
+/// gradient mode (0 when detached).
 pub fn target_dm2(spec: &MarginLoss, m: &RowMargin, c: f64) -> f64 {
-    let policy = spec.effective_policy();
-    if spec.gradient == GradientMode::Detached
-        || !spec.has_angular_margin()
-        || (policy == OverflowPolicy::Easy && c <= 0.0)
-    {
+    if spec.gradient == GradientMode::Detached {
         return 0.0;
     }
-    let ada = matches!(spec.variant, Variant::AdaFace(_));
-    let d = if ada { ADAFACE_EPS } else { THETA_CLAMP };
-    let theta = c.clamp(-1.0 + d, 1.0 - d).acos();
-    let a = m.m1 * theta + m.m2;
-    let dp = match policy {
-        OverflowPolicy::Raw | OverflowPolicy::Easy => -a.sin(),
-        OverflowPolicy::Fallback => {
-            if a > PI {
-                -(m.m2.sin() + m.m2 * m.m2.cos())
-            } else {
-                -a.sin()
-            }
-        }
-        OverflowPolicy::Monotonic => {
-            let k = (a / PI).floor();
-            let sign = if (k as i64) % 2 == 0 { 1.0 } else { -1.0 };
-            -sign * a.sin()
-        }
-        OverflowPolicy::Clip => {
-            if a > ADAFACE_EPS && a < PI - ADAFACE_EPS {
-                -a.sin()
-            } else {
-                0.0
-            }
-        }
-    };
-    dp / (1.0 + spec.lambda)
+    psi_parts(spec, m, c).2 / (1.0 + spec.lambda)
 }
 
 /// The target transform with the row's margins `m`, the lambda blend and the gradient mode

@@ -252,6 +252,16 @@ impl Variant {
         )
     }
 
+    /// The state a training run starts from ([`LossState::ADAFACE_INIT`],
+    /// [`LossState::CURRICULAR_INIT`]); `None` for the losses without state.
+    pub fn initial_state(&self) -> Option<LossState> {
+        match self {
+            Variant::AdaFace(_) => Some(LossState::ADAFACE_INIT),
+            Variant::CurricularFace(_) => Some(LossState::CURRICULAR_INIT),
+            _ => None,
+        }
+    }
+
     /// Sub-centers per class (1 but for [`Variant::SubCenter`]).
     pub fn centers(&self) -> usize {
         match self {

@@ -1076,6 +1076,22 @@ fn below(what: &str, value: f64, bound: f64) {
     assert!(value < bound, "{what}: {value:.3e}, bound {bound:.1e}");
 }
 
+/// The bf16 kernels' dx and dw (normwise, worst row, worst class) within the bf16 bar.
+fn bf16_within_bar(r: &Report) {
+    below("dx normwise, bf16 kernel", r.dx_norm[DX_BF16], BF16_BAR);
+    below(
+        "dx worst row, bf16 kernel",
+        r.dx_rows[DX_BF16].max,
+        BF16_BAR,
+    );
+    below("dw normwise, bf16 kernel", r.dw_norm[DW_BF16], BF16_BAR);
+    below(
+        "dw worst class, bf16 kernel",
+        r.dw_class[DW_BF16].max,
+        BF16_BAR,
+    );
+}
+
 fn above(what: &str, value: f64, bound: f64) {
     assert!(
         value > bound,
@@ -1126,18 +1142,7 @@ fn realistic_mid_training_meets_f16_bars() {
         r.dw_class[DW_NOSCALE]
     );
     // bf16 (FOLD, no scale: bf16 has f32's range) within its bar.
-    below("dx normwise, bf16 kernel", r.dx_norm[DX_BF16], BF16_BAR);
-    below(
-        "dx worst row, bf16 kernel",
-        r.dx_rows[DX_BF16].max,
-        BF16_BAR,
-    );
-    below("dw normwise, bf16 kernel", r.dw_norm[DW_BF16], BF16_BAR);
-    below(
-        "dw worst class, bf16 kernel",
-        r.dw_class[DW_BF16].max,
-        BF16_BAR,
-    );
+    bf16_within_bar(r);
 }
 
 /// Measured (seed 7): dx normwise 4.3e-5 with the kernel (worst row 1.7e-4), 1.41e-3 without its
@@ -1194,18 +1199,7 @@ fn converged_batch_meets_f16_bars() {
     );
     // The SIMT backward's rounding (f32 operands) with the same target entry.
     below("dx normwise, f32 operands", r.dx_norm[DX_F32OPS], F16_BAR);
-    below("dx normwise, bf16 kernel", r.dx_norm[DX_BF16], BF16_BAR);
-    below(
-        "dx worst row, bf16 kernel",
-        r.dx_rows[DX_BF16].max,
-        BF16_BAR,
-    );
-    below("dw normwise, bf16 kernel", r.dw_norm[DW_BF16], BF16_BAR);
-    below(
-        "dw worst class, bf16 kernel",
-        r.dw_class[DW_BF16].max,
-        BF16_BAR,
-    );
+    bf16_within_bar(r);
 }
 
 /// What 212c7ec fixed, kept failing in the model so that it still tells the kernels from their

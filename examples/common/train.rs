@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use fused_margin::cuda::{self, CudaElement, FusedMarginLoss, GpuUpstream};
-use fused_margin::{cpu, LossState, MarginLoss, RowInputs, Shape, Upstream};
+use fused_margin::{
+    cpu, ElasticMargins, ElasticRng, LossState, MarginLoss, RowInputs, Shape, Upstream, Variant,
+};
 use half::{bf16, f16};
 use rand::{rngs::StdRng, Rng};
 
@@ -188,32 +190,11 @@ pub struct LossAndGrads {
 }
 
 /// One forward and backward of `spec` on embeddings `emb` (B x D) against class weights `w`
-/// (C x D), in `dtype`.
-pub fn loss_and_grads(
-    backend: &Backend,
-    dtype: InputDType,
-    spec: &MarginLoss,
-    emb: &[f32],
-    w: &[f32],
-    labels: &[i32],
-    shape: Shape,
-) -> fused_margin::Result<LossAndGrads> {
-    loss_and_grads_with(
-        backend,
-        dtype,
-        spec,
-        emb,
-        w,
-        labels,
-        shape,
-        &RowInputs::default(),
-    )
-}
-
-/// [`loss_and_grads`] for the losses with state or per-row inputs (the GPU runs ElasticFace
-/// without Plus and refuses the others with `Error::Unsupported`).
+/// (C x D), in `dtype`, with the call's per-row inputs (`RowInputs::default()` for the
+/// fixed-margin losses; the GPU runs ElasticFace without Plus and refuses the other losses with
+/// state with `Error::Unsupported`).
 #[allow(clippy::too_many_arguments)] // the loss call's arguments, one each
-pub fn loss_and_grads_with(
+pub fn loss_and_grads(
     backend: &Backend,
     dtype: InputDType,
     spec: &MarginLoss,
@@ -269,6 +250,26 @@ fn typed<T: CudaElement>(
                 d_w: s.clone_dtoh(&g.dw).map_err(err)?,
             })
         }
+    }
+}
+
+/// A training step's inputs for `spec`: the state carried from the last step, and for
+/// ElasticFace margins drawn from (`seed`, `step`).
+pub fn step_inputs(
+    spec: &MarginLoss,
+    state: Option<LossState>,
+    seed: u64,
+    step: u64,
+) -> RowInputs<'static> {
+    RowInputs {
+        state,
+        margins: matches!(spec.variant, Variant::ElasticFace(_)).then_some(ElasticMargins::Seeded(
+            ElasticRng {
+                seed,
+                step,
+                row_offset: 0,
+            },
+        )),
     }
 }
 
