@@ -9,6 +9,7 @@
 #include "normalize.cu"
 #include "combine.cu"
 #include "labels.cu"
+#include "state.cu"
 #endif
 #if FM_IN_UNIT(FM_G_UNIT_FWD_SIMT)
 #include "logits.cu"

@@ -7,8 +7,8 @@
 //   l_i = softplus(lnt - z_iy) = log(1 + exp(lnt - z_iy)),   lse_i = z_iy + l_i,
 // free of the cancellation in lse_i - z_iy: a well-classified row (l_i ~ 1e-6 beside lse_i ~ 60)
 // keeps l_i to f32's relative precision instead of to ~1e-5 absolute, and so does the backward's
-// target entry p_iy - 1 = expm1(-l_i) (tile.cuh: fm_grad_elem), which reads l_i at
-// tgt[2 B + row], after the target record. A non-finite z_iy or lnt takes the plain route (lse over
+// target entry p_iy - 1 = expm1(-l_i) (tile.cuh: fm_grad_elem), which reads l_i in the target
+// record's CE section. A non-finite z_iy or lnt takes the plain route (lse over
 // every class, l = lse - z), so NaN and Inf propagate as on the reference. Ignored rows: lse_i =
 // lnt, l_i = 0. A label >= C (possible only under LabelCheck::Device, which checks on the device
 // instead of before the launch) gives NaN: no tile wrote its z_iy.
@@ -44,8 +44,10 @@ extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ p
         }
     }
     lse[row] = ls;
-    row_loss[row] = l;
-    tgt[2 * B + row] = l;
+    // MagFace's regularizer joins the row loss (0 for the other losses and ignored rows); the
+    // backward's target entry reads the cross-entropy alone.
+    row_loss[row] = l + tgt[fm_tgt_at(FM_TGT_REG, B, row)];
+    tgt[fm_tgt_at(FM_TGT_CE, B, row)] = l;
 }
 
 // fm_reduce_loss is in labels.cu: it also writes the forward's label status (one block over the

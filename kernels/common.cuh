@@ -65,7 +65,6 @@ typedef fm_bf16 T_IN;
 
 // ---- constants --------------------------------------------------------------------------------
 #define FM_NORM_EPS 1e-12f     // docs/MATH.md step 1: x / max(|x|, eps)
-#define FM_THETA_CLAMP 1e-7    // docs/MATH.md step 4: acos(clamp(c, -1 + d, 1 - d))
 #define FM_PI 3.14159265358979323846
 #define FM_NEG_INF __int_as_float(0xff800000)
 #define FM_POS_INF __int_as_float(0x7f800000)
@@ -78,6 +77,18 @@ typedef fm_bf16 T_IN;
 #define FM_POLICY_FALLBACK FM_G_POLICY_FALLBACK
 #define FM_POLICY_RAW FM_G_POLICY_RAW
 #define FM_POLICY_EASY FM_G_POLICY_EASY
+#define FM_POLICY_CLIP FM_G_POLICY_CLIP
+// FmParams.variant: the loss with per-row or batch state (docs/MATH.md "Losses with per-row or
+// batch state"); its parameters in vp[]:
+//   AdaFace:        vp = (m, h, alpha)
+//   CurricularFace: vp = (alpha)
+//   MagFace:        vp = (l_a, u_a, l_m, u_m, lambda_g)
+//   ElasticFace:    vp = (kind: 0 Arc, 1 Cos; plus: 0 none, 1 rank, 2 published)
+#define FM_VAR_PLAIN FM_G_VAR_PLAIN
+#define FM_VAR_ADAFACE FM_G_VAR_ADAFACE
+#define FM_VAR_CURRICULAR FM_G_VAR_CURRICULAR
+#define FM_VAR_MAGFACE FM_G_VAR_MAGFACE
+#define FM_VAR_ELASTIC FM_G_VAR_ELASTIC
 struct FmParams {
     float s;                  // scale
     float m1, m2, m3;         // cos(m1*theta + m2) - m3
@@ -85,24 +96,32 @@ struct FmParams {
     float fallback_shift;     // m2 * sin(m2), precomputed on the host in f64
     int policy;               // FM_POLICY_*
     int detached;             // 1: dtarget/dc = 1
-    int angular;              // m1 != 1 || m2 != 0
+    int angular;              // m1 != 1 || m2 != 0 (or a per-row angular margin)
     int normalize_features;   // 0: r_i = s*|x_i|
     int normalize_weights;    // 0: wh_j = w_j
     int tf32_dots;            // 1: the SIMT backward rounds its dot-product operands to TF32, to
                               // recompute the logits the TF32 forward (fm_fwd_tiles_tf32) saw
+    int variant;              // FM_VAR_*
+    float clamp;              // the cosine clamp d of theta = acos(clamp(c, -1 + d, 1 - d)):
+                              // 1e-7, AdaFace's e = 1e-3 (a true clamp there)
+    float vp[5];              // the variant's parameters (above)
+    int reserved;             // 0: keeps the struct a multiple of 8 bytes (no interior padding
+                              // before the argument structs' i64 fields)
 };
-static_assert(sizeof(FmParams) == 48, "src/cuda/params.rs: FmParams is 48 bytes");
+static_assert(sizeof(FmParams) == 80, "src/cuda/params.rs: FmParams is 80 bytes");
 
 // ---- the margin: target(c) and dtarget/dc (docs/MATH.md step 4 and "Backward") --------------------
 // Evaluated in double: it runs once per row (at the label), so the cost is nil and the result
-// tracks the f64 reference even near the clamp, where acosf would lose digits.
-struct FmTarget { double value; double deriv; };
+// tracks the f64 reference even near the clamp, where acosf would lose digits. dm2 is
+// dtarget/dm2 (MagFace's margin depends on |x_i| through m2_i); 0 where the target does not
+// depend on m2, and when detached.
+struct FmTarget { double value; double deriv; double dm2; };
 
 // ---- the per-row slot: the margins and scale of one row ---------------------------------------
-// For the fixed-margin family they are the spec's, the same for every row. Margins the caller
-// gives per row (ElasticFace's) come through fm_row_margin_given below, where the target is
-// formed; the tiles take only the scale from fm_row_margin (through fm_row_ctx in tile.cuh). The
-// CPU twin is math::RowMargin.
+// For the fixed-margin family they are the spec's, the same for every row. The losses whose
+// margins vary per row get theirs through fm_row_margin_given below, where the target is formed;
+// the tiles take only the scale from fm_row_margin (through fm_row_ctx in tile.cuh). The CPU
+// twin is math::RowMargin.
 struct FmMargin { float m1, m2, m3, s, fallback_shift; };
 
 __device__ __forceinline__ FmMargin fm_row_margin(const FmParams& p, i64 row, float norm) {
@@ -117,55 +136,113 @@ __device__ __forceinline__ FmMargin fm_row_margin(const FmParams& p, i64 row, fl
     return m;
 }
 
-// The same with the caller's per-row margins, where given: rowm holds (m2_i, m3_i) per row
-// (ElasticFace's drawn margins, docs/MATH.md "Losses with per-row or batch state"); null keeps
-// the spec's. Read only where the target is formed (fm_target_rows, naive_logits), never per
-// element of a tile. The Fallback shift m2_i sin m2_i is taken in double here, as the host
-// takes the spec's.
+// MagFace's row (math::magface_row): a = clip(|x|, l_a, u_a), m2 = l_m + q (a - l_a) with
+// q = (u_m - l_m) / (u_a - l_a); live: l_a < |x| < u_a, where the clamp passes the norm's
+// gradient. In double, from the f32 parameters.
+struct FmMag { double a, m2, q; bool live; };
+__device__ __forceinline__ FmMag fm_magface_row(const FmParams& p, float norm) {
+    const double la = p.vp[0], ua = p.vp[1], lm = p.vp[2], um = p.vp[3];
+    const double n = (double)norm;
+    FmMag g;
+    g.a = fmin(fmax(n, la), ua);
+    g.q = (um - lm) / (ua - la);
+    g.m2 = lm + g.q * (g.a - la);
+    g.live = n > la && n < ua;
+    return g;
+}
+
+// The row's margins where the target is formed (fm_target_rows, naive_logits): the given
+// per-row margins when rowm is not null (2 per row, (m2_i, m3_i): ElasticFace's drawn ones,
+// AdaFace's from the batch statistics, written by kernels/state.cu), MagFace's from the raw norm,
+// else the spec's. The Fallback shift m2_i sin m2_i is taken in double here, as the host takes
+// the spec's.
 __device__ __forceinline__ FmMargin fm_row_margin_given(const FmParams& p, i64 row, float norm,
                                                         const float* __restrict__ rowm) {
     FmMargin m = fm_row_margin(p, row, norm);
+    bool own = false;
     if (rowm != nullptr) {
         m.m2 = rowm[2 * row];
         m.m3 = rowm[2 * row + 1];
-        m.fallback_shift = (float)((double)m.m2 * sin((double)m.m2));
+        own = true;
+    } else if (p.variant == FM_VAR_MAGFACE) {
+        m.m2 = (float)fm_magface_row(p, norm).m2;
+        own = true;
     }
+    if (own) m.fallback_shift = (float)((double)m.m2 * sin((double)m.m2));
     return m;
 }
 
+// psi(c), dpsi/dc and dpsi/dm2 with the row's margins, then the gradient mode and the lambda
+// blend (math::psi_parts and math::target). The cosine clamp is p.clamp; for AdaFace
+// (e = 1e-3) it is a true clamp, with no slope outside it, under every policy.
 __device__ __forceinline__ FmTarget fm_target(const FmParams& p, const FmMargin& m, double c) {
-    double psi, dpsi;
+    double psi, dpsi, dm2 = 0.0;
     if (p.policy == FM_POLICY_EASY && c <= 0.0) {
         psi = c; dpsi = 1.0;                                   // Easy: no margin where c <= 0
     } else if (!p.angular) {
         psi = c - (double)m.m3; dpsi = 1.0;                    // NSL / CosFace: no acos round trip
     } else {
-        double cc = fmin(fmax(c, -1.0 + FM_THETA_CLAMP), 1.0 - FM_THETA_CLAMP);
+        const double d = (double)p.clamp;
+        const bool ada = p.variant == FM_VAR_ADAFACE;
+        const double cc = fmin(fmax(c, -1.0 + d), 1.0 - d);
+        const bool live = !ada || (c > -1.0 + d && c < 1.0 - d);
         double theta = acos(cc);
         double a = (double)m.m1 * theta + (double)m.m2;
-        double slope = (double)m.m1 * sin(a) / sin(theta);    // sin(theta) >= 4.5e-4 by the clamp
+        // sin(theta) >= 4.5e-4 by the clamp
+        double slope = live ? (double)m.m1 * sin(a) / sin(theta) : 0.0;
         if (p.policy == FM_POLICY_FALLBACK && a > FM_PI) {
-            psi = c - (double)m.fallback_shift - (double)m.m3; dpsi = 1.0;
+            const double m2 = (double)m.m2;
+            psi = (ada ? cc : c) - (double)m.fallback_shift - (double)m.m3;
+            dpsi = (!ada || live) ? 1.0 : 0.0;
+            dm2 = -(sin(m2) + m2 * cos(m2));
         } else if (p.policy == FM_POLICY_MONOTONIC) {
             double k = floor(a / FM_PI);
             double sign = (((long long)k) & 1) ? -1.0 : 1.0;
             psi = sign * cos(a) - 2.0 * k - (double)m.m3;
             dpsi = sign * slope;
+            dm2 = -sign * sin(a);
+        } else if (p.policy == FM_POLICY_CLIP) {               // AdaFace: theta' = clip(a, e, pi - e)
+            const bool inside = a > d && a < FM_PI - d;
+            psi = cos(fmin(fmax(a, d), FM_PI - d)) - (double)m.m3;
+            dpsi = inside ? slope : 0.0;
+            dm2 = inside ? -sin(a) : 0.0;
         } else {                                               // Raw, Easy (c > 0), Fallback below pi
             psi = cos(a) - (double)m.m3; dpsi = slope;
+            dm2 = -sin(a);
         }
     }
-    if (p.detached) dpsi = 1.0;
+    if (p.detached) { dpsi = 1.0; dm2 = 0.0; }
     FmTarget t;
+    const double l = (double)p.lambda;
     if (p.lambda > 0.0f) {
-        double l = (double)p.lambda;
         t.value = (l * c + psi) / (1.0 + l);
         t.deriv = (l + dpsi) / (1.0 + l);
     } else {
         t.value = psi; t.deriv = dpsi;
     }
+    t.dm2 = dm2 / (1.0 + l);
     return t;
 }
+
+// ---- the target record (fm_target_rows; src/cuda/plan.rs Buf::Target) --------------------------
+// The per-row values the forward forms once per row and the tiles and the backward read, in
+// sections of B floats after the (target, dtarget/dc) pairs of [0, 2B):
+//   CE    l_i, the row's cross-entropy (fm_combine_rows)
+//   TAU   CurricularFace's hardness threshold tau_i (+inf for every other loss and ignored rows)
+//   COSY  c_iy, the target cosine before the margin (0 where the label is not in 0..C)
+//   REG   the row loss's extra term: MagFace's lambda_g g(a_i) on counted rows, else 0
+//   KC    MagFace's r_i q dtarget/dm2 where l_a < |x_i| < u_a, else 0: the norm gradient's
+//         coefficient of g_i (p_iy - 1)
+//   KG    MagFace's lambda_g g'(a_i) there, else 0: its coefficient of g_i
+// then one float, CurricularFace's t (the state out; 0 for the others): FM_TGT_LEN(B) = 8 B + 1.
+#define FM_TGT_CE 2
+#define FM_TGT_TAU 3
+#define FM_TGT_COSY 4
+#define FM_TGT_REG 5
+#define FM_TGT_KC 6
+#define FM_TGT_KG 7
+__device__ __forceinline__ i64 fm_tgt_at(int section, i64 B, i64 row) { return (i64)section * B + row; }
+__device__ __forceinline__ i64 fm_tgt_t(i64 B) { return 8 * B; }
 
 // Row scale r_i (docs/MATH.md step 3) with the row's scale; `norm` is the raw |x_i|.
 __device__ __forceinline__ float fm_row_scale(const FmParams& p, const FmMargin& m, float norm) {

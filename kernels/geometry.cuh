@@ -54,10 +54,14 @@
 #define FM_G_UNIT_GRAD_TC32_F32OUT 11
 
 // Bytes of the family argument structs (args.cuh), as src/cuda/args.rs packs them: FmTileArgs
-// (9 pointers, FmParams, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs (13 pointers,
-// FmParams, 2 i64, 1 float, 4 int, 4 bytes of tail padding).
-#define FM_G_TILE_ARGS_BYTES 152
-#define FM_G_GRAD_ARGS_BYTES 192
+// (9 pointers, FmParams of 80 bytes, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs
+// (13 pointers, FmParams, 2 i64, 1 float, 4 int, 4 bytes of tail padding).
+#define FM_G_TILE_ARGS_BYTES 184
+#define FM_G_GRAD_ARGS_BYTES 224
+
+// The target record's sections of B floats (common.cuh FM_TGT_*); one float (CurricularFace's
+// t) follows them: 8 B + 1 floats.
+#define FM_G_TARGET_SECTIONS 8
 
 // The label status record's length (labels.cu).
 #define FM_G_STATUS_LEN 6
@@ -67,5 +71,13 @@
 #define FM_G_POLICY_FALLBACK 1
 #define FM_G_POLICY_RAW 2
 #define FM_G_POLICY_EASY 3
+#define FM_G_POLICY_CLIP 4
+
+// FmParams.variant codes (common.cuh; src/cuda/params.rs VariantCode).
+#define FM_G_VAR_PLAIN 0
+#define FM_G_VAR_ADAFACE 1
+#define FM_G_VAR_CURRICULAR 2
+#define FM_G_VAR_MAGFACE 3
+#define FM_G_VAR_ELASTIC 4
 
 #endif  // FM_GEOMETRY_CUH

@@ -38,9 +38,12 @@ extern "C" __global__ void FM_ENTRY(naive_cosine)(const float* __restrict__ xh, 
 }
 
 // logits[i, j] = r_i * (j == y_i ? target(c) : c); tval keeps t_ij, dt keeps dtarget/dc (1 off the label).
+// tgt (nullable): the target record of fm_target_rows, for CurricularFace's hard negatives
+// (c > tau_i: c (t + c), derivative t + 2c).
 extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos, const int* __restrict__ labels,
                                                   const float* __restrict__ xnorm,
-                                                  const float* __restrict__ rowm, FmParams p, i64 B, i64 C,
+                                                  const float* __restrict__ rowm,
+                                                  const float* __restrict__ tgt, FmParams p, i64 B, i64 C,
                                                   float* __restrict__ logits, float* __restrict__ tval,
                                                   float* __restrict__ dt) {
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
@@ -53,15 +56,22 @@ extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos,
         FmTarget tg = fm_target(p, m, (double)c);
         t = (float)tg.value;
         d = (float)tg.deriv;
+    } else if (tgt != nullptr && p.variant == FM_VAR_CURRICULAR &&
+               c > tgt[fm_tgt_at(FM_TGT_TAU, B, i)]) {
+        const float ct = tgt[fm_tgt_t(B)];
+        t = c * (ct + c);
+        d = ct + 2.0f * c;
     }
     tval[e] = t;
     dt[e] = d;
     logits[e] = fm_row_scale(p, m, xnorm[i]) * t;
 }
 
-// One block per row: max, sum of exp, softmax written out, lse_i and l_i = lse_i - z_iy.
+// One block per row: max, sum of exp, softmax written out, lse_i and l_i = lse_i - z_iy, plus
+// the target record's REG term (MagFace's regularizer) when tgt is not null.
 extern "C" __global__ void FM_ENTRY(naive_softmax)(const float* __restrict__ logits, const int* __restrict__ labels,
-                                                   i64 B, i64 C, float* __restrict__ prob, float* __restrict__ lse,
+                                                   const float* __restrict__ tgt, i64 B, i64 C,
+                                                   float* __restrict__ prob, float* __restrict__ lse,
                                                    float* __restrict__ row_loss) {
     __shared__ float red[32];
     i64 i = blockIdx.x;
@@ -87,21 +97,26 @@ extern "C" __global__ void FM_ENTRY(naive_softmax)(const float* __restrict__ log
         lse[i] = l;
         int y = labels[i];
         // y >= C only under LabelCheck::Device (checked on the device, not before the launch).
-        row_loss[i] = y < 0 ? 0.0f : ((i64)y < C ? l - z[y] : FM_NAN);
+        const float reg = tgt != nullptr ? tgt[fm_tgt_at(FM_TGT_REG, B, i)] : 0.0f;
+        row_loss[i] = y < 0 ? 0.0f : ((i64)y < C ? (l - z[y]) + reg : FM_NAN);
     }
 }
 
-// One block per row: dz = g_i (p - onehot); dc = r_i dz dt (in place of prob); dn_i = s sum_j dz t.
+// One block per row: dz = g_i (p - onehot); dc = r_i dz dt (in place of prob); dn_i, the
+// gradient on |x_i|: s sum_j dz t without feature normalization, plus, with the target record
+// (tgt not null: MagFace), dz_iy kc_i + g_i kg_i (its margin's and regularizer's terms).
 extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, const float* __restrict__ tval,
                                                    const float* __restrict__ dt, const int* __restrict__ labels,
                                                    const float* __restrict__ xnorm, const float* __restrict__ g_rows,
-                                                   float g_scalar, FmParams p, i64 B, i64 C, float* __restrict__ dn) {
+                                                   const float* __restrict__ tgt, float g_scalar, FmParams p,
+                                                   i64 B, i64 C, float* __restrict__ dn) {
     __shared__ float red[32];
     i64 i = blockIdx.x;
     int y = labels[i];
     float g = fm_upstream(g_rows, g_scalar, i, y);
     const FmMargin m = fm_row_margin(p, i, xnorm[i]);
     float r = fm_row_scale(p, m, xnorm[i]);
+    const float kc = tgt != nullptr ? tgt[fm_tgt_at(FM_TGT_KC, B, i)] : 0.0f;
     float acc = 0.0f;
     for (i64 j = threadIdx.x; j < C; j += blockDim.x) {
         i64 e = i * C + j;
@@ -110,7 +125,8 @@ extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, 
             continue;
         }
         float dz = g * (prob_dc[e] - (j == y ? 1.0f : 0.0f));
-        acc = fmaf(m.s * dz, tval[e], acc);
+        if (!p.normalize_features) acc = fmaf(m.s * dz, tval[e], acc);
+        if (j == y) acc = fmaf(dz, kc, acc);
         prob_dc[e] = r * dz * dt[e];
     }
     acc = fm_warp_sum(acc);
@@ -119,6 +135,7 @@ extern "C" __global__ void FM_ENTRY(naive_dlogits)(float* __restrict__ prob_dc, 
     if (threadIdx.x == 0) {
         float s = 0.0f;
         for (int k = 0; k < (int)(blockDim.x >> 5); ++k) s += red[k];
+        if (tgt != nullptr && g != 0.0f) s = fmaf(g, tgt[fm_tgt_at(FM_TGT_KG, B, i)], s);
         dn[i] = s;
     }
 }

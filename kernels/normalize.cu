@@ -25,12 +25,15 @@ extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ a, i6
 
 // The margin at the target, once per row, before any tile (docs/MATH.md step 4): with
 // c_iy = x_i . w_y / (max(|x_i|,eps) max(|w_y|,eps)) (the weight factor only with weight
-// normalization), tgt[2 row] = target(c_iy) and tgt[2 row + 1] = dtarget/dc. The tile kernels of
-// the forward and the backward read both through their row context (FmRow) and evaluate no margin
+// normalization), tgt[2 row] = target(c_iy) and tgt[2 row + 1] = dtarget/dc, and the row's
+// sections of the target record (common.cuh FM_TGT_*): CurricularFace's threshold, the target
+// cosine, MagFace's regularizer and norm-gradient coefficients. The tile kernels of the forward
+// and the backward read the record through their row context (FmRow) and evaluate no margin
 // maths per element: inlined at each of the 32 to 128 elements a thread holds, fm_target's
 // double acos/sin/cos made most of a tensor-core module's code and of its compile time. One warp
-// per row, f32 dot; rows past B are not written, rows whose label is not in 0..C get (0, 1),
-// never read. Forward and backward run this same pass, so both see the same target.
+// per row, f32 dot; rows past B are not written; rows whose label is not in 0..C get (0, 1) and
+// neutral sections, never read as a target. Forward and backward run this same pass, so both
+// see the same target. rowm: the per-row margins (fm_row_margin_given), or null.
 extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                                     const int* __restrict__ labels,
                                                     const float* __restrict__ xnorm,
@@ -40,9 +43,19 @@ extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, 
     i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= B) return;
+    // CurricularFace's t: 0 until kernels/state.cu writes the state out over it.
+    if (row == 0 && lane == 0) tgt[fm_tgt_t(B)] = 0.0f;
     const int y = labels[row];
     if (y < 0 || (i64)y >= C) {
-        if (lane == 0) { tgt[2 * row] = 0.0f; tgt[2 * row + 1] = 1.0f; }
+        if (lane == 0) {
+            tgt[2 * row] = 0.0f;
+            tgt[2 * row + 1] = 1.0f;
+            tgt[fm_tgt_at(FM_TGT_TAU, B, row)] = FM_POS_INF;
+            tgt[fm_tgt_at(FM_TGT_COSY, B, row)] = 0.0f;
+            tgt[fm_tgt_at(FM_TGT_REG, B, row)] = 0.0f;
+            tgt[fm_tgt_at(FM_TGT_KC, B, row)] = 0.0f;
+            tgt[fm_tgt_at(FM_TGT_KG, B, row)] = 0.0f;
+        }
         return;
     }
     const T_IN* xr = x + row * D;
@@ -53,10 +66,56 @@ extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, 
     if (lane == 0) {
         const float n = xnorm[row];
         const float c = acc * fm_inv_norm(n) * (p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f);
-        const FmTarget t = fm_target(p, fm_row_margin_given(p, row, n, rowm), (double)c);
+        const FmMargin m = fm_row_margin_given(p, row, n, rowm);
+        const FmTarget t = fm_target(p, m, (double)c);
         tgt[2 * row] = (float)t.value;
         tgt[2 * row + 1] = (float)t.deriv;
+        // CurricularFace (math::curricular_tau): tau = cos(m1 theta + m2) - m3 with the spec's
+        // margins, no overflow policy, no gradient; c - m3 without an angular margin.
+        float tau = FM_POS_INF;
+        if (p.variant == FM_VAR_CURRICULAR) {
+            if (p.m1 == 1.0f && p.m2 == 0.0f) {
+                tau = c - p.m3;
+            } else {
+                const double d = (double)p.clamp;
+                const double th = acos(fmin(fmax((double)c, -1.0 + d), 1.0 - d));
+                tau = (float)(cos((double)p.m1 * th + (double)p.m2) - (double)p.m3);
+            }
+        }
+        // MagFace (math::magface_row, magface_reg): row loss + lambda_g g(a), g(a) = a / u_a^2
+        // + 1 / a; inside the clamp the norm gradient g_i (r_i q dtarget/dm2 (p_iy - 1) +
+        // lambda_g g'(a)), g'(a) = 1 / u_a^2 - 1 / a^2 (fm_norm_coef, naive_dlogits).
+        float reg = 0.0f, kc = 0.0f, kg = 0.0f;
+        if (p.variant == FM_VAR_MAGFACE) {
+            const FmMag g = fm_magface_row(p, n);
+            const double ua = p.vp[1], lg = p.vp[4];
+            reg = (float)(lg * (g.a / (ua * ua) + 1.0 / g.a));
+            if (g.live) {
+                kc = (float)((double)fm_row_scale(p, m, n) * g.q * t.dm2);
+                kg = (float)(lg * (1.0 / (ua * ua) - 1.0 / (g.a * g.a)));
+            }
+        }
+        tgt[fm_tgt_at(FM_TGT_TAU, B, row)] = tau;
+        tgt[fm_tgt_at(FM_TGT_COSY, B, row)] = c;
+        tgt[fm_tgt_at(FM_TGT_REG, B, row)] = reg;
+        tgt[fm_tgt_at(FM_TGT_KC, B, row)] = kc;
+        tgt[fm_tgt_at(FM_TGT_KG, B, row)] = kg;
     }
+}
+
+// MagFace's norm gradient per row (the target record's KC and KG sections): coef_i =
+// g_i (kc_i (p_iy - 1) + kg_i), p_iy - 1 = expm1(-l_i) from the forward's l_i; fm_x_finish adds
+// coef_i xh_i to dx_i. Rows with g = 0 (ignored) get exact zeros. One thread per row.
+extern "C" __global__ void FM_ENTRY(fm_norm_coef)(const int* __restrict__ labels,
+                                                  const float* __restrict__ tgt,
+                                                  const float* __restrict__ g_rows, float g_scalar,
+                                                  i64 B, float* __restrict__ coef) {
+    i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= B) return;
+    const float g = fm_upstream(g_rows, g_scalar, row, labels[row]);
+    const float ce = tgt[fm_tgt_at(FM_TGT_CE, B, row)];
+    const float kc = tgt[fm_tgt_at(FM_TGT_KC, B, row)], kg = tgt[fm_tgt_at(FM_TGT_KG, B, row)];
+    coef[row] = g == 0.0f ? 0.0f : g * fmaf(kc, expm1f(-ce), kg);
 }
 
 // Fused plan, last step for x: dxh_i = sum over class splits (fixed order: deterministic) of the
@@ -67,7 +126,8 @@ template <typename OUT>
 __device__ __forceinline__ void fm_x_finish(const T_IN* __restrict__ x, const float* __restrict__ xnorm,
                                             const float* __restrict__ dxh_part,
                                             const float* __restrict__ proj_part,
-                                            const float* __restrict__ dn_part, int nsplit, i64 B, int D,
+                                            const float* __restrict__ dn_part,
+                                            const float* __restrict__ coef, int nsplit, i64 B, int D,
                                             FmParams p, OUT* __restrict__ dx) {
     i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= B * D) return;
@@ -83,6 +143,7 @@ __device__ __forceinline__ void fm_x_finish(const T_IN* __restrict__ x, const fl
     float xh = fm_to_f32(x[e]) * inv;
     float g = (dxh - xh * fm_norm_proj(n, proj)) * inv;
     if (!p.normalize_features) g += dn * xh;
+    if (coef != nullptr) g += coef[row] * xh;   // MagFace: through m2_i and g(a_i) (fm_norm_coef)
     // A row whose norm is not finite (NaN or Inf in it) has xh . dxh = NaN in the normalization
     // backward, so its whole dx row is NaN, as in PyTorch and the CPU reference; proj computed as
     // sum dc c is 0 for an ignored row and would hide that.
@@ -91,15 +152,16 @@ __device__ __forceinline__ void fm_x_finish(const T_IN* __restrict__ x, const fl
 }
 
 extern "C" __global__ void FM_ENTRY(fm_x_finish)(const T_IN* x, const float* xnorm, const float* dxh_part,
-                                                 const float* proj_part, const float* dn_part, int nsplit,
-                                                 i64 B, int D, FmParams p, T_IN* dx) {
-    fm_x_finish<T_IN>(x, xnorm, dxh_part, proj_part, dn_part, nsplit, B, D, p, dx);
+                                                 const float* proj_part, const float* dn_part,
+                                                 const float* coef, int nsplit, i64 B, int D, FmParams p,
+                                                 T_IN* dx) {
+    fm_x_finish<T_IN>(x, xnorm, dxh_part, proj_part, dn_part, coef, nsplit, B, D, p, dx);
 }
 extern "C" __global__ void FM_ENTRY_F32OUT(fm_x_finish)(const T_IN* x, const float* xnorm,
                                                         const float* dxh_part, const float* proj_part,
-                                                        const float* dn_part, int nsplit, i64 B, int D,
-                                                        FmParams p, float* dx) {
-    fm_x_finish<float>(x, xnorm, dxh_part, proj_part, dn_part, nsplit, B, D, p, dx);
+                                                        const float* dn_part, const float* coef,
+                                                        int nsplit, i64 B, int D, FmParams p, float* dx) {
+    fm_x_finish<float>(x, xnorm, dxh_part, proj_part, dn_part, coef, nsplit, B, D, p, dx);
 }
 
 #if FM_DTYPE != FM_F32

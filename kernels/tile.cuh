@@ -63,8 +63,9 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
 
 // What one element of the tile contributes, from its raw dot product (docs/MATH.md steps 2-5):
 // c = dot / (max(|x_i|,eps) * max(|w_j|,eps)) (the weight factor only with weight normalization),
-// t = target(c) at the label, else c; z = r_i * t; dt = dtarget/dc (1 off the label). At the
-// label t and dt are the row's (FmRow.tt, .tdt: fm_target_rows), so no margin maths runs here.
+// t = target(c) at the label, else c (CurricularFace's hard negatives: c (t + c)); z = r_i * t;
+// dt = dt/dc (1 off the label). At the label t and dt are the row's (FmRow.tt, .tdt:
+// fm_target_rows), so no margin maths runs here.
 struct FmElem { float c, t, z, dt; };
 
 // Per-row context of the forward and the backward: label, 1/max(|x_i|,eps), the row's margins
@@ -72,7 +73,9 @@ struct FmElem { float c, t, z, dt; };
 // fm_target_rows), and in the backward the saved lse_i and upstream g_i. Rows past B: label -1
 // and zeros (never written, never counted).
 // In the backward also l_i, the row's cross-entropy from fm_combine_rows (tgt[2 B + row]).
-struct FmRow { int label; float inv_x, r, lse, g, tt, tdt, ce; FmMargin m; };
+// CurricularFace's threshold tau_i and t (fm_tgt_tau, fm_tgt_t): +inf and 0 for every other loss,
+// so `c > tau` never holds there.
+struct FmRow { int label; float inv_x, r, lse, g, tt, tdt, ce, tau, ct; FmMargin m; };
 
 __device__ __forceinline__ FmRow fm_row_ctx(const FmParams& p, i64 row, i64 B, const int* labels,
                                             const float* xnorm, const float* tgt) {
@@ -88,8 +91,11 @@ __device__ __forceinline__ FmRow fm_row_ctx(const FmParams& p, i64 row, i64 B, c
         R.r = fm_row_scale(p, R.m, n);
         R.tt = tgt[2 * row];
         R.tdt = tgt[2 * row + 1];
+        R.tau = tgt[fm_tgt_at(FM_TGT_TAU, B, row)];
+        R.ct = tgt[fm_tgt_t(B)];
     } else {
         R.label = -1; R.inv_x = 0.0f; R.r = 0.0f; R.tt = 0.0f; R.tdt = 1.0f;
+        R.tau = FM_POS_INF; R.ct = 0.0f;
         R.m = fm_row_margin(p, row, 0.0f);
     }
     return R;
@@ -101,7 +107,7 @@ __device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, 
     FmRow R = fm_row_ctx(p, row, B, labels, xnorm, tgt);
     if (row < B) {
         R.lse = lse[row];
-        R.ce = tgt[2 * B + row];
+        R.ce = tgt[fm_tgt_at(FM_TGT_CE, B, row)];
         R.g = fm_upstream(g_rows, g_scalar, row, R.label);
     }
     return R;
@@ -114,6 +120,10 @@ __device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, flo
     if (is_target) {
         e.t = R.tt;
         e.dt = R.tdt;
+    } else if (e.c > R.tau) {
+        // CurricularFace's hard negative (c_ij > tau_i): c (t + c), derivative t + 2c.
+        e.t = e.c * (R.ct + e.c);
+        e.dt = fmaf(2.0f, e.c, R.ct);
     } else {
         e.t = e.c;
         e.dt = 1.0f;

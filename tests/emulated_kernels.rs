@@ -9,7 +9,7 @@
 //! passes, and `FUSED_MARGIN_REQUIRE_EMU=1` (set by .ci/run) turns that into a failure.
 use fused_margin::cuda::plan;
 use fused_margin::{cpu, cuda, DType, Element, GradientMode, MarginLoss, OverflowPolicy};
-use fused_margin::{ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, RowInputs};
+use fused_margin::{ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, RowInputs};
 use fused_margin::{Reduction, Shape, Upstream};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -195,15 +195,20 @@ struct Case {
     /// ElasticFace's generator (with an ElasticFace spec): the per-row margins the host draws and
     /// binds as [`plan::Buf::RowMargins`], as the handle does.
     elastic: Option<ElasticRng>,
+    /// The loss's state in (AdaFace, CurricularFace), bound as [`plan::Buf::StateIn`].
+    state: Option<LossState>,
+    /// Feature rows rescaled to norms spread over 4..124 (MagFace's clamp 10..110 and AdaFace's
+    /// statistics need norms of that size; either side of MagFace's clamp is covered).
+    norm_spread: bool,
     seed: u64,
 }
 
 impl Case {
-    /// The per-row inputs of the case (ElasticFace's seeded margins, else none).
+    /// The per-row inputs of the case: ElasticFace's seeded margins, the state in.
     fn row_inputs(&self) -> RowInputs<'static> {
-        match self.elastic {
-            Some(rng) => RowInputs::with_margins(ElasticMargins::Seeded(rng)),
-            None => RowInputs::default(),
+        RowInputs {
+            state: self.state,
+            margins: self.elastic.map(ElasticMargins::Seeded),
         }
     }
 }
@@ -220,6 +225,8 @@ struct Outputs {
     tensor_cores: (bool, bool),
     /// Whether the forward ran on wgmma.
     wgmma: bool,
+    /// The state out the forward wrote ([`plan::state_of`]), for the losses with state.
+    state: Option<LossState>,
 }
 
 fn floats(bytes: &[u8]) -> Vec<f64> {
@@ -611,6 +618,15 @@ fn run<T: Element + Bits>(
     if let Some(id) = rmid {
         fids.insert(Buf::RowMargins, id);
     }
+    // The state in, as the handle copies it (f64 bit patterns in i64).
+    if let Some(st) = plan::state_in(&case.spec, &case.row_inputs(), b).unwrap() {
+        let id = job.buffer(
+            8,
+            st.len(),
+            BufInit::Data(st.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        );
+        fids.insert(Buf::StateIn, id);
+    }
     // One arena for both plans, as large as the larger needs, poisoned once (as a handle's is
     // when it poisons): the backward's workspaces reuse the forward's memory.
     let (fl, fo) = fwd.arena_layout(&plan::FORWARD_OUTPUTS);
@@ -638,6 +654,10 @@ fn run<T: Element + Bits>(
     if let Some(id) = rmid {
         bids.insert(Buf::RowMargins, id);
     }
+    // The device's margins (AdaFace, ElasticFace+), which the naive backward reads again.
+    if let Some(&m) = fids.get(&Buf::DevMargins) {
+        bids.insert(Buf::DevMargins, m);
+    }
     // The fused forward's target record, which its backward reads (the naive plan has none).
     if let Some(&t) = fids.get(&Buf::Target) {
         bids.insert(Buf::Target, t);
@@ -661,6 +681,10 @@ fn run<T: Element + Bits>(
     if case.device_labels {
         outs.extend([fids[&Buf::Status], bids[&Buf::Status]]);
     }
+    let state_len = fwd.spec_of(Buf::StateOut).map_or(0, |s| s.len);
+    if state_len > 0 {
+        outs.push(fids[&Buf::StateOut]);
+    }
     let tag = format!("{}_{}", case.seed, T::DTYPE.suffix());
     let out = run_job(exe, &job, &outs, &tag, case.schedule, case.fault);
     let gsize = if case.grad16 { esize as usize } else { 4 };
@@ -669,7 +693,7 @@ fn run<T: Element + Bits>(
     let status_len = if case.device_labels { 12 } else { 0 };
     assert_eq!(
         out.len(),
-        4 * n + gsize * ng + 8 * status_len,
+        4 * n + gsize * ng + 8 * (status_len + state_len),
         "emulator output size"
     );
     let f = floats(&out[..4 * n]);
@@ -681,12 +705,14 @@ fn run<T: Element + Bits>(
     } else {
         floats(&out[4 * n..4 * n + 4 * ng])
     };
-    let status = out[4 * n + gsize * ng..]
+    let tail: Vec<i64> = out[4 * n + gsize * ng..]
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
         .collect();
+    let (status, state_bits) = tail.split_at(status_len);
     Outputs {
-        status,
+        status: status.to_vec(),
+        state: plan::state_of(&case.spec, state_bits),
         tensor_cores: (fwd.tensor_cores, bwd.tensor_cores),
         wgmma: fwd.wgmma,
         loss: f[0],
@@ -824,6 +850,9 @@ fn check<T: Element + Bits>(case: &Case) {
     if !case.spec.normalize_weights {
         inp.w.iter_mut().for_each(|v| *v *= 0.25); // moderate raw logits, as gpu_vs_cpu does
     }
+    if case.norm_spread {
+        spread_norms(&mut inp.x, case.shape);
+    }
     if case.labels_at_ends {
         for (i, l) in inp.labels.iter_mut().enumerate() {
             if *l >= 0 {
@@ -900,6 +929,37 @@ fn check<T: Element + Bits>(case: &Case) {
         ex <= gbar + a_dx && ew <= gbar + a_dw,
         "{what}: dx rel {ex:e}, dw rel {ew:e} (bar {gbar:e}, allowances {a_dx:e}, {a_dw:e})"
     );
+    // The state out: the reference's, to the loss bar (f32 norms and cosines summed in f64).
+    let pairs = match (out.state, reference.state) {
+        (None, None) => vec![],
+        (Some(LossState::AdaFace { mean, std }), Some(LossState::AdaFace { mean: m, std: s })) => {
+            vec![(mean, m), (std, s)]
+        }
+        (Some(LossState::CurricularFace { t }), Some(LossState::CurricularFace { t: r })) => {
+            vec![(t, r)]
+        }
+        (o, r) => panic!("{what}: state out {o:?}, reference {r:?}"),
+    };
+    for (o, r) in pairs {
+        assert!(
+            (o - r).abs() <= lbar * r.abs().max(1e-3),
+            "{what}: state out {o} vs {r}"
+        );
+    }
+}
+
+/// Rescales feature row i to norm 4 + 120 ((7 i) mod B) / B: norms from 4 to 124 in a scrambled
+/// order, so MagFace's clamp (10..110) is crossed on both sides and AdaFace's z spreads.
+fn spread_norms(x: &mut [f64], shape: Shape) {
+    let (b, d) = (shape.b, shape.d);
+    for i in 0..b {
+        let row = &mut x[i * d..(i + 1) * d];
+        let n = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+        if n > 0.0 {
+            let target = 4.0 + 120.0 * ((7 * i) % b) as f64 / b as f64;
+            row.iter_mut().for_each(|v| *v *= target / n);
+        }
+    }
 }
 
 fn case(
@@ -930,6 +990,8 @@ fn case(
         grad16: false,
         fault: None,
         elastic: None,
+        state: None,
+        norm_spread: false,
         seed,
     }
 }
@@ -1027,6 +1089,96 @@ fn elastic_face_per_row_margins_on_every_path() {
                 c.acos() + m[2 * i] as f64 > std::f64::consts::PI
             });
             assert!(crossing, "no row passes pi - m_i");
+        }
+        check::<f32>(&c(false, (37, 20, 70)));
+        check::<bf16>(&c(true, (45, 40, 131)));
+        check::<f16>(&c(true, (33, 48, 97)));
+        check::<bf16>(&Case {
+            wgmma: true,
+            ..c(true, (40, 64, 200))
+        });
+        check::<f32>(&Case {
+            naive: true,
+            ..c(false, (21, 12, 30))
+        });
+    }
+}
+
+/// The losses whose rows' margins, thresholds or state the device computes (docs/MATH.md
+/// "Losses with per-row or batch state"): AdaFace (batch norm statistics, its margins and the
+/// Clip policy), CurricularFace (t from the target cosines, hard negatives in every tile
+/// epilogue and in the backward), MagFace (margins from the norm, the regularizer and the norm
+/// gradient), ElasticFace+ (Rank and Published: the drawn margins reordered by target cosine).
+/// Each on SIMT (f32), tensor cores forward and backward (bf16, f16), wgmma (bf16) and the naive
+/// plan (f32), with the state out checked against the reference's.
+#[test]
+fn losses_with_state_on_every_path() {
+    let rng = ElasticRng {
+        seed: 9,
+        step: 3,
+        row_offset: 40,
+    };
+    let cases: [(MarginLoss, Option<LossState>, bool); 6] = [
+        (
+            MarginLoss::adaface(),
+            Some(LossState::AdaFace {
+                mean: 40.0,
+                std: 30.0,
+            }),
+            false,
+        ),
+        // Fallback and the full gradient of the sum: AdaFace's true clamp past pi - m2_i.
+        (
+            MarginLoss::adaface()
+                .policy(OverflowPolicy::Fallback)
+                .reduction(Reduction::Sum),
+            Some(LossState::ADAFACE_INIT),
+            false,
+        ),
+        (
+            MarginLoss::curricularface(),
+            Some(LossState::CurricularFace { t: 0.3 }),
+            false,
+        ),
+        (
+            MarginLoss::magface().reduction(Reduction::None),
+            None,
+            false,
+        ),
+        (
+            MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
+            None,
+            true,
+        ),
+        (
+            MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::Published),
+            None,
+            true,
+        ),
+    ];
+    for (k, (spec, state, elastic)) in cases.into_iter().enumerate() {
+        let seed = 2600 + 10 * k as u64;
+        let c = |tc, shape| Case {
+            elastic: elastic.then_some(rng),
+            state,
+            norm_spread: true,
+            ..case(spec, shape, tc, (1, 2), seed)
+        };
+        if let fused_margin::Variant::CurricularFace(_) = spec.variant {
+            // Hard negatives must occur, or the tiles' modulation goes unchecked.
+            let shape = Shape::new(37, 20, 70);
+            let mut inp = margin_inputs(shape, seed);
+            spread_norms(&mut inp.x, shape);
+            let f = cpu::forward_with(
+                &spec,
+                &inp.x,
+                &inp.w,
+                &inp.labels,
+                shape,
+                &c(false, (37, 20, 70)).row_inputs(),
+            )
+            .unwrap();
+            assert!(f.rows.hard.iter().sum::<usize>() > 0, "no hard negative");
         }
         check::<f32>(&c(false, (37, 20, 70)));
         check::<bf16>(&c(true, (45, 40, 131)));

@@ -622,13 +622,13 @@ fn argument_struct_layouts() {
         let i = l.fields.iter().position(|f| f.name == name).unwrap();
         l.offsets().0[i]
     };
-    // 9 pointers, then FmParams (48 bytes), then B at 120.
-    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (72, 120));
-    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (152, 192));
-    // 13 pointers, FmParams, B, C, then g_scalar at 168.
+    // 9 pointers, then FmParams (80 bytes), then B at 152.
+    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (72, 152));
+    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (184, 224));
+    // 13 pointers, FmParams, B, C, then g_scalar at 200.
     assert_eq!(
         (at(&GRAD_ARGS, "p"), at(&GRAD_ARGS, "g_scalar")),
-        (104, 168)
+        (104, 200)
     );
 }
 

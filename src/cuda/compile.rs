@@ -27,7 +27,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 21] = [
+pub const ENTRY_POINTS: [&str; 25] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -36,6 +36,10 @@ pub const ENTRY_POINTS: [&str; 21] = [
     "fm_combine_rows",
     "fm_reduce_loss",
     "fm_label_status",
+    "fm_norm_coef",
+    "fm_adaface_state",
+    "fm_curricular_state",
+    "fm_elastic_plus",
     "fm_grad_x_partial",
     "fm_x_finish",
     "fm_x_finish_f32out",
@@ -162,10 +166,19 @@ impl Unit {
         let k = base.strip_suffix("_f32out").unwrap_or(base);
         let f32out = k.len() < base.len();
         Some(match k {
-            "fm_fill_u32" | "fm_fill_u16" | "fm_row_norms" | "fm_target_rows" | "fm_x_finish"
-            | "fm_combine_rows" | "fm_reduce_loss" | "fm_label_status" | "fm_grad_scale" => {
-                Unit::Core
-            }
+            "fm_fill_u32"
+            | "fm_fill_u16"
+            | "fm_row_norms"
+            | "fm_target_rows"
+            | "fm_x_finish"
+            | "fm_combine_rows"
+            | "fm_reduce_loss"
+            | "fm_label_status"
+            | "fm_grad_scale"
+            | "fm_norm_coef"
+            | "fm_adaface_state"
+            | "fm_curricular_state"
+            | "fm_elastic_plus" => Unit::Core,
             "fm_fwd_tiles" => Unit::FwdSimt,
             "fm_fwd_tiles_tc" | "fm_fwd_tiles_tf32" => Unit::FwdTc,
             "fm_fwd_tiles_tc_wide" | "fm_fwd_tiles_tf32_wide" => Unit::FwdTcWide,

@@ -30,6 +30,8 @@ pub(crate) struct Bound<'a, T> {
     /// The forward's saved f32 buffers ([`Buf::XNorm`], [`Buf::WNorm`], [`Buf::Lse`]).
     pub saved: Vec<(Buf, &'a CudaSlice<f32>)>,
     pub prev_status: Option<&'a CudaSlice<i64>>,
+    /// The caller's state in ([`Buf::StateIn`]: f64 bit patterns).
+    pub state_in: Option<&'a CudaSlice<i64>>,
 }
 
 /// An output view the plan's buffer of that role is bound to instead of being allocated: the
@@ -146,6 +148,13 @@ impl<O> Kept<'_, O> {
     pub(crate) fn f32_if_any(&mut self, buf: Buf) -> Option<CudaSlice<f32>> {
         match self.0.remove(&buf) {
             Some(Owned::F32(s)) => Some(s),
+            _ => None,
+        }
+    }
+    /// An i64 `buf` if the plan made it (a loss's state out).
+    pub(crate) fn i64_if_any(&mut self, buf: Buf) -> Option<CudaSlice<i64>> {
+        match self.0.remove(&buf) {
+            Some(Owned::I64(s)) => Some(s),
             _ => None,
         }
     }
@@ -464,6 +473,10 @@ fn bound_ptr<'a, T: CudaElement>(
             None => return Err(unbound(b, entry)),
         },
         Buf::PrevStatus => match bound.prev_status {
+            Some(s) => s.device_ptr(stream),
+            None => return Err(unbound(b, entry)),
+        },
+        Buf::StateIn => match bound.state_in {
             Some(s) => s.device_ptr(stream),
             None => return Err(unbound(b, entry)),
         },

@@ -690,6 +690,15 @@ impl FusedMarginLoss {
             ),
             None => None,
         };
+        // The state in (16 bytes at most), as f64 bit patterns.
+        let state_in = match plan::state_in(spec, inputs, shape.b)? {
+            Some(v) => Some(
+                self.stream
+                    .clone_htod(&v)
+                    .map_err(|e| cuda_err("copy the state in", e))?,
+            ),
+            None => None,
+        };
         let bound = exec::Bound {
             x,
             w,
@@ -700,6 +709,7 @@ impl FusedMarginLoss {
                 None => Vec::new(),
             },
             prev_status: None,
+            state_in: state_in.as_ref(),
         };
         // The outputs without a caller's view go to buffers of this crate's, kept by the result.
         let mut own_loss = match out.loss {
@@ -734,6 +744,8 @@ impl FusedMarginLoss {
             kept.f32(Buf::WNorm)?,
         );
         let target = kept.f32_if_any(Buf::Target);
+        let dev_margins = kept.f32_if_any(Buf::DevMargins);
+        let state_out = kept.i64_if_any(Buf::StateOut);
         // Lets go of the views into own_loss and own_rows.
         drop(kept);
         Ok(GpuSaved {
@@ -742,6 +754,8 @@ impl FusedMarginLoss {
             w_norm,
             target,
             row_margins,
+            dev_margins,
+            state_out,
             loss: own_loss,
             row_loss: own_rows,
             workspace_bytes: lp.workspace_bytes,
@@ -1017,12 +1031,16 @@ impl FusedMarginLoss {
                 if let Some(m) = &fwd.row_margins {
                     saved.push((Buf::RowMargins, m));
                 }
+                if let Some(m) = &fwd.dev_margins {
+                    saved.push((Buf::DevMargins, m));
+                }
                 saved
             },
             prev_status: match &fwd.labels {
                 LabelState::Device(status) => Some(status),
                 LabelState::Host { .. } => None,
             },
+            state_in: None,
         };
         let views = vec![
             (Buf::Dx, exec::Out::Grad(out.dx)),

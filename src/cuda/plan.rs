@@ -13,13 +13,13 @@
 //! choices are unit-tested for device kinds this machine does not have.
 
 use super::args::{self, GradArgs, Layout, Packed, TileArgs};
-use super::params::FmParams;
+use super::params::{FmParams, VariantCode};
 use super::LabelCheck;
 use super::Plan;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{MarginLoss, Shape};
-use crate::variant::{ElasticPlus, RowInputs, Variant};
+use crate::variant::{LossState, RowInputs, Variant};
 
 /// What the builder needs to know of the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,14 +133,29 @@ pub enum Buf {
     PartS,
     /// The target logit per row, B f32.
     Zy,
-    /// The margin at the target per row: (target(c_iy), dtarget/dc) interleaved, 2 B f32
-    /// (`fm_target_rows`, read by every tile kernel; forward output, given to the fused
-    /// backward).
+    /// The target record, [`target_len`] f32: per row (target(c_iy), dtarget/dc) interleaved,
+    /// then sections of B floats (the cross-entropy, CurricularFace's threshold, the target
+    /// cosine, MagFace's regularizer and norm-gradient coefficients) and CurricularFace's `t`
+    /// (kernels/common.cuh `FM_TGT_*`; `fm_target_rows`, read by every tile kernel; forward
+    /// output, given to the backward).
     Target,
     /// The tensor-core backward's power-of-two scale K, 1 f32.
     Scale,
-    /// The caller's per-row margins `(m2_i, m3_i)`, 2 B f32 (given: ElasticFace's).
+    /// The caller's per-row margins `(m2_i, m3_i)`, 2 B f32 (given: ElasticFace's, as drawn).
     RowMargins,
+    /// The per-row margins `(m2_i, m3_i)` the device computes, 2 B f32: AdaFace's from the
+    /// batch statistics, ElasticFace+'s reordering of [`Buf::RowMargins`] (forward output, given
+    /// to the naive backward).
+    DevMargins,
+    /// The caller's state in, as f64 bit patterns in i64 (AdaFace `(mean, std)`,
+    /// CurricularFace `(t)`; given).
+    StateIn,
+    /// The state out, as [`Buf::StateIn`] (forward output).
+    StateOut,
+    /// ElasticFace+'s scratch of the reordering, 2 B f32.
+    PlusScratch,
+    /// MagFace's norm-gradient coefficient per row, B f32 (`fm_norm_coef`).
+    NormCoef,
     /// dx partials per class split, nsplit x B x D f32.
     DxhPart,
     /// Projection partials per class split, nsplit x B f32.
@@ -316,7 +331,7 @@ pub struct LaunchPlan {
 }
 
 /// The buffers a forward's result keeps (the rest are workspaces).
-pub const FORWARD_OUTPUTS: [Buf; 7] = [
+pub const FORWARD_OUTPUTS: [Buf; 9] = [
     Buf::Loss,
     Buf::RowLoss,
     Buf::Lse,
@@ -324,7 +339,14 @@ pub const FORWARD_OUTPUTS: [Buf; 7] = [
     Buf::WNorm,
     Buf::Target,
     Buf::Status,
+    Buf::DevMargins,
+    Buf::StateOut,
 ];
+
+/// Floats of the target record of `b` rows ([`Buf::Target`]): 8 sections of B and one float.
+pub fn target_len(b: usize) -> usize {
+    g::TARGET_SECTIONS * b + 1
+}
 
 /// The buffers a backward's result keeps.
 pub const BACKWARD_OUTPUTS: [Buf; 3] = [Buf::Dx, Buf::Dw, Buf::Status];
@@ -667,7 +689,6 @@ fn row_norms(bd: &mut Builder, shape: Shape) -> Result<()> {
 /// without cancellation, for the backward's target entry `expm1(-l_i)`).
 fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape, rowm: Arg) -> Result<()> {
     let (b, d) = (shape.b, i32_of(shape.d, "D")?);
-    bd.alloc(Buf::Target, Elem::F32, 3 * b);
     bd.launch(
         "fm_target_rows",
         grid_1d(b as u64 * 32, THREADS)?,
@@ -688,6 +709,117 @@ fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape, rowm: Arg) -> Result
         ],
     );
     Ok(())
+}
+
+/// What the losses with per-row or batch state need of a plan, from the kernels' parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RowNeeds {
+    /// f64 values of the state (AdaFace 2, CurricularFace 1, else 0).
+    state: usize,
+    /// The device computes the per-row margins ([`Buf::DevMargins`]: AdaFace, ElasticFace+).
+    dev_margins: bool,
+    /// The naive plan reads the target record (CurricularFace's thresholds and `t`, MagFace's
+    /// regularizer and coefficients, the cosines ElasticFace+ orders by).
+    naive_record: bool,
+    /// MagFace's norm gradient ([`Buf::NormCoef`]).
+    norm_coef: bool,
+}
+
+fn row_needs(p: &FmParams) -> RowNeeds {
+    let v = p.variant;
+    let plus = v == VariantCode::ElasticFace as i32 && p.vp[1] != 0.0;
+    let ada = v == VariantCode::AdaFace as i32;
+    let curr = v == VariantCode::CurricularFace as i32;
+    let mag = v == VariantCode::MagFace as i32;
+    RowNeeds {
+        state: if ada { 2 } else { curr as usize },
+        dev_margins: ada || plus,
+        naive_record: curr || mag || plus,
+        norm_coef: mag,
+    }
+}
+
+/// The per-row steps of a forward, after the row norms (docs/MATH.md "Losses with per-row or
+/// batch state"): AdaFace's batch statistics and margins before the targets
+/// (`fm_adaface_state`), the target record (`fm_target_rows`), then CurricularFace's `t` from
+/// the counted rows' target cosines (`fm_curricular_state`, written over the record's `t`) or
+/// ElasticFace+'s reordering of the drawn margins by them (`fm_elastic_plus`) and the targets
+/// again with the reordered margins. One block each for the batch steps (fixed order). Returns
+/// the margins argument the target was formed with.
+fn row_steps(bd: &mut Builder, p: FmParams, shape: Shape, given: bool) -> Result<Arg> {
+    let b = shape.b;
+    let needs = row_needs(&p);
+    let mut rowm = row_margins_arg(given);
+    bd.alloc(Buf::Target, Elem::F32, target_len(b));
+    if needs.state > 0 {
+        bd.alloc(Buf::StateOut, Elem::I64, needs.state);
+    }
+    if needs.dev_margins {
+        bd.alloc(Buf::DevMargins, Elem::F32, 2 * b);
+    }
+    if p.variant == VariantCode::AdaFace as i32 {
+        bd.launch(
+            "fm_adaface_state",
+            [1, 1, 1],
+            1024,
+            0,
+            vec![
+                Read(Buf::Labels),
+                Read(Buf::XNorm),
+                I64(b as i64),
+                Read(Buf::StateIn),
+                Params(p),
+                Write(Buf::StateOut),
+                Write(Buf::DevMargins),
+            ],
+        );
+        rowm = Read(Buf::DevMargins);
+    }
+    target_rows(bd, p, shape, rowm)?;
+    if p.variant == VariantCode::CurricularFace as i32 {
+        bd.launch(
+            "fm_curricular_state",
+            [1, 1, 1],
+            1024,
+            0,
+            vec![
+                Read(Buf::Labels),
+                I64(b as i64),
+                Read(Buf::StateIn),
+                Params(p),
+                Write(Buf::StateOut),
+                Write(Buf::Target),
+            ],
+        );
+    }
+    if needs.dev_margins && p.variant == VariantCode::ElasticFace as i32 {
+        if !given {
+            return Err(Error::InvalidArgument {
+                what: "row inputs",
+                detail: "ElasticFace+ reorders the margins the caller gives (or the host draws)"
+                    .into(),
+            });
+        }
+        bd.alloc(Buf::PlusScratch, Elem::F32, 2 * b);
+        bd.launch(
+            "fm_elastic_plus",
+            [1, 1, 1],
+            1024,
+            0,
+            vec![
+                Read(Buf::Labels),
+                I64(b as i64),
+                Read(Buf::Target),
+                Read(Buf::RowMargins),
+                Params(p),
+                Write(Buf::PlusScratch),
+                Write(Buf::DevMargins),
+            ],
+        );
+        rowm = Read(Buf::DevMargins);
+        target_rows(bd, p, shape, rowm)?;
+    }
+    Ok(rowm)
 }
 
 /// The reduction of per-row losses into the loss (one block, fixed order). Under
@@ -727,10 +859,11 @@ fn tc_shape_ok(dtype: DType, d: usize, aligned: bool) -> bool {
     aligned && d % vec == 0
 }
 
-/// The per-row margins `(m2_i, m3_i)` this call's loss reads on the device, on the host
-/// (None: the spec's margins on every row): the buffer [`Buf::RowMargins`] a plan with
-/// `row_margins` reads, 2 B f32, computed by the host as input data (the handle and the emulated
-/// tests bind the same values). Errors as [`Variant::check_inputs`].
+/// The per-row margins `(m2_i, m3_i)` the host gives this call's loss (None: none given): the
+/// buffer [`Buf::RowMargins`] a plan with `row_margins` reads, 2 B f32, computed by the host as
+/// input data (the handle and the emulated tests bind the same values): ElasticFace's drawn or
+/// given margins, before ElasticFace+'s reordering (which the device does, by the target
+/// cosines it computes). Errors as [`Variant::check_inputs`].
 pub fn row_margins(
     spec: &MarginLoss,
     inputs: &RowInputs<'_>,
@@ -738,7 +871,7 @@ pub fn row_margins(
 ) -> Result<Option<Vec<f32>>> {
     spec.variant.check_inputs(inputs, b)?;
     match (spec.variant, inputs.margins) {
-        (Variant::ElasticFace(e), Some(m)) if e.plus == ElasticPlus::None => {
+        (Variant::ElasticFace(e), Some(m)) => {
             let drawn = crate::math::elastic_draw(&e, &m, b);
             Ok(Some(
                 drawn
@@ -754,26 +887,43 @@ pub fn row_margins(
     }
 }
 
-/// [`Error::Unsupported`] for a loss the GPU plans do not run yet. ElasticFace without the Plus
-/// reordering runs (its margins are inputs, [`row_margins`]); Plus needs the order of the target
-/// cosines, and the other losses with state their statistics, on the device.
-pub fn check_gpu_variant(spec: &MarginLoss) -> Result<()> {
-    // No kernel has AdaFace's clip (FmParams' policy codes stop at Easy): refused by name, so
-    // admitting a variant can never run it as another policy.
-    if spec.effective_policy() == crate::spec::OverflowPolicy::Clip {
-        return Err(Error::Unsupported {
-            detail: "the Clip policy (AdaFace's angle clip) runs on the CPU reference only".into(),
-        });
-    }
+/// The state in of this call's loss as the plans bind it ([`Buf::StateIn`]): f64 bit patterns,
+/// AdaFace `(mean, std)`, CurricularFace `(t)`; `None` for the losses without state. Errors as
+/// [`Variant::check_inputs`].
+pub fn state_in(spec: &MarginLoss, inputs: &RowInputs<'_>, b: usize) -> Result<Option<Vec<i64>>> {
+    spec.variant.check_inputs(inputs, b)?;
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits() as i64).collect::<Vec<i64>>();
+    Ok(match inputs.state {
+        Some(LossState::AdaFace { mean, std }) => Some(bits(&[mean, std])),
+        Some(LossState::CurricularFace { t }) => Some(bits(&[t])),
+        None => None,
+    })
+}
+
+/// The state out a forward of `spec` wrote ([`Buf::StateOut`], as [`state_in`] lays it out).
+pub fn state_of(spec: &MarginLoss, out: &[i64]) -> Option<LossState> {
+    let f = |k: usize| out.get(k).map(|&v| f64::from_bits(v as u64));
     match spec.variant {
-        Variant::ElasticFace(e) if e.plus == ElasticPlus::None => Ok(()),
-        Variant::ElasticFace(_) => Err(Error::Unsupported {
-            detail: "ElasticFace+ (the Plus reordering by target cosine) runs on the CPU \
-                     reference (fused_margin::cpu) only; the GPU plans take ElasticFace with \
-                     ElasticPlus::None"
+        Variant::AdaFace(_) => Some(LossState::AdaFace {
+            mean: f(0)?,
+            std: f(1)?,
+        }),
+        Variant::CurricularFace(_) => Some(LossState::CurricularFace { t: f(0)? }),
+        _ => None,
+    }
+}
+
+/// [`Error::Unsupported`] for a loss the GPU plans do not run yet: sub-center ArcFace (its max
+/// over K sub-centers in the tile epilogues is not built). Every other loss with state runs on
+/// every plan.
+pub fn check_gpu_variant(spec: &MarginLoss) -> Result<()> {
+    match spec.variant {
+        Variant::SubCenter { .. } => Err(Error::Unsupported {
+            detail: "sub-center ArcFace runs on the CPU reference (fused_margin::cpu) only; \
+                     the GPU plans do not have its max over sub-centers yet"
                 .into(),
         }),
-        _ => spec.check_fixed_margin("the GPU plans"),
+        _ => Ok(()),
     }
 }
 
@@ -794,8 +944,7 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
     match ch.plan {
         Plan::Fused => fused_forward(bd, dev, ch, pr),
         Plan::Naive => {
-            let rowm = row_margins_arg(pr.row_margins);
-            let bytes = naive_materialize(&mut bd, dev, pr.params, shape, rowm)?;
+            let bytes = naive_materialize(&mut bd, dev, pr.params, shape, true, pr.row_margins)?;
             reduce_loss(&mut bd, shape, pr.mean, ch.label_check);
             Ok(bd.finish(bytes, false, false))
         }
@@ -822,12 +971,7 @@ fn fused_forward(
     let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
     let di = i32_of(d, "D")?;
     row_norms(&mut bd, pr.shape)?;
-    target_rows(
-        &mut bd,
-        pr.params,
-        pr.shape,
-        row_margins_arg(pr.row_margins),
-    )?;
+    row_steps(&mut bd, pr.params, pr.shape, pr.row_margins)?;
 
     // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are legal;
     // f32 takes the TF32 variant of the same kernel when opted in. Each tile shape needs its
@@ -854,7 +998,13 @@ fn fused_forward(
     bd.alloc(Buf::PartM, Elem::F32, b * sp.nsplit);
     bd.alloc(Buf::PartS, Elem::F32, b * sp.nsplit);
     bd.alloc(Buf::Zy, Elem::F32, b);
-    let workspace_bytes = 4 * (2 * b * sp.nsplit + b);
+    // ElasticFace+'s reordering scratch (2 B floats) with the partials and zy.
+    let plus_scratch = if row_needs(&pr.params).dev_margins && pr.row_margins {
+        2 * b
+    } else {
+        0
+    };
+    let workspace_bytes = 4 * (2 * b * sp.nsplit + b + plus_scratch);
     let tps = i32_of(sp.tiles_per_split, "tiles per split")?;
     let ns = i32_of(sp.nsplit, "class splits")?;
     // All six tile kernels take FmTileArgs. Grid (row_tiles, nsplit) over tiles of `tile`:
@@ -1089,7 +1239,8 @@ fn fused_backward(
     let ns = i32_of(sp.nsplit, "class splits")?;
     // The target record is the forward's (Buf::Target, given): the same target in both passes,
     // and no launch to recompute it.
-    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + tc as usize);
+    let workspace_bytes = 4 * (sp.nsplit * (b * d + 2 * b) + tc as usize)
+        + if row_needs(&p).norm_coef { 4 * b } else { 0 };
 
     if tc {
         // K: the power of two that keeps the dw kernel's 16-bit operand xh r g / K in range.
@@ -1147,6 +1298,27 @@ fn fused_backward(
         smem,
         grad_args.clone(),
     )?;
+    // MagFace: its per-row norm-gradient coefficient from the record and the upstream.
+    let coef = if row_needs(&p).norm_coef {
+        bd.alloc(Buf::NormCoef, Elem::F32, b);
+        bd.launch(
+            "fm_norm_coef",
+            grid_1d(b as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::Labels),
+                Read(Buf::Target),
+                g_rows,
+                F32(g_scalar),
+                I64(bi),
+                Write(Buf::NormCoef),
+            ],
+        );
+        Read(Buf::NormCoef)
+    } else {
+        Null
+    };
     bd.alloc(Buf::Dx, Elem::Grad, b * d);
     let finish = out_entry("fm_x_finish", pr.dtype, pr.grad_dtype);
     // One thread per element: the split partials summed in split order, then the normalization
@@ -1162,6 +1334,7 @@ fn fused_backward(
             Read(Buf::DxhPart),
             Read(Buf::ProjPart),
             Read(Buf::DnPart),
+            coef,
             I32(ns),
             I64(bi),
             I32(di),
@@ -1199,13 +1372,28 @@ fn naive_materialize(
     dev: &DeviceFacts,
     p: FmParams,
     shape: Shape,
-    rowm: Arg,
+    forward: bool,
+    given: bool,
 ) -> Result<usize> {
     bd.pooled = false;
     let (b, d, c) = (shape.b, shape.d, shape.c);
     rows_grid(b.max(c))?;
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
     row_norms(bd, shape)?;
+    // The losses with state: the forward runs the fused plan's per-row steps (the state, the
+    // device margins and the target record); the backward reads what the forward saved, so it
+    // never updates the state.
+    let needs = row_needs(&p);
+    let rowm = match (forward, needs.naive_record || needs.dev_margins) {
+        (true, true) => row_steps(bd, p, shape, given)?,
+        _ if needs.dev_margins => Read(Buf::DevMargins),
+        _ => row_margins_arg(given),
+    };
+    let record = if needs.naive_record {
+        Read(Buf::Target)
+    } else {
+        Null
+    };
     for (v, norms, out, rows, on) in [
         (Buf::X, Buf::XNorm, Buf::Xh, b, 1),
         (Buf::W, Buf::WNorm, Buf::Wh, c, p.normalize_weights),
@@ -1268,6 +1456,7 @@ fn naive_materialize(
             Read(Buf::Labels),
             Read(Buf::XNorm),
             rowm,
+            record,
             Params(p),
             I64(bi),
             I64(ci),
@@ -1287,6 +1476,7 @@ fn naive_materialize(
         vec![
             Read(Buf::Logits),
             Read(Buf::Labels),
+            record,
             I64(bi),
             I64(ci),
             Write(Buf::Prob),
@@ -1349,7 +1539,8 @@ fn naive_backward(
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
     // The saved norms and lse are recomputed here with the rest: the naive plan is the plain
     // eager baseline (and its recomputation matches the forward's bit for bit).
-    naive_materialize(&mut bd, dev, p, shape, row_margins_arg(pr.row_margins))?;
+    naive_materialize(&mut bd, dev, p, shape, false, pr.row_margins)?;
+    let needs = row_needs(&p);
     bd.alloc(Buf::Dn, Elem::F32, b);
     bd.launch(
         "naive_dlogits",
@@ -1363,6 +1554,11 @@ fn naive_backward(
             Read(Buf::Labels),
             Read(Buf::XNorm),
             g_rows,
+            if needs.norm_coef {
+                Read(Buf::Target)
+            } else {
+                Null
+            },
             F32(g_scalar),
             Params(p),
             I64(bi),
@@ -1420,7 +1616,7 @@ fn naive_backward(
         }
     }
     let name = out_entry("naive_norm_backward", pr.dtype, pr.grad_dtype);
-    let dn = if p.normalize_features == 0 {
+    let dn = if p.normalize_features == 0 || needs.norm_coef {
         Read(Buf::Dn)
     } else {
         Null

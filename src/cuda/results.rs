@@ -88,6 +88,12 @@ pub struct GpuSaved {
     /// The caller's per-row margins `(m2_i, m3_i)` on the device (ElasticFace), which the naive
     /// backward reads again; `None` for the spec's margins.
     pub(crate) row_margins: Option<CudaSlice<f32>>,
+    /// The per-row margins the device computed (AdaFace, ElasticFace+), which the naive
+    /// backward reads again; `None` for the other losses.
+    pub(crate) dev_margins: Option<CudaSlice<f32>>,
+    /// The loss's state out on the device (AdaFace `(mean, std)`, CurricularFace `(t)`, as f64
+    /// bit patterns; [`GpuSaved::state`] reads it); `None` for the losses without state.
+    pub(crate) state_out: Option<CudaSlice<i64>>,
     /// The reduced loss when it was not written into a caller's view.
     pub(super) loss: Option<CudaSlice<f32>>,
     /// The per-row losses when they were not written into a caller's view.
@@ -142,6 +148,22 @@ impl GpuSaved {
             .as_ref()
             .ok_or_else(|| written_to_caller("loss"))?;
         copy_loss(self, loss)
+    }
+
+    /// The loss's state out (AdaFace's `(mean, std)`, CurricularFace's `t`: the state in,
+    /// updated by this call's counted rows), copied to the host (synchronizes the stream);
+    /// `None` for the losses without state. Pass it as the next call's
+    /// [`RowInputs::state`](crate::variant::RowInputs::state). The backward reads the device copy
+    /// the forward used, never this one.
+    pub fn state(&self) -> Result<Option<crate::variant::LossState>> {
+        let Some(out) = &self.state_out else {
+            return Ok(None);
+        };
+        let v = self
+            .stream
+            .clone_dtoh(out)
+            .map_err(|e| cuda_err("copy the state out to host", e))?;
+        Ok(super::plan::state_of(&self.spec, &v))
     }
 
     /// Copies the per-row losses to the host (synchronizes the stream), when this crate holds

@@ -813,7 +813,11 @@ pub fn conditioning_allowance(
     g_rows: &[f64],
     delta: f64,
 ) -> (f64, f64, f64) {
-    if near_clamp_rows(spec, x, w, labels, shape).is_empty() {
+    // The losses with per-row margins or state get no allowance: the perturbed reference here
+    // has the spec's margins only, so their cases keep away from the clamp and meet the bars.
+    if spec.variant != fused_margin::Variant::Plain
+        || near_clamp_rows(spec, x, w, labels, shape).is_empty()
+    {
         return (0.0, 0.0, 0.0);
     }
     let base = reference_with_target_shift(spec, x, w, labels, shape, g_rows, 0.0);

@@ -19,7 +19,7 @@
 //   u32 nlaunch; per launch: u16 name length, name, u32 grid[3], u32 block, u32 smem, u16 struct
 //   name length (0: positional arguments), struct name, u32 nargs (fields of a struct),
 //   per argument u8 kind (0 read, 1 write: u32 buffer id; 2 null; 3 i64; 4 i32; 5 f32;
-//   6 FmParams: 48 bytes); u32 nout, u32 ids.
+//   6 FmParams: 80 bytes); u32 nout, u32 ids.
 // OUT: the bytes of each listed buffer, in the listed order.
 #include "fm_emu.hpp"
 #include "all.cu"
@@ -201,6 +201,10 @@ const std::map<std::string, Binder>& table() {
         FM_K("fm_x_finish", FM_ENTRY(fm_x_finish)),
         FM_K("fm_grad_w", FM_ENTRY(fm_grad_w)),
         FM_K("fm_label_status", FM_ENTRY(fm_label_status)),
+        FM_K("fm_norm_coef", FM_ENTRY(fm_norm_coef)),
+        FM_K("fm_adaface_state", FM_ENTRY(fm_adaface_state)),
+        FM_K("fm_curricular_state", FM_ENTRY(fm_curricular_state)),
+        FM_K("fm_elastic_plus", FM_ENTRY(fm_elastic_plus)),
         FM_K("naive_normalize", FM_ENTRY(naive_normalize)),
         FM_K("naive_cosine", FM_ENTRY(naive_cosine)),
         FM_K("naive_logits", FM_ENTRY(naive_logits)),
