@@ -671,9 +671,9 @@ fn argument_structs_are_checked_and_packed() {
     let bytes = args::pack(&l.entry, layout, &values).unwrap();
     let word = |at: usize| i64::from_ne_bytes(bytes.0[at..at + 8].try_into().unwrap());
     assert_eq!(word(8), 0x1008, "w is the second pointer");
-    assert_eq!((word(120), word(128)), (40, 300), "B and C");
+    assert_eq!((word(152), word(160)), (40, 300), "B and C");
     let int = |at: usize| i32::from_ne_bytes(bytes.0[at..at + 4].try_into().unwrap());
-    assert_eq!(int(136), 24, "D");
+    assert_eq!(int(168), 24, "D");
     assert!(args::pack(&l.entry, layout, &values[1..]).is_err());
     let mut wrong = values.clone();
     wrong[0] = Value::I32(1); // x is a pointer
