@@ -151,6 +151,35 @@ __device__ __forceinline__ FmMag fm_magface_row(const FmParams& p, float norm) {
     return g;
 }
 
+// MagFace's regularizer g(a) = a / u_a^2 + 1 / a and its slope g'(a) = 1 / u_a^2 - 1 / a^2,
+// each times lambda_g (math::magface_reg).
+__device__ __forceinline__ void fm_magface_reg(const FmParams& p, double a, double& reg, double& slope) {
+    const double ua = p.vp[1], lg = p.vp[4];
+    reg = lg * (a / (ua * ua) + 1.0 / a);
+    slope = lg * (1.0 / (ua * ua) - 1.0 / (a * a));
+}
+
+// CurricularFace's threshold (math::curricular_tau): cos(m1 theta + m2) - m3 with the spec's
+// margins and no overflow policy, no gradient; c - m3 without an angular margin.
+__device__ __forceinline__ float fm_curricular_tau(const FmParams& p, float c) {
+    if (p.m1 == 1.0f && p.m2 == 0.0f) return c - p.m3;
+    const double d = (double)p.clamp;
+    const double th = acos(fmin(fmax((double)c, -1.0 + d), 1.0 - d));
+    return (float)(cos((double)p.m1 * th + (double)p.m2) - (double)p.m3);
+}
+
+// CurricularFace's negative (math::curricular_negative): c (t + c) with slope t + 2c where
+// c > tau (a hard negative), else c with slope 1. tau = +inf for the other losses.
+__device__ __forceinline__ void fm_curricular_negative(float c, float tau, float t, float& v, float& dv) {
+    if (c > tau) {
+        v = c * (t + c);
+        dv = fmaf(2.0f, c, t);
+    } else {
+        v = c;
+        dv = 1.0f;
+    }
+}
+
 // The row's margins where the target is formed (fm_target_rows, naive_logits): the given
 // per-row margins when rowm is not null (2 per row, (m2_i, m3_i): ElasticFace's drawn ones,
 // AdaFace's from the batch statistics, written by kernels/state.cu), MagFace's from the raw norm,

@@ -56,11 +56,8 @@ extern "C" __global__ void FM_ENTRY(naive_logits)(const float* __restrict__ cos,
         FmTarget tg = fm_target(p, m, (double)c);
         t = (float)tg.value;
         d = (float)tg.deriv;
-    } else if (tgt != nullptr && p.variant == FM_VAR_CURRICULAR &&
-               c > tgt[fm_tgt_at(FM_TGT_TAU, B, i)]) {
-        const float ct = tgt[fm_tgt_t(B)];
-        t = c * (ct + c);
-        d = ct + 2.0f * c;
+    } else if (tgt != nullptr && p.variant == FM_VAR_CURRICULAR) {
+        fm_curricular_negative(c, tgt[fm_tgt_at(FM_TGT_TAU, B, i)], tgt[fm_tgt_t(B)], t, d);
     }
     tval[e] = t;
     dt[e] = d;

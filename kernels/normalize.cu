@@ -70,29 +70,19 @@ extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, 
         const FmTarget t = fm_target(p, m, (double)c);
         tgt[2 * row] = (float)t.value;
         tgt[2 * row + 1] = (float)t.deriv;
-        // CurricularFace (math::curricular_tau): tau = cos(m1 theta + m2) - m3 with the spec's
-        // margins, no overflow policy, no gradient; c - m3 without an angular margin.
-        float tau = FM_POS_INF;
-        if (p.variant == FM_VAR_CURRICULAR) {
-            if (p.m1 == 1.0f && p.m2 == 0.0f) {
-                tau = c - p.m3;
-            } else {
-                const double d = (double)p.clamp;
-                const double th = acos(fmin(fmax((double)c, -1.0 + d), 1.0 - d));
-                tau = (float)(cos((double)p.m1 * th + (double)p.m2) - (double)p.m3);
-            }
-        }
+        const float tau = p.variant == FM_VAR_CURRICULAR ? fm_curricular_tau(p, c) : FM_POS_INF;
         // MagFace (math::magface_row, magface_reg): row loss + lambda_g g(a), g(a) = a / u_a^2
         // + 1 / a; inside the clamp the norm gradient g_i (r_i q dtarget/dm2 (p_iy - 1) +
         // lambda_g g'(a)), g'(a) = 1 / u_a^2 - 1 / a^2 (fm_norm_coef, naive_dlogits).
         float reg = 0.0f, kc = 0.0f, kg = 0.0f;
         if (p.variant == FM_VAR_MAGFACE) {
             const FmMag g = fm_magface_row(p, n);
-            const double ua = p.vp[1], lg = p.vp[4];
-            reg = (float)(lg * (g.a / (ua * ua) + 1.0 / g.a));
+            double r, sl;
+            fm_magface_reg(p, g.a, r, sl);
+            reg = (float)r;
             if (g.live) {
                 kc = (float)((double)fm_row_scale(p, m, n) * g.q * t.dm2);
-                kg = (float)(lg * (1.0 / (ua * ua) - 1.0 / (g.a * g.a)));
+                kg = (float)sl;
             }
         }
         tgt[fm_tgt_at(FM_TGT_TAU, B, row)] = tau;

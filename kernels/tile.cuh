@@ -120,13 +120,8 @@ __device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, flo
     if (is_target) {
         e.t = R.tt;
         e.dt = R.tdt;
-    } else if (e.c > R.tau) {
-        // CurricularFace's hard negative (c_ij > tau_i): c (t + c), derivative t + 2c.
-        e.t = e.c * (R.ct + e.c);
-        e.dt = fmaf(2.0f, e.c, R.ct);
     } else {
-        e.t = e.c;
-        e.dt = 1.0f;
+        fm_curricular_negative(e.c, R.tau, R.ct, e.t, e.dt);   // c itself unless CurricularFace's hard
     }
     e.z = R.r * e.t;
     return e;
