@@ -452,7 +452,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (backend, device) = Backend::choose(o.device)?;
     println!("device: {device}");
     // The losses the GPU plans do not run yet train on the CPU reference.
-    let cpu = Backend::Cpu;
     let started = std::time::Instant::now();
     let mut panels = Vec::new();
     let mut data_rng = StdRng::seed_from_u64(7);
@@ -462,9 +461,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Same initialization and batch order for every loss: only the loss differs.
         let mut rng = StdRng::seed_from_u64(11);
         let mut model = Model::new(&mut rng, run.spec.variant.centers());
-        let on_gpu = fused_margin::cuda::plan::check_gpu_variant(&run.spec).is_ok();
         fit(
-            if on_gpu { &backend } else { &cpu },
+            &backend,
             &run.spec,
             &mut model,
             &train_split,

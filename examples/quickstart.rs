@@ -122,14 +122,7 @@ fn main() -> fused_margin::Result<()> {
     let mut opt_we = Adam::new(we.len(), 2e-2);
     let mut opt_w = Adam::new(w.len(), 2e-2);
 
-    // Most losses with state have no GPU kernels yet: `auto` takes the CPU reference for them
-    // (`--device gpu` asks for the GPU and gets the library's Unsupported error).
-    let on_gpu = fused_margin::cuda::plan::check_gpu_variant(&spec0).is_ok();
-    let device_choice = match (on_gpu, args.device) {
-        (false, train::DeviceChoice::Auto) => train::DeviceChoice::Cpu,
-        (_, d) => d,
-    };
-    let (backend, device) = train::Backend::choose(device_choice)?;
+    let (backend, device) = train::Backend::choose(args.device)?;
     println!("device: {device}");
     if spec0.variant != Variant::Plain {
         println!("loss variant: {:?}", spec0.variant);

@@ -105,10 +105,21 @@ struct FmParams {
     float clamp;              // the cosine clamp d of theta = acos(clamp(c, -1 + d, 1 - d)):
                               // 1e-7, AdaFace's e = 1e-3 (a true clamp there)
     float vp[5];              // the variant's parameters (above)
-    int reserved;             // 0: keeps the struct a multiple of 8 bytes (no interior padding
-                              // before the argument structs' i64 fields)
+    int centers;              // K, sub-centers per class (1 but for sub-center ArcFace): w has C*K
+                              // rows, class j's are jK .. jK + K - 1 (fm_subcenter_max below)
 };
 static_assert(sizeof(FmParams) == 80, "src/cuda/params.rs: FmParams is 80 bytes");
+
+// Sub-center ArcFace (docs/MATH.md): class j's cosine is the largest of its K sub-centers' (rows
+// jK + k of w), the lowest k on a tie; a NaN sub-center wins, so a bad row of w poisons its class
+// as it would without sub-centers (cpu.rs Problem::cosine). The tiles and fm_target_rows feed
+// k = 0, 1, .., K - 1 in order.
+__device__ __forceinline__ void fm_subcenter_max(float& best, int& win, float c, int k) {
+    if (k == 0 || c > best || (c != c && best == best)) {
+        best = c;
+        win = k;
+    }
+}
 
 // ---- the margin: target(c) and dtarget/dc (docs/MATH.md step 4 and "Backward") --------------------
 // Evaluated in double: it runs once per row (at the label), so the cost is nil and the result

@@ -32,47 +32,66 @@ FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
         for (int q = 0; q < FM_DC / 16; ++q) acc2[a][q] = 0.0f;
     float proj[2] = {0.0f, 0.0f}, dn[2] = {0.0f, 0.0f};
 
+    const int K = p.centers;
     for (i64 t = t_begin; t < t_end; ++t) {
         const i64 col0 = t * FM_BN;
-        float acc[2][2];
-        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc, p.tf32_dots != 0);
+        // The class cosines and their winning sub-centers (the forward's arithmetic).
+        float cs[2][2];
+        int win[2][2];
+        for (int k = 0; k < K; ++k) {
+            float acc[2][2];
+            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, p.tf32_dots != 0);
+            for (int a = 0; a < 2; ++a)
+                for (int b = 0; b < 2; ++b) {
+                    const i64 col = col0 + tx + 16 * b;
+                    const float inv_w = col < C ? fm_inv_norm(wnorm[col * K + k]) : 0.0f;
+                    fm_subcenter_max(cs[a][b], win[a][b], fm_cos(p, R[a], acc[a][b], inv_w), k);
+                }
+        }
+        float dcv[2][2];
         for (int a = 0; a < 2; ++a) {
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
                 float dc = 0.0f;
                 if (col < C) {
                     float c, dzt;
-                    dc = fm_dc(p, R[a], col, acc[a][b], fm_inv_norm(wnorm[col]), c, dzt);
+                    dc = fm_dc(p, R[a], col, cs[a][b], c, dzt);
                     proj[a] = fmaf(dc, c, proj[a]);
                     dn[a] = fmaf(R[a].m.s, dzt, dn[a]);
                 }
-                dcs[ty + 16 * a][tx + 16 * b] = dc;
+                dcv[a][b] = dc;
             }
         }
-        // wh tile: FM_BN classes x FM_DC dims, coalesced along D.
-        for (int e = tid; e < FM_BN * FM_DC; e += FM_THREADS) {
-            int k = e / FM_DC, dd = e % FM_DC;
-            i64 col = col0 + k;
-            int d = d0 + dd;
-            float v = 0.0f;
-            if (col < C && d < D) {
-                v = fm_to_f32(w[col * D + d]);
-                if (p.normalize_weights) v *= fm_inv_norm(wnorm[col]);
+        // dxh_i += sum_j dc_ij wh_{jK+k*}: one product per sub-center k, dc kept where k won.
+        for (int k = 0; k < K; ++k) {
+            for (int a = 0; a < 2; ++a)
+                for (int b = 0; b < 2; ++b) dcs[ty + 16 * a][tx + 16 * b] = win[a][b] == k ? dcv[a][b] : 0.0f;
+            // wh tile: FM_BN classes x FM_DC dims (rows jK + k of w), coalesced along D.
+            for (int e = tid; e < FM_BN * FM_DC; e += FM_THREADS) {
+                int kc = e / FM_DC, dd = e % FM_DC;
+                i64 col = col0 + kc;
+                int d = d0 + dd;
+                float v = 0.0f;
+                if (col < C && d < D) {
+                    const i64 wr = col * K + k;
+                    v = fm_to_f32(w[wr * D + d]);
+                    if (p.normalize_weights) v *= fm_inv_norm(wnorm[wr]);
+                }
+                wsd[kc][dd] = v;
             }
-            wsd[k][dd] = v;
-        }
-        __syncthreads();
+            __syncthreads();
 #pragma unroll 4
-        for (int k = 0; k < FM_BN; ++k) {
-            float a0 = dcs[ty][k], a1 = dcs[ty + 16][k];
+            for (int kc = 0; kc < FM_BN; ++kc) {
+                float a0 = dcs[ty][kc], a1 = dcs[ty + 16][kc];
 #pragma unroll
-            for (int q = 0; q < FM_DC / 16; ++q) {
-                float bv = wsd[k][tx + 16 * q];
-                acc2[0][q] = fmaf(a0, bv, acc2[0][q]);
-                acc2[1][q] = fmaf(a1, bv, acc2[1][q]);
+                for (int q = 0; q < FM_DC / 16; ++q) {
+                    float bv = wsd[kc][tx + 16 * q];
+                    acc2[0][q] = fmaf(a0, bv, acc2[0][q]);
+                    acc2[1][q] = fmaf(a1, bv, acc2[1][q]);
+                }
             }
+            __syncthreads();
         }
-        __syncthreads();
     }
     for (int a = 0; a < 2; ++a) {
         i64 row = row0 + ty + 16 * a;
@@ -95,8 +114,8 @@ FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
     }
 }
 
-// Grid (ceil(C / FM_BN), ceil(D / FM_DC)). Block (ct, dc) owns classes [ct*BN, ct*BN + BN) x dims
-// [dc*DC, dc*DC + DC) of dw: it loops over every row tile of the batch, so no other block touches
+// Grid (ceil(C / FM_BN) K, ceil(D / FM_DC)). Block (ct K + ks, dc) owns classes [ct*BN, ct*BN + BN)
+// (their rows jK + ks of dw; K = 1 but for sub-centers) x dims [dc*DC, dc*DC + DC) of dw: it loops over every row tile of the batch, so no other block touches
 // its outputs. At the end it applies the normalization backward with
 // proj_j = wh_j . dwh_j = sum_i dc_ij c_ij, reduced in a fixed order.
 template <typename OUT>
@@ -108,13 +127,11 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
     __shared__ float projs[16][FM_BN];
     __shared__ float xscale[FM_BM];
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
-    const i64 col0 = (i64)blockIdx.x * FM_BN;
+    // Sub-centers: block x = class tile * K + ks owns rows jK + ks of dw for the tile's classes j;
+    // it forms all K cosines of each (row, class) to find the winner, and keeps dc where ks won.
+    const int K = p.centers, ks = (int)(blockIdx.x % (unsigned)K);
+    const i64 col0 = (i64)(blockIdx.x / (unsigned)K) * FM_BN;
     const int d0 = blockIdx.y * FM_DC;
-    float inv_w[2];
-    for (int b = 0; b < 2; ++b) {
-        i64 col = col0 + tx + 16 * b;
-        inv_w[b] = col < C ? fm_inv_norm(wnorm[col]) : 0.0f;
-    }
     float acc2[2][FM_DC / 16];
     for (int a = 0; a < 2; ++a)
         for (int q = 0; q < FM_DC / 16; ++q) acc2[a][q] = 0.0f;
@@ -129,16 +146,28 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
             bool on = row < B && fm_upstream(g_rows, g_scalar, row, labels[row]) != 0.0f;
             xscale[tid] = on ? fm_inv_norm(xnorm[row]) : 0.0f;
         }
-        float acc[2][2];
-        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc, p.tf32_dots != 0);
+        FmRow R[2];
+        for (int a = 0; a < 2; ++a)
+            R[a] = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
+        float cs[2][2];
+        int win[2][2];
+        for (int k = 0; k < K; ++k) {
+            float acc[2][2];
+            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, p.tf32_dots != 0);
+            for (int a = 0; a < 2; ++a)
+                for (int b = 0; b < 2; ++b) {
+                    const i64 col = col0 + tx + 16 * b;
+                    const float inv_w = col < C ? fm_inv_norm(wnorm[col * K + k]) : 0.0f;
+                    fm_subcenter_max(cs[a][b], win[a][b], fm_cos(p, R[a], acc[a][b], inv_w), k);
+                }
+        }
         for (int a = 0; a < 2; ++a) {
-            FmRow R = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
                 float dc = 0.0f;
-                if (col < C) {
+                if (col < C && win[a][b] == ks) {
                     float c, dzt;
-                    dc = fm_dc(p, R, col, acc[a][b], inv_w[b], c, dzt);
+                    dc = fm_dc(p, R[a], col, cs[a][b], c, dzt);
                     projw[b] = fmaf(dc, c, projw[b]);
                 }
                 dcs[ty + 16 * a][tx + 16 * b] = dc;
@@ -174,19 +203,20 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
         int cl = ty + 16 * a;
         i64 col = col0 + cl;
         if (col >= C) continue;
+        const i64 wr = col * K + ks;   // the row of w and dw
         float proj = 0.0f;
         for (int u = 0; u < 16; ++u) proj += projs[u][cl];
-        proj = fm_norm_proj(wnorm[col], proj);
-        float inv = fm_inv_norm(wnorm[col]);
+        proj = fm_norm_proj(wnorm[wr], proj);
+        float inv = fm_inv_norm(wnorm[wr]);
         for (int q = 0; q < FM_DC / 16; ++q) {
             int d = d0 + tx + 16 * q;
             if (d >= D) continue;
             float g = acc2[a][q];
             if (p.normalize_weights) {
-                float wh = fm_to_f32(w[col * D + d]) * inv;
+                float wh = fm_to_f32(w[wr * D + d]) * inv;
                 g = (g - wh * proj) * inv;
             }
-            dw[col * D + d] = fm_from_f32<OUT>(g);
+            dw[wr * D + d] = fm_from_f32<OUT>(g);
         }
     }
 }

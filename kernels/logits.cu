@@ -4,6 +4,8 @@
 // Grid (ceil(B / FM_BM), nsplit): block (rt, split) walks the class tiles of its split, keeps a
 // running (max, sum-exp) per row in registers, and writes one partial pair per (row, split).
 // The block whose tile holds a row's label also writes that row's target logit z_iy.
+// Sub-center ArcFace (p.centers = K > 1): each class tile is K dot tiles, one per sub-center, and
+// the epilogue runs on their maximum (fm_subcenter_max); w has C K rows, its norms C K entries.
 #include "tile.cuh"
 
 // Four blocks per SM: ptxas otherwise takes 100 registers (two blocks) since the margin maths
@@ -26,17 +28,29 @@ FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
         run_m[a] = FM_NEG_INF;
         run_s[a] = 0.0f;
     }
+    const int K = p.centers;
     for (i64 t = t_begin; t < t_end; ++t) {
         const i64 col0 = t * FM_BN;
-        float acc[2][2];
-        fm_dot_tile(x, w, row0, col0, B, C, D, sm, acc);
+        // The class cosines: with sub-centers the largest of the K tiles of rows jK + k of w.
+        float cs[2][2];
+        int win[2][2];
+        for (int k = 0; k < K; ++k) {
+            float acc[2][2];
+            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc);
+            for (int a = 0; a < 2; ++a)
+                for (int b = 0; b < 2; ++b) {
+                    const i64 col = col0 + tx + 16 * b;
+                    const float inv_w = col < C ? fm_inv_norm(wnorm[col * K + k]) : 0.0f;
+                    fm_subcenter_max(cs[a][b], win[a][b], fm_cos(p, R[a], acc[a][b], inv_w), k);
+                }
+        }
         for (int a = 0; a < 2; ++a) {
             float z[2];
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
                 if (col < C && rows[a] < B) {
                     bool tgt = R[a].label == col;
-                    FmElem e = fm_elem(p, R[a], acc[a][b], fm_inv_norm(wnorm[col]), tgt);
+                    FmElem e = fm_elem_c(p, R[a], cs[a][b], tgt);
                     z[b] = tgt ? FM_NEG_INF : e.z;   // the target to zy only (fm_combine_rows)
                     if (tgt) zy[rows[a]] = e.z;
                 } else {

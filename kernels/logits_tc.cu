@@ -112,14 +112,17 @@ static_assert(FmTcShape<FmTcHalf, 2, 4>::BM == FM_G_TC_BM && FmTcShape<FmTcHalf,
 static_assert(FmTcShape<FmTcHalf, 4, 8>::BM == FM_G_TC_WIDE_BM && FmTcShape<FmTcHalf, 4, 8>::BN == FM_G_TC_WIDE_BN,
               "geometry.cuh: FM_G_TC_WIDE_BM, FM_G_TC_WIDE_BN");
 
-// Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / ksteps, columns
-// k0 .. k0 + BK of D) into `stage`: (BM + BN) rows of four 16-byte chunks.
+// Copies the x and w chunks of pipeline iteration `it` (class tile t_begin + it / (K ksteps),
+// sub-center (it / ksteps) % K, columns k0 .. k0 + BK of D) into `stage`: (BM + BN) rows of four
+// 16-byte chunks. Class col's rows of w are col K + sub (K = 1, a constant, but for sub-centers).
 template <class Op, int MI, int NI>
 __device__ __forceinline__ void fm_tc_load(typename Op::E* xs, typename Op::E* ws, int stage, i64 it, int ksteps,
                                            i64 t_begin, const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                                           i64 row0, i64 B, i64 C, int D) {
+                                           i64 row0, i64 B, i64 C, int D, int K) {
     typedef FmTcShape<Op, MI, NI> S;
-    const i64 col0 = (t_begin + it / ksteps) * S::BN;
+    const i64 kt = it / ksteps;   // (class tile, sub-center) pairs so far
+    const i64 col0 = (t_begin + kt / K) * S::BN;
+    const int sub = (int)(kt % K);
     const int k0 = (int)(it % ksteps) * Op::BK;
 #pragma unroll
     for (int q = 0; q < (S::BM + S::BN) * 4 / 256; ++q) {
@@ -133,12 +136,15 @@ __device__ __forceinline__ void fm_tc_load(typename Op::E* xs, typename Op::E* w
             const i64 col = col0 + (r - S::BM);
             const bool ok = col < C && kc < D;
             fm_cp_async16(ws + stage * S::STAGE_W + (r - S::BM) * Op::LD + ch * Op::VEC,
-                          ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
+                          ok ? (const void*)(w + (col * K + sub) * D + kc) : (const void*)w, ok);
         }
     }
 }
 
-template <class Op, int MI, int NI>
+// SC: sub-centers (p.centers = K >= 1 rows of w per class): K pipeline passes per class tile, their
+// cosines merged into `best`, the epilogue on best. A separate instantiation: best doubles the
+// accumulator registers, which the plain kernels do not pay.
+template <class Op, int MI, int NI, bool SC>
 __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
     FM_TILE_UNPACK
     typedef FmTcShape<Op, MI, NI> S;
@@ -154,7 +160,8 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
     i64 ntiles = (C + S::BN - 1) / S::BN, t_begin, t_end;
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
     const int ksteps = (D + Op::BK - 1) / Op::BK;
-    const i64 total = (t_end - t_begin) * ksteps;
+    const int K = SC ? p.centers : 1;
+    const i64 total = (t_end - t_begin) * K * ksteps;
 
     // This thread's 2 MI rows: q = mi * 2 + h is row wm + mi*16 + g + 8h of the block tile.
     FmRow R[2 * MI];
@@ -172,10 +179,11 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
         for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
             for (int v = 0; v < 4; ++v) acc[mi][ni][v] = 0.0f;
+    float best[SC ? MI : 1][SC ? NI : 1][4];   // the class maxima over the sub-centers so far
 
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < total) fm_tc_load<Op, MI, NI>(xs, ws, s, s, ksteps, t_begin, x, w, row0, B, C, D);
+        if (s < total) fm_tc_load<Op, MI, NI>(xs, ws, s, s, ksteps, t_begin, x, w, row0, B, C, D, K);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
     for (i64 it = 0; it < total; ++it) {
@@ -183,21 +191,42 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
         __syncthreads();   // stage `it` is visible to all; everyone is done reading stage it-1
         i64 nxt = it + TC_STAGES - 1;
         if (nxt < total)
-            fm_tc_load<Op, MI, NI>(xs, ws, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D);
+            fm_tc_load<Op, MI, NI>(xs, ws, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D, K);
         fm_cp_async_commit();
         const int st = (int)(it % TC_STAGES);
         Op::template step<MI, NI>(acc, xs + st * S::STAGE_X, ws + st * S::STAGE_W, wm, wn, lane);
         if ((int)(it % ksteps) == ksteps - 1) {
             // Epilogue of class tile `tile`: the accumulators hold raw dot products.
-            const i64 col0 = (t_begin + it / ksteps) * S::BN;
+            const i64 kt = it / ksteps;
+            const i64 col0 = (t_begin + kt / K) * S::BN;
             float inv_w[NI][2];
             bool cin[NI][2];
-            fm_tc_col_factors<NI>(wnorm, C, col0 + wn + 2 * t, inv_w, cin);
+            if constexpr (SC) {
+                // Sub-center `sub` of the class tile: its cosines into best; the epilogue after the last.
+                const int sub = (int)(kt % K);
+                fm_tc_col_factors<NI>(wnorm, C, col0 + wn + 2 * t, inv_w, cin, K, sub);
 #pragma unroll
-            for (int q = 0; q < 2 * MI; ++q) {
-                const int mi = q >> 1, h = q & 1;
-                fm_tc_row_epilogue<NI>(p, acc[mi], h, row0 + wm + mi * 16 + g + 8 * h, B, col0 + wn + 2 * t, cin,
-                                       inv_w, R[q], zy, run_m[q], run_s[q]);
+                for (int mi = 0; mi < MI; ++mi)
+                    fm_tc_subcenter_merge<NI>(p, acc[mi], best[mi], inv_w, R[2 * mi], R[2 * mi + 1], sub);
+                if (sub == K - 1) {
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) inv_w[ni][0] = inv_w[ni][1] = 1.0f;
+#pragma unroll
+                    for (int q = 0; q < 2 * MI; ++q) {
+                        const int mi = q >> 1, h = q & 1;
+                        fm_tc_row_epilogue<NI>(p, best[mi], h, row0 + wm + mi * 16 + g + 8 * h, B,
+                                               col0 + wn + 2 * t, cin, inv_w, fm_tc_unit_row(R[q]), zy, run_m[q],
+                                               run_s[q]);
+                    }
+                }
+            } else {
+                fm_tc_col_factors<NI>(wnorm, C, col0 + wn + 2 * t, inv_w, cin);
+#pragma unroll
+                for (int q = 0; q < 2 * MI; ++q) {
+                    const int mi = q >> 1, h = q & 1;
+                    fm_tc_row_epilogue<NI>(p, acc[mi], h, row0 + wm + mi * 16 + g + 8 * h, B, col0 + wn + 2 * t,
+                                           cin, inv_w, R[q], zy, run_m[q], run_s[q]);
+                }
             }
 #pragma unroll
             for (int mi = 0; mi < MI; ++mi)
@@ -242,22 +271,25 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
 // Entry points: the 64 x 128 tile (warps of 32 x 32, "narrow", the default) and the 128 x 256 tile
 // (warps of 64 x 64, "wide": four times the work per fragment load, 92 KB of shared memory; a
 // candidate until measured). Dynamic shared memory: FmTcShape::SMEM_BYTES, set by the host.
-#define FM_TC_ENTRY(name, Op, MI, NI)                                                                            \
+// The *_sc entries: sub-center ArcFace on the narrow tiles (the plan never pairs it with wide ones).
+#define FM_TC_ENTRY(name, Op, MI, NI, SC)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                          \
-    FM_ENTRY(name)(const FmTileArgs args) { fm_fwd_tc<Op, MI, NI>(args); }
+    FM_ENTRY(name)(const FmTileArgs args) { fm_fwd_tc<Op, MI, NI, SC>(args); }
 // The narrow tiles are unit FWD_TC, the wide ones FWD_TC_WIDE (compiled only when asked for).
 #if FM_DTYPE != FM_F32
 #if FM_IN_UNIT(FM_G_UNIT_FWD_TC)
-FM_TC_ENTRY(fm_fwd_tiles_tc, FmTcHalf, 2, 4)
+FM_TC_ENTRY(fm_fwd_tiles_tc, FmTcHalf, 2, 4, false)
+FM_TC_ENTRY(fm_fwd_tiles_tc_sc, FmTcHalf, 2, 4, true)
 #endif
 #if FM_IN_UNIT(FM_G_UNIT_FWD_TC_WIDE)
-FM_TC_ENTRY(fm_fwd_tiles_tc_wide, FmTcHalf, 4, 8)
+FM_TC_ENTRY(fm_fwd_tiles_tc_wide, FmTcHalf, 4, 8, false)
 #endif
 #else
 #if FM_IN_UNIT(FM_G_UNIT_FWD_TC)
-FM_TC_ENTRY(fm_fwd_tiles_tf32, FmTcTf32, 2, 4)
+FM_TC_ENTRY(fm_fwd_tiles_tf32, FmTcTf32, 2, 4, false)
+FM_TC_ENTRY(fm_fwd_tiles_tf32_sc, FmTcTf32, 2, 4, true)
 #endif
 #if FM_IN_UNIT(FM_G_UNIT_FWD_TC_WIDE)
-FM_TC_ENTRY(fm_fwd_tiles_tf32_wide, FmTcTf32, 4, 8)
+FM_TC_ENTRY(fm_fwd_tiles_tf32_wide, FmTcTf32, 4, 8, false)
 #endif
 #endif

@@ -44,10 +44,14 @@ static_assert(WG_SMEM_BYTES == FM_G_WG_SMEM, "geometry.cuh: FM_G_WG_SMEM");
 // k0 .. k0 + 64 of D) into the stage at shared address `stage`: 256 rows of eight 16-byte chunks,
 // chunk c of row r at r * 128 + ((c ^ (r % 8)) * 16) (the 128-byte swizzle). Zero-filled past the
 // edges.
+// With sub-centers the iterations are (class tile, sub-center, k step): class col's row of w is
+// col K + sub (K = 1, a constant, but for sub-centers).
 __device__ __forceinline__ void fm_wg_load(unsigned char* stage, i64 it, int ksteps, i64 t_begin,
                                            const T_IN* __restrict__ x, const T_IN* __restrict__ w, i64 row0,
-                                           i64 B, i64 C, int D) {
-    const i64 col0 = (t_begin + it / ksteps) * WG_BN;
+                                           i64 B, i64 C, int D, int K) {
+    const i64 kt = it / ksteps;
+    const i64 col0 = (t_begin + kt / K) * WG_BN;
+    const int sub = (int)(kt % K);
     const int k0 = (int)(it % ksteps) * WG_BK;
 #pragma unroll
     for (int q = 0; q < (WG_BM + WG_BN) * 8 / 256; ++q) {
@@ -60,13 +64,15 @@ __device__ __forceinline__ void fm_wg_load(unsigned char* stage, i64 it, int kst
         } else {
             const i64 col = col0 + (r - WG_BM);
             const bool ok = col < C && kc < D;
-            fm_cp_async16(dst, ok ? (const void*)(w + col * D + kc) : (const void*)w, ok);
+            fm_cp_async16(dst, ok ? (const void*)(w + (col * K + sub) * D + kc) : (const void*)w, ok);
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256, 1)
-FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) {
+// SC: sub-centers (p.centers = K rows of w per class): K passes per class tile, their cosines
+// merged into `best` (64 more registers, so a separate instantiation), the epilogue on best.
+template <bool SC>
+__device__ __forceinline__ void fm_fwd_wg(const FmTileArgs& args) {
     FM_TILE_UNPACK
     FM_DYNAMIC_SMEM(wg_smem);   // WG_SMEM_BYTES, set by the host
     unsigned char* smem = wg_smem + ((1024u - (fm_smem_addr(wg_smem) & 1023u)) & 1023u);
@@ -78,7 +84,8 @@ FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) {
     i64 ntiles = (C + WG_BN - 1) / WG_BN, t_begin, t_end;
     fm_split_range(ntiles, split, tiles_per_split, t_begin, t_end);
     const int ksteps = (D + WG_BK - 1) / WG_BK;
-    const i64 total = t_end > t_begin ? (t_end - t_begin) * ksteps : 0;
+    const int K = SC ? p.centers : 1;
+    const i64 total = t_end > t_begin ? (t_end - t_begin) * K * ksteps : 0;
 
     // This thread's 2 rows: h = 0, 1 is row wrow + g + 8h of the block tile.
     FmRow R[2];
@@ -90,53 +97,71 @@ FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) {
         run_s[h] = 0.0f;
     }
     float acc[1][16][4];   // [the warp's m16 block][n8 block][C-fragment element]
+    float best[SC ? 16 : 1][4];   // sub-centers: the class maxima so far
 
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; ++s) {
-        if (s < total) fm_wg_load(smem + s * WG_STAGE_BYTES, s, ksteps, t_begin, x, w, row0, B, C, D);
+        if (s < total) fm_wg_load(smem + s * WG_STAGE_BYTES, s, ksteps, t_begin, x, w, row0, B, C, D, K);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
-    // Class tiles outer, k steps inner: the inner loop keeps one wgmma group in flight
+    // Class tiles outer (then sub-centers), k steps inner: the inner loop keeps one wgmma group in flight
     // (wait_group 1) and only the tile's end waits for all (wait_group 0). Written as one flat loop
     // with a per-iteration choice of wait, ptxas injected a full wait into every iteration (info
     // C7517) to reach the accumulators the epilogue branch uses.
-    i64 it = 0;   // the pipeline iteration: (tile - t_begin) * ksteps + ks
+    i64 it = 0;   // the pipeline iteration: ((tile - t_begin) * K + sub) * ksteps + ks
     for (i64 tile = t_begin; tile < t_end; ++tile) {
-        for (int ks = 0; ks < ksteps; ++ks, ++it) {
-            // WG_AHEAD + it copy groups are committed; the oldest it + 1 (this stage's) have landed.
-            fm_cp_async_wait<WG_AHEAD - 1>();
-            fm_fence_proxy_async();   // this thread's copies of stage `it`, before wgmma reads them
-            __syncthreads();          // everyone's copies landed; both warpgroups retired group it-2
-            const i64 nxt = it + WG_AHEAD;   // refills the stage of it-2
-            if (nxt < total)
-                fm_wg_load(smem + (int)(nxt % WG_STAGES) * WG_STAGE_BYTES, nxt, ksteps, t_begin, x, w, row0, B, C,
-                           D);
-            fm_cp_async_commit();
+        for (int sub = 0; sub < K; ++sub) {
+            for (int ks = 0; ks < ksteps; ++ks, ++it) {
+                // WG_AHEAD + it copy groups are committed; the oldest it + 1 (this stage's) have landed.
+                fm_cp_async_wait<WG_AHEAD - 1>();
+                fm_fence_proxy_async();   // this thread's copies of stage `it`, before wgmma reads them
+                __syncthreads();          // everyone's copies landed; both warpgroups retired group it-2
+                const i64 nxt = it + WG_AHEAD;   // refills the stage of it-2
+                if (nxt < total)
+                    fm_wg_load(smem + (int)(nxt % WG_STAGES) * WG_STAGE_BYTES, nxt, ksteps, t_begin, x, w, row0, B, C,
+                               D, K);
+                fm_cp_async_commit();
 
-            const unsigned st = fm_smem_addr(smem + (int)(it % WG_STAGES) * WG_STAGE_BYTES);
-            const unsigned xa = st + wg * 64 * 128, wa = st + WG_TILE_BYTES;
-            fm_wgmma_acc_fence(&acc[0][0][0]);
-            fm_wgmma_fence();
+                const unsigned st = fm_smem_addr(smem + (int)(it % WG_STAGES) * WG_STAGE_BYTES);
+                const unsigned xa = st + wg * 64 * 128, wa = st + WG_TILE_BYTES;
+                fm_wgmma_acc_fence(&acc[0][0][0]);
+                fm_wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < WG_BK / 16; ++kk)   // scale-d 0 first: a new tile drops the old sums
-                fm_wgmma_m64n128k16<FM_DTYPE == FM_BF16>(&acc[0][0][0], fm_wgmma_desc_sw128(xa + kk * 32),
-                                                         fm_wgmma_desc_sw128(wa + kk * 32), ks == 0 && kk == 0 ? 0 : 1);
-            fm_wgmma_commit();
-            fm_wgmma_wait<1>();   // group it-1 is done: its stage may be refilled after the barrier
+                for (int kk = 0; kk < WG_BK / 16; ++kk)   // scale-d 0 first: a new tile drops the old sums
+                    fm_wgmma_m64n128k16<FM_DTYPE == FM_BF16>(&acc[0][0][0], fm_wgmma_desc_sw128(xa + kk * 32),
+                                                             fm_wgmma_desc_sw128(wa + kk * 32),
+                                                             ks == 0 && kk == 0 ? 0 : 1);
+                fm_wgmma_commit();
+                fm_wgmma_wait<1>();   // group it-1 is done: its stage may be refilled after the barrier
+                fm_wgmma_acc_fence(&acc[0][0][0]);
+            }
+            fm_wgmma_wait<0>();
             fm_wgmma_acc_fence(&acc[0][0][0]);
+
+            // Epilogue of the class tile: the accumulators hold raw dot products.
+            const i64 col0 = tile * WG_BN;
+            float inv_w[16][2];
+            bool cin[16][2];
+            if constexpr (SC) {
+                // Sub-center `sub`: its cosines into best; the epilogue after the last, on best.
+                fm_tc_col_factors<16>(wnorm, C, col0 + 2 * t, inv_w, cin, K, sub);
+                fm_tc_subcenter_merge<16>(p, acc[0], best, inv_w, R[0], R[1], sub);
+                if (sub == K - 1) {
+#pragma unroll
+                    for (int ni = 0; ni < 16; ++ni) inv_w[ni][0] = inv_w[ni][1] = 1.0f;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        fm_tc_row_epilogue<16>(p, best, h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w,
+                                               fm_tc_unit_row(R[h]), zy, run_m[h], run_s[h]);
+                }
+            } else {
+                fm_tc_col_factors<16>(wnorm, C, col0 + 2 * t, inv_w, cin);
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+                    fm_tc_row_epilogue<16>(p, acc[0], h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w, R[h],
+                                           zy, run_m[h], run_s[h]);
+            }
         }
-        fm_wgmma_wait<0>();
-        fm_wgmma_acc_fence(&acc[0][0][0]);
-
-        // Epilogue of the class tile: the accumulators hold raw dot products.
-        const i64 col0 = tile * WG_BN;
-        float inv_w[16][2];
-        bool cin[16][2];
-        fm_tc_col_factors<16>(wnorm, C, col0 + 2 * t, inv_w, cin);
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-            fm_tc_row_epilogue<16>(p, acc[0], h, row0 + wrow + g + 8 * h, B, col0 + 2 * t, cin, inv_w, R[h], zy,
-                                   run_m[h], run_s[h]);
     }
     fm_cp_async_wait<0>();
 
@@ -156,5 +181,11 @@ FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) {
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+FM_ENTRY(fm_fwd_tiles_wg)(const FmTileArgs args) { fm_fwd_wg<false>(args); }
+// Sub-center ArcFace.
+extern "C" __global__ void __launch_bounds__(256, 1)
+FM_ENTRY(fm_fwd_tiles_wg_sc)(const FmTileArgs args) { fm_fwd_wg<true>(args); }
 
 #endif  // FM_HAS_WGMMA && FM_DTYPE != FM_F32

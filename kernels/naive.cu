@@ -37,6 +37,32 @@ extern "C" __global__ void FM_ENTRY(naive_cosine)(const float* __restrict__ xh, 
     cos[e] = acc;
 }
 
+// Sub-center ArcFace: cos[i, j] = max_k all[i, j K + k] and win[i, j] = its k (fm_subcenter_max:
+// the lowest k on a tie), from the cosines of all C K rows of w. One thread per (i, j).
+extern "C" __global__ void FM_ENTRY(naive_subcenter_max)(const float* __restrict__ all, i64 B, i64 C, int K,
+                                                         float* __restrict__ cos, float* __restrict__ win) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= B * C) return;
+    const float* a = all + e * K;   // row i, columns jK .. jK + K - 1: e K = (i C + j) K
+    float best = 0.0f;
+    int w = 0;
+    for (int k = 0; k < K; ++k) fm_subcenter_max(best, w, a[k], k);
+    cos[e] = best;
+    win[e] = (float)w;
+}
+
+// Sub-center ArcFace's backward: out[i, j K + k] = dc[i, j] where k won (win[i, j]), else 0, the
+// B x C K operand of the two gradient products (dW reaches the winner only). One thread per
+// element of out.
+extern "C" __global__ void FM_ENTRY(naive_subcenter_scatter)(const float* __restrict__ dc,
+                                                             const float* __restrict__ win, i64 B, i64 C, int K,
+                                                             float* __restrict__ out) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= B * C * K) return;
+    const i64 ij = e / K;
+    out[e] = (int)win[ij] == (int)(e % K) ? dc[ij] : 0.0f;
+}
+
 // logits[i, j] = r_i * (j == y_i ? target(c) : c); tval keeps t_ij, dt keeps dtarget/dc (1 off the label).
 // tgt (nullable): the target record of fm_target_rows, for CurricularFace's hard negatives
 // (c > tau_i: c (t + c), derivative t + 2c).

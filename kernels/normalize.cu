@@ -59,13 +59,22 @@ extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, 
         return;
     }
     const T_IN* xr = x + row * D;
-    const T_IN* wr = w + (i64)y * D;
-    float acc = 0.0f;
-    for (int k = lane; k < D; k += 32) acc = fmaf(fm_to_f32(xr[k]), fm_to_f32(wr[k]), acc);
-    acc = fm_warp_sum(acc);
+    const float n = xnorm[row];
+    // With sub-centers (K = p.centers > 1) the class cosine is the largest of rows yK + k of w
+    // (fm_subcenter_max, as in the tiles).
+    const int K = p.centers;
+    float c = 0.0f;
+    int win = 0;
+    for (int sc = 0; sc < K; ++sc) {
+        const i64 wrow = (i64)y * K + sc;
+        const T_IN* wr = w + wrow * D;
+        float acc = 0.0f;
+        for (int k = lane; k < D; k += 32) acc = fmaf(fm_to_f32(xr[k]), fm_to_f32(wr[k]), acc);
+        acc = fm_warp_sum(acc);
+        const float cs = acc * fm_inv_norm(n) * (p.normalize_weights ? fm_inv_norm(wnorm[wrow]) : 1.0f);
+        fm_subcenter_max(c, win, cs, sc);
+    }
     if (lane == 0) {
-        const float n = xnorm[row];
-        const float c = acc * fm_inv_norm(n) * (p.normalize_weights ? fm_inv_norm(wnorm[y]) : 1.0f);
         const FmMargin m = fm_row_margin_given(p, row, n, rowm);
         const FmTarget t = fm_target(p, m, (double)c);
         tgt[2 * row] = (float)t.value;

@@ -25,9 +25,10 @@ struct FmTileSmem {
 // With `tf32` the operands are rounded to TF32 first (cvt.rna), as the TF32 forward's are: the
 // backward then recomputes the forward's logits up to f32 summation order, so the softmax it forms
 // from the saved lse is consistent (sums to 1) even for the gradients of tiny losses.
+// w's rows are `ldw` elements apart: D, or K D for sub-center k of each class (w offset by k D).
 template <typename T>
 __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __restrict__ w,
-                                            i64 row0, i64 col0, i64 B, i64 C, int D,
+                                            i64 row0, i64 col0, i64 B, i64 C, int D, i64 ldw,
                                             FmTileSmem& sm, float acc[2][2], bool tf32 = false) {
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0f;
@@ -39,7 +40,7 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
             i64 row = row0 + r, col = col0 + r;
             bool kin = k0 + k < D;
             float xv = (row < B && kin) ? fm_to_f32(x[row * D + k0 + k]) : 0.0f;
-            float wv = (col < C && kin) ? fm_to_f32(w[col * D + k0 + k]) : 0.0f;
+            float wv = (col < C && kin) ? fm_to_f32(w[col * ldw + k0 + k]) : 0.0f;
             if (tf32) {   // the low 13 bits of a cvt.rna.tf32 result are not specified: cleared
                 xv = __uint_as_float(fm_f32_to_tf32(xv) & 0xffffe000u);
                 wv = __uint_as_float(fm_f32_to_tf32(wv) & 0xffffe000u);
@@ -113,10 +114,16 @@ __device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, 
     return R;
 }
 
-__device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, float dot, float inv_w,
-                                          bool is_target) {
+// c_ij from the raw dot product: dot / (max(|x_i|,eps) max(|w_j|,eps)), the weight factor only
+// with weight normalization.
+__device__ __forceinline__ float fm_cos(const FmParams& p, const FmRow& R, float dot, float inv_w) {
+    return dot * R.inv_x * (p.normalize_weights ? inv_w : 1.0f);
+}
+
+// An element from its cosine c (fm_cos; with sub-centers the class's, fm_subcenter_max).
+__device__ __forceinline__ FmElem fm_elem_c(const FmParams& p, const FmRow& R, float c, bool is_target) {
     FmElem e;
-    e.c = dot * R.inv_x * (p.normalize_weights ? inv_w : 1.0f);
+    e.c = c;
     if (is_target) {
         e.t = R.tt;
         e.dt = R.tdt;
@@ -127,6 +134,11 @@ __device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, flo
     return e;
 }
 
+__device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, float dot, float inv_w,
+                                          bool is_target) {
+    return fm_elem_c(p, R, fm_cos(p, R, dot, inv_w), is_target);
+}
+
 // The backward at one element (docs/MATH.md "Backward") for a unit upstream, from the saved lse:
 // d = softmax - onehot, e = d * dtarget/dc, with c (for proj = sum_j dc_ij c_ij = vh . dvh, the
 // projection the normalization backward needs) and dt = d * t (for dn = s g sum_j d_ij t_ij
@@ -134,10 +146,9 @@ __device__ __forceinline__ FmElem fm_elem(const FmParams& p, const FmRow& R, flo
 // r_i g_i outside its products, so the 16-bit operand e stays in range (|d| <= 1).
 struct FmGradElem { float e, c, dt; };
 
-__device__ __forceinline__ FmGradElem fm_grad_elem(const FmParams& p, const FmRow& R, i64 col, float dot,
-                                                   float inv_w) {
+__device__ __forceinline__ FmGradElem fm_grad_elem_c(const FmParams& p, const FmRow& R, i64 col, float c) {
     bool tgt = R.label == col;
-    FmElem el = fm_elem(p, R, dot, inv_w, tgt);
+    FmElem el = fm_elem_c(p, R, c, tgt);
     // softmax - onehot; at the target p_iy - 1 = expm1(-l_i) from the forward's l_i, exact where
     // expf(z - lse) - 1 would cancel (a well-classified row: 1 - p_iy below f32's 2^-24 of lse).
     float d = tgt ? expm1f(-R.ce) : expf(el.z - R.lse);
@@ -148,11 +159,17 @@ __device__ __forceinline__ FmGradElem fm_grad_elem(const FmParams& p, const FmRo
     return q;
 }
 
+__device__ __forceinline__ FmGradElem fm_grad_elem(const FmParams& p, const FmRow& R, i64 col, float dot,
+                                                   float inv_w) {
+    return fm_grad_elem_c(p, R, col, fm_cos(p, R, dot, inv_w));
+}
+
 // dc = r g e at one element, with c and dz * t = g d t. Rows with g = 0 (ignored) give exact zeros.
-__device__ __forceinline__ float fm_dc(const FmParams& p, const FmRow& R, i64 col, float dot,
-                                       float inv_w, float& c, float& dzt) {
+// `cos`: the element's cosine (fm_cos, or the sub-center maximum).
+__device__ __forceinline__ float fm_dc(const FmParams& p, const FmRow& R, i64 col, float cos, float& c,
+                                       float& dzt) {
     if (R.g == 0.0f) { c = 0.0f; dzt = 0.0f; return 0.0f; }
-    FmGradElem q = fm_grad_elem(p, R, col, dot, inv_w);
+    FmGradElem q = fm_grad_elem_c(p, R, col, cos);
     c = q.c;
     dzt = R.g * q.dt;
     return R.r * (R.g * q.e);
@@ -171,18 +188,44 @@ __device__ __forceinline__ void fm_split_range(i64 ntiles, int split, int tiles_
 // Their accumulators share mma's C-fragment layout: per n8 block ni, a thread holds rows g and g+8
 // (h = 0, 1) at columns 2t and 2t+1 (j = 0, 1) in acc[ni][h * 2 + j].
 
-// 1 / max(|w_j|, eps) and "inside C" for the thread's columns col_base + ni * 8 + j.
+// 1 / max(|w_r|, eps) and "inside C" for the thread's columns col = col_base + ni * 8 + j, whose
+// rows of w are r = col K + sub (K = 1, sub = 0 but for sub-centers).
 template <int NI>
 __device__ __forceinline__ void fm_tc_col_factors(const float* __restrict__ wnorm, i64 C, i64 col_base,
-                                                  float (&inv_w)[NI][2], bool (&cin)[NI][2]) {
+                                                  float (&inv_w)[NI][2], bool (&cin)[NI][2], int K = 1,
+                                                  int sub = 0) {
 #pragma unroll
     for (int ni = 0; ni < NI; ++ni)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
             const i64 col = col_base + ni * 8 + j;
             cin[ni][j] = col < C;
-            inv_w[ni][j] = cin[ni][j] ? fm_inv_norm(wnorm[col]) : 0.0f;
+            inv_w[ni][j] = cin[ni][j] ? fm_inv_norm(wnorm[col * K + sub]) : 0.0f;
         }
+}
+
+// Sub-centers in the tensor-core forwards: the cosines of sub-center `sub`'s accumulators (raw
+// dots of rows col K + sub) merged into the running class maxima `best` (fm_subcenter_max, k in
+// order), for the thread's rows h = 0, 1 of one m16 block. After the last sub-center the
+// epilogue runs on `best` with unit factors (fm_tc_unit_row), so its c is best exactly.
+template <int NI>
+__device__ __forceinline__ void fm_tc_subcenter_merge(const FmParams& p, const float (&acc)[NI][4],
+                                                      float (&best)[NI][4], const float (&inv_w)[NI][2],
+                                                      const FmRow& R0, const FmRow& R1, int sub) {
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            int won;
+            fm_subcenter_max(best[ni][v], won, fm_cos(p, v < 2 ? R0 : R1, acc[ni][v], inv_w[ni][v & 1]), sub);
+            (void)won;
+        }
+}
+
+// A row context whose 1/|x_i| is 1: the epilogue's c = dot * 1 * 1 is then the cosine it is given.
+__device__ __forceinline__ FmRow fm_tc_unit_row(FmRow R) {
+    R.inv_x = 1.0f;
+    return R;
 }
 
 // One row's share of a class tile (docs/MATH.md steps 2-5): the logits z of its 2 NI columns from the

@@ -191,28 +191,7 @@ impl<'a> Problem<'a> {
         spec.validate()?;
         let k = spec.variant.centers();
         // Sub-center: w has C*K rows; the rest of the checks read the class count C.
-        let w_len = if k > 1 {
-            let rows = shape.c.checked_mul(k).and_then(|r| r.checked_mul(shape.d));
-            match rows {
-                Some(n) if n == w.len() => shape.c * shape.d,
-                Some(n) => {
-                    return Err(Error::Length {
-                        what: "w (C*K*D with sub-centers)",
-                        expected: n,
-                        got: w.len(),
-                    })
-                }
-                None => {
-                    return Err(Error::TooLarge {
-                        what: "w",
-                        detail: format!("C*K*D = {}*{k}*{} overflows usize", shape.c, shape.d),
-                    })
-                }
-            }
-        } else {
-            w.len()
-        };
-        shape.check_lengths(x.len(), w_len, labels.len())?;
+        shape.check_lengths_with_centers(k, x.len(), w.len(), labels.len())?;
         let counted = shape.check_labels(labels)?;
         let xp = prepare(x, shape.d, true);
         let wp = prepare(w, shape.d, spec.normalize_weights);

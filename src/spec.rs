@@ -530,6 +530,34 @@ impl Shape {
         Ok(())
     }
 
+    /// [`Self::check_lengths`] for a loss with `k` sub-centers per class
+    /// ([`crate::Variant::centers`]): `w` has `C*k` rows, so `w_len == C*k*D`.
+    pub fn check_lengths_with_centers(
+        &self,
+        k: usize,
+        x_len: usize,
+        w_len: usize,
+        labels_len: usize,
+    ) -> Result<()> {
+        if k <= 1 {
+            return self.check_lengths(x_len, w_len, labels_len);
+        }
+        let Some(n) = self.c.checked_mul(k).and_then(|r| r.checked_mul(self.d)) else {
+            return Err(Error::TooLarge {
+                what: "w",
+                detail: format!("C*K*D = {}*{k}*{} overflows usize", self.c, self.d),
+            });
+        };
+        if n != w_len {
+            return Err(Error::Length {
+                what: "w (C*K*D with sub-centers)",
+                expected: n,
+                got: w_len,
+            });
+        }
+        self.check_lengths(x_len, self.c * self.d, labels_len)
+    }
+
     /// Checks the shape and that the buffers fit it: `x_len == B*D`, `w_len == C*D`,
     /// `labels_len == B`.
     pub fn check_lengths(&self, x_len: usize, w_len: usize, labels_len: usize) -> Result<()> {

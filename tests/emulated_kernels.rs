@@ -582,6 +582,7 @@ fn run<T: Element + Bits>(
     up: &[f32],
 ) -> Outputs {
     let Shape { b, d, c } = case.shape;
+    let c = c * case.spec.variant.centers(); // the rows of w (C K with sub-centers)
     let (dev, ch) = case
         .planned
         .unwrap_or_else(|| (EMU_DEVICE, choices(case, T::DTYPE)));
@@ -736,9 +737,11 @@ fn assert_ran_as_asked<T: Element>(case: &Case, out: &Outputs) {
     let what = format!("{:?} {:?}", T::DTYPE, case.shape);
     assert_eq!(out.tensor_cores.0, fwd_tc, "{what}: tensor-core forward");
     assert_eq!(out.wgmma, fwd_tc && half && case.wgmma, "{what}: wgmma");
+    // Sub-centers: the SIMT backward whatever was asked (the tensor-core one has no winners).
+    let sub = case.spec.variant.centers() > 1;
     assert_eq!(
         out.tensor_cores.1,
-        fwd_tc && half && case.bwd_tc,
+        fwd_tc && half && case.bwd_tc && !sub,
         "{what}: tensor-core backward"
     );
 }
@@ -840,10 +843,20 @@ fn check<T: Element + Bits>(case: &Case) {
         case.bwd_tps,
         case.spec
     );
+    let k = case.spec.variant.centers();
     let mut inp = if case.zero_rows {
         common::zero_row_inputs(case.shape, case.seed)
     } else if case.tiny_rows {
         common::tiny_row_inputs(case.shape, case.seed)
+    } else if k > 1 {
+        // Sub-centers: C K rows of w (class-major), labels folded into 0..C.
+        let Shape { b, d, c } = case.shape;
+        let mut inp = margin_inputs_opts(Shape::new(b, d, c * k), case.seed, case.outliers);
+        inp.labels
+            .iter_mut()
+            .filter(|l| **l >= 0)
+            .for_each(|l| *l /= k as i32);
+        inp
     } else {
         margin_inputs_opts(case.shape, case.seed, case.outliers)
     };
@@ -1190,6 +1203,45 @@ fn losses_with_state_on_every_path() {
         check::<f32>(&Case {
             naive: true,
             ..c(false, (21, 12, 30))
+        });
+    }
+}
+
+/// Sub-center ArcFace on every plan and dtype: K dot tiles per class tile with their maximum in
+/// the epilogue, the winners recomputed in the backward and dW to them alone (the other rows of
+/// w get exact zeros from the reference, so a gradient sent to a loser fails the dw bar).
+#[test]
+fn subcenter_on_every_path() {
+    let cases = [
+        MarginLoss::subcenter(3),
+        // CosFace's margin, the insightface policy (Raw) and the sum; weights unnormalized.
+        MarginLoss::subcenter(2)
+            .margins(1.0, 0.0, 0.35)
+            .policy(OverflowPolicy::Raw)
+            .reduction(Reduction::Sum),
+        MarginLoss::subcenter(4).normalize_weights(false).scale(8.0),
+    ];
+    for (n, spec) in cases.into_iter().enumerate() {
+        let seed = 2700 + 10 * n as u64;
+        let c = |tc, shape| case(spec, shape, tc, (1, 2), seed);
+        check::<f32>(&c(false, (37, 20, 23)));
+        check::<bf16>(&c(false, (19, 24, 41)));
+        check::<f16>(&c(false, (17, 16, 35)));
+        // TF32 (f32 with tensor cores), then the 16-bit tiles; asking for the wide tiles gets
+        // the narrow sub-center ones (a tensor-core forward all the same).
+        check::<f32>(&c(true, (29, 36, 45)));
+        check::<bf16>(&c(true, (45, 40, 67)));
+        check::<f16>(&Case {
+            wide: true,
+            ..c(true, (33, 48, 50))
+        });
+        check::<bf16>(&Case {
+            wgmma: true,
+            ..c(true, (40, 64, 70))
+        });
+        check::<f32>(&Case {
+            naive: true,
+            ..c(false, (21, 12, 13))
         });
     }
 }

@@ -14,7 +14,7 @@ pub const DEFAULT_SCALE: f64 = 30.0;
 /// `--help`.
 pub const USAGE: &str = "usage: quickstart [options]
   --loss NAME      arcface (default) | cosface | sphereface | nsl | combined, or one with
-                   per-row state (CPU reference; elastic on the GPU too): subcenter (K = 3) |
+                   per-row state (every backend): subcenter (K = 3) |
                    adaface | curricular | magface | elastic (ElasticFace-Arc, seeded per step)
   --m1 X --m2 X --m3 X
                    margins of cos(m1*theta + m2) - m3 (default: the preset's)

@@ -27,7 +27,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 25] = [
+pub const ENTRY_POINTS: [&str; 27] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -48,6 +48,8 @@ pub const ENTRY_POINTS: [&str; 25] = [
     "naive_normalize",
     "naive_mask_rows",
     "naive_cosine",
+    "naive_subcenter_max",
+    "naive_subcenter_scatter",
     "naive_logits",
     "naive_softmax",
     "naive_dlogits",
@@ -56,8 +58,9 @@ pub const ENTRY_POINTS: [&str; 25] = [
 ];
 
 /// Entry points built only for f16 and bf16 inputs (tensor cores).
-pub const HALF_ENTRY_POINTS: [&str; 9] = [
+pub const HALF_ENTRY_POINTS: [&str; 10] = [
     "fm_fwd_tiles_tc",
+    "fm_fwd_tiles_tc_sc",
     "fm_fwd_tiles_tc_wide",
     "fm_grad_scale",
     "fm_grad_x_tc",
@@ -69,11 +72,15 @@ pub const HALF_ENTRY_POINTS: [&str; 9] = [
 ];
 
 /// Entry points built only for f32 inputs (the TF32 tensor-core forward).
-pub const F32_ENTRY_POINTS: [&str; 2] = ["fm_fwd_tiles_tf32", "fm_fwd_tiles_tf32_wide"];
+pub const F32_ENTRY_POINTS: [&str; 3] = [
+    "fm_fwd_tiles_tf32",
+    "fm_fwd_tiles_tf32_sc",
+    "fm_fwd_tiles_tf32_wide",
+];
 
 /// Entry points built only for f16 and bf16 inputs and only for `sm_90a` (wgmma: the Hopper
 /// forward, selected by the benchmark-only kernel override of [`super::Options`]).
-pub const SM90A_HALF_ENTRY_POINTS: [&str; 1] = ["fm_fwd_tiles_wg"];
+pub const SM90A_HALF_ENTRY_POINTS: [&str; 2] = ["fm_fwd_tiles_wg", "fm_fwd_tiles_wg_sc"];
 
 /// A compile unit of kernels/all.cu (`-DFM_UNIT=`, codes in kernels/geometry.cuh): the entry
 /// points of one kernel family and tile shape. [`Unit::All`] is the whole translation unit.
@@ -180,9 +187,12 @@ impl Unit {
             | "fm_curricular_state"
             | "fm_elastic_plus" => Unit::Core,
             "fm_fwd_tiles" => Unit::FwdSimt,
-            "fm_fwd_tiles_tc" | "fm_fwd_tiles_tf32" => Unit::FwdTc,
+            "fm_fwd_tiles_tc"
+            | "fm_fwd_tiles_tf32"
+            | "fm_fwd_tiles_tc_sc"
+            | "fm_fwd_tiles_tf32_sc" => Unit::FwdTc,
             "fm_fwd_tiles_tc_wide" | "fm_fwd_tiles_tf32_wide" => Unit::FwdTcWide,
-            "fm_fwd_tiles_wg" => Unit::FwdWg,
+            "fm_fwd_tiles_wg" | "fm_fwd_tiles_wg_sc" => Unit::FwdWg,
             "fm_grad_x_partial" | "fm_grad_w" => Unit::GradSimt,
             "fm_grad_w_tc" if f32out => Unit::GradTc64F32Out,
             "fm_grad_w_tc_d512" if f32out => Unit::GradTc32F32Out,

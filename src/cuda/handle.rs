@@ -459,8 +459,7 @@ impl FusedMarginLoss {
         shape: Shape,
     ) -> Result<()> {
         spec.validate()?;
-        plan::check_gpu_variant(spec)?;
-        shape.check_lengths(x.len(), w.len(), labels.len())?;
+        shape.check_lengths_with_centers(spec.variant.centers(), x.len(), w.len(), labels.len())?;
         self.check_device("x", x.stream())?;
         self.check_device("w", w.stream())?;
         self.check_device("labels", labels.stream())?;
@@ -866,7 +865,7 @@ impl FusedMarginLoss {
         self.check_backward_args::<T>(fwd, x, w, labels, upstream)?;
         let shape = fwd.shape;
         let mut dx = self.alloc_output::<O>(shape.b * shape.d)?;
-        let mut dw = self.alloc_output::<O>(shape.c * shape.d)?;
+        let mut dw = self.alloc_output::<O>(shape.c * fwd.spec.variant.centers() * shape.d)?;
         let out = GpuGradOut {
             dx: dx.as_view_mut(),
             dw: dw.as_view_mut(),
@@ -938,7 +937,7 @@ impl FusedMarginLoss {
         };
         let outs = [
             self.check_out("dx", &out.dx, shape.b * shape.d)?,
-            self.check_out("dw", &out.dw, shape.c * shape.d)?,
+            self.check_out("dw", &out.dw, shape.c * spec.variant.centers() * shape.d)?,
         ];
         let mut ins = vec![
             self.span::<T, _>("x", x),

@@ -44,8 +44,9 @@ pub struct FmParams {
     /// `(l_a, u_a, l_m, u_m, lambda_g)`, ElasticFace `(kind: 0 Arc / 1 Cos, plus: 0 none /
     /// 1 rank / 2 published)`; zeros after them.
     pub vp: [f32; 5],
-    /// 0 (keeps the struct 80 bytes, a multiple of 8).
-    pub reserved: i32,
+    /// Sub-centers per class `K` (1 but for sub-center ArcFace): `w` has `C*K` rows, class
+    /// `j`'s are `jK .. jK + K - 1`.
+    pub centers: i32,
 }
 
 // SAFETY: a plain #[repr(C)] struct of f32/i32 fields, matching the C struct field for field;
@@ -78,7 +79,7 @@ pub enum PolicyCode {
 #[repr(i32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VariantCode {
-    /// The fixed-margin family (and sub-center ArcFace, which the GPU plans refuse).
+    /// The fixed-margin family and sub-center ArcFace (its `K` is [`FmParams::centers`]).
     Plain = super::geometry::VAR_PLAIN as i32,
     /// AdaFace.
     AdaFace = super::geometry::VAR_ADAFACE as i32,
@@ -126,7 +127,7 @@ impl FmParams {
                 THETA_CLAMP as f32
             },
             vp: variant_params(&spec.variant),
-            reserved: 0,
+            centers: spec.variant.centers() as i32,
         }
     }
 }

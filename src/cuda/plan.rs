@@ -166,10 +166,17 @@ pub enum Buf {
     GDev,
     /// Naive plan: normalized x, B x D f32.
     Xh,
-    /// Naive plan: normalized w, C x D f32.
+    /// Naive plan: normalized w, C x D f32 (C K x D with sub-centers).
     Wh,
     /// Naive plan: cosines, B x C f32.
     Cos,
+    /// Naive plan with sub-centers: the cosines of every row of w, B x C K f32.
+    CosAll,
+    /// Naive plan with sub-centers: each (row, class)'s winning sub-center, B x C f32 (small
+    /// integers, exact in f32).
+    Win,
+    /// Naive plan with sub-centers: dc at the winners, 0 elsewhere, B x C K f32.
+    DcAll,
     /// Naive plan: logits, B x C f32.
     Logits,
     /// Naive plan: target values, B x C f32.
@@ -657,9 +664,14 @@ impl Builder {
 
 use Arg::{Null, Params, Read, Write, F32, I32, I64};
 
-/// Row norms of x (B rows) and w (C rows) in one launch: one warp per row, x's rows first.
-fn row_norms(bd: &mut Builder, shape: Shape) -> Result<()> {
-    let (b, c) = (shape.b, shape.c);
+/// The rows of w: `C`, or `C*K` with sub-centers ([`FmParams::centers`]).
+fn w_rows(p: &FmParams, shape: Shape) -> usize {
+    shape.c * p.centers.max(1) as usize
+}
+
+/// Row norms of x (B rows) and w ([`w_rows`]) in one launch: one warp per row, x's rows first.
+fn row_norms(bd: &mut Builder, p: &FmParams, shape: Shape) -> Result<()> {
+    let (b, c) = (shape.b, w_rows(p, shape));
     let d = i32_of(shape.d, "D")?;
     bd.alloc(Buf::XNorm, Elem::F32, b);
     bd.alloc(Buf::WNorm, Elem::F32, c);
@@ -913,20 +925,6 @@ pub fn state_of(spec: &MarginLoss, out: &[i64]) -> Option<LossState> {
     }
 }
 
-/// [`Error::Unsupported`] for a loss the GPU plans do not run yet: sub-center ArcFace (its max
-/// over K sub-centers in the tile epilogues is not built). Every other loss with state runs on
-/// every plan.
-pub fn check_gpu_variant(spec: &MarginLoss) -> Result<()> {
-    match spec.variant {
-        Variant::SubCenter { .. } => Err(Error::Unsupported {
-            detail: "sub-center ArcFace runs on the CPU reference (fused_margin::cpu) only; \
-                     the GPU plans do not have its max over sub-centers yet"
-                .into(),
-        }),
-        _ => Ok(()),
-    }
-}
-
 /// The per-row margins argument: the caller's buffer, or null (the spec's margins).
 fn row_margins_arg(given: bool) -> Arg {
     if given {
@@ -970,7 +968,7 @@ fn fused_forward(
 ) -> Result<LaunchPlan> {
     let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
     let di = i32_of(d, "D")?;
-    row_norms(&mut bd, pr.shape)?;
+    row_norms(&mut bd, &pr.params, pr.shape)?;
     row_steps(&mut bd, pr.params, pr.shape, pr.row_margins)?;
 
     // Tensor cores (kernels/logits_tc.cu) for f16/bf16 when the 16-byte cp.async copies are legal;
@@ -980,11 +978,17 @@ fn fused_forward(
     let half = pr.dtype != DType::F32;
     let tensor_cores = ch.tensor_cores && (half || ch.tf32) && tc_shape_ok(pr.dtype, d, pr.aligned);
     let wgmma = tensor_cores && half && ch.wgmma && dev.sm90a && WG_SMEM_BYTES <= dev.smem_optin;
-    let wide = tensor_cores && ch.wide_tiles && tc_smem_bytes(TC_WIDE) <= dev.smem_optin;
+    // Sub-centers: the *_sc instantiations of the narrow and wgmma tiles (a second set of
+    // accumulators for the class maxima; no wide one). The SIMT kernel takes any K.
+    let sub = pr.params.centers > 1;
+    let wide = tensor_cores && !sub && ch.wide_tiles && tc_smem_bytes(TC_WIDE) <= dev.smem_optin;
     let (tile, entry, smem) = match (tensor_cores, half, wide) {
+        _ if wgmma && sub => (WG_TILE, "fm_fwd_tiles_wg_sc", WG_SMEM_BYTES),
         _ if wgmma => (WG_TILE, "fm_fwd_tiles_wg", WG_SMEM_BYTES),
+        (true, true, false) if sub => (TC_TILE, "fm_fwd_tiles_tc_sc", tc_smem_bytes(TC_TILE)),
         (true, true, false) => (TC_TILE, "fm_fwd_tiles_tc", tc_smem_bytes(TC_TILE)),
         (true, true, true) => (TC_WIDE, "fm_fwd_tiles_tc_wide", tc_smem_bytes(TC_WIDE)),
+        (true, false, false) if sub => (TC_TILE, "fm_fwd_tiles_tf32_sc", tc_smem_bytes(TC_TILE)),
         (true, false, false) => (TC_TILE, "fm_fwd_tiles_tf32", tc_smem_bytes(TC_TILE)),
         (true, false, true) => (TC_WIDE, "fm_fwd_tiles_tf32_wide", tc_smem_bytes(TC_WIDE)),
         (false, _, _) => ((BM, BN), "fm_fwd_tiles", 0),
@@ -1209,8 +1213,12 @@ fn fused_backward(
     let mut p = pr.params;
     p.tf32_dots = (pr.fwd_tensor_cores && pr.dtype == DType::F32) as i32;
     let half = pr.dtype != DType::F32;
-    let tc_asked =
-        ch.tc_backward && ch.tensor_cores && half && tc_shape_ok(pr.dtype, d, pr.aligned);
+    // Sub-centers: the SIMT kernels (the tensor-core ones have no winner pass yet).
+    let tc_asked = ch.tc_backward
+        && ch.tensor_cores
+        && half
+        && p.centers <= 1
+        && tc_shape_ok(pr.dtype, d, pr.aligned);
     // The 32 x 512 tiles for D > 256. The tensor-core kernels keep their own rows and 2 (else 1)
     // partner tiles in shared memory with all D columns: where not even 1 fits the device's
     // block limit (D past 1,152 on an H100, past 480 on a 99 KB sm_86/89 part), the SIMT kernels.
@@ -1342,13 +1350,14 @@ fn fused_backward(
             Write(Buf::Dx),
         ],
     );
-    bd.alloc(Buf::Dw, Elem::Grad, c * d);
+    let k = p.centers.max(1) as usize;
+    bd.alloc(Buf::Dw, Elem::Grad, c * k * d);
     let wk = out_entry(t.w_kernel, pr.dtype, pr.grad_dtype);
-    // Grid (ceil(C / w_classes), dchunks): each block owns its classes' dims of dw and loops
-    // over the whole batch (no atomics).
+    // Grid (ceil(C / w_classes) K, dchunks): each block owns its classes' dims of dw (with
+    // sub-centers, of one sub-center k) and loops over the whole batch (no atomics).
     bd.launch_struct(
         &wk,
-        grid3(c.div_ceil(t.w_classes), dchunks, 1, &wk)?,
+        grid3(c.div_ceil(t.w_classes) * k, dchunks, 1, &wk)?,
         THREADS,
         smem,
         GradArgs {
@@ -1379,7 +1388,11 @@ fn naive_materialize(
     let (b, d, c) = (shape.b, shape.d, shape.c);
     rows_grid(b.max(c))?;
     let (bi, ci, di) = (b as i64, c as i64, i32_of(d, "D")?);
-    row_norms(bd, shape)?;
+    // Sub-centers: w has C K rows; the cosines of all of them (CosAll, B x C K) reduce to the
+    // class maxima (Cos) and their winners (Win) before anything else reads them.
+    let k = p.centers.max(1) as usize;
+    let wr = c * k;
+    row_norms(bd, &p, shape)?;
     // The losses with state: the forward runs the fused plan's per-row steps (the state, the
     // device margins and the target record); the backward reads what the forward saved, so it
     // never updates the state.
@@ -1396,7 +1409,7 @@ fn naive_materialize(
     };
     for (v, norms, out, rows, on) in [
         (Buf::X, Buf::XNorm, Buf::Xh, b, 1),
-        (Buf::W, Buf::WNorm, Buf::Wh, c, p.normalize_weights),
+        (Buf::W, Buf::WNorm, Buf::Wh, wr, p.normalize_weights),
     ] {
         bd.alloc(out, Elem::F32, rows * d);
         bd.launch(
@@ -1415,31 +1428,50 @@ fn naive_materialize(
         );
     }
     let bc = b * c;
-    bd.alloc(Buf::Cos, Elem::F32, bc);
+    let all = if k > 1 { Buf::CosAll } else { Buf::Cos };
+    bd.alloc(all, Elem::F32, b * wr);
     if dev.cublas {
         // Row-major cos (B x C) = xh . wh^T is column-major cos^T (C x B) = wh^T(op T) . xh.
         bd.steps.push(Step::Gemm(gemm(
             GemmOp::T,
             GemmOp::N,
-            (c, b, d),
+            (wr, b, d),
             (Buf::Wh, d),
             (Buf::Xh, d),
-            (Buf::Cos, c),
+            (all, wr),
             "cosine GEMM",
         )?));
     } else {
         bd.launch(
             "naive_cosine",
-            grid_1d(bc as u64, 256)?,
+            grid_1d((b * wr) as u64, 256)?,
             256,
             0,
             vec![
                 Read(Buf::Xh),
                 Read(Buf::Wh),
                 I64(bi),
-                I64(ci),
+                I64(wr as i64),
                 I32(di),
+                Write(all),
+            ],
+        );
+    }
+    if k > 1 {
+        bd.alloc(Buf::Cos, Elem::F32, bc);
+        bd.alloc(Buf::Win, Elem::F32, bc);
+        bd.launch(
+            "naive_subcenter_max",
+            grid_1d(bc as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::CosAll),
+                I64(bi),
+                I64(ci),
+                I32(k as i32),
                 Write(Buf::Cos),
+                Write(Buf::Win),
             ],
         );
     }
@@ -1484,8 +1516,10 @@ fn naive_materialize(
             Write(Buf::RowLoss),
         ],
     );
-    // Peak: xh, wh and five B x C buffers (cos, logits, tval, dt, prob) live at once at most.
-    Ok(4 * (b * d + c * d + 5 * bc))
+    // Peak: xh, wh and five B x C buffers (cos, logits, tval, dt, prob) live at once at most;
+    // with sub-centers also the B x C K cosines and the B x C winners.
+    let sub = if k > 1 { b * wr + bc } else { 0 };
+    Ok(4 * (b * d + wr * d + 5 * bc + sub))
 }
 
 /// A [`Gemm`] with its sizes checked against cuBLAS's 32-bit ints: `mnk` = (m, n, k), the
@@ -1574,10 +1608,33 @@ fn naive_backward(
         0,
         vec![Write(Buf::Xh), Read(Buf::Labels), I64(bi), I32(di)],
     );
-    // dxh = dc . wh (B x D), dwh = dc^T . xh (C x D).
+    // Sub-centers: dc to the winners only, as a B x C K matrix (DcAll) the products read.
+    let k = p.centers.max(1) as usize;
+    let wr = c * k;
+    let dc = if k > 1 {
+        bd.alloc(Buf::DcAll, Elem::F32, b * wr);
+        bd.launch(
+            "naive_subcenter_scatter",
+            grid_1d((b * wr) as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::Prob),
+                Read(Buf::Win),
+                I64(bi),
+                I64(ci),
+                I32(k as i32),
+                Write(Buf::DcAll),
+            ],
+        );
+        Buf::DcAll
+    } else {
+        Buf::Prob
+    };
+    // dxh = dc . wh (B x D), dwh = dc^T . xh (C K x D).
     for (out, other, rows, inner, trans) in [
-        (Buf::Dxh, Buf::Wh, b, c, false),
-        (Buf::Dwh, Buf::Xh, c, b, true),
+        (Buf::Dxh, Buf::Wh, b, wr, false),
+        (Buf::Dwh, Buf::Xh, wr, b, true),
     ] {
         bd.alloc(out, Elem::F32, rows * d);
         if dev.cublas {
@@ -1593,7 +1650,7 @@ fn naive_backward(
                 opa,
                 (d, rows, inner),
                 (other, d),
-                (Buf::Prob, lda),
+                (dc, lda),
                 (out, d),
                 "gradient GEMM",
             )?));
@@ -1604,7 +1661,7 @@ fn naive_backward(
                 256,
                 0,
                 vec![
-                    Read(Buf::Prob),
+                    Read(dc),
                     Read(other),
                     I64(rows as i64),
                     I64(inner as i64),
@@ -1628,7 +1685,7 @@ fn naive_backward(
             Buf::Wh,
             Buf::WNorm,
             Null,
-            c,
+            wr,
             p.normalize_weights,
             Buf::Dw,
         ),
@@ -1650,6 +1707,7 @@ fn naive_backward(
             ],
         );
     }
-    let workspace_bytes = 4 * (b * d + c * d + 5 * b * c) + 4 * (b * d + c * d + b);
+    let sub = if k > 1 { 2 * b * wr + b * c } else { 0 };
+    let workspace_bytes = 4 * (b * d + wr * d + 5 * b * c + sub) + 4 * (b * d + wr * d + b);
     Ok(bd.finish(workspace_bytes, false, false))
 }

@@ -207,6 +207,8 @@ const std::map<std::string, Binder>& table() {
         FM_K("fm_elastic_plus", FM_ENTRY(fm_elastic_plus)),
         FM_K("naive_normalize", FM_ENTRY(naive_normalize)),
         FM_K("naive_cosine", FM_ENTRY(naive_cosine)),
+        FM_K("naive_subcenter_max", FM_ENTRY(naive_subcenter_max)),
+        FM_K("naive_subcenter_scatter", FM_ENTRY(naive_subcenter_scatter)),
         FM_K("naive_logits", FM_ENTRY(naive_logits)),
         FM_K("naive_softmax", FM_ENTRY(naive_softmax)),
         FM_K("naive_dlogits", FM_ENTRY(naive_dlogits)),
@@ -218,8 +220,10 @@ const std::map<std::string, Binder>& table() {
         FM_K("fm_grad_w_f32out", FM_ENTRY_F32OUT(fm_grad_w)),
         FM_K("naive_norm_backward_f32out", FM_ENTRY_F32OUT(naive_norm_backward)),
         FM_K("fm_fwd_tiles_tc", FM_ENTRY(fm_fwd_tiles_tc)),
+        FM_K("fm_fwd_tiles_tc_sc", FM_ENTRY(fm_fwd_tiles_tc_sc)),
         FM_K("fm_fwd_tiles_tc_wide", FM_ENTRY(fm_fwd_tiles_tc_wide)),
         FM_K("fm_fwd_tiles_wg", FM_ENTRY(fm_fwd_tiles_wg)),
+        FM_K("fm_fwd_tiles_wg_sc", FM_ENTRY(fm_fwd_tiles_wg_sc)),
         FM_K("fm_grad_scale", FM_ENTRY(fm_grad_scale)),
         FM_K("fm_grad_x_tc", FM_ENTRY(fm_grad_x_tc)),
         FM_K("fm_grad_w_tc", FM_ENTRY(fm_grad_w_tc)),
@@ -229,6 +233,7 @@ const std::map<std::string, Binder>& table() {
         FM_K("fm_grad_w_tc_d512_f32out", FM_ENTRY_F32OUT(fm_grad_w_tc_d512)),
 #else
         FM_K("fm_fwd_tiles_tf32", FM_ENTRY(fm_fwd_tiles_tf32)),
+        FM_K("fm_fwd_tiles_tf32_sc", FM_ENTRY(fm_fwd_tiles_tf32_sc)),
         FM_K("fm_fwd_tiles_tf32_wide", FM_ENTRY(fm_fwd_tiles_tf32_wide)),
 #endif
     };
