@@ -40,6 +40,7 @@ use crate::cuda::Options;
 use crate::dtype::Element;
 use crate::error::Error;
 use crate::spec::{MarginLoss, Reduction, Shape, Upstream};
+use crate::variant::{ElasticMargins, ElasticRng, LossState, RowInputs};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Tensor, WithDType};
 use half::{bf16, f16};
@@ -89,23 +90,109 @@ pub fn margin_loss_with(
     spec: &MarginLoss,
     options: &Options,
 ) -> candle_core::Result<Tensor> {
+    Ok(margin_loss_with_inputs(x, w, labels, spec, options, &RowInputs::default())?.0)
+}
+
+/// [`margin_loss_with`] for a loss that takes per-row inputs or carries state (as
+/// [`crate::cpu::forward_with`]): AdaFace's and CurricularFace's state in (`inputs.state`),
+/// ElasticFace's margins (`inputs.margins`: B host values, or the generator's seed and step).
+/// Returns the loss and the state out (AdaFace, CurricularFace; `None` for the others), which the
+/// next step passes in: the caller owns the state, so a run is reproducible and checkpoints it
+/// with the weights. On CUDA the state out is copied to the host (it waits for the forward).
+///
+/// Sub-center ArcFace and MagFace need no inputs ([`margin_loss`] runs them); sub-center's `w` is
+/// `C*K x D`, class-major (rows `jK .. jK + K - 1` are class `j`'s), and so is its gradient.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use fused_margin::candle::margin_loss_with_inputs;
+/// use fused_margin::{cuda::Options, LossState, MarginLoss, RowInputs};
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = Device::Cpu;
+/// let x = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+/// let w = Tensor::randn(0f32, 1.0, (10, 8), &dev)?;
+/// let labels = Tensor::new(&[3i64, 0, 9, 1], &dev)?;
+/// let spec = MarginLoss::curricularface();
+/// let mut state = LossState::CURRICULAR_INIT;
+/// let (loss, out) = margin_loss_with_inputs(
+///     &x, &w, &labels, &spec, &Options::default(), &RowInputs::with_state(state),
+/// )?;
+/// state = out.unwrap(); // t after this batch, for the next step
+/// assert!(matches!(state, LossState::CurricularFace { .. }));
+/// loss.backward()?;
+/// # Ok(()) }
+/// ```
+pub fn margin_loss_with_inputs(
+    x: &Tensor,
+    w: &Tensor,
+    labels: &Tensor,
+    spec: &MarginLoss,
+    options: &Options,
+    inputs: &RowInputs<'_>,
+) -> candle_core::Result<(Tensor, Option<LossState>)> {
     spec.validate().map_err(wrap)?;
-    spec.check_fixed_margin("the candle op").map_err(wrap)?;
-    let shape = check_args(x, w, labels)?;
+    let shape = check_args(x, w, labels, spec.variant.centers())?;
     shape.validate().map_err(wrap)?;
+    spec.variant.check_inputs(inputs, shape.b).map_err(wrap)?;
     let labels = labels_i32(labels, shape, x.device())?;
+    let saved: SavedSlot = Arc::new(Mutex::new(None));
     let op = MarginOp {
         spec: *spec,
         shape,
         options: options.clone(),
-        saved: Arc::new(Mutex::new(None)),
+        rows: OwnedRows::of(inputs),
+        saved: saved.clone(),
     };
-    x.apply_op3(w, &labels, op)
+    let loss = x.apply_op3(w, &labels, op)?;
+    // candle runs the op eagerly: its forward has filled the slot.
+    let state = match &*lock(&saved) {
+        Some(Saved::Cpu(f)) => f.state,
+        #[cfg(feature = "candle-cuda")]
+        Some(Saved::Cuda(f)) => f.state().map_err(wrap)?,
+        None => None,
+    };
+    Ok((loss, state))
+}
+
+/// The per-row inputs, owned: the ops live in candle's graph after the call that made them (a
+/// backward may recompute the forward from them).
+#[derive(Debug, Clone, PartialEq)]
+struct OwnedRows {
+    state: Option<LossState>,
+    margins: Option<OwnedMargins>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum OwnedMargins {
+    Given(Vec<f64>),
+    Seeded(ElasticRng),
+}
+
+impl OwnedRows {
+    fn of(r: &RowInputs<'_>) -> Self {
+        Self {
+            state: r.state,
+            margins: r.margins.map(|m| match m {
+                ElasticMargins::Given(v) => OwnedMargins::Given(v.to_vec()),
+                ElasticMargins::Seeded(g) => OwnedMargins::Seeded(g),
+            }),
+        }
+    }
+
+    fn inputs(&self) -> RowInputs<'_> {
+        RowInputs {
+            state: self.state,
+            margins: self.margins.as_ref().map(|m| match m {
+                OwnedMargins::Given(v) => ElasticMargins::Given(v),
+                OwnedMargins::Seeded(g) => ElasticMargins::Seeded(*g),
+            }),
+        }
+    }
 }
 
 /// A margin-softmax head as a candle module: it owns the class weights (a `C x D` variable named
-/// `weight` from a [`candle_nn::VarBuilder`], as candle-nn's `Linear` owns its own) and gives the
-/// loss of embeddings and labels.
+/// `weight` from a [`candle_nn::VarBuilder`], as candle-nn's `Linear` owns its own; `C*K x D`
+/// for sub-center ArcFace) and gives the loss of embeddings and labels.
 ///
 /// ```
 /// use candle_core::{DType, Device, Tensor};
@@ -133,8 +220,9 @@ pub struct MarginHead {
 
 impl MarginHead {
     /// A head for `classes` classes of `dim`-dimensional embeddings with loss `spec`; the weights
-    /// are `vb`'s variable `weight` (`classes x dim`), initialized standard normal when new (the
-    /// loss normalizes them; insightface starts from normal(0, 0.01), the same directions).
+    /// are `vb`'s variable `weight` (`classes x dim`, or `classes*K x dim` with `K` sub-centers),
+    /// initialized standard normal when new (the loss normalizes them; insightface starts from
+    /// normal(0, 0.01), the same directions).
     pub fn new(
         vb: candle_nn::VarBuilder,
         classes: usize,
@@ -142,12 +230,17 @@ impl MarginHead {
         spec: MarginLoss,
     ) -> candle_core::Result<Self> {
         spec.validate().map_err(wrap)?;
-        spec.check_fixed_margin("MarginHead").map_err(wrap)?;
         let init = candle_nn::Init::Randn {
             mean: 0.0,
             stdev: 1.0,
         };
-        let weight = vb.get_with_hints((classes, dim), "weight", init)?;
+        let rows = classes.checked_mul(spec.variant.centers()).ok_or_else(|| {
+            msg(format!(
+                "fused_margin::candle::MarginHead: {classes} classes x {} sub-centers overflow usize",
+                spec.variant.centers()
+            ))
+        })?;
+        let weight = vb.get_with_hints((rows, dim), "weight", init)?;
         Ok(Self {
             weight,
             spec,
@@ -161,7 +254,7 @@ impl MarginHead {
         self
     }
 
-    /// The class weights, `classes x dim`.
+    /// The class weights, `classes x dim` (`classes*K x dim` with sub-centers).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -175,6 +268,24 @@ impl MarginHead {
     /// integers; negative ignores a row): [`margin_loss_with`] against the head's weights.
     pub fn forward(&self, embeddings: &Tensor, labels: &Tensor) -> candle_core::Result<Tensor> {
         margin_loss_with(embeddings, &self.weight, labels, &self.spec, &self.options)
+    }
+
+    /// [`Self::forward`] for a loss with per-row inputs or state: [`margin_loss_with_inputs`]
+    /// against the head's weights (the loss and the state out).
+    pub fn forward_with(
+        &self,
+        embeddings: &Tensor,
+        labels: &Tensor,
+        inputs: &RowInputs<'_>,
+    ) -> candle_core::Result<(Tensor, Option<LossState>)> {
+        margin_loss_with_inputs(
+            embeddings,
+            &self.weight,
+            labels,
+            &self.spec,
+            &self.options,
+            inputs,
+        )
     }
 }
 
@@ -192,8 +303,8 @@ fn is_float_input(dtype: DType) -> bool {
 }
 
 /// Checks ranks, shapes, dtypes, devices and contiguity before anything runs, and returns the
-/// problem's (B, D, C).
-fn check_args(x: &Tensor, w: &Tensor, labels: &Tensor) -> candle_core::Result<Shape> {
+/// problem's (B, D, C); `k` sub-centers per class (`w` has `C*k` rows).
+fn check_args(x: &Tensor, w: &Tensor, labels: &Tensor, k: usize) -> candle_core::Result<Shape> {
     const WHO: &str = "fused_margin::candle::margin_loss";
     let (xd, wd, ld) = (x.dims(), w.dims(), labels.dims());
     if xd.len() != 2 || wd.len() != 2 || ld.len() != 1 {
@@ -202,7 +313,14 @@ fn check_args(x: &Tensor, w: &Tensor, labels: &Tensor) -> candle_core::Result<Sh
              got x {xd:?}, w {wd:?}, labels {ld:?}"
         )));
     }
-    let shape = Shape::new(xd[0], xd[1], wd[0]);
+    if k > 1 && wd[0] % k != 0 {
+        return Err(msg(format!(
+            "{WHO}: with {k} sub-centers w has C*{k} rows (class-major); got w {wd:?}, whose {} \
+             rows are not a multiple of {k}",
+            wd[0]
+        )));
+    }
+    let shape = Shape::new(xd[0], xd[1], wd[0] / k.max(1));
     if wd[1] != shape.d || ld[0] != shape.b {
         return Err(msg(format!(
             "{WHO}: shapes do not fit: x {xd:?} (B x D), w {wd:?} (C x D, D must be {}), \
@@ -324,6 +442,7 @@ struct MarginOp {
     shape: Shape,
     #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
     options: Options,
+    rows: OwnedRows,
     saved: SavedSlot,
 }
 
@@ -383,7 +502,8 @@ impl CpuTyped for MarginOp {
         w: &[T],
         labels: &[i32],
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        let fwd = cpu::forward(&self.spec, x, w, labels, self.shape).map_err(wrap)?;
+        let fwd = cpu::forward_with(&self.spec, x, w, labels, self.shape, &self.rows.inputs())
+            .map_err(wrap)?;
         let out = match self.spec.reduction {
             Reduction::None => T::to_cpu_storage_owned(
                 fwd.row_loss
@@ -462,11 +582,13 @@ impl CustomOp3 for MarginOp {
                 UpstreamArg::Scalar(grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
             }
         };
-        let layout = GradLayout::new(self.shape, x.dtype().size_in_bytes())?;
+        let k = self.spec.variant.centers();
+        let layout = GradLayout::new(self.shape, k, x.dtype().size_in_bytes())?;
         let grad_op = GradOp {
             spec: self.spec,
             shape: self.shape,
             options: self.options.clone(),
+            rows: self.rows.clone(),
             saved: self.saved.clone(),
             upstream,
             layout,
@@ -475,40 +597,42 @@ impl CustomOp3 for MarginOp {
         let Shape { b, d, c } = self.shape;
         let both = x.apply_op3_no_bwd(w, labels, &grad_op)?;
         let dx = both.narrow(0, 0, b * d)?.reshape((b, d))?;
-        let dw = both.narrow(0, layout.dw_offset, c * d)?.reshape((c, d))?;
+        let dw = both
+            .narrow(0, layout.dw_offset, c * k * d)?
+            .reshape((c * k, d))?;
         Ok((Some(dx), Some(dw), None))
     }
 }
 
 /// Where the backward op puts the gradients in the one buffer it returns: `dx` (B x D) at 0, `dw`
-/// (C x D) at `dw_offset`, the first multiple of 256 bytes after `dx`, so `dw` starts as aligned
+/// (C x D, C K x D with sub-centers) at `dw_offset`, the first multiple of 256 bytes after `dx`, so `dw` starts as aligned
 /// as a fresh allocation. (The kernels store gradients one element at a time, which needs only
 /// element alignment; the padding keeps `dw` fit for vectorized readers and stores, at most 255
 /// bytes.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct GradLayout {
     dw_offset: usize,
-    /// Elements of the whole buffer: `dw_offset + C*D`.
+    /// Elements of the whole buffer: `dw_offset + C*K*D`.
     len: usize,
 }
 
 impl GradLayout {
     const ALIGN_BYTES: usize = 256;
 
-    /// The layout for `shape` with elements of `elem_bytes` (2 or 4).
-    fn new(shape: Shape, elem_bytes: usize) -> candle_core::Result<Self> {
+    /// The layout for `shape` with `k` sub-centers and elements of `elem_bytes` (2 or 4).
+    fn new(shape: Shape, k: usize, elem_bytes: usize) -> candle_core::Result<Self> {
         let per = (Self::ALIGN_BYTES / elem_bytes.max(1)).max(1);
         // Checked although margin_loss validated the shape: a wrap here would misplace dw.
         let dw_offset = shape
             .b
             .checked_mul(shape.d)
             .and_then(|dx| dx.div_ceil(per).checked_mul(per));
-        let len =
-            dw_offset.and_then(|o| shape.c.checked_mul(shape.d).and_then(|n| o.checked_add(n)));
+        let dw_len = shape.c.checked_mul(k).and_then(|r| r.checked_mul(shape.d));
+        let len = dw_offset.and_then(|o| dw_len.and_then(|n| o.checked_add(n)));
         let (Some(dw_offset), Some(len)) = (dw_offset, len) else {
             return Err(msg(format!(
-                "fused_margin::candle: the gradients of {shape:?} (B*D and C*D elements, dw at a \
-                 256-byte boundary) overflow usize"
+                "fused_margin::candle: the gradients of {shape:?} with {k} sub-centers (B*D and \
+                 C*K*D elements, dw at a 256-byte boundary) overflow usize"
             )));
         };
         Ok(Self { dw_offset, len })
@@ -533,6 +657,8 @@ struct GradOp {
     shape: Shape,
     #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
     options: Options,
+    /// The forward's per-row inputs, for a backward that must recompute it.
+    rows: OwnedRows,
     saved: SavedSlot,
     upstream: UpstreamArg,
     layout: GradLayout,
@@ -560,7 +686,9 @@ impl CpuTyped for GradOp {
             Some(Saved::Cpu(f)) => f,
             // Not saved by a CPU forward (cannot happen through margin_loss): recompute it.
             _ => {
-                recomputed = cpu::forward(&self.spec, x, w, labels, self.shape).map_err(wrap)?;
+                recomputed =
+                    cpu::forward_with(&self.spec, x, w, labels, self.shape, &self.rows.inputs())
+                        .map_err(wrap)?;
                 &recomputed
             }
         };
@@ -732,7 +860,15 @@ mod gpu {
             },
         };
         let saved = gpu
-            .forward_into(&op.spec, &x, &w, &labels, op.shape, views)
+            .forward_into_with(
+                &op.spec,
+                &x,
+                &w,
+                &labels,
+                op.shape,
+                &op.rows.inputs(),
+                views,
+            )
             .map_err(wrap)?;
         // The scalar loss stays f32 (see margin_loss); row losses take the input dtype.
         let storage = to_dtype(s1.device(), out, op.out_dtype(<T as WithDType>::DTYPE))?;
@@ -764,12 +900,13 @@ mod gpu {
             // Not saved by a CUDA forward (cannot happen through margin_loss): recompute it.
             _ => {
                 recomputed = gpu
-                    .forward_into(
+                    .forward_into_with(
                         &op.spec,
                         &x,
                         &w,
                         &labels,
                         op.shape,
+                        &op.rows.inputs(),
                         GpuForwardOut::default(),
                     )
                     .map_err(wrap)?;
@@ -836,28 +973,33 @@ mod tests {
         // B*D = 21: dw after 64 f32 (256 bytes) or 128 16-bit elements.
         let s = Shape::new(3, 7, 5);
         assert_eq!(
-            GradLayout::new(s, 4).unwrap(),
+            GradLayout::new(s, 1, 4).unwrap(),
             GradLayout {
                 dw_offset: 64,
                 len: 64 + 35
             }
         );
-        assert_eq!(GradLayout::new(s, 2).unwrap().dw_offset, 128);
+        assert_eq!(GradLayout::new(s, 1, 2).unwrap().dw_offset, 128);
         // dx already ends on a boundary: no padding.
         let even = Shape::new(2, 64, 3);
         assert_eq!(
-            GradLayout::new(even, 2).unwrap(),
+            GradLayout::new(even, 1, 2).unwrap(),
             GradLayout {
                 dw_offset: 128,
                 len: 128 + 192
             }
         );
         assert_eq!(
-            GradLayout::new(Shape::new(2, 65, 3), 4).unwrap().dw_offset,
+            GradLayout::new(Shape::new(2, 65, 3), 1, 4)
+                .unwrap()
+                .dw_offset,
             192
         );
         // An offset plus C*D past usize is an error, not a wrap.
         let huge = Shape::new(1, 3, usize::MAX / 3);
-        assert!(GradLayout::new(huge, 4).is_err());
+        assert!(GradLayout::new(huge, 1, 4).is_err());
+        // Sub-centers: dw has C K rows.
+        assert_eq!(GradLayout::new(s, 3, 4).unwrap().len, 64 + 3 * 35);
+        assert!(GradLayout::new(Shape::new(1, 3, usize::MAX / 6), 3, 4).is_err());
     }
 }

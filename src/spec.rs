@@ -400,24 +400,6 @@ impl MarginLoss {
         }
         Ok(())
     }
-
-    /// [`Error::Unsupported`] for a spec this backend (`what`: the GPU plans, the candle op, the
-    /// raw entry) cannot run yet: the losses with per-row or batch state run on the CPU
-    /// reference only.
-    pub fn check_fixed_margin(&self, what: &str) -> Result<()> {
-        if self.variant == Variant::Plain {
-            Ok(())
-        } else {
-            Err(Error::Unsupported {
-                detail: format!(
-                    "{what} supports the fixed-margin family (Variant::Plain) only, not the {} \
-                     loss: the CPU reference (fused_margin::cpu) runs every loss, the GPU handle \
-                     (FusedMarginLoss::forward_with) ElasticFace without Plus",
-                    self.variant.name()
-                ),
-            })
-        }
-    }
 }
 
 /// SphereFace's annealing schedule `lambda = max(lambda_min, base * (1 + gamma*iter)^-power)`

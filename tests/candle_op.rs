@@ -449,9 +449,12 @@ fn wrong_shapes_ranks_dtypes_and_labels_are_errors_naming_the_values() {
     let text = err_text(margin_loss(&x, &wh, &labels, &spec));
     assert_mentions(&text, &["same dtype", "F32", "F16"]);
 
-    // The losses with state need state the op cannot carry yet: refused, naming the loss.
-    let text = err_text(margin_loss(&x, &w, &labels, &MarginLoss::magface()));
-    assert_mentions(&text, &["MagFace", "CPU reference"]);
+    // A loss with state needs it: refused before anything runs, naming what to pass.
+    let text = err_text(margin_loss(&x, &w, &labels, &MarginLoss::adaface()));
+    assert_mentions(&text, &["AdaFace", "RowInputs::state", "ADAFACE_INIT"]);
+    // Sub-centers: w's rows must be a multiple of K.
+    let text = err_text(margin_loss(&x, &w, &labels, &MarginLoss::subcenter(3)));
+    assert_mentions(&text, &["3 sub-centers", "[5, 8]", "multiple of 3"]);
 
     let x64 = x.to_dtype(DType::F64).unwrap();
     let w64 = w.to_dtype(DType::F64).unwrap();
@@ -515,9 +518,204 @@ fn every_integer_label_dtype_gives_the_same_result() {
     assert_eq!(base, r.loss as f32);
 }
 
+/// The five losses with per-row inputs or state, each with what it takes (AdaFace's and
+/// CurricularFace's state, ElasticFace's seeded margins; sub-center ArcFace's K).
+fn state_cases() -> Vec<(&'static str, MarginLoss, fused_margin::RowInputs<'static>)> {
+    use fused_margin::{
+        ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, RowInputs,
+    };
+    let rng = ElasticMargins::Seeded(ElasticRng {
+        seed: 5,
+        step: 7,
+        row_offset: 0,
+    });
+    vec![
+        (
+            "subcenter",
+            MarginLoss::subcenter(3).scale(16.0),
+            RowInputs::default(),
+        ),
+        (
+            "adaface",
+            MarginLoss::adaface().scale(16.0),
+            RowInputs::with_state(LossState::AdaFace {
+                mean: 4.0,
+                std: 1.5,
+            }),
+        ),
+        (
+            "curricular",
+            MarginLoss::curricularface().scale(16.0),
+            RowInputs::with_state(LossState::CurricularFace { t: 0.2 }),
+        ),
+        (
+            "magface",
+            MarginLoss::magface().scale(16.0),
+            RowInputs::default(),
+        ),
+        (
+            "elastic+",
+            MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank).scale(16.0),
+            RowInputs::with_margins(rng),
+        ),
+    ]
+}
+
+/// Runs `margin_loss_with_inputs` on `device` (w has C*K rows with sub-centers; x rows scaled
+/// so MagFace's norms sit inside its clamp); returns the loss, dx, dw and the state out, and the
+/// reference of the same rounded inputs.
+fn run_state_case(
+    device: &Device,
+    dtype: DType,
+    spec: &MarginLoss,
+    rows: &fused_margin::RowInputs<'_>,
+    shape: Shape,
+    seed: u64,
+) -> (
+    Outputs,
+    Option<fused_margin::LossState>,
+    Outputs,
+    Option<fused_margin::LossState>,
+) {
+    let k = spec.variant.centers();
+    let wide = Shape::new(shape.b, shape.d, shape.c * k);
+    let (x, w, labels) = inputs(wide, seed);
+    let labels: Vec<i64> = labels
+        .iter()
+        .map(|&l| if l < 0 { l } else { l / k as i64 })
+        .collect();
+    // Norms 8 .. 40: MagFace's clamp [10, 110] is crossed, AdaFace's z spreads.
+    let x: Vec<f32> = x
+        .chunks(shape.d)
+        .enumerate()
+        .flat_map(|(i, r)| {
+            let n = r.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+            let target = 8.0 + 32.0 * ((5 * i) % shape.b) as f32 / shape.b as f32;
+            r.iter().map(move |v| v * target / n).collect::<Vec<_>>()
+        })
+        .collect();
+    let xt = Var::from_tensor(
+        &Tensor::from_vec(x.clone(), (shape.b, shape.d), device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
+    .unwrap();
+    let wt = Var::from_tensor(
+        &Tensor::from_vec(w.clone(), (shape.c * k, shape.d), device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap(),
+    )
+    .unwrap();
+    let lt = Tensor::from_vec(labels.clone(), shape.b, device).unwrap();
+    let (loss, state) = fused_margin::candle::margin_loss_with_inputs(
+        xt.as_tensor(),
+        wt.as_tensor(),
+        &lt,
+        spec,
+        &fused_margin::cuda::Options::default(),
+        rows,
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let to64 = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let dw = grads.get(wt.as_tensor()).expect("dw");
+    assert_eq!(dw.dims(), &[shape.c * k, shape.d]);
+    let out = Outputs {
+        loss: to64(&loss),
+        dx: to64(grads.get(xt.as_tensor()).expect("dx")),
+        dw: to64(dw),
+    };
+    // The reference on the inputs as the dtype rounded them.
+    let round = |v: &[f32]| -> Vec<f64> {
+        let t = Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap();
+        to64(&t.to_dtype(dtype).unwrap())
+    };
+    let (x64, w64) = (round(&x), round(&w));
+    let l32: Vec<i32> = labels.iter().map(|&l| l as i32).collect();
+    let fwd = cpu::forward_with(spec, &x64, &w64, &l32, shape, rows).unwrap();
+    let g = cpu::backward(spec, &fwd, &x64, &w64, &l32, shape, Upstream::ONE).unwrap();
+    let r = Outputs {
+        loss: vec![fwd.loss],
+        dx: g.dx,
+        dw: g.dw,
+    };
+    (out, state, r, fwd.state)
+}
+
+/// On the CPU the op is the reference rounded once: every loss with state, every dtype, and its
+/// state out (the same f64 values).
+#[test]
+fn cpu_op_runs_the_losses_with_state() {
+    let shape = Shape::new(9, 16, 11);
+    for dtype in dtypes() {
+        for (name, spec, rows) in state_cases() {
+            let (out, state, r, r_state) =
+                run_state_case(&Device::Cpu, dtype, &spec, &rows, shape, 31);
+            let what = format!("{name} {dtype:?}");
+            assert_eq!(out.loss, rounded_as(DType::F32, &r.loss), "loss, {what}");
+            assert_eq!(out.dx, rounded_as(dtype, &r.dx), "dx, {what}");
+            assert_eq!(out.dw, rounded_as(dtype, &r.dw), "dw, {what}");
+            assert_eq!(state, r_state, "state, {what}");
+            assert_eq!(
+                state.is_some(),
+                spec.variant.initial_state().is_some(),
+                "{what}"
+            );
+        }
+    }
+}
+
 #[cfg(feature = "candle-cuda")]
 mod gpu {
     use super::*;
+
+    /// The losses with state through the op on the GPU: MATH.md's bars, the state out to the loss
+    /// bar (relative, floor 1e-3).
+    #[test]
+    fn gpu_op_runs_the_losses_with_state() {
+        let Some(dev) = device() else { return };
+        let shape = Shape::new(37, 72, 101);
+        for dtype in dtypes() {
+            let (loss_bar, grad_bar) = bars(dtype);
+            for (name, spec, rows) in state_cases() {
+                let (out, state, r, r_state) = run_state_case(&dev, dtype, &spec, &rows, shape, 41);
+                let what = format!("{name} {dtype:?}");
+                let e = rel(&out.loss, &r.loss);
+                assert!(e <= loss_bar, "loss {what}: {e} > {loss_bar}");
+                let e = rel(&out.dx, &r.dx);
+                assert!(e <= grad_bar, "dx {what}: {e} > {grad_bar}");
+                let e = rel(&out.dw, &r.dw);
+                assert!(e <= grad_bar, "dw {what}: {e} > {grad_bar}");
+                let pairs = match (state, r_state) {
+                    (None, None) => vec![],
+                    (
+                        Some(fused_margin::LossState::AdaFace { mean, std }),
+                        Some(fused_margin::LossState::AdaFace { mean: m, std: s }),
+                    ) => vec![(mean, m), (std, s)],
+                    (
+                        Some(fused_margin::LossState::CurricularFace { t }),
+                        Some(fused_margin::LossState::CurricularFace { t: u }),
+                    ) => vec![(t, u)],
+                    (o, r) => panic!("{what}: state {o:?} vs {r:?}"),
+                };
+                for (o, r) in pairs {
+                    assert!(
+                        (o - r).abs() <= loss_bar * r.abs().max(1e-3),
+                        "{what}: state {o} vs {r}"
+                    );
+                }
+            }
+        }
+    }
 
     /// Device 0, or `None` (with the reason printed) when there is none and none is required.
     fn device() -> Option<Device> {

@@ -202,17 +202,79 @@ fn dtypes_upstream_and_spec_are_checked() {
         raw::check_forward(&bad, &inputs, &out),
         Err(Error::InvalidSpec { field: "m2", .. })
     ));
-    // The losses with state run on the CPU reference only: refused before any launch.
-    for spec in [MarginLoss::adaface(), MarginLoss::subcenter(3)] {
-        assert!(matches!(
-            raw::check_forward(&spec, &inputs, &out),
-            Err(Error::Unsupported { detail }) if detail.contains("CPU reference")
-        ));
-        assert!(matches!(
-            raw::check_backward(&spec, &inputs, RawUpstream::Scalar(1.0), &grads),
-            Err(Error::Unsupported { .. })
-        ));
-    }
+}
+
+/// The losses with per-row inputs or state: the inputs they need are checked against the loss
+/// before any driver call, and sub-center ArcFace's w and dw have C*K rows.
+#[test]
+fn losses_with_state_are_checked_first() {
+    use fused_margin::{
+        ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, RowInputs,
+    };
+    let (inputs, out, grads) = args(DType::BF16);
+    // AdaFace needs its state: without it the plain check names the row inputs.
+    let ada = MarginLoss::adaface();
+    let (what, detail) = invalid_what(raw::check_forward(&ada, &inputs, &out).unwrap_err());
+    assert_eq!(what, "row inputs", "{detail}");
+    let state = RowInputs::with_state(LossState::ADAFACE_INIT);
+    raw::check_forward_with(&ada, &inputs, &state, &out).unwrap();
+    // A state of the wrong loss, or a bad value in it, is refused too.
+    let curr = RowInputs::with_state(LossState::CurricularFace { t: 0.0 });
+    assert!(raw::check_forward_with(&ada, &inputs, &curr, &out).is_err());
+    let bad = RowInputs::with_state(LossState::AdaFace {
+        mean: f64::NAN,
+        std: 1.0,
+    });
+    assert!(matches!(
+        raw::check_forward_with(&ada, &inputs, &bad, &out),
+        Err(Error::InvalidSpec {
+            field: "state.mean",
+            ..
+        })
+    ));
+    // ElasticFace takes margins; a loss without per-row inputs refuses them.
+    let ela = MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None);
+    let seeded = RowInputs::with_margins(ElasticMargins::Seeded(ElasticRng {
+        seed: 1,
+        step: 2,
+        row_offset: 0,
+    }));
+    raw::check_forward_with(&ela, &inputs, &seeded, &out).unwrap();
+    assert!(raw::check_forward(&ela, &inputs, &out).is_err());
+    let arc = MarginLoss::arcface(0.5);
+    assert!(raw::check_forward_with(&arc, &inputs, &seeded, &out).is_err());
+    // MagFace needs nothing.
+    raw::check_forward(&MarginLoss::magface(), &inputs, &out).unwrap();
+
+    // Sub-centers: w (and dw) of C*K*D elements; C*D is a length error naming them.
+    let sub = MarginLoss::subcenter(3);
+    assert_eq!(
+        raw::check_forward(&sub, &inputs, &out),
+        Err(Error::Length {
+            what: "w",
+            expected: C * 3 * D,
+            got: C * D
+        })
+    );
+    let base = 0x7100_0000_0000u64;
+    let wide = RawInputs {
+        w: RawBuffer::new(base, C * 3 * D),
+        ..inputs
+    };
+    raw::check_forward(&sub, &wide, &out).unwrap();
+    assert_eq!(
+        raw::check_backward(&sub, &wide, RawUpstream::ONE, &grads),
+        Err(Error::Length {
+            what: "dw",
+            expected: C * 3 * D,
+            got: C * D
+        })
+    );
+    let sub_grads = RawGradOut {
+        dw: RawBuffer::new(base + 0x10_0000, C * 3 * D),
+        ..grads
+    };
+    raw::check_backward(&sub, &wide, RawUpstream::ONE, &sub_grads).unwrap();
 }
 
 /// The raw upstream is the handle's upstream enum with a raw buffer in it (one type,

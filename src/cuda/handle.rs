@@ -545,7 +545,8 @@ impl FusedMarginLoss {
         px % 16 == 0 && pw % 16 == 0
     }
 
-    /// Forward pass on the GPU (docs/MATH.md "Forward"). `x`: B x D, `w`: C x D, `labels`: B i32
+    /// Forward pass on the GPU (docs/MATH.md "Forward"). `x`: B x D, `w`: C x D (C K x D with
+    /// sub-centers, class-major), `labels`: B i32
     /// (negative = ignored), all on this handle's device. The loss and the row losses are
     /// written into buffers this call allocates ([`Self::forward_into`] with no views).
     pub fn forward<T: CudaElement>(
@@ -559,11 +560,13 @@ impl FusedMarginLoss {
         self.forward_owned(spec, x, w, labels, shape, None, &RowInputs::default())
     }
 
-    /// [`Self::forward`] for a loss that takes per-row inputs (as [`crate::cpu::forward_with`]).
-    /// On the GPU so far: ElasticFace without the Plus reordering, whose margins (given, or drawn
-    /// by the generator on the host: B values) are copied to the device and read where each
-    /// row's target is formed, so every forward and backward plan runs it unchanged. The other
-    /// losses with state are [`Error::Unsupported`] here (the CPU reference has them).
+    /// [`Self::forward`] for a loss that takes per-row inputs or state (as
+    /// [`crate::cpu::forward_with`]): AdaFace's and CurricularFace's state in
+    /// ([`RowInputs::state`], copied to the device; the state out is
+    /// [`GpuSaved::state`]), ElasticFace's margins (given, or drawn by the generator on the host:
+    /// B values, reordered on the device for ElasticFace+). MagFace and sub-center ArcFace need
+    /// none (`RowInputs::default()`, or [`Self::forward`]). [`crate::Variant::check_inputs`]'s
+    /// errors come before any launch.
     pub fn forward_with<T: CudaElement>(
         &self,
         spec: &MarginLoss,
@@ -597,6 +600,21 @@ impl FusedMarginLoss {
         out: GpuForwardOut<'_>,
     ) -> Result<GpuSaved> {
         self.forward_impl(spec, x, w, labels, shape, out, None, &RowInputs::default())
+    }
+
+    /// [`Self::forward_into`] for a loss that takes per-row inputs or state (as
+    /// [`Self::forward_with`]).
+    pub fn forward_into_with<T: CudaElement>(
+        &self,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+        inputs: &RowInputs<'_>,
+        out: GpuForwardOut<'_>,
+    ) -> Result<GpuSaved> {
+        self.forward_impl(spec, x, w, labels, shape, out, None, inputs)
     }
 
     /// The allocating forward under `choices` (None: the handle's after the self-check): the
@@ -818,7 +836,8 @@ impl FusedMarginLoss {
     /// (`out`; no copy: the kernels write them in place).
     ///
     /// Checked before any launch, besides [`Self::backward`]'s checks: each view's length
-    /// (`dx` B x D, `dw` C x D; [`Error::Length`] naming `"dx"` or `"dw"`), its device
+    /// (`dx` B x D, `dw` C x D, C K x D with sub-centers; [`Error::Length`] naming `"dx"` or
+    /// `"dw"`), its device
     /// ([`Error::InvalidArgument`]), and that the two overlap neither each other nor `x`, `w`,
     /// `labels` or a per-row upstream ([`Error::InvalidArgument`] naming the output, both address
     /// ranges and lengths). The element type is the input dtype by the signature

@@ -52,6 +52,7 @@ use super::{CudaElement, DeviceUpstream, FusedMarginLoss, GpuForwardOut, GpuGrad
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::{MarginLoss, Reduction, Shape};
+use crate::variant::{LossState, RowInputs};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -76,13 +77,14 @@ impl RawBuffer {
     }
 }
 
-/// The inputs: `x` (B x D) and `w` (C x D) row-major of `dtype` (f32, f16 or bf16), and `labels`
-/// (B `i32`, `0 <= y < C`, negative = ignored row).
+/// The inputs: `x` (B x D) and `w` (C x D; C K x D, class-major, for sub-center ArcFace with K
+/// sub-centers) row-major of `dtype` (f32, f16 or bf16), and `labels` (B `i32`, `0 <= y < C`,
+/// negative = ignored row).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RawInputs {
     /// Embeddings, `B*D` elements of `dtype`.
     pub x: RawBuffer,
-    /// Class weights, `C*D` elements of `dtype`.
+    /// Class weights, `C*D` elements of `dtype` (`C*K*D` with sub-centers).
     pub w: RawBuffer,
     /// Labels, `B` elements of `i32`.
     pub labels: RawBuffer,
@@ -101,13 +103,13 @@ pub struct RawForwardOut {
     pub row_loss: Option<RawBuffer>,
 }
 
-/// Where the backward writes `dx` (B x D) and `dw` (C x D), in `dtype`: the input dtype, or f32
+/// Where the backward writes `dx` (B x D) and `dw` (as `w`), in `dtype`: the input dtype, or f32
 /// for any input dtype (accumulation is f32 either way; f32 skips the final rounding).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RawGradOut {
     /// `dloss/dx`, `B*D` elements of `dtype`.
     pub dx: RawBuffer,
-    /// `dloss/dw`, `C*D` elements of `dtype`.
+    /// `dloss/dw`, `C*D` elements of `dtype` (`C*K*D` with sub-centers).
     pub dw: RawBuffer,
     /// The inputs' dtype or `DType::F32`.
     pub dtype: DType,
@@ -154,6 +156,13 @@ impl RawForward {
     pub fn spec(&self) -> &MarginLoss {
         self.fwd.spec()
     }
+
+    /// The state out of AdaFace or CurricularFace (copied to the host: synchronizes the
+    /// stream), `None` for the losses without state; see
+    /// [`GpuSaved::state`](super::GpuSaved::state).
+    pub fn state(&self) -> Result<Option<LossState>> {
+        self.fwd.state()
+    }
 }
 
 /// Forward pass (docs/MATH.md "Forward") on the caller's buffers and stream. The kernels write
@@ -191,14 +200,35 @@ pub unsafe fn forward(
     inputs: &RawInputs,
     out: &RawForwardOut,
 ) -> Result<RawForward> {
-    check_forward(spec, inputs, out)?;
+    // SAFETY: forwarded from this function's contract.
+    unsafe { forward_with(ordinal, stream, spec, inputs, &RowInputs::default(), out) }
+}
+
+/// [`forward`] for a loss that takes per-row inputs or state (as
+/// [`FusedMarginLoss::forward_with`]): AdaFace's or CurricularFace's state in `rows.state`
+/// (its update is [`RawForward::state`]), ElasticFace's margins in `rows.margins` (host values
+/// or the generator's seed and step). The other losses take `RowInputs::default()`, which is
+/// [`forward`].
+///
+/// # Safety
+///
+/// [`forward`]'s contract.
+pub unsafe fn forward_with(
+    ordinal: usize,
+    stream: CUstream,
+    spec: &MarginLoss,
+    inputs: &RawInputs,
+    rows: &RowInputs<'_>,
+    out: &RawForwardOut,
+) -> Result<RawForward> {
+    check_forward_with(spec, inputs, rows, out)?;
     let gpu = handle(ordinal, stream)?;
     // SAFETY: forwarded from this function's contract; the checks above hold.
     let fwd = unsafe {
         match inputs.dtype {
-            DType::F32 => forward_typed::<f32>(&gpu, spec, inputs, out)?,
-            DType::F16 => forward_typed::<f16>(&gpu, spec, inputs, out)?,
-            DType::BF16 => forward_typed::<bf16>(&gpu, spec, inputs, out)?,
+            DType::F32 => forward_typed::<f32>(&gpu, spec, inputs, rows, out)?,
+            DType::F16 => forward_typed::<f16>(&gpu, spec, inputs, rows, out)?,
+            DType::BF16 => forward_typed::<bf16>(&gpu, spec, inputs, rows, out)?,
             DType::F64 => return Err(unsupported_dtype(inputs.dtype)),
         }
     };
@@ -285,9 +315,22 @@ pub unsafe fn forward_backward(
 
 /// The checks [`forward`] makes before any driver call, as a safe function: the spec, the shape,
 /// the dtype, every buffer's length against the shape, null and misaligned pointers, outputs
-/// overlapping another buffer passed. It reads no memory.
+/// overlapping another buffer passed, and that the loss needs no per-row inputs (AdaFace,
+/// CurricularFace and ElasticFace go through [`forward_with`]). It reads no memory.
 pub fn check_forward(spec: &MarginLoss, inputs: &RawInputs, out: &RawForwardOut) -> Result<()> {
+    check_forward_with(spec, inputs, &RowInputs::default(), out)
+}
+
+/// The checks [`forward_with`] makes before any driver call: [`check_forward`]'s, with the
+/// per-row inputs checked against the loss ([`crate::Variant::check_inputs`]).
+pub fn check_forward_with(
+    spec: &MarginLoss,
+    inputs: &RawInputs,
+    rows: &RowInputs<'_>,
+    out: &RawForwardOut,
+) -> Result<()> {
     check_inputs(spec, inputs)?;
+    spec.variant.check_inputs(rows, inputs.shape.b)?;
     check_forward_out(inputs, out)
 }
 
@@ -377,7 +420,6 @@ fn input_buffers(inputs: &RawInputs) -> Result<[Span; 3]> {
 
 fn check_inputs(spec: &MarginLoss, inputs: &RawInputs) -> Result<()> {
     spec.validate()?;
-    spec.check_fixed_margin("the raw-pointer entry")?;
     let s = inputs.shape;
     s.validate()?;
     if s.d > i32::MAX as usize {
@@ -388,8 +430,19 @@ fn check_inputs(spec: &MarginLoss, inputs: &RawInputs) -> Result<()> {
     }
     let [x, w, labels] = input_buffers(inputs)?;
     check_buffer(x, s.b * s.d)?;
-    check_buffer(w, s.c * s.d)?;
+    check_buffer(w, w_len(spec, s)?)?;
     check_buffer(labels, s.b)
+}
+
+/// `w`'s (and `dw`'s) elements: `C*D`, or `C*K*D` with sub-centers.
+fn w_len(spec: &MarginLoss, s: Shape) -> Result<usize> {
+    let k = spec.variant.centers();
+    s.c.checked_mul(k)
+        .and_then(|r| r.checked_mul(s.d))
+        .ok_or_else(|| Error::TooLarge {
+            what: "w",
+            detail: format!("C*K*D = {}*{k}*{} overflows usize", s.c, s.d),
+        })
 }
 
 fn forward_outputs(out: &RawForwardOut) -> Vec<Span> {
@@ -434,7 +487,7 @@ fn check_grad_out(
     let s = inputs.shape;
     let outs = grad_outputs(out);
     check_buffer(outs[0], s.b * s.d)?;
-    check_buffer(outs[1], s.c * s.d)?;
+    check_buffer(outs[1], w_len(spec, s)?)?;
     let mut reads = input_buffers(inputs)?.to_vec();
     match (upstream, spec.reduction) {
         (RawUpstream::Scalar(v), Reduction::Mean | Reduction::Sum) => {
@@ -598,6 +651,7 @@ unsafe fn forward_typed<T: CudaElement>(
     gpu: &FusedMarginLoss,
     spec: &MarginLoss,
     inputs: &RawInputs,
+    row_inputs: &RowInputs<'_>,
     out: &RawForwardOut,
 ) -> Result<GpuSaved> {
     let s = gpu.stream();
@@ -617,12 +671,13 @@ unsafe fn forward_typed<T: CudaElement>(
             out.row_loss.map(|b| Borrowed::<f32>::new(s, b)),
         )
     };
-    gpu.forward_into(
+    gpu.forward_into_with(
         spec,
         &x.as_view(),
         &w.as_view(),
         &labels.as_view(),
         inputs.shape,
+        row_inputs,
         GpuForwardOut {
             loss: loss.as_mut().map(|b| b.as_view_mut()),
             row_loss: rows.as_mut().map(|b| b.as_view_mut()),
@@ -663,7 +718,7 @@ unsafe fn backward_typed<T: CudaElement>(
     };
     // The gradients go straight into the caller's dx and dw.
     if out.dtype == T::DTYPE {
-        // SAFETY: forwarded; `out.dtype` is T's, the lengths are B*D and C*D (checked), valid
+        // SAFETY: forwarded; `out.dtype` is T's, the lengths are B*D and w's (checked), valid
         // for the kernels' writes, overlapping nothing else passed (checked).
         let (mut dx, mut dw) =
             unsafe { (Borrowed::<T>::new(s, out.dx), Borrowed::<T>::new(s, out.dw)) };

@@ -66,7 +66,7 @@ pub struct GpuForwardOut<'a> {
 pub struct GpuGradOut<'a, O> {
     /// `dloss/dx`: B x D row-major, exactly `B*D` elements.
     pub dx: CudaViewMut<'a, O>,
-    /// `dloss/dw`: C x D row-major, exactly `C*D` elements.
+    /// `dloss/dw`: C x D row-major, exactly `C*D` elements (`C*K*D` with sub-centers).
     pub dw: CudaViewMut<'a, O>,
 }
 
@@ -311,7 +311,7 @@ impl GpuBackwardRun {
 pub struct GpuGradients<O> {
     /// `dloss/dx`, B x D row-major.
     pub dx: CudaSlice<O>,
-    /// `dloss/dw`, C x D row-major.
+    /// `dloss/dw`, C x D row-major (C K x D with sub-centers).
     pub dw: CudaSlice<O>,
     /// What ran, and the label check.
     pub run: GpuBackwardRun,
