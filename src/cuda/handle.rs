@@ -604,6 +604,7 @@ impl FusedMarginLoss {
 
     /// [`Self::forward_into`] for a loss that takes per-row inputs or state (as
     /// [`Self::forward_with`]).
+    #[allow(clippy::too_many_arguments)] // forward_into's and forward_with's, together
     pub fn forward_into_with<T: CudaElement>(
         &self,
         spec: &MarginLoss,
