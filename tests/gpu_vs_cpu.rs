@@ -1619,16 +1619,31 @@ fn into_bad_views_are_typed_errors_before_any_launch() {
     assert_eq!(past, [sentinel]);
 }
 
-/// ElasticFace on the GPU (`forward_with`): the host's per-row margins, on both plans and every
-/// dtype, against the CPU reference with the same margins; the other losses with state are
-/// refused before any launch.
+/// Every loss with per-row inputs or state on the GPU (`forward_with`), on both plans and every
+/// dtype, against the CPU reference with the same inputs: sub-center ArcFace (w of C K rows),
+/// AdaFace and CurricularFace (state in, state out compared), MagFace (feature norms across its
+/// clamp), ElasticFace with given and seeded margins and with Plus. Inputs that do not belong to
+/// the loss are refused before any launch.
 #[test]
-fn elastic_face_through_forward_with() {
-    use fused_margin::{ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, RowInputs};
+fn losses_with_state_through_forward_with() {
+    use fused_margin::{
+        ElasticKind, ElasticMargins, ElasticPlus, ElasticRng, LossState, RowInputs,
+    };
     let Some(stream) = gpu_or_skip() else { return };
     fn one<T: CudaElement>(gpu: &FusedMarginLoss, spec: &MarginLoss, rows_in: &RowInputs) {
         let shape = Shape::new(37, 64, 301);
-        let inp = inputs(shape, 91);
+        let k = spec.variant.centers();
+        let mut inp = inputs(Shape::new(shape.b, shape.d, shape.c * k), 91);
+        inp.labels
+            .iter_mut()
+            .filter(|l| **l >= 0)
+            .for_each(|l| *l /= k as i32);
+        // Feature norms 4 .. 124 in a scrambled order: across MagFace's clamp, AdaFace's z spread.
+        for (i, row) in inp.x.chunks_mut(shape.d).enumerate() {
+            let n = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let target = 4.0 + 120.0 * ((7 * i) % shape.b) as f64 / shape.b as f64;
+            row.iter_mut().for_each(|v| *v *= target / n.max(1e-30));
+        }
         let s = gpu.stream();
         let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
         let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
@@ -1652,10 +1667,32 @@ fn elastic_face_through_forward_with() {
         assert!(rel(&rows, &r.row_loss) <= lbar, "{what}: row loss");
         let dx = to_f64(&s.clone_dtoh(&g.dx).unwrap());
         let dw = to_f64(&s.clone_dtoh(&g.dw).unwrap());
+        assert_eq!(dw.len(), shape.c * k * shape.d, "{what}: dw of C K rows");
         assert!(
             rel(&dx, &rg.dx) <= gbar && rel(&dw, &rg.dw) <= gbar,
-            "{what}: gradients"
+            "{what}: gradients dx {:e}, dw {:e}",
+            rel(&dx, &rg.dx),
+            rel(&dw, &rg.dw)
         );
+        let pairs = match (f.saved.state().unwrap(), r.state) {
+            (None, None) => vec![],
+            (
+                Some(LossState::AdaFace { mean, std }),
+                Some(LossState::AdaFace { mean: m, std: d }),
+            ) => {
+                vec![(mean, m), (std, d)]
+            }
+            (Some(LossState::CurricularFace { t }), Some(LossState::CurricularFace { t: u })) => {
+                vec![(t, u)]
+            }
+            (o, r) => panic!("{what}: state {o:?}, reference {r:?}"),
+        };
+        for (o, r) in pairs {
+            assert!(
+                (o - r).abs() <= lbar * r.abs().max(1e-3),
+                "{what}: state {o} vs {r}"
+            );
+        }
     }
     let margins: Vec<f64> = (0..37).map(|i| 0.45 + 0.003 * i as f64).collect();
     let given = RowInputs::with_margins(ElasticMargins::Given(&margins));
@@ -1664,27 +1701,68 @@ fn elastic_face_through_forward_with() {
         step: 4,
         row_offset: 0,
     }));
+    let none = RowInputs::default();
+    let ada = RowInputs::with_state(LossState::AdaFace {
+        mean: 40.0,
+        std: 30.0,
+    });
+    let curr = RowInputs::with_state(LossState::CurricularFace { t: 0.3 });
     let arc = MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None);
     let cos = MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::None);
+    let plus = MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank);
     for plan in [Plan::Fused, Plan::Naive] {
         let gpu = poisoned(&stream, plan);
         one::<f32>(&gpu, &arc, &given);
         one::<bf16>(&gpu, &arc, &seeded);
         one::<f16>(&gpu, &cos, &seeded);
-        // Refused before any launch: Plus, and the losses whose statistics live on the device.
+        one::<bf16>(&gpu, &plus, &seeded);
+        for (spec, rows) in [
+            (MarginLoss::subcenter(3), &none),
+            (MarginLoss::adaface(), &ada),
+            (MarginLoss::curricularface(), &curr),
+            (MarginLoss::magface(), &none),
+        ] {
+            one::<f32>(&gpu, &spec, rows);
+            one::<bf16>(&gpu, &spec, rows);
+            one::<f16>(&gpu, &spec, rows);
+        }
+        // Refused before any launch: inputs of another loss, a missing state.
         let x = upload::<f32>(&stream, &[0.5; 8]);
         let w = upload::<f32>(&stream, &[0.5; 12]);
         let l = stream.clone_htod(&[0i32, 1]).unwrap();
         let (xv, wv, lv) = (x.as_view(), w.as_view(), l.as_view());
-        for spec in [
-            MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
-            MarginLoss::adaface(),
-            MarginLoss::subcenter(1),
+        for (spec, rows) in [
+            (MarginLoss::adaface(), &seeded),
+            (MarginLoss::adaface(), &none),
+            (MarginLoss::arcface(0.5), &curr),
         ] {
             let e = gpu
-                .forward_with(&spec, &xv, &wv, &lv, Shape::new(2, 4, 3), &seeded)
+                .forward_with(&spec, &xv, &wv, &lv, Shape::new(2, 4, 3), rows)
                 .unwrap_err();
-            assert!(matches!(e, fused_margin::Error::Unsupported { .. }), "{e}");
+            assert!(
+                matches!(e, fused_margin::Error::InvalidArgument { .. }),
+                "{e}"
+            );
         }
+        // Sub-centers: w of C*D elements is a length error.
+        let e = gpu
+            .forward(
+                &MarginLoss::subcenter(3),
+                &xv,
+                &wv,
+                &lv,
+                Shape::new(2, 4, 3),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                fused_margin::Error::Length {
+                    what: "w (C*K*D with sub-centers)",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

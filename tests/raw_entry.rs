@@ -513,6 +513,85 @@ mod gpu {
         case::<bf16>(&stream, DType::BF16, (5e-3, 2e-2));
     }
 
+    /// The losses with state through the raw entry: sub-center ArcFace (w and dw of C K rows),
+    /// CurricularFace (`forward_with` with its state in, the state out from the result), against
+    /// the reference.
+    #[test]
+    fn gpu_losses_with_state_through_forward_with() {
+        use fused_margin::{LossState, RowInputs};
+        let _one = serial();
+        let Some(stream) = stream() else { return };
+        let shape = Shape::new(37, 72, 101);
+        for (spec, rows) in [
+            (MarginLoss::subcenter(3).scale(16.0), RowInputs::default()),
+            (
+                MarginLoss::curricularface().scale(16.0),
+                RowInputs::with_state(LossState::CurricularFace { t: 0.3 }),
+            ),
+        ] {
+            let k = spec.variant.centers();
+            let (x, w, labels) = data(Shape::new(shape.b, shape.d, shape.c * k));
+            let labels: Vec<i32> = labels
+                .iter()
+                .map(|&l| if l < 0 { l } else { l / k as i32 })
+                .collect();
+            let xt: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wt: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let r = cpu::forward_with(&spec, &xt, &wt, &labels, shape, &rows).unwrap();
+            let rg = cpu::backward(&spec, &r, &xt, &wt, &labels, shape, Upstream::ONE).unwrap();
+            let (xd, wd, ld) = (
+                stream.clone_htod(&xt).unwrap(),
+                stream.clone_htod(&wt).unwrap(),
+                stream.clone_htod(&labels).unwrap(),
+            );
+            let loss = stream.alloc_zeros::<f32>(1).unwrap();
+            let dx = stream.alloc_zeros::<f32>(shape.b * shape.d).unwrap();
+            let dw = stream.alloc_zeros::<f32>(shape.c * k * shape.d).unwrap();
+            let inputs = RawInputs {
+                x: ptr(&xd, &stream),
+                w: ptr(&wd, &stream),
+                labels: ptr(&ld, &stream),
+                dtype: DType::BF16,
+                shape,
+            };
+            let out = RawForwardOut {
+                loss: Some(ptr(&loss, &stream)),
+                row_loss: None,
+            };
+            let cu = stream.cu_stream();
+            // SAFETY: live allocations of the stated lengths on device 0, made on `stream`,
+            // outputs separate, everything read back on the same stream.
+            let fwd = unsafe { raw::forward_with(0, cu, &spec, &inputs, &rows, &out) }.unwrap();
+            let grads = RawGradOut {
+                dx: ptr(&dx, &stream),
+                dw: ptr(&dw, &stream),
+                dtype: DType::F32,
+            };
+            // SAFETY: as above.
+            unsafe { raw::backward(0, cu, &fwd, &inputs, RawUpstream::ONE, &grads) }.unwrap();
+            let what = format!("{spec:?}");
+            assert!(
+                rel(&host(&stream, &loss), &[r.loss]) <= 5e-3,
+                "{what}: loss"
+            );
+            assert!(rel(&host(&stream, &dx), &rg.dx) <= 2e-2, "{what}: dx");
+            assert!(rel(&host(&stream, &dw), &rg.dw) <= 2e-2, "{what}: dw");
+            match (fwd.state().unwrap(), r.state) {
+                (None, None) => {}
+                (
+                    Some(LossState::CurricularFace { t }),
+                    Some(LossState::CurricularFace { t: u }),
+                ) => {
+                    assert!(
+                        (t - u).abs() <= 5e-3 * u.abs().max(1e-3),
+                        "{what}: t {t} vs {u}"
+                    )
+                }
+                (o, r) => panic!("{what}: state {o:?}, reference {r:?}"),
+            }
+        }
+    }
+
     #[test]
     fn gpu_forward_backward_in_one_call_with_per_row_upstream() {
         let _one = serial();
