@@ -9,10 +9,11 @@
 // Grid (ceil(B / FM_BM), nsplit, ceil(D / FM_DC)). Block (rt, split, dc) owns rows
 // [rt*BM, rt*BM + BM) x dims [dc*DC, dc*DC + DC) of the partial dxh of its class split, and
 // (for dc == 0) the split's partial proj_i and dn_i. Partials are summed in fm_x_finish.
-// Three blocks per SM (80 registers, 48 bytes of spills) as before the margin maths left the tile
-// loop; without the minimum ptxas takes 113 registers and two blocks. For the GPU benchmarks.
-extern "C" __global__ void __launch_bounds__(FM_THREADS, 3)
-FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
+// SC: sub-centers (p.centers = K rows of w per class; the *_sc entries): each class tile is K
+// dot tiles with the winners kept, and K products, each with dc kept where its sub-center won.
+// Without SC, K is the constant 1 and the loops fold to the plain kernel.
+template <bool SC>
+__device__ __forceinline__ void fm_grad_x_partial_body(const FmGradArgs<float>& args) {
     FM_GRAD_UNPACK
     __shared__ FmTileSmem sm;
     __shared__ float dcs[FM_BM][FM_BN + 1];
@@ -32,7 +33,7 @@ FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
         for (int q = 0; q < FM_DC / 16; ++q) acc2[a][q] = 0.0f;
     float proj[2] = {0.0f, 0.0f}, dn[2] = {0.0f, 0.0f};
 
-    const int K = p.centers;
+    const int K = SC ? p.centers : 1;
     for (i64 t = t_begin; t < t_end; ++t) {
         const i64 col0 = t * FM_BN;
         // The class cosines and their winning sub-centers (the forward's arithmetic).
@@ -118,7 +119,7 @@ FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
 // (their rows jK + ks of dw; K = 1 but for sub-centers) x dims [dc*DC, dc*DC + DC) of dw: it loops over every row tile of the batch, so no other block touches
 // its outputs. At the end it applies the normalization backward with
 // proj_j = wh_j . dwh_j = sum_i dc_ij c_ij, reduced in a fixed order.
-template <typename OUT>
+template <typename OUT, bool SC>
 __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
     FM_GRAD_UNPACK
     __shared__ FmTileSmem sm;
@@ -129,7 +130,7 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     // Sub-centers: block x = class tile * K + ks owns rows jK + ks of dw for the tile's classes j;
     // it forms all K cosines of each (row, class) to find the winner, and keeps dc where ks won.
-    const int K = p.centers, ks = (int)(blockIdx.x % (unsigned)K);
+    const int K = SC ? p.centers : 1, ks = SC ? (int)(blockIdx.x % (unsigned)K) : 0;
     const i64 col0 = (i64)(blockIdx.x / (unsigned)K) * FM_BN;
     const int d0 = blockIdx.y * FM_DC;
     float acc2[2][FM_DC / 16];
@@ -146,9 +147,13 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
             bool on = row < B && fm_upstream(g_rows, g_scalar, row, labels[row]) != 0.0f;
             xscale[tid] = on ? fm_inv_norm(xnorm[row]) : 0.0f;
         }
-        FmRow R[2];
-        for (int a = 0; a < 2; ++a)
-            R[a] = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
+        // The rows' 1/|x_i| only (fm_row_ctx's): the whole row context is loaded after the dots,
+        // one row at a time, which keeps it out of the registers live across them.
+        float inv_x[2];
+        for (int a = 0; a < 2; ++a) {
+            const i64 row = row0 + ty + 16 * a;
+            inv_x[a] = row < B ? fm_inv_norm(xnorm[row]) : 0.0f;
+        }
         float cs[2][2];
         int win[2][2];
         for (int k = 0; k < K; ++k) {
@@ -158,16 +163,17 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
                 for (int b = 0; b < 2; ++b) {
                     const i64 col = col0 + tx + 16 * b;
                     const float inv_w = col < C ? fm_inv_norm(wnorm[col * K + k]) : 0.0f;
-                    fm_subcenter_max(cs[a][b], win[a][b], fm_cos(p, R[a], acc[a][b], inv_w), k);
+                    fm_subcenter_max(cs[a][b], win[a][b], fm_cos_x(p, inv_x[a], acc[a][b], inv_w), k);
                 }
         }
         for (int a = 0; a < 2; ++a) {
+            FmRow R = fm_load_row(p, row0 + ty + 16 * a, B, labels, xnorm, tgt, lse, g_rows, g_scalar);
             for (int b = 0; b < 2; ++b) {
                 i64 col = col0 + tx + 16 * b;
                 float dc = 0.0f;
                 if (col < C && win[a][b] == ks) {
                     float c, dzt;
-                    dc = fm_dc(p, R[a], col, cs[a][b], c, dzt);
+                    dc = fm_dc(p, R, col, cs[a][b], c, dzt);
                     projw[b] = fmaf(dc, c, projw[b]);
                 }
                 dcs[ty + 16 * a][tx + 16 * b] = dc;
@@ -221,11 +227,30 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
     }
 }
 
+// Three blocks per SM (80 registers, 48 bytes of spills) as before the margin maths left the tile
+// loop; without the minimum ptxas takes 113 registers and two blocks. For the GPU benchmarks.
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 3)
+FM_ENTRY(fm_grad_x_partial)(const FmGradArgs<float> args) {
+    fm_grad_x_partial_body<false>(args);
+}
+// Sub-center ArcFace.
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 3)
+FM_ENTRY(fm_grad_x_partial_sc)(const FmGradArgs<float> args) {
+    fm_grad_x_partial_body<true>(args);
+}
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
 FM_ENTRY(fm_grad_w)(const FmGradArgs<T_IN> args) {
-    fm_grad_w<T_IN>(args);
+    fm_grad_w<T_IN, false>(args);
 }
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
 FM_ENTRY_F32OUT(fm_grad_w)(const FmGradArgs<float> args) {
-    fm_grad_w<float>(args);
+    fm_grad_w<float, false>(args);
+}
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+FM_ENTRY(fm_grad_w_sc)(const FmGradArgs<T_IN> args) {
+    fm_grad_w<T_IN, true>(args);
+}
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+FM_ENTRY_F32OUT(fm_grad_w_sc)(const FmGradArgs<float> args) {
+    fm_grad_w<float, true>(args);
 }

@@ -8,10 +8,8 @@
 // the epilogue runs on their maximum (fm_subcenter_max); w has C K rows, its norms C K entries.
 #include "tile.cuh"
 
-// Four blocks per SM: ptxas otherwise takes 100 registers (two blocks) since the margin maths
-// left the tile loop; at 64 f32 does not spill and f16/bf16 spill 4 bytes (scripts/ptxas-report).
-extern "C" __global__ void __launch_bounds__(FM_THREADS, 4)
-FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
+template <bool SC>
+__device__ __forceinline__ void fm_fwd_tiles_body(const FmTileArgs& args) {
     FM_TILE_UNPACK
     __shared__ FmTileSmem sm;
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
@@ -28,7 +26,7 @@ FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
         run_m[a] = FM_NEG_INF;
         run_s[a] = 0.0f;
     }
-    const int K = p.centers;
+    const int K = SC ? p.centers : 1;   // the *_sc entry: sub-centers; else the constant 1
     for (i64 t = t_begin; t < t_end; ++t) {
         const i64 col0 = t * FM_BN;
         // The class cosines: with sub-centers the largest of the K tiles of rows jK + k of w.
@@ -74,3 +72,11 @@ FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) {
         }
     }
 }
+
+// Four blocks per SM: ptxas otherwise takes 100 registers (two blocks) since the margin maths
+// left the tile loop; at 64 f32 does not spill and f16/bf16 spill 4 bytes (scripts/ptxas-report).
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 4)
+FM_ENTRY(fm_fwd_tiles)(const FmTileArgs args) { fm_fwd_tiles_body<false>(args); }
+// Sub-center ArcFace.
+extern "C" __global__ void __launch_bounds__(FM_THREADS, 4)
+FM_ENTRY(fm_fwd_tiles_sc)(const FmTileArgs args) { fm_fwd_tiles_body<true>(args); }

@@ -116,8 +116,11 @@ __device__ __forceinline__ FmRow fm_load_row(const FmParams& p, i64 row, i64 B, 
 
 // c_ij from the raw dot product: dot / (max(|x_i|,eps) max(|w_j|,eps)), the weight factor only
 // with weight normalization.
+__device__ __forceinline__ float fm_cos_x(const FmParams& p, float inv_x, float dot, float inv_w) {
+    return dot * inv_x * (p.normalize_weights ? inv_w : 1.0f);
+}
 __device__ __forceinline__ float fm_cos(const FmParams& p, const FmRow& R, float dot, float inv_w) {
-    return dot * R.inv_x * (p.normalize_weights ? inv_w : 1.0f);
+    return fm_cos_x(p, R.inv_x, dot, inv_w);
 }
 
 // An element from its cosine c (fm_cos; with sub-centers the class's, fm_subcenter_max).

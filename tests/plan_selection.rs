@@ -762,3 +762,123 @@ fn fused_workspaces_share_one_arena_and_outputs_stay_apart() {
         }
     }
 }
+
+/// Sub-center ArcFace (K = 3): the `*_sc` instantiations on every forward path (no wide tiles,
+/// which have none), the SIMT backward whatever is asked (its dW grid one block row per
+/// sub-center), w's norms and dW of C K rows, and the naive plan's B x C K intermediates with
+/// cuBLAS and without.
+#[test]
+fn subcenter_picks_its_instantiations() {
+    let k = 3;
+    let p = FmParams::from_spec(&MarginLoss::subcenter(k));
+    assert_eq!(p.centers, 3);
+    assert_eq!(params().centers, 1);
+    let shape = Shape::new(200, 64, 1_000);
+    let run = |dev: &DeviceFacts, ch: &Choices, dtype: DType| {
+        let f = plan::forward(
+            dev,
+            ch,
+            &ForwardProblem {
+                dtype,
+                shape,
+                aligned: true,
+                params: p,
+                mean: true,
+                row_margins: false,
+            },
+        )
+        .unwrap();
+        let b = plan::backward(
+            dev,
+            ch,
+            &BackwardProblem {
+                dtype,
+                grad_dtype: DType::F32,
+                shape,
+                aligned: true,
+                params: p,
+                mean: true,
+                upstream: PlanUpstream::Scalar(0.25),
+                fwd_tensor_cores: f.tensor_cores,
+                row_margins: false,
+            },
+        )
+        .unwrap();
+        (f, b)
+    };
+    for (name, dev) in DEVICES {
+        for dtype in DTYPES {
+            for ch in [
+                Choices::default(),
+                Choices {
+                    wide_tiles: true,
+                    tf32: true,
+                    tc_backward: true,
+                    ..Choices::default()
+                },
+                Choices {
+                    wgmma: true,
+                    tc_backward: true,
+                    ..Choices::default()
+                },
+                Choices {
+                    tensor_cores: false,
+                    ..Choices::default()
+                },
+            ] {
+                let what = format!("{name} {dtype:?} {ch:?}");
+                let (f, b) = run(&dev, &ch, dtype);
+                well_formed(&f, &FWD_GIVEN, &what);
+                well_formed(&b, &BWD_GIVEN, &what);
+                let half = dtype != DType::F32;
+                let want = match (f.tensor_cores, f.wgmma, half) {
+                    (false, _, _) => "fm_fwd_tiles_sc",
+                    (true, true, _) => "fm_fwd_tiles_wg_sc",
+                    (true, false, true) => "fm_fwd_tiles_tc_sc",
+                    (true, false, false) => "fm_fwd_tiles_tf32_sc",
+                };
+                assert_eq!(writer(&f, Buf::PartM), want, "{what}");
+                assert_eq!(f.wgmma, ch.wgmma && half && dev.sm90a, "{what}");
+                assert_eq!(
+                    f.tensor_cores,
+                    ch.tensor_cores && (half || ch.tf32),
+                    "{what}"
+                );
+                assert!(!b.tensor_cores, "{what}: the SIMT backward");
+                assert_eq!(writer(&b, Buf::DxhPart), "fm_grad_x_partial_sc", "{what}");
+                let wk = b
+                    .launches()
+                    .find(|l| l.args.contains(&Arg::Write(Buf::Dw)))
+                    .unwrap();
+                assert!(wk.entry.starts_with("fm_grad_w_sc"), "{what}: {}", wk.entry);
+                assert_eq!(wk.grid[0] as usize, 1_000usize.div_ceil(32) * k, "{what}");
+                assert_eq!(b.spec_of(Buf::Dw).unwrap().len, 1_000 * k * 64, "{what}");
+                assert_eq!(f.spec_of(Buf::WNorm).unwrap().len, 1_000 * k, "{what}");
+            }
+        }
+    }
+    for cublas in [false, true] {
+        let dev = DeviceFacts {
+            cublas,
+            ..DeviceFacts::A100
+        };
+        let ch = Choices {
+            plan: Plan::Naive,
+            ..Choices::default()
+        };
+        let what = format!("naive, cuBLAS {cublas}");
+        let (f, b) = run(&dev, &ch, DType::BF16);
+        well_formed(&f, &FWD_GIVEN, &what);
+        well_formed(&b, &BWD_GIVEN, &what);
+        assert_eq!(
+            f.spec_of(Buf::CosAll).unwrap().len,
+            200 * 1_000 * k,
+            "{what}"
+        );
+        assert_eq!(f.spec_of(Buf::Cos).unwrap().len, 200 * 1_000, "{what}");
+        assert_eq!(writer(&f, Buf::Win), "naive_subcenter_max", "{what}");
+        assert_eq!(writer(&b, Buf::DcAll), "naive_subcenter_scatter", "{what}");
+        assert_eq!(b.spec_of(Buf::Wh).unwrap().len, 1_000 * k * 64, "{what}");
+        assert_eq!(b.spec_of(Buf::Dw).unwrap().len, 1_000 * k * 64, "{what}");
+    }
+}

@@ -27,12 +27,13 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 27] = [
+pub const ENTRY_POINTS: [&str; 31] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
     "fm_target_rows",
     "fm_fwd_tiles",
+    "fm_fwd_tiles_sc",
     "fm_combine_rows",
     "fm_reduce_loss",
     "fm_label_status",
@@ -41,10 +42,13 @@ pub const ENTRY_POINTS: [&str; 27] = [
     "fm_curricular_state",
     "fm_elastic_plus",
     "fm_grad_x_partial",
+    "fm_grad_x_partial_sc",
     "fm_x_finish",
     "fm_x_finish_f32out",
     "fm_grad_w",
     "fm_grad_w_f32out",
+    "fm_grad_w_sc",
+    "fm_grad_w_sc_f32out",
     "naive_normalize",
     "naive_mask_rows",
     "naive_cosine",
@@ -186,14 +190,16 @@ impl Unit {
             | "fm_adaface_state"
             | "fm_curricular_state"
             | "fm_elastic_plus" => Unit::Core,
-            "fm_fwd_tiles" => Unit::FwdSimt,
+            "fm_fwd_tiles" | "fm_fwd_tiles_sc" => Unit::FwdSimt,
             "fm_fwd_tiles_tc"
             | "fm_fwd_tiles_tf32"
             | "fm_fwd_tiles_tc_sc"
             | "fm_fwd_tiles_tf32_sc" => Unit::FwdTc,
             "fm_fwd_tiles_tc_wide" | "fm_fwd_tiles_tf32_wide" => Unit::FwdTcWide,
             "fm_fwd_tiles_wg" | "fm_fwd_tiles_wg_sc" => Unit::FwdWg,
-            "fm_grad_x_partial" | "fm_grad_w" => Unit::GradSimt,
+            "fm_grad_x_partial" | "fm_grad_w" | "fm_grad_x_partial_sc" | "fm_grad_w_sc" => {
+                Unit::GradSimt
+            }
             "fm_grad_w_tc" if f32out => Unit::GradTc64F32Out,
             "fm_grad_w_tc_d512" if f32out => Unit::GradTc32F32Out,
             "fm_grad_x_tc" | "fm_grad_w_tc" => Unit::GradTc64,

@@ -991,6 +991,7 @@ fn fused_forward(
         (true, false, false) if sub => (TC_TILE, "fm_fwd_tiles_tf32_sc", tc_smem_bytes(TC_TILE)),
         (true, false, false) => (TC_TILE, "fm_fwd_tiles_tf32", tc_smem_bytes(TC_TILE)),
         (true, false, true) => (TC_WIDE, "fm_fwd_tiles_tf32_wide", tc_smem_bytes(TC_WIDE)),
+        (false, _, _) if sub => ((BM, BN), "fm_fwd_tiles_sc", 0),
         (false, _, _) => ((BM, BN), "fm_fwd_tiles", 0),
     };
     let row_tiles = b.div_ceil(tile.0);
@@ -1089,6 +1090,14 @@ const SIMT_BACKWARD: BackwardTiles = BackwardTiles {
     x_kernel: "fm_grad_x_partial",
     w_kernel: "fm_grad_w",
     smem_fixed: 0,
+};
+
+/// The SIMT backward of sub-center ArcFace: the same tiles, the `*_sc` instantiations (K dot tiles
+/// per class tile, the winners kept; dW blocks per sub-center).
+const SIMT_BACKWARD_SC: BackwardTiles = BackwardTiles {
+    x_kernel: "fm_grad_x_partial_sc",
+    w_kernel: "fm_grad_w_sc",
+    ..SIMT_BACKWARD
 };
 
 /// The tensor-core backward, FmGt<64> of kernels/grad_tc.cu: 64 own rows (or classes) x 256
@@ -1228,7 +1237,11 @@ fn fused_backward(
         .find(|&st| tc_backward_smem(d, st) <= dev.smem_optin as usize)
         .filter(|_| tc_asked);
     let tc = stages.is_some();
-    let t = if tc { tc_tiles } else { &SIMT_BACKWARD };
+    let t = match (tc, p.centers > 1) {
+        (true, _) => tc_tiles,
+        (false, false) => &SIMT_BACKWARD,
+        (false, true) => &SIMT_BACKWARD_SC,
+    };
     let stages = stages.unwrap_or(0);
     let smem = if tc {
         tc_backward_smem(d, stages) as u32
