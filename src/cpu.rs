@@ -5,9 +5,11 @@
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::math::{self, RowMargin};
+use crate::shard::{self, ClassShard, Communicator, DwLayout, DxReduce, Rank, Sampled};
 use crate::spec::{MarginLoss, Reduction, Shape, Upstream, NORM_EPS};
 use crate::variant::{LossState, RowInputs, Variant};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Rows handled together, so each class row of `w` is read once per block, not once per row.
 const ROW_BLOCK: usize = 16;
@@ -158,6 +160,18 @@ fn push_logit(m: &mut f64, s: &mut f64, z: f64) {
     }
 }
 
+/// Which classes a call's columns are, and so which rows of `w` it reads.
+#[derive(Clone, Copy)]
+enum Cols<'a> {
+    /// Every class: column `j` is class `j` (the plain call).
+    All,
+    /// A rank's slice: column `j` is global class `start + j`; `w` holds the slice.
+    Range { start: usize },
+    /// Partial FC: column `k` is local class `index[k]` of the rank's slice (global class
+    /// `start + index[k]`); `w` holds the whole slice and is read through the index.
+    Index { start: usize, index: &'a [u32] },
+}
+
 /// Everything forward and backward share: validated inputs in f64.
 struct Problem<'a> {
     spec: &'a MarginLoss,
@@ -176,6 +190,9 @@ struct Problem<'a> {
     rows: Vec<RowMargin>,
     /// CurricularFace: `t` (the state out) and the rows' thresholds.
     curricular: Option<(f64, Vec<f64>)>,
+    /// The classes of the columns, and their number (`C` for a plain call).
+    cols: Cols<'a>,
+    ncols: usize,
 }
 
 impl<'a> Problem<'a> {
@@ -188,13 +205,129 @@ impl<'a> Problem<'a> {
         labels: &'a [i32],
         shape: Shape,
     ) -> Result<Self> {
+        Self::with_cols(spec, x, w, labels, shape, Cols::All)
+    }
+
+    /// [`Problem::new`] for a rank's classes (`shape` is the global problem's; `w` holds the
+    /// rank's `num_local*K` rows) or its sampled ones.
+    fn sharded<T: Element>(
+        spec: &'a MarginLoss,
+        x: &[T],
+        w: &[T],
+        labels: &'a [i32],
+        shape: Shape,
+        shard: &ClassShard,
+        sampled: Option<&'a Sampled>,
+    ) -> Result<Self> {
+        if shard.num_classes != shape.c {
+            return Err(Error::InvalidArgument {
+                what: "shard",
+                detail: format!(
+                    "the shard is of C = {} classes, the shape has C = {}",
+                    shard.num_classes, shape.c
+                ),
+            });
+        }
+        let cols = match sampled {
+            None => Cols::Range {
+                start: shard.class_start,
+            },
+            Some(sm) => {
+                if sm.shard != *shard {
+                    return Err(Error::InvalidArgument {
+                        what: "sampled",
+                        detail: format!(
+                            "drawn for shard {:?}, this rank holds {:?}",
+                            sm.shard, shard
+                        ),
+                    });
+                }
+                if let Some(&j) = sm.index.iter().find(|&&j| j as usize >= shard.num_local) {
+                    return Err(Error::InvalidArgument {
+                        what: "sampled",
+                        detail: format!(
+                            "local class {j} in the index, the shard has {}",
+                            shard.num_local
+                        ),
+                    });
+                }
+                if sm.index.windows(2).any(|p| p[0] >= p[1]) {
+                    return Err(Error::InvalidArgument {
+                        what: "sampled",
+                        detail: "the index is not strictly ascending".into(),
+                    });
+                }
+                Cols::Index {
+                    start: shard.class_start,
+                    index: &sm.index,
+                }
+            }
+        };
+        spec.validate()?;
+        let local = Shape {
+            c: shard.num_local,
+            ..shape
+        };
+        let k = spec.variant.centers();
+        // w holds the rank's rows; the labels are global classes.
+        local.check_lengths_with_centers(k, x.len(), w.len(), labels.len())?;
+        let p = Self::with_cols(spec, x, w, labels, shape, cols)?;
+        // Every counted row's target must be a column of some rank: with sampling, each rank
+        // keeps its positives, so a target of this rank that is not a column is a bad index.
+        if let Cols::Index { .. } = cols {
+            if let Some(row) =
+                (0..shape.b).find(|&i| shard.local(labels[i]).is_some() && p.tcol(i).is_none())
+            {
+                return Err(Error::InvalidArgument {
+                    what: "sampled",
+                    detail: format!(
+                        "row {row}'s target {} is this rank's but not among the sampled \
+                         classes (Partial FC keeps every positive)",
+                        labels[row]
+                    ),
+                });
+            }
+        }
+        Ok(p)
+    }
+
+    fn with_cols<T: Element>(
+        spec: &'a MarginLoss,
+        x: &[T],
+        w: &[T],
+        labels: &'a [i32],
+        shape: Shape,
+        cols: Cols<'a>,
+    ) -> Result<Self> {
         spec.validate()?;
         let k = spec.variant.centers();
-        // Sub-center: w has C*K rows; the rest of the checks read the class count C.
-        shape.check_lengths_with_centers(k, x.len(), w.len(), labels.len())?;
+        if let Cols::All = cols {
+            // Sub-center: w has C*K rows; the rest of the checks read the class count C.
+            shape.check_lengths_with_centers(k, x.len(), w.len(), labels.len())?;
+        }
         let counted = shape.check_labels(labels)?;
         let xp = prepare(x, shape.d, true);
-        let wp = prepare(w, shape.d, spec.normalize_weights);
+        let (wp, ncols) = match cols {
+            Cols::All => (prepare(w, shape.d, spec.normalize_weights), shape.c),
+            Cols::Range { .. } => (
+                prepare(w, shape.d, spec.normalize_weights),
+                w.len() / (shape.d * k),
+            ),
+            Cols::Index { index, .. } => {
+                // The reference converts every row it reads to f64 anyway; it converts just the
+                // sampled classes' K rows each.
+                let rows = k * shape.d;
+                let picked: Vec<T> = index
+                    .iter()
+                    .flat_map(|&j| &w[j as usize * rows..(j as usize + 1) * rows])
+                    .copied()
+                    .collect();
+                (
+                    prepare(&picked, shape.d, spec.normalize_weights),
+                    index.len(),
+                )
+            }
+        };
         let r = xp
             .norm
             .iter()
@@ -211,7 +344,42 @@ impl<'a> Problem<'a> {
             k,
             rows: Vec::new(),
             curricular: None,
+            cols,
+            ncols,
         })
+    }
+
+    /// The column of row `i`'s target in this call, `None` for an ignored row or (sharded) a
+    /// target held by another rank.
+    #[inline]
+    fn tcol(&self, i: usize) -> Option<usize> {
+        let y = usize::try_from(self.labels[i]).ok()?;
+        match self.cols {
+            Cols::All => Some(y),
+            Cols::Range { start } => (y >= start && y - start < self.ncols).then(|| y - start),
+            Cols::Index { start, index } => {
+                let j = u32::try_from(y.checked_sub(start)?).ok()?;
+                index.binary_search(&j).ok()
+            }
+        }
+    }
+
+    /// Whether the per-row state reads every counted row's target cosine.
+    fn needs_target_cosines(&self) -> bool {
+        match self.spec.variant {
+            Variant::CurricularFace(_) => true,
+            Variant::ElasticFace(e) => e.plus != crate::variant::ElasticPlus::None,
+            _ => false,
+        }
+    }
+
+    /// Each row's target cosine before any margin where this call holds the target, else 0
+    /// (ignored rows; sharded: another rank's class, whose owner gives it).
+    fn target_cosines(&self) -> Vec<f64> {
+        (0..self.shape.b)
+            .into_par_iter()
+            .map(|i| self.tcol(i).map_or(0.0, |j| self.cosine(i, j).0))
+            .collect()
     }
 
     /// Row `i`'s margins and scale (the per-row slot).
@@ -253,28 +421,29 @@ impl<'a> Problem<'a> {
 
     /// The counted rows' raw norms and target cosines (before any margin), in row order: what
     /// the batch statistics and ElasticFace+'s order read. Empty unless the loss needs them.
-    fn batch_inputs(&self) -> (Vec<f64>, Vec<f64>) {
+    fn batch_inputs(&self, cy: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let counted = (0..self.shape.b).filter(|&i| self.labels[i] >= 0);
         match self.spec.variant {
             Variant::AdaFace(_) => (counted.map(|i| self.x.norm[i]).collect(), Vec::new()),
-            Variant::CurricularFace(_) => (
-                Vec::new(),
-                counted
-                    .map(|i| self.cosine(i, self.labels[i] as usize).0)
-                    .collect(),
-            ),
+            Variant::CurricularFace(_) => (Vec::new(), counted.map(|i| cy[i]).collect()),
             _ => (Vec::new(), Vec::new()),
         }
     }
 
     /// The per-row state of the forward: the state out from the state in and this call's
     /// counted rows, then the rows' margins (AdaFace, MagFace, ElasticFace) or thresholds
-    /// (CurricularFace) from it. Returns the state out and the values to save.
-    fn set_rows(&mut self, inputs: &RowInputs<'_>) -> Result<(Option<LossState>, RowValues)> {
+    /// (CurricularFace) from it. `cy`: every row's target cosine where
+    /// [`Problem::needs_target_cosines`] (else empty). Returns the state out and the values to
+    /// save.
+    fn set_rows(
+        &mut self,
+        inputs: &RowInputs<'_>,
+        cy: &[f64],
+    ) -> Result<(Option<LossState>, RowValues)> {
         let spec = self.spec;
         let b = self.shape.b;
         spec.variant.check_inputs(inputs, b)?;
-        let (norms, cos_y) = self.batch_inputs();
+        let (norms, cos_y) = self.batch_inputs(cy);
         let state = math::state_out(spec, inputs.state, &norms, &cos_y);
         let mut saved = RowValues::default();
         match (spec.variant, state) {
@@ -310,13 +479,7 @@ impl<'a> Problem<'a> {
                 let mut margins = math::elastic_draw(&e, &m, b);
                 // The target cosines of every row (ignored rows' entries are never read).
                 if e.plus != crate::variant::ElasticPlus::None {
-                    let cy: Vec<f64> = (0..b)
-                        .map(|i| match self.labels[i] {
-                            y if y >= 0 => self.cosine(i, y as usize).0,
-                            _ => 0.0,
-                        })
-                        .collect();
-                    math::elastic_plus(e.plus, self.labels, &cy, &mut margins);
+                    math::elastic_plus(e.plus, self.labels, cy, &mut margins);
                 }
                 self.rows = margins
                     .iter()
@@ -393,8 +556,8 @@ impl<'a> Problem<'a> {
     /// The logit `z_ij` and the value `t_ij` it scales (`c_ij`, `target(c_iy)` at the label,
     /// CurricularFace's `c (t + c)` at a hard negative), with `dt/dc` (MATH.md step 5).
     #[inline]
-    fn logit(&self, i: usize, j: usize, c: f64) -> (f64, f64, f64) {
-        let (t, dt) = if self.labels[i] >= 0 && self.labels[i] as usize == j {
+    fn logit(&self, i: usize, target: bool, c: f64) -> (f64, f64, f64) {
+        let (t, dt) = if target {
             let tg = math::target(self.spec, &self.margin(i), c);
             (tg.value, tg.deriv)
         } else if let (Some((t, tau)), true) = (&self.curricular, self.labels[i] >= 0) {
@@ -474,35 +637,112 @@ pub fn forward_with<T: Element>(
     shape: Shape,
     inputs: &RowInputs<'_>,
 ) -> Result<Forward> {
-    let mut p = Problem::new(spec, x, w, labels, shape)?;
-    let (state, mut rows) = p.set_rows(inputs)?;
+    forward_core(Problem::new(spec, x, w, labels, shape)?, inputs, None)
+}
+
+/// A row's logsumexp and loss from `(m, s)`, the online logsumexp over the other classes, and
+/// the target logit `z` (counted rows).
+#[inline]
+fn finish_row(mut m: f64, mut s: f64, z: f64, counted: bool) -> (f64, f64) {
+    // (m, s): the logsumexp over the other classes, lnt. A counted row's loss is
+    // l = softplus(lnt - z_y) and lse = z_y + l: `lse - z_y` would cancel for a
+    // well-classified row (l ~ 1e-17 beside lse ~ 50 is below f64's resolution of
+    // lse). A non-finite z_y or lnt takes the plain route, so NaN and Inf propagate
+    // as in PyTorch. The kernels compute the same (fm_combine_rows).
+    let lnt = m + s.ln();
+    if !counted {
+        (lnt, 0.0)
+    } else if z.is_finite() && !lnt.is_nan() && lnt != f64::INFINITY {
+        // lse from the larger of the two, so that it stays within rounding of
+        // max(lnt, z_y) however large they are.
+        let d = lnt - z; // finite or -Inf
+        let t = (-d.abs()).exp().ln_1p();
+        if d > 0.0 {
+            (lnt + t, d + t)
+        } else {
+            (z + t, t)
+        }
+    } else {
+        push_logit(&mut m, &mut s, z);
+        let lse = m + s.ln();
+        (lse, lse - z)
+    }
+}
+
+/// Merges another (max, sum-exp) pair into a running one, with [`push_logit`]'s rules: a `-Inf`
+/// max adds nothing, an equal max adds the sums, so a single pair merged into the empty one
+/// `(-Inf, 0)` comes out bit-identical.
+#[inline]
+fn merge_pair(m: &mut f64, s: &mut f64, m2: f64, s2: f64) {
+    if m2 == f64::NEG_INFINITY {
+        return;
+    }
+    if m2 > *m {
+        *s = *s * (*m - m2).exp() + s2;
+        *m = m2;
+    } else if m2 == *m {
+        *s += s2;
+    } else {
+        *s += s2 * (m2 - *m).exp();
+    }
+}
+
+/// The forward on a prepared problem; `comm` for a sharded call, whose statistics are combined
+/// across ranks (module [`crate::shard`]).
+fn forward_core(
+    mut p: Problem<'_>,
+    inputs: &RowInputs<'_>,
+    comm: Option<&dyn Communicator>,
+) -> Result<Forward> {
+    // CurricularFace's t and ElasticFace+'s order read every row's target cosine: sharded, its
+    // owner gives it and the others zeros, a sum exact in any order.
+    let cy = if p.needs_target_cosines() {
+        let mut cy = p.target_cosines();
+        if let Some(comm) = comm {
+            comm.all_reduce_sum(&mut cy)?;
+        }
+        cy
+    } else {
+        Vec::new()
+    };
+    let (state, mut rows) = p.set_rows(inputs, &cy)?;
+    drop(cy);
     let p = p;
+    let (spec, shape, labels) = (p.spec, p.shape, p.labels);
     let b = shape.b;
     let mut lse = vec![0.0; b];
     let mut row_loss = vec![0.0; b];
+    // Sharded: lse and row_loss hold this rank's (m, s) until the combine, zy its target logits.
+    let mut zy_all = vec![0.0; if comm.is_some() { b } else { 0 }];
+    let mut zy_blocks: Vec<&mut [f64]> = zy_all.chunks_mut(ROW_BLOCK).collect();
+    zy_blocks.resize_with(b.div_ceil(ROW_BLOCK), || &mut []);
     // CurricularFace's hard negatives per row (what the forward decided, for inspection),
     // counted in the same pass.
     let curricular_tau = p.curricular.as_ref().map(|(_, tau)| tau);
     let mut hard = vec![0usize; if curricular_tau.is_some() { b } else { 0 }];
     let mut hard_blocks: Vec<&mut [usize]> = hard.chunks_mut(ROW_BLOCK).collect();
     hard_blocks.resize_with(b.div_ceil(ROW_BLOCK), || &mut []);
+    let sharded = comm.is_some();
     lse.par_chunks_mut(ROW_BLOCK)
         .zip(row_loss.par_chunks_mut(ROW_BLOCK))
         .zip(hard_blocks.into_par_iter())
+        .zip(zy_blocks.into_par_iter())
         .enumerate()
-        .for_each(|(blk, ((lse_blk, loss_blk), hard_blk))| {
+        .for_each(|(blk, (((lse_blk, loss_blk), hard_blk), zy_blk))| {
             let i0 = blk * ROW_BLOCK;
             let rows = lse_blk.len();
             // Online max / sum-exp per row, as the GPU does per class tile.
             let mut m = vec![f64::NEG_INFINITY; rows];
             let mut s = vec![0.0f64; rows];
             let mut zy = vec![0.0f64; rows];
-            for j in 0..shape.c {
+            let tcol: Vec<Option<usize>> = (0..rows).map(|k| p.tcol(i0 + k)).collect();
+            for j in 0..p.ncols {
                 for k in 0..rows {
                     let i = i0 + k;
                     let cos = p.cosine(i, j).0;
-                    let (z, _, _) = p.logit(i, j, cos);
-                    if labels[i] >= 0 && labels[i] as usize == j {
+                    let target = tcol[k] == Some(j);
+                    let (z, _, _) = p.logit(i, target, cos);
+                    if target {
                         zy[k] = z; // kept out of the sum: added below without cancellation
                     } else {
                         push_logit(&mut m[k], &mut s[k], z);
@@ -513,35 +753,60 @@ pub fn forward_with<T: Element>(
                 }
             }
             for k in 0..rows {
-                // (m, s): the logsumexp over the other classes, lnt. A counted row's loss is
-                // l = softplus(lnt - z_y) and lse = z_y + l: `lse - z_y` would cancel for a
-                // well-classified row (l ~ 1e-17 beside lse ~ 50 is below f64's resolution of
-                // lse). A non-finite z_y or lnt takes the plain route, so NaN and Inf propagate
-                // as in PyTorch. The kernels compute the same (fm_combine_rows).
-                let lnt = m[k] + s[k].ln();
-                let z = zy[k];
-                if labels[i0 + k] < 0 {
-                    lse_blk[k] = lnt;
-                    loss_blk[k] = 0.0;
-                } else if z.is_finite() && !lnt.is_nan() && lnt != f64::INFINITY {
-                    // lse from the larger of the two, so that it stays within rounding of
-                    // max(lnt, z_y) however large they are.
-                    let d = lnt - z; // finite or -Inf
-                    let t = (-d.abs()).exp().ln_1p();
-                    if d > 0.0 {
-                        lse_blk[k] = lnt + t;
-                        loss_blk[k] = d + t;
-                    } else {
-                        lse_blk[k] = z + t;
-                        loss_blk[k] = t;
-                    }
+                if sharded {
+                    (lse_blk[k], loss_blk[k], zy_blk[k]) = (m[k], s[k], zy[k]);
                 } else {
-                    push_logit(&mut m[k], &mut s[k], z);
-                    lse_blk[k] = m[k] + s[k].ln();
-                    loss_blk[k] = lse_blk[k] - z;
+                    (lse_blk[k], loss_blk[k]) = finish_row(m[k], s[k], zy[k], labels[i0 + k] >= 0);
                 }
             }
         });
+    if let Some(comm) = comm {
+        // One record per row, (max, sum-exp, target logit, owned), gathered from every rank and
+        // merged in rank order: every rank gets the same bits.
+        let world = comm.world_size();
+        let mut send = Vec::with_capacity(4 * b);
+        for i in 0..b {
+            let owned = if p.tcol(i).is_some() { 1.0 } else { 0.0 };
+            send.extend_from_slice(&[lse[i], row_loss[i], zy_all[i], owned]);
+        }
+        drop(zy_all);
+        let mut recv = vec![0.0; 4 * b * world];
+        comm.all_gather(&send, &mut recv)?;
+        drop(send);
+        let mut unowned = None;
+        for i in 0..b {
+            let (mut m, mut s, mut z, mut owners) = (f64::NEG_INFINITY, 0.0, 0.0, 0);
+            for r in 0..world {
+                let rec = &recv[4 * (r * b + i)..4 * (r * b + i) + 4];
+                merge_pair(&mut m, &mut s, rec[0], rec[1]);
+                if rec[3] != 0.0 {
+                    z = rec[2];
+                    owners += 1;
+                }
+            }
+            let counted = labels[i] >= 0;
+            if counted && owners != 1 && unowned.is_none() {
+                unowned = Some((i, owners));
+            }
+            (lse[i], row_loss[i]) = finish_row(m, s, z, counted);
+        }
+        if let Some((row, owners)) = unowned {
+            return Err(Error::Collective {
+                op: "shard combine",
+                detail: format!(
+                    "row {row}'s target class {} is held by {owners} ranks, not one: the \
+                     shards do not tile the classes",
+                    labels[row]
+                ),
+                source: None,
+            });
+        }
+        if !hard.is_empty() {
+            let mut h: Vec<f64> = hard.iter().map(|&n| n as f64).collect();
+            comm.all_reduce_sum(&mut h)?;
+            hard.iter_mut().zip(&h).for_each(|(n, &v)| *n = v as usize);
+        }
+    }
     rows.hard = hard;
     // MagFace: the regularizer joins each counted row's loss; the cross entropy stays apart for
     // the backward's target entry expm1(-l_i).
@@ -629,6 +894,17 @@ pub fn backward<T: Element>(
     let mut p = Problem::new(spec, x, w, labels, shape)?;
     p.restore_rows(fwd)?;
     let p = p;
+    check_backward(&p, fwd)?;
+    let g = upstream.per_row(spec.reduction, labels)?;
+    let (dxh, dn, dwh) = grad_core(&p, fwd, &g);
+    let dx = finish_dx(&p, dxh, &dn, 0..shape.b);
+    let dw = finish_dw(&p, dwh);
+    Ok(Gradients { dx, dw })
+}
+
+/// The backward's checks of `fwd` against the recomputed problem: the same inputs and labels.
+fn check_backward(p: &Problem<'_>, fwd: &Forward) -> Result<()> {
+    let (shape, labels) = (p.shape, p.labels);
     if fwd.lse.len() != shape.b || fwd.row_loss.len() != shape.b || fwd.counted != p.counted {
         return Err(Error::ForwardMismatch {
             detail: format!(
@@ -679,8 +955,14 @@ pub fn backward<T: Element>(
                 .into(),
         });
     }
-    let g = upstream.per_row(spec.reduction, labels)?;
-    let (b, d, c) = (shape.b, shape.d, shape.c);
+    Ok(())
+}
+
+/// `dxh` (B x D), `dn` (B) and `dwh` (the call's `ncols*K` rows x D) before the normalization's
+/// backward: over this call's columns only (sharded: one rank's part of `dxh` and `dn`).
+fn grad_core(p: &Problem<'_>, fwd: &Forward, g: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let spec = p.spec;
+    let (b, d, c) = (p.shape.b, p.shape.d, p.ncols);
 
     // dxh_i = sum_j dc_ij wh_j; dn_i = d loss / d|x_i| from the row scale (s * sum_j dz_ij t_ij,
     // only without feature normalization) and MagFace's norm-dependent margin and regularizer.
@@ -696,7 +978,7 @@ pub fn backward<T: Element>(
     };
     // One class chunk of dc at a time: B x min(C, CLASS_CHUNK) values, so a large batch with few
     // classes allocates by its real width (B = 500,000 with C = 1 asked for 2 GB at a fixed 512).
-    let chunk = CLASS_CHUNK.min(c);
+    let chunk = CLASS_CHUNK.min(c).max(1);
     let mut dc = vec![0.0f64; b * chunk];
     // With sub-centers, the winner of each (row, class) of the chunk: dc goes to it alone.
     let mut win = vec![0u8; if k > 1 { b * chunk } else { 0 }];
@@ -717,6 +999,7 @@ pub fn backward<T: Element>(
                 let i0 = blk * ROW_BLOCK;
                 for (r, dn_i) in dn_blk.iter_mut().enumerate() {
                     let i = i0 + r;
+                    let tcol = p.tcol(i);
                     let row = &mut dc_blk[r * chunk..r * chunk + cols];
                     if g[i] == 0.0 {
                         row.fill(0.0);
@@ -731,10 +1014,10 @@ pub fn backward<T: Element>(
                             win_blk[r * chunk + jj] = kw as u8;
                         }
                         let wj = p.wh(j * k + kw);
-                        let (z, t, dt) = p.logit(i, j, cos);
+                        let target = tcol == Some(j);
+                        let (z, t, dt) = p.logit(i, target, cos);
                         // softmax - onehot; at the target p_y - 1 = expm1(-l_i) from the forward's
                         // l_i, exact where exp(z - lse) - 1 would cancel.
-                        let target = labels[i] as usize == j;
                         let dz = if target {
                             g[i] * (-ce[i]).exp_m1()
                         } else {
@@ -782,37 +1065,264 @@ pub fn backward<T: Element>(
             });
     }
 
-    // Back through the normalization, the derivative of vh = v / max(|v|, eps):
-    // dv = (dvh - vh (vh . dvh)) / |v| where |v| >= eps; dv = dvh / eps where |v| < eps (vh is
-    // then v / eps, linear in v: no projection term). Written in place over the accumulators.
-    let unnormalize = |dvh: &mut [f64], vh: &[f64], norm: f64| {
-        if norm < NORM_EPS {
-            dvh.iter_mut().for_each(|a| *a /= NORM_EPS);
-        } else {
-            let proj = dot(vh, dvh);
-            let inv = 1.0 / norm;
-            for (a, v) in dvh.iter_mut().zip(vh) {
-                *a = (*a - v * proj) * inv;
-            }
+    (dxh, dn, dwh)
+}
+
+/// Back through the normalization, the derivative of vh = v / max(|v|, eps):
+/// dv = (dvh - vh (vh . dvh)) / |v| where |v| >= eps; dv = dvh / eps where |v| < eps (vh is
+/// then v / eps, linear in v: no projection term). Written in place over the accumulators.
+fn unnormalize(dvh: &mut [f64], vh: &[f64], norm: f64) {
+    if norm < NORM_EPS {
+        dvh.iter_mut().for_each(|a| *a /= NORM_EPS);
+    } else {
+        let proj = dot(vh, dvh);
+        let inv = 1.0 / norm;
+        for (a, v) in dvh.iter_mut().zip(vh) {
+            *a = (*a - v * proj) * inv;
         }
-    };
+    }
+}
+
+/// `dx` of the global rows `rows` from their `dxh` and `dn` (in place over `dxh`).
+fn finish_dx(p: &Problem<'_>, dxh: Vec<f64>, dn: &[f64], rows: Range<usize>) -> Vec<f64> {
+    let (spec, d) = (p.spec, p.shape.d);
     let mut dx = dxh;
-    dx.par_chunks_mut(d).enumerate().for_each(|(i, dx_i)| {
-        let xh = p.xh(i);
-        unnormalize(dx_i, xh, p.x.norm[i]);
-        if !spec.normalize_features || matches!(spec.variant, Variant::MagFace(_)) {
-            // Through |x_i| (the row scale s|x_i|, MagFace's margin and regularizer):
-            // d|x_i|/dx_i = xh_i.
-            for (a, v) in dx_i.iter_mut().zip(xh) {
-                *a += dn[i] * v;
+    dx.par_chunks_mut(d)
+        .zip(rows.into_par_iter())
+        .enumerate()
+        .for_each(|(k, (dx_i, i))| {
+            let xh = p.xh(i);
+            unnormalize(dx_i, xh, p.x.norm[i]);
+            if !spec.normalize_features || matches!(spec.variant, Variant::MagFace(_)) {
+                // Through |x_i| (the row scale s|x_i|, MagFace's margin and regularizer):
+                // d|x_i|/dx_i = xh_i.
+                for (a, v) in dx_i.iter_mut().zip(xh) {
+                    *a += dn[k] * v;
+                }
             }
-        }
-    });
+        });
+    dx
+}
+
+/// `dw` of the call's rows from `dwh` (in place).
+fn finish_dw(p: &Problem<'_>, dwh: Vec<f64>) -> Vec<f64> {
     let mut dw = dwh;
-    if spec.normalize_weights {
-        dw.par_chunks_mut(d)
+    if p.spec.normalize_weights {
+        dw.par_chunks_mut(p.shape.d)
             .enumerate()
             .for_each(|(j, dw_j)| unnormalize(dw_j, p.wh(j), p.w.norm[j]));
     }
-    Ok(Gradients { dx, dw })
+    dw
+}
+
+/// What [`shard_forward`] returns on each rank: the global rows' results (every rank holds the
+/// same `loss`, `row_loss`, `lse`, state and per-row values, bit for bit) and what the backward
+/// must find again. [`Forward::w_norm`] holds the norms of this rank's rows of `w` that the call
+/// used (the sampled ones with Partial FC); [`Forward::shape`] is the global shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardForward {
+    /// The global rows' results.
+    pub forward: Forward,
+    /// This rank's classes.
+    pub shard: ClassShard,
+    /// The sampled classes the call used, if any.
+    pub sampled: Option<Sampled>,
+    /// The rank and world size of the call.
+    pub rank: usize,
+    /// See [`rank`](Self::rank).
+    pub world_size: usize,
+}
+
+/// What [`shard_backward`] returns on each rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardGradients {
+    /// `dL/dx` of the global rows `dx_rows` (row-major), reduced as
+    /// [`ShardOptions::dx`](crate::shard::ShardOptions::dx) asked.
+    pub dx: Vec<f64>,
+    /// The global rows `dx` holds: this rank's `r*B/W .. (r+1)*B/W` for
+    /// [`DxReduce::Owner`], `0..B` otherwise.
+    pub dx_rows: Range<usize>,
+    /// `dL/dw` of this rank's rows: all `num_local*K` without sampling; with it, the sampled
+    /// classes' rows in index order ([`DwLayout::Sampled`]) or all rows with zeros for the others
+    /// ([`DwLayout::Full`]).
+    pub dw: Vec<f64>,
+}
+
+/// A fingerprint of `v`'s values' bits.
+fn f64_fingerprint(h: u64, v: &[f64]) -> u64 {
+    v.iter()
+        .fold(h, |h, x| shard::fnv(h, &x.to_bits().to_le_bytes()))
+}
+
+/// The forward of a class-sharded problem on one rank (module [`crate::shard`]): `x` holds the
+/// embeddings of the global batch (B x D, identical on every rank), `labels` its B global labels,
+/// `shape` the global `(B, C, D)`, `w` this rank's `num_local*K` class rows (`K` sub-centers;
+/// with Partial FC the call reads only the sampled classes' rows, through the index). Every rank
+/// of the group calls it with the same spec, x, labels, shape and inputs; the results agree
+/// across ranks bit for bit, are deterministic for a fixed world size, and equal [`forward_with`]
+/// on the whole `w` (the sampled classes' rows, with sampling) to within f64 rounding (the
+/// partial sums are added in another order; one rank gives the same bits).
+///
+/// Communication: one all-gather of 6 values per rank (the ranks' agreement: inputs accepted,
+/// same arguments, the slices tile `0..C`), one all-gather of 4 f64 per row per rank (the
+/// per-row records), and for CurricularFace and ElasticFace+ one all-reduce of B target cosines
+/// (CurricularFace also of B hard-negative counts). Memory beyond [`forward_with`]'s:
+/// `8 * (4*B*(W + 1) + B)` bytes.
+///
+/// Errors: any error of [`forward_with`] for this rank's inputs (its `w` length is
+/// `num_local*K*D`), a sampled set not drawn for this shard or not keeping a positive, and
+/// [`Error::Collective`] on every other rank when one rank's inputs fail, the ranks' arguments
+/// differ, or the shards do not tile the classes; all before any work.
+pub fn shard_forward<T: Element>(
+    rank: &Rank<'_>,
+    spec: &MarginLoss,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    shape: Shape,
+    inputs: &RowInputs<'_>,
+) -> Result<ShardForward> {
+    let comm = rank.comm;
+    let local = Problem::sharded(spec, x, w, labels, shape, &rank.shard, rank.sampled);
+    let fp = local.as_ref().map_err(|_| ()).map(|p| {
+        let mut h = shard::fnv(
+            shard::FNV0,
+            format!("{spec:?}{shape:?}{inputs:?}").as_bytes(),
+        );
+        h = shard::fnv(h, &Shape::labels_fingerprint(labels).to_le_bytes());
+        h = shard::fnv(h, &p.x.fingerprint.to_le_bytes());
+        shard::fnv(h, &(comm.world_size() as u64).to_le_bytes())
+    });
+    let agreed = shard::agree(comm, "shard forward", &rank.shard, fp);
+    let p = local?;
+    agreed?;
+    let forward = forward_core(p, inputs, Some(comm))?;
+    Ok(ShardForward {
+        forward,
+        shard: rank.shard,
+        sampled: rank.sampled.cloned(),
+        rank: comm.rank(),
+        world_size: comm.world_size(),
+    })
+}
+
+/// The backward of [`shard_forward`] on one rank: this rank's classes' part of `dL/dx` for every
+/// row, reduced across ranks as `rank.options.dx` asks, and `dL/dw` of its rows
+/// (`rank.options.dw` with sampling). `upstream` as for [`backward`] (the global rows'). Every
+/// rank passes the same spec, x, labels, upstream and options and its own forward result, `w`
+/// and rank; the checks of [`backward`] apply to each rank's inputs, and a rank whose checks
+/// fail makes every other rank return [`Error::Collective`] before any work.
+///
+/// Communication: the agreement (6 values per rank), then for [`DxReduce::Owner`] one
+/// reduce-scatter of `B*(D + 1)` f64, for [`DxReduce::Global`] one all-reduce of as many, for
+/// [`DxReduce::Partial`] none. Memory as [`backward`]'s for this rank's classes, plus
+/// `8 * B*(D + 1)` bytes for the reduction.
+pub fn shard_backward<T: Element>(
+    rank: &Rank<'_>,
+    spec: &MarginLoss,
+    fwd: &ShardForward,
+    x: &[T],
+    w: &[T],
+    labels: &[i32],
+    upstream: Upstream<'_>,
+) -> Result<ShardGradients> {
+    let comm = rank.comm;
+    let (world, me) = (comm.world_size(), comm.rank());
+    let opts = rank.options;
+    let local = (|| {
+        spec.validate()?;
+        fwd.forward.spec.validate()?;
+        if fwd.forward.spec != *spec {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "forward spec {:?}, backward spec {:?}",
+                    fwd.forward.spec, spec
+                ),
+            });
+        }
+        if fwd.shard != rank.shard || fwd.sampled.as_ref() != rank.sampled {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "the forward ran on shard {:?} with {} sampled classes, this backward on \
+                     {:?} with {}",
+                    fwd.shard,
+                    fwd.sampled.as_ref().map_or(0, |s| s.index.len()),
+                    rank.shard,
+                    rank.sampled.map_or(0, |s| s.index.len())
+                ),
+            });
+        }
+        if (fwd.rank, fwd.world_size) != (me, world) {
+            return Err(Error::ForwardMismatch {
+                detail: format!(
+                    "the forward ran as rank {} of {}, this backward as rank {me} of {world}",
+                    fwd.rank, fwd.world_size
+                ),
+            });
+        }
+        let shape = fwd.forward.shape;
+        let mut p = Problem::sharded(spec, x, w, labels, shape, &rank.shard, rank.sampled)?;
+        p.restore_rows(&fwd.forward)?;
+        check_backward(&p, &fwd.forward)?;
+        let g = upstream.per_row(spec.reduction, labels)?;
+        let rows = match opts.dx {
+            DxReduce::Owner => shard::owner_rows(shape.b, world, me)?,
+            DxReduce::Global | DxReduce::Partial => 0..shape.b,
+        };
+        Ok((p, g, rows))
+    })();
+    let fp = local.as_ref().map_err(|_| ()).map(|(p, g, _)| {
+        let mut h = shard::fnv(shard::FNV0, format!("{spec:?}{opts:?}").as_bytes());
+        h = shard::fnv(h, &Shape::labels_fingerprint(labels).to_le_bytes());
+        h = shard::fnv(h, &p.x.fingerprint.to_le_bytes());
+        h = f64_fingerprint(h, g);
+        f64_fingerprint(h, &fwd.forward.lse)
+    });
+    let agreed = shard::agree(comm, "shard backward", &rank.shard, fp);
+    let (p, g, rows) = local?;
+    agreed?;
+    let (b, d) = (p.shape.b, p.shape.d);
+    let (dxh, dn, dwh) = grad_core(&p, &fwd.forward, &g);
+    let dx = match opts.dx {
+        DxReduce::Partial => finish_dx(&p, dxh, &dn, rows.clone()),
+        DxReduce::Global => {
+            // One all-reduce of (dxh, dn); every rank then finishes every row.
+            let mut buf = dxh;
+            buf.extend_from_slice(&dn);
+            drop(dn);
+            comm.all_reduce_sum(&mut buf)?;
+            let dn = buf.split_off(b * d);
+            finish_dx(&p, buf, &dn, rows.clone())
+        }
+        DxReduce::Owner => {
+            // Block r of the send: rank r's rows of dxh, then of dn; one reduce-scatter.
+            let n = rows.len();
+            let mut send = Vec::with_capacity(b * (d + 1));
+            for r in 0..world {
+                send.extend_from_slice(&dxh[r * n * d..(r + 1) * n * d]);
+                send.extend_from_slice(&dn[r * n..(r + 1) * n]);
+            }
+            drop((dxh, dn));
+            let mut recv = vec![0.0; n * (d + 1)];
+            comm.reduce_scatter_sum(&send, &mut recv)?;
+            drop(send);
+            let dn = recv.split_off(n * d);
+            finish_dx(&p, recv, &dn, rows.clone())
+        }
+    };
+    let mut dw = finish_dw(&p, dwh);
+    if let (Some(sm), DwLayout::Full) = (rank.sampled, opts.dw) {
+        let per = p.k * d;
+        let mut full = vec![0.0; rank.shard.num_local * per];
+        for (col, &j) in sm.index.iter().enumerate() {
+            full[j as usize * per..(j as usize + 1) * per]
+                .copy_from_slice(&dw[col * per..(col + 1) * per]);
+        }
+        dw = full;
+    }
+    Ok(ShardGradients {
+        dx,
+        dx_rows: rows,
+        dw,
+    })
 }

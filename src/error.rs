@@ -87,6 +87,18 @@ pub enum Error {
         /// NVRTC's error code, where NVRTC gave one (not when libnvrtc is missing).
         source: Option<CudaSource>,
     },
+    /// A collective among the ranks of a sharded call failed: a rank left the group, passed
+    /// other lengths than the others, rejected its inputs, or the communication library
+    /// (NCCL) returned an error.
+    Collective {
+        /// The collective (`"all_gather"`, ...) or the step of the sharded call.
+        op: &'static str,
+        /// What went wrong, naming the rank.
+        detail: String,
+        /// A CUDA driver error behind it, where there is one (NCCL's own result code is in
+        /// `detail`).
+        source: Option<CudaSource>,
+    },
     /// A CUDA driver or cuBLAS call failed.
     Cuda {
         /// What was being done (e.g. `"launch logits_fwd_bf16"`).
@@ -209,6 +221,9 @@ impl fmt::Display for Error {
             Error::Compile { module, log, .. } => {
                 write!(f, "NVRTC failed to compile {module}:\n{log}")
             }
+            Error::Collective { op, detail, .. } => {
+                write!(f, "collective {op} failed: {detail}")
+            }
             Error::Cuda {
                 context, detail, ..
             } => write!(f, "CUDA error during {context}: {detail}"),
@@ -225,6 +240,9 @@ impl std::error::Error for Error {
                 source: Some(s), ..
             }
             | Error::Compile {
+                source: Some(s), ..
+            }
+            | Error::Collective {
                 source: Some(s), ..
             } => Some(s.error()),
             _ => None,

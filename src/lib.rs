@@ -54,6 +54,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod math;
+pub mod shard;
 pub mod spec;
 pub mod variant;
 
