@@ -68,6 +68,8 @@ mod labels;
 mod launch;
 pub(crate) mod libs;
 pub mod measure;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod options;
 pub mod params;
 pub mod plan;
@@ -93,6 +95,8 @@ pub use labels::LabelCheck;
 pub use launch::CudaElement;
 pub(crate) use launch::{cuda_err, Kernels};
 #[doc(hidden)]
+#[cfg(feature = "nccl")]
+pub use nccl::{nccl_available, NcclComm, NcclId};
 pub use options::KernelOverride;
 pub use options::{F32Precision, Options, Plan};
 pub use results::{
