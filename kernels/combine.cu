@@ -12,6 +12,24 @@
 // every class, l = lse - z), so NaN and Inf propagate as on the reference. Ignored rows: lse_i =
 // lnt, l_i = 0. A label >= C (possible only under LabelCheck::Device, which checks on the device
 // instead of before the launch) gives NaN: no tile wrote its z_iy.
+// A counted row's loss l and logsumexp ls from the online logsumexp (m, s) over its other
+// classes and its target logit z (the split combine's last step, shared by fm_combine_rows and
+// fm_shard_combine).
+__device__ __forceinline__ void fm_finish_row(float m, float s, float z, float& l, float& ls) {
+    const float lnt = m + logf(s);   // -inf when no other class has a finite logit (C = 1)
+    if (fm_finite(z) && lnt == lnt && lnt != FM_POS_INF) {
+        const float d = lnt - z;   // finite or -inf
+        const float t = log1pf(expf(-fabsf(d)));
+        // lse from the larger of the two: within rounding of max(lnt, z_iy) at any size.
+        l = d > 0.0f ? d + t : t;
+        ls = (d > 0.0f ? lnt : z) + t;
+    } else {
+        fm_online_merge(m, s, z, 1.0f);
+        ls = m + logf(s);
+        l = ls - z;
+    }
+}
+
 extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ part_m,
                                                      const float* __restrict__ part_s, int nsplit,
                                                      const float* __restrict__ zy,
@@ -24,29 +42,80 @@ extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ p
     const float* ps = part_s + row * nsplit;
     float m = FM_NEG_INF, s = 0.0f;
     for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, pm[k], ps[k]);
-    const float lnt = m + logf(s);   // -inf when no other class has a finite logit (C = 1)
     const int y = labels[row];
-    float l = 0.0f, ls = lnt;
+    float l = 0.0f, ls = m + logf(s);
     if (y >= 0 && (i64)y >= C) {
         l = FM_NAN;
     } else if (y >= 0) {
-        const float z = zy[row];
-        if (fm_finite(z) && lnt == lnt && lnt != FM_POS_INF) {
-            const float d = lnt - z;   // finite or -inf
-            const float t = log1pf(expf(-fabsf(d)));
-            // lse from the larger of the two: within rounding of max(lnt, z_iy) at any size.
-            l = d > 0.0f ? d + t : t;
-            ls = (d > 0.0f ? lnt : z) + t;
-        } else {
-            fm_online_merge(m, s, z, 1.0f);
-            ls = m + logf(s);
-            l = ls - z;
-        }
+        fm_finish_row(m, s, zy[row], l, ls);
     }
     lse[row] = ls;
     // MagFace's regularizer joins the row loss (0 for the other losses and ignored rows); the
     // backward's target entry reads the cross-entropy alone.
     row_loss[row] = l + tgt[fm_tgt_at(FM_TGT_REG, B, row)];
+    tgt[fm_tgt_at(FM_TGT_CE, B, row)] = l;
+}
+
+// Class-sharded forward (src/shard.rs), the rank's half of the combine: per row its classes'
+// online (max, sum-exp) over the non-target classes (the splits merged in order), and, where the
+// row's target is one of its classes (0 <= y < C, C this rank's classes; another rank's target
+// has y = C, see plan::shard_labels), the target logit and MagFace's regularizer. One record of
+// FM_SHARD_REC floats per row: (m, s, z, reg, owned); the host all-gathers the records of every
+// rank (plan::Step::Exchange). One thread per row.
+extern "C" __global__ void FM_ENTRY(fm_shard_stats)(const float* __restrict__ part_m,
+                                                    const float* __restrict__ part_s, int nsplit,
+                                                    const float* __restrict__ zy,
+                                                    const int* __restrict__ labels,
+                                                    const float* __restrict__ tgt, i64 B, i64 C,
+                                                    float* __restrict__ rec) {
+    i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= B) return;
+    float m = FM_NEG_INF, s = 0.0f;
+    for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, part_m[row * nsplit + k], part_s[row * nsplit + k]);
+    const int y = labels[row];
+    const bool owned = y >= 0 && (i64)y < C;
+    float* r = rec + FM_SHARD_REC * row;
+    r[0] = m;
+    r[1] = s;
+    r[2] = owned ? zy[row] : 0.0f;
+    r[3] = owned ? tgt[fm_tgt_at(FM_TGT_REG, B, row)] : 0.0f;
+    r[4] = owned ? 1.0f : 0.0f;
+}
+
+// The other half, on every rank: the `world` ranks' records (rank-major, as gathered) merged in
+// rank order, so every rank computes the same bits; the target logit and regularizer from the
+// rank that owns the row's target. Counted rows (y >= 0: a local label, or C for another rank's
+// class) get l_i, lse_i, the row loss with MagFace's regularizer, and the target record's CE
+// section (read by the backward); ignored rows lse_i over the plain logits and l_i = 0. A counted
+// row that no rank, or several, own (shards that do not tile the classes, which the host's
+// agreement step rules out) gets NaN.
+extern "C" __global__ void FM_ENTRY(fm_shard_combine)(const float* __restrict__ rec_all, int world,
+                                                      const int* __restrict__ labels, i64 B,
+                                                      float* __restrict__ lse, float* __restrict__ row_loss,
+                                                      float* __restrict__ tgt) {
+    i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= B) return;
+    float m = FM_NEG_INF, s = 0.0f, z = 0.0f, reg = 0.0f;
+    int owners = 0;
+    for (int r = 0; r < world; ++r) {
+        const float* q = rec_all + ((i64)r * B + row) * FM_SHARD_REC;
+        fm_online_merge(m, s, q[0], q[1]);
+        if (q[4] != 0.0f) {
+            z = q[2];
+            reg = q[3];
+            ++owners;
+        }
+    }
+    float l = 0.0f, ls = m + logf(s);
+    if (labels[row] >= 0) {
+        if (owners == 1) {
+            fm_finish_row(m, s, z, l, ls);
+        } else {
+            l = ls = FM_NAN;
+        }
+    }
+    lse[row] = ls;
+    row_loss[row] = l + reg;
     tgt[fm_tgt_at(FM_TGT_CE, B, row)] = l;
 }
 

@@ -2523,3 +2523,396 @@ fn self_check_keeps_a_correct_fast_path_and_drops_a_broken_one() {
     self_check_case::<bf16>();
     self_check_case::<f16>();
 }
+
+/// A class-sharded emulated run ([`plan::shard_forward`]): the global problem, the ranks'
+/// slices, the kernels, and which rank's records (if any) to leave out of the gathered data (the
+/// mutation test).
+struct ShardRun {
+    spec: MarginLoss,
+    shape: Shape,
+    slices: Vec<(usize, usize)>,
+    tc: bool,
+    state: Option<LossState>,
+    elastic: Option<ElasticRng>,
+    drop_rank: Option<usize>,
+    seed: u64,
+}
+
+/// The emulated sharded step on every rank against the unsharded CPU reference: each rank's
+/// forward plan runs up to its exchange (job 1: its records), the records of every rank are
+/// concatenated rank-major (what the all-gather gives), and job 2 runs the same plan with the
+/// gathered records bound in place of the exchange, then the backward plan on this rank's
+/// classes. Every rank's loss, row losses and lse must be the same bits; dx (the ranks' partials
+/// summed), dw (the slices concatenated), the loss and the state out within MATH.md's bars of
+/// the reference. Returns what failed instead of panicking (the mutation test expects a failure).
+fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
+    let Some(exe) = driver(T::DTYPE) else {
+        return Ok(());
+    };
+    let Shape { b, d, c } = r.shape;
+    let k = r.spec.variant.centers();
+    let mut inp = margin_inputs(Shape::new(b, d, c * k), r.seed);
+    // Targets in the lower third of the classes: the ranks holding the upper ones have none.
+    inp.labels
+        .iter_mut()
+        .filter(|l| **l >= 0)
+        .for_each(|l| *l = (*l / k as i32) % (c as i32 / 3).max(1));
+    if r.state.is_some() || matches!(r.spec.variant, fused_margin::Variant::MagFace(_)) {
+        spread_norms(&mut inp.x, r.shape);
+    }
+    let x: Vec<T> = inp.x.iter().map(|&v| T::from_f64(v)).collect();
+    let w: Vec<T> = inp.w.iter().map(|&v| T::from_f64(v)).collect();
+    let inputs = RowInputs {
+        state: r.state,
+        margins: r.elastic.map(ElasticMargins::Seeded),
+    };
+    let up32: Vec<f32> = inp.upstream.iter().map(|&v| v as f32).collect();
+    let up64: Vec<f64> = up32.iter().map(|&v| v as f64).collect();
+    let cpu_up = match r.spec.reduction {
+        Reduction::None => Upstream::PerRow(&up64),
+        _ => Upstream::Scalar(1.0),
+    };
+    let reference = cpu::forward_with(&r.spec, &x, &w, &inp.labels, r.shape, &inputs).unwrap();
+    let rg = cpu::backward(&r.spec, &reference, &x, &w, &inp.labels, r.shape, cpu_up).unwrap();
+    let counted = inp.labels.iter().filter(|&&l| l >= 0).count();
+    let world = r.slices.len();
+    let params = cuda::params::FmParams::from_spec(&r.spec);
+    let mean = r.spec.reduction == Reduction::Mean;
+    let half = T::DTYPE != DType::F32;
+    let ch = plan::Choices {
+        plan: cuda::Plan::Fused,
+        tensor_cores: !half || r.tc,
+        tf32: !half && r.tc,
+        wide_tiles: false,
+        wgmma: false,
+        tc_backward: r.tc,
+        label_check: cuda::LabelCheck::Host,
+        tiles_per_split: Some((1, 1)),
+    };
+    let esize = std::mem::size_of::<T>() as u32;
+    let bits = |v: &[T]| v.iter().flat_map(|e| e.to_le_bits()).collect::<Vec<u8>>();
+    let i32s = |v: &[i32]| v.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
+    let f32s = |v: &[f32]| v.iter().flat_map(|e| e.to_le_bytes()).collect::<Vec<u8>>();
+    let margins = plan::row_margins(&r.spec, &inputs, b).unwrap();
+    let state_in = plan::state_in(&r.spec, &inputs, b).unwrap();
+    use plan::Buf;
+    // The inputs every job of a rank starts from.
+    let inputs_of = |job: &mut Job, rank: usize, labels: &[i32]| {
+        let (start, n) = r.slices[rank];
+        let wr = &w[start * k * d..(start + n) * k * d];
+        let mut ids = HashMap::from([
+            (Buf::X, job.buffer(esize, b * d, BufInit::Data(bits(&x)))),
+            (
+                Buf::W,
+                job.buffer(esize, n * k * d, BufInit::Data(bits(wr))),
+            ),
+            (Buf::Labels, job.buffer(4, b, BufInit::Data(i32s(labels)))),
+            (Buf::GRows, job.buffer(4, b, BufInit::Data(f32s(&up32)))),
+        ]);
+        if let Some(m) = &margins {
+            ids.insert(
+                Buf::RowMargins,
+                job.buffer(4, 2 * b, BufInit::Data(f32s(m))),
+            );
+        }
+        if let Some(st) = &state_in {
+            let data = st.iter().flat_map(|v| v.to_le_bytes()).collect();
+            ids.insert(Buf::StateIn, job.buffer(8, st.len(), BufInit::Data(data)));
+        }
+        ids
+    };
+    let mut plans = Vec::new();
+    let mut records = Vec::new();
+    for (rank, &(start, n)) in r.slices.iter().enumerate() {
+        let shard = fused_margin::shard::ClassShard::new(start, n, c).unwrap();
+        let labels = plan::shard_labels(&inp.labels, &shard).unwrap();
+        let local = Shape::new(b, d, n);
+        let fwd = plan::shard_forward(
+            &EMU_DEVICE,
+            &ch,
+            &plan::ForwardProblem {
+                dtype: T::DTYPE,
+                shape: local,
+                aligned: true,
+                params,
+                mean,
+                row_margins: margins.is_some(),
+            },
+            world,
+        )
+        .unwrap();
+        let upstream = match r.spec.reduction {
+            Reduction::None => plan::PlanUpstream::PerRow,
+            Reduction::Mean => plan::PlanUpstream::Scalar(1.0 / counted.max(1) as f32),
+            Reduction::Sum => plan::PlanUpstream::Scalar(1.0),
+        };
+        let bwd = plan::backward(
+            &EMU_DEVICE,
+            &ch,
+            &plan::BackwardProblem {
+                dtype: T::DTYPE,
+                grad_dtype: DType::F32,
+                shape: local,
+                aligned: true,
+                params,
+                mean,
+                upstream,
+                fwd_tensor_cores: fwd.tensor_cores,
+                row_margins: margins.is_some(),
+            },
+        )
+        .unwrap();
+        let cut = fwd
+            .steps
+            .iter()
+            .position(|s| matches!(s, plan::Step::Exchange { .. }))
+            .expect("a sharded forward exchanges its records");
+        // Job 1: up to the exchange; its output is this rank's records.
+        let mut head = fwd.clone();
+        head.steps.truncate(cut);
+        let mut job = Job::default();
+        let mut ids = inputs_of(&mut job, rank, &labels);
+        job.add_plan(&head, &mut ids);
+        let rec_id = ids[&Buf::ShardRec];
+        let out = run_job(
+            &exe,
+            &job,
+            &[rec_id],
+            &format!("shard1_{}_{rank}", r.seed),
+            ("forward", "eager"),
+            None,
+        );
+        assert_eq!(out.len(), 4 * b * plan::SHARD_REC);
+        records.push(out);
+        plans.push((labels, fwd, bwd, cut));
+    }
+    if let Some(q) = r.drop_rank {
+        // The mutation: rank q's records as if it held no class (max -inf, sum 0, not owned).
+        let empty: Vec<f32> = (0..b)
+            .flat_map(|_| [f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0])
+            .collect();
+        records[q] = f32s(&empty);
+    }
+    let gathered: Vec<u8> = records.concat();
+    let mut results = Vec::new();
+    for (rank, (labels, fwd, bwd, cut)) in plans.iter().enumerate() {
+        // Job 2: the same forward with the gathered records in place of the exchange, then the
+        // backward, as one stream of kernels.
+        let mut job = Job::default();
+        let mut fids = inputs_of(&mut job, rank, labels);
+        let all_id = job.buffer(
+            4,
+            world * b * plan::SHARD_REC,
+            BufInit::Data(gathered.clone()),
+        );
+        fids.insert(Buf::ShardAll, all_id);
+        let mut tail = fwd.clone();
+        tail.steps.remove(*cut);
+        tail.buffers.retain(|s| s.buf != Buf::ShardAll);
+        job.add_plan(&tail, &mut fids);
+        let mut bids: HashMap<Buf, u32> = [Buf::X, Buf::W, Buf::Labels, Buf::GRows]
+            .into_iter()
+            .map(|q| (q, fids[&q]))
+            .collect();
+        for q in [
+            Buf::XNorm,
+            Buf::WNorm,
+            Buf::Lse,
+            Buf::Target,
+            Buf::RowMargins,
+            Buf::DevMargins,
+        ] {
+            if let Some(&id) = fids.get(&q) {
+                bids.insert(q, id);
+            }
+        }
+        job.add_plan(bwd, &mut bids);
+        let mut outs = vec![
+            fids[&Buf::Loss],
+            fids[&Buf::Lse],
+            fids[&Buf::RowLoss],
+            bids[&Buf::Dx],
+            bids[&Buf::Dw],
+        ];
+        let state_len = fwd.spec_of(Buf::StateOut).map_or(0, |s| s.len);
+        if state_len > 0 {
+            outs.push(fids[&Buf::StateOut]);
+        }
+        let out = run_job(
+            &exe,
+            &job,
+            &outs,
+            &format!("shard2_{}_{rank}", r.seed),
+            ("forward", "eager"),
+            None,
+        );
+        let n = r.slices[rank].1;
+        let nf = 1 + 2 * b + b * d + n * k * d;
+        assert_eq!(out.len(), 4 * nf + 8 * state_len, "emulator output size");
+        let f = floats(&out[..4 * nf]);
+        let st: Vec<i64> = out[4 * nf..]
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        results.push((f, plan::state_of(&r.spec, &st)));
+    }
+    let what = format!(
+        "{:?} {:?} {world} ranks {:?} tc={} {:?}",
+        T::DTYPE,
+        r.shape,
+        r.slices,
+        r.tc,
+        r.spec
+    );
+    // Every rank: the same forward bits (the records merged in rank order everywhere).
+    for (rank, (f, st)) in results.iter().enumerate() {
+        let n = 1 + 2 * b;
+        let (f0, st0) = &results[0];
+        if f[..n]
+            .iter()
+            .map(|v| v.to_bits())
+            .ne(f0[..n].iter().map(|v| v.to_bits()))
+        {
+            return Err(format!(
+                "{what}: rank {rank}'s forward differs from rank 0's"
+            ));
+        }
+        if st != st0 {
+            return Err(format!("{what}: rank {rank}'s state out differs"));
+        }
+    }
+    let f0 = &results[0].0;
+    let (loss, lse, row_loss) = (f0[0], &f0[1..1 + b], &f0[1 + b..1 + 2 * b]);
+    let dx: Vec<f64> = (0..b * d)
+        .map(|e| results.iter().map(|(f, _)| f[1 + 2 * b + e]).sum())
+        .collect();
+    let dw: Vec<f64> = results
+        .iter()
+        .flat_map(|(f, _)| f[1 + 2 * b + b * d..].iter().copied())
+        .collect();
+    let tf32 = T::DTYPE == DType::F32 && r.tc;
+    let (lbar, gbar) = if tf32 { TF32_BARS } else { bars(T::DTYPE) };
+    let (e_rows, e_lse) = (rel(row_loss, &reference.row_loss), rel(lse, &reference.lse));
+    if !(e_rows <= lbar && e_lse <= lbar) {
+        return Err(format!(
+            "{what}: row loss rel {e_rows:e}, lse rel {e_lse:e}"
+        ));
+    }
+    if r.spec.reduction != Reduction::None {
+        let e = (loss - reference.loss).abs() / reference.loss.abs().max(1e-30);
+        if e > lbar {
+            return Err(format!("{what}: loss {loss} vs {}", reference.loss));
+        }
+    }
+    if !dx.iter().chain(&dw).all(|v| v.is_finite()) {
+        return Err(format!("{what}: non-finite or unwritten gradient"));
+    }
+    let (ex, ew) = (rel(&dx, &rg.dx), rel(&dw, &rg.dw));
+    if !(ex <= gbar && ew <= gbar) {
+        return Err(format!(
+            "{what}: dx rel {ex:e}, dw rel {ew:e} (bar {gbar:e})"
+        ));
+    }
+    match (results[0].1, reference.state) {
+        (None, None) => {}
+        (Some(LossState::AdaFace { mean, std }), Some(LossState::AdaFace { mean: m, std: s })) => {
+            if (mean - m).abs() > lbar * m.abs() || (std - s).abs() > lbar * s.abs() {
+                return Err(format!("{what}: state ({mean}, {std}) vs ({m}, {s})"));
+            }
+        }
+        (o, q) => return Err(format!("{what}: state out {o:?}, reference {q:?}")),
+    }
+    Ok(())
+}
+
+/// Uneven slices of `c` classes over `world` ranks, from cut points drawn by `seed`.
+fn shard_slices(c: usize, world: usize, seed: u64) -> Vec<(usize, usize)> {
+    let mut cuts: Vec<usize> = Vec::new();
+    let mut h = seed;
+    while cuts.len() + 1 < world {
+        h = fused_margin::variant::splitmix(h);
+        let v = 1 + (h % (c as u64 - 1)) as usize;
+        if !cuts.contains(&v) {
+            cuts.push(v);
+        }
+    }
+    cuts.sort_unstable();
+    let mut bounds = vec![0];
+    bounds.extend(cuts);
+    bounds.push(c);
+    bounds.windows(2).map(|p| (p[0], p[1] - p[0])).collect()
+}
+
+/// The class-sharded plans (`plan::shard_forward`, the backward on each rank's classes) on 1 to
+/// 5 emulated ranks with uneven slices, ranks without any row's target and ignored rows: SIMT
+/// f32 and tensor-core bf16/f16 forward and backward, every loss the GPU shards (the fixed
+/// margins, sub-centers, AdaFace, MagFace, ElasticFace), against the unsharded reference.
+#[test]
+fn sharded_plans_on_the_emulator() {
+    let seeded = ElasticRng {
+        seed: 3,
+        step: 1,
+        row_offset: 0,
+    };
+    let cases: Vec<(MarginLoss, Option<LossState>, Option<ElasticRng>)> = vec![
+        (MarginLoss::arcface(0.5), None, None),
+        (
+            MarginLoss::cosface(0.35).reduction(Reduction::Sum),
+            None,
+            None,
+        ),
+        (
+            MarginLoss::subcenter(2).reduction(Reduction::None),
+            None,
+            None,
+        ),
+        (MarginLoss::adaface(), Some(LossState::ADAFACE_INIT), None),
+        (MarginLoss::magface(), None, None),
+        (
+            MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None),
+            None,
+            Some(seeded),
+        ),
+    ];
+    for (i, (spec, state, elastic)) in cases.into_iter().enumerate() {
+        let seed = 4100 + i as u64;
+        for (world, tc) in [(1, false), (3, false), (5, true), (2, true)] {
+            let c = 150;
+            let run = ShardRun {
+                spec,
+                shape: Shape::new(29, 24, c),
+                slices: shard_slices(c, world, seed + world as u64),
+                tc,
+                state,
+                elastic,
+                drop_rank: None,
+                seed,
+            };
+            let res = if tc && i % 2 == 0 {
+                sharded_check::<bf16>(&run)
+            } else if tc {
+                sharded_check::<f16>(&run)
+            } else {
+                sharded_check::<f32>(&run)
+            };
+            res.unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // The exchange matters: without one rank's records the loss is wrong.
+    let broken = ShardRun {
+        spec: MarginLoss::arcface(0.5),
+        shape: Shape::new(29, 24, 150),
+        slices: shard_slices(150, 3, 9),
+        tc: false,
+        state: None,
+        elastic: None,
+        drop_rank: Some(2),
+        seed: 4200,
+    };
+    if driver(DType::F32).is_some() {
+        assert!(
+            sharded_check::<f32>(&broken).is_err(),
+            "a rank's records left out must fail the check"
+        );
+    }
+}

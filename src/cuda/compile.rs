@@ -27,7 +27,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 31] = [
+pub const ENTRY_POINTS: [&str; 33] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -35,6 +35,8 @@ pub const ENTRY_POINTS: [&str; 31] = [
     "fm_fwd_tiles",
     "fm_fwd_tiles_sc",
     "fm_combine_rows",
+    "fm_shard_stats",
+    "fm_shard_combine",
     "fm_reduce_loss",
     "fm_label_status",
     "fm_norm_coef",
@@ -183,6 +185,8 @@ impl Unit {
             | "fm_target_rows"
             | "fm_x_finish"
             | "fm_combine_rows"
+            | "fm_shard_stats"
+            | "fm_shard_combine"
             | "fm_reduce_loss"
             | "fm_label_status"
             | "fm_grad_scale"

@@ -32,6 +32,8 @@ pub(crate) struct Bound<'a, T> {
     pub prev_status: Option<&'a CudaSlice<i64>>,
     /// The caller's state in ([`Buf::StateIn`]: f64 bit patterns).
     pub state_in: Option<&'a CudaSlice<i64>>,
+    /// The group's collectives, for a class-sharded plan's [`Step::Exchange`].
+    pub comm: Option<&'a dyn crate::shard::Communicator>,
 }
 
 /// An output view the plan's buffer of that role is bound to instead of being allocated: the
@@ -261,6 +263,7 @@ pub(crate) fn execute<'v, T: CudaElement, O: CudaElement>(
     for (i, step) in plan.steps.iter().enumerate() {
         match step {
             Step::Kernel(l) => launch(h, k, l, bound, &mut owned, arena.as_deref_mut())?,
+            Step::Exchange { send, recv } => exchange(h, bound, &mut owned, *send, *recv)?,
             Step::Gemm(g) => {
                 let blas = h.blas().ok_or_else(|| Error::Unsupported {
                     detail: "the plan has a cuBLAS step but cuBLAS is not loaded".into(),
@@ -312,6 +315,52 @@ pub(crate) fn execute<'v, T: CudaElement, O: CudaElement>(
     }
     owned.retain(|_, o| !matches!(o, Owned::View(_)));
     Ok(Kept(owned))
+}
+
+/// A class-sharded plan's all-gather: `send` (f32) to the host, every rank's through the
+/// caller's communicator (f64: f32 values widen and narrow back exactly), rank-major into
+/// `recv`. Both buffers are the executor's own (the handle keeps them out of the arena).
+fn exchange<O: CudaElement, T>(
+    h: &FusedMarginLoss,
+    bound: &Bound<'_, T>,
+    owned: &mut BTreeMap<Buf, Owned<'_, O>>,
+    send: Buf,
+    recv: Buf,
+) -> Result<()> {
+    let comm = bound.comm.ok_or_else(|| Error::InvalidArgument {
+        what: "launch plan",
+        detail: "a sharded plan's exchange step needs the group's communicator".into(),
+    })?;
+    let host = match owned.get(&send) {
+        Some(Owned::F32(s)) => h
+            .stream
+            .clone_dtoh(s)
+            .map_err(|e| cuda_err("copy the shard records to the host", e))?,
+        _ => return Err(Kept::<'_, O>::missing(send)),
+    };
+    h.stream
+        .synchronize()
+        .map_err(|e| cuda_err("synchronize before the exchange", e))?;
+    let wide: Vec<f64> = host.iter().map(|&v| v as f64).collect();
+    let mut all = vec![0.0f64; wide.len() * comm.world_size()];
+    comm.all_gather(&wide, &mut all)?;
+    let narrow: Vec<f32> = all.iter().map(|&v| v as f32).collect();
+    match owned.get_mut(&recv) {
+        Some(Owned::F32(r)) if r.len() == narrow.len() => h
+            .stream
+            .memcpy_htod(&narrow, r)
+            .map_err(|e| cuda_err("copy the gathered shard records", e)),
+        Some(Owned::F32(r)) => Err(Error::Collective {
+            op: "exchange",
+            detail: format!(
+                "the plan holds {} floats for {} gathered",
+                r.len(),
+                narrow.len()
+            ),
+            source: None,
+        }),
+        _ => Err(Kept::<'_, O>::missing(recv)),
+    }
 }
 
 fn written(l: &Launch, buf: Buf) -> bool {

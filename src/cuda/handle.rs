@@ -728,6 +728,7 @@ impl FusedMarginLoss {
             },
             prev_status: None,
             state_in: state_in.as_ref(),
+            comm: None,
         };
         // The outputs without a caller's view go to buffers of this crate's, kept by the result.
         let mut own_loss = match out.loss {
@@ -1060,6 +1061,7 @@ impl FusedMarginLoss {
                 LabelState::Host { .. } => None,
             },
             state_in: None,
+            comm: None,
         };
         let views = vec![
             (Buf::Dx, exec::Out::Grad(out.dx)),

@@ -191,6 +191,11 @@ pub enum Buf {
     Dxh,
     /// Naive plan: gradient of wh, C x D f32.
     Dwh,
+    /// Class-sharded forward: this rank's record per row, B x [`SHARD_REC`] f32 (`fm_shard_stats`).
+    ShardRec,
+    /// Class-sharded forward: every rank's records, rank-major, W x B x [`SHARD_REC`] f32 (the
+    /// all-gather of [`Buf::ShardRec`], [`Step::Exchange`]).
+    ShardAll,
     /// dloss/dx, B x D of the gradient dtype (backward output).
     Dx,
     /// dloss/dw, C x D of the gradient dtype (backward output).
@@ -314,7 +319,21 @@ pub enum Step {
     Kernel(Launch),
     /// A cuBLAS SGEMM.
     Gemm(Gemm),
+    /// An all-gather among the ranks of a class-sharded call (module `shard`): `send` (f32) of
+    /// every rank into `recv`, rank-major. The executor copies to the host and calls the
+    /// caller's [`crate::shard::Communicator`]; the emulator's tests run the plan in two jobs
+    /// around it.
+    Exchange {
+        /// This rank's buffer.
+        send: Buf,
+        /// Every rank's, `world` times `send`'s length.
+        recv: Buf,
+    },
 }
+
+/// Floats per row of a class-sharded forward's record: `(m, s, z, reg, owned)`
+/// (kernels/common.cuh `FM_SHARD_REC`).
+pub const SHARD_REC: usize = 5;
 
 /// Everything a forward or a backward launches, and what it allocates.
 #[derive(Debug, Clone, PartialEq)]
@@ -386,7 +405,7 @@ impl LaunchPlan {
     pub fn launches(&self) -> impl Iterator<Item = &Launch> {
         self.steps.iter().filter_map(|s| match s {
             Step::Kernel(l) => Some(l),
-            Step::Gemm(_) => None,
+            Step::Gemm(_) | Step::Exchange { .. } => None,
         })
     }
 
@@ -403,6 +422,7 @@ impl LaunchPlan {
                 .iter()
                 .any(|a| matches!(a, Arg::Read(b) | Arg::Write(b) if *b == buf)),
             Step::Gemm(g) => g.a == buf || g.b == buf || g.c == buf,
+            Step::Exchange { send, recv } => *send == buf || *recv == buf,
         })
     }
 
@@ -416,6 +436,7 @@ impl LaunchPlan {
                     s.push_str(&format!("{}{:?}/{}/{};", l.entry, l.grid, l.block, l.smem))
                 }
                 Step::Gemm(g) => s.push_str(&format!("gemm:{};", g.what)),
+                Step::Exchange { send, .. } => s.push_str(&format!("exchange:{send:?};")),
             }
         }
         s
@@ -940,13 +961,83 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
     let shape = pr.shape;
     let mut bd = Builder::new();
     match ch.plan {
-        Plan::Fused => fused_forward(bd, dev, ch, pr),
+        Plan::Fused => fused_forward(bd, dev, ch, pr, None),
         Plan::Naive => {
             let bytes = naive_materialize(&mut bd, dev, pr.params, shape, true, pr.row_margins)?;
             reduce_loss(&mut bd, shape, pr.mean, ch.label_check);
             Ok(bd.finish(bytes, false, false))
         }
     }
+}
+
+/// The forward of one rank of a class-sharded call among `world` ranks (module `shard`): the
+/// fused forward on this rank's classes (`pr.shape.c` = its `num_local`; labels local, another
+/// rank's class as `C`: [`shard_labels`]), then instead of the combine: `fm_shard_stats` (this
+/// rank's record per row), the all-gather of the records ([`Step::Exchange`]), `fm_shard_combine`
+/// (every rank merges them in rank order: the same bits on every rank) and the loss. Refused:
+/// the naive plan, [`LabelCheck::Device`] (the host maps the labels), and the losses whose
+/// per-row state reads other ranks' target cosines (CurricularFace, ElasticFace+), which the CPU
+/// path (`cpu::shard_forward`) runs.
+pub fn shard_forward(
+    dev: &DeviceFacts,
+    ch: &Choices,
+    pr: &ForwardProblem,
+    world: usize,
+) -> Result<LaunchPlan> {
+    check_dtype(pr.dtype)?;
+    if ch.plan != Plan::Fused || ch.label_check != LabelCheck::Host {
+        return Err(Error::Unsupported {
+            detail: format!(
+                "a class-sharded forward runs the fused plan with LabelCheck::Host, not {:?} \
+                 with {:?}",
+                ch.plan, ch.label_check
+            ),
+        });
+    }
+    let v = pr.params.variant;
+    let plus = v == VariantCode::ElasticFace as i32 && pr.params.vp[1] != 0.0;
+    if v == VariantCode::CurricularFace as i32 || plus {
+        return Err(Error::Unsupported {
+            detail: "CurricularFace and ElasticFace+ read every row's target cosine: sharded, \
+                     they run on the CPU path (cpu::shard_forward), not on the GPU yet"
+                .into(),
+        });
+    }
+    if world == 0 {
+        return Err(Error::InvalidArgument {
+            what: "world",
+            detail: "a sharded call needs at least one rank".into(),
+        });
+    }
+    fused_forward(Builder::new(), dev, ch, pr, Some(world))
+}
+
+/// A rank's labels for [`shard_forward`] from the global ones: its own classes as local indices
+/// `y - class_start`, another rank's as `num_local` (a counted row without a target here: the
+/// kernels see no target column, `fm_target_rows` writes a neutral record), ignored rows as they
+/// are. Errors name a label outside `0..num_classes`.
+pub fn shard_labels(labels: &[i32], shard: &crate::shard::ClassShard) -> Result<Vec<i32>> {
+    let remote = i32::try_from(shard.num_local).map_err(|_| Error::TooLarge {
+        what: "shard",
+        detail: format!("num_local = {} must be < 2^31", shard.num_local),
+    })?;
+    labels
+        .iter()
+        .enumerate()
+        .map(|(row, &y)| {
+            if y < 0 {
+                Ok(y)
+            } else if y as usize >= shard.num_classes {
+                Err(Error::LabelOutOfRange {
+                    row,
+                    label: y as i64,
+                    classes: shard.num_classes,
+                })
+            } else {
+                Ok(shard.local(y).map_or(remote, |j| j as i32))
+            }
+        })
+        .collect()
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {
@@ -965,6 +1056,7 @@ fn fused_forward(
     dev: &DeviceFacts,
     ch: &Choices,
     pr: &ForwardProblem,
+    shard: Option<usize>,
 ) -> Result<LaunchPlan> {
     let (b, d, c) = (pr.shape.b, pr.shape.d, pr.shape.c);
     let di = i32_of(d, "D")?;
@@ -1038,6 +1130,55 @@ fn fused_forward(
             nsplit: I32(ns),
         },
     )?;
+    if let Some(world) = shard {
+        // One record per row, all-gathered, merged in rank order on every rank.
+        bd.alloc(Buf::ShardRec, Elem::F32, b * SHARD_REC);
+        bd.launch(
+            "fm_shard_stats",
+            grid_1d(b as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::PartM),
+                Read(Buf::PartS),
+                I32(ns),
+                Read(Buf::Zy),
+                Read(Buf::Labels),
+                Read(Buf::Target),
+                I64(b as i64),
+                I64(c as i64),
+                Write(Buf::ShardRec),
+            ],
+        );
+        let all = b
+            .checked_mul(SHARD_REC * world)
+            .ok_or_else(|| too_large("shard", format!("B = {b} records of {world} ranks")))?;
+        bd.alloc(Buf::ShardAll, Elem::F32, all);
+        bd.steps.push(Step::Exchange {
+            send: Buf::ShardRec,
+            recv: Buf::ShardAll,
+        });
+        bd.alloc(Buf::Lse, Elem::F32, b);
+        bd.alloc(Buf::RowLoss, Elem::F32, b);
+        bd.launch(
+            "fm_shard_combine",
+            grid_1d(b as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::ShardAll),
+                I32(i32_of(world, "world size")?),
+                Read(Buf::Labels),
+                I64(b as i64),
+                Write(Buf::Lse),
+                Write(Buf::RowLoss),
+                Write(Buf::Target),
+            ],
+        );
+        reduce_loss(&mut bd, pr.shape, pr.mean, ch.label_check);
+        let records = 4 * b * SHARD_REC * (world + 1);
+        return Ok(bd.finish(workspace_bytes + records, tensor_cores, wgmma));
+    }
     bd.alloc(Buf::Lse, Elem::F32, b);
     bd.alloc(Buf::RowLoss, Elem::F32, b);
     // One thread per row: its nsplit partials, zy[row] only for a label in 0..C.
