@@ -948,7 +948,7 @@ fn check_backward(p: &Problem<'_>, fwd: &Forward) -> Result<()> {
             });
         }
     }
-    if fwd.inputs_fingerprint != inputs_fingerprint(&p) {
+    if fwd.inputs_fingerprint != inputs_fingerprint(p) {
         return Err(Error::ForwardMismatch {
             detail: "x or w differs from the forward's (every row norm is the same, the values \
                      are not: a permuted, rotated or otherwise edited row)"

@@ -132,6 +132,7 @@ fn well_formed(p: &LaunchPlan, given: &[Buf], what: &str) {
                 (r, w)
             }
             Step::Gemm(g) => (vec![g.a, g.b], vec![g.c]),
+            Step::Exchange { send, recv } => (vec![*send], vec![*recv]),
         };
         for b in reads {
             assert!(
@@ -881,4 +882,116 @@ fn subcenter_picks_its_instantiations() {
         assert_eq!(b.spec_of(Buf::Wh).unwrap().len, 1_000 * k * 64, "{what}");
         assert_eq!(b.spec_of(Buf::Dw).unwrap().len, 1_000 * k * 64, "{what}");
     }
+}
+
+/// The class-sharded forward: the fused forward's tiles, then this rank's records, the exchange,
+/// the combine in rank order and the loss, in that order; its records sized for the world; the
+/// host label check only; the naive plan, CurricularFace and ElasticFace+ refused.
+#[test]
+fn sharded_forward_plans() {
+    use fused_margin::cuda::LabelCheck;
+    use fused_margin::{ElasticKind, ElasticPlus};
+    let host = Choices {
+        label_check: LabelCheck::Host,
+        ..Choices::default()
+    };
+    let problem = |spec: &MarginLoss, row_margins| ForwardProblem {
+        dtype: DType::BF16,
+        shape: Shape::new(1024, 512, 250_000),
+        aligned: true,
+        params: FmParams::from_spec(spec),
+        mean: true,
+        row_margins,
+    };
+    for (name, dev) in DEVICES {
+        for world in [1, 2, 8] {
+            let p = plan::shard_forward(
+                &dev,
+                &host,
+                &problem(&MarginLoss::arcface(0.5), false),
+                world,
+            )
+            .unwrap();
+            let what = format!("{name}, {world} ranks");
+            well_formed(&p, &FWD_GIVEN, &what);
+            let order: Vec<String> = p
+                .steps
+                .iter()
+                .map(|s| match s {
+                    Step::Kernel(l) => l.entry.clone(),
+                    Step::Exchange { send, recv } => format!("exchange {send:?} -> {recv:?}"),
+                    Step::Gemm(_) => "gemm".into(),
+                })
+                .collect();
+            let tail: Vec<&str> = order[order.len() - 4..]
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            assert_eq!(
+                tail,
+                [
+                    "fm_shard_stats",
+                    "exchange ShardRec -> ShardAll",
+                    "fm_shard_combine",
+                    "fm_reduce_loss"
+                ],
+                "{what}"
+            );
+            assert!(!order.iter().any(|e| e == "fm_combine_rows"), "{what}");
+            assert_eq!(
+                p.spec_of(Buf::ShardRec).unwrap().len,
+                1024 * plan::SHARD_REC
+            );
+            assert_eq!(
+                p.spec_of(Buf::ShardAll).unwrap().len,
+                1024 * plan::SHARD_REC * world
+            );
+            // The tiles are the plain forward's on this rank's classes.
+            let plain =
+                plan::forward(&dev, &host, &problem(&MarginLoss::arcface(0.5), false)).unwrap();
+            assert_eq!(writer(&p, Buf::PartM), writer(&plain, Buf::PartM), "{what}");
+        }
+    }
+    let dev = DeviceFacts::H100;
+    let refused = |ch: &Choices, spec: &MarginLoss, rm| {
+        matches!(
+            plan::shard_forward(&dev, ch, &problem(spec, rm), 4),
+            Err(fused_margin::Error::Unsupported { .. })
+        )
+    };
+    assert!(
+        refused(&Choices::default(), &MarginLoss::arcface(0.5), false),
+        "device labels"
+    );
+    let naive = Choices {
+        plan: fused_margin::cuda::Plan::Naive,
+        ..host
+    };
+    assert!(refused(&naive, &MarginLoss::arcface(0.5), false));
+    assert!(refused(&host, &MarginLoss::curricularface(), false));
+    assert!(refused(
+        &host,
+        &MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
+        true
+    ));
+    assert!(!refused(
+        &host,
+        &MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None),
+        true
+    ));
+    assert!(!refused(&host, &MarginLoss::magface(), false));
+    // The labels a rank's kernels see: local indices, another rank's class as num_local.
+    let sh = fused_margin::shard::ClassShard::new(10, 5, 30).unwrap();
+    assert_eq!(
+        plan::shard_labels(&[-1, 9, 10, 14, 15, 29], &sh).unwrap(),
+        vec![-1, 5, 0, 4, 5, 5]
+    );
+    assert!(matches!(
+        plan::shard_labels(&[30], &sh),
+        Err(fused_margin::Error::LabelOutOfRange {
+            row: 0,
+            label: 30,
+            classes: 30
+        })
+    ));
 }

@@ -3,6 +3,9 @@
 //! backward entry points, which build a launch plan (src/cuda/plan.rs) and run it
 //! (src/cuda/exec.rs).
 
+mod sharded;
+pub use sharded::{GpuShardForward, GpuShardGradients};
+
 use super::exec;
 use super::labels::{LabelCheck, LabelState};
 use super::launch::{cuda_err, fill_nan, CudaElement, Kernels};
@@ -599,7 +602,17 @@ impl FusedMarginLoss {
         shape: Shape,
         out: GpuForwardOut<'_>,
     ) -> Result<GpuSaved> {
-        self.forward_impl(spec, x, w, labels, shape, out, None, &RowInputs::default())
+        self.forward_impl(
+            spec,
+            x,
+            w,
+            labels,
+            shape,
+            out,
+            None,
+            &RowInputs::default(),
+            None,
+        )
     }
 
     /// [`Self::forward_into`] for a loss that takes per-row inputs or state (as
@@ -615,7 +628,7 @@ impl FusedMarginLoss {
         inputs: &RowInputs<'_>,
         out: GpuForwardOut<'_>,
     ) -> Result<GpuSaved> {
-        self.forward_impl(spec, x, w, labels, shape, out, None, inputs)
+        self.forward_impl(spec, x, w, labels, shape, out, None, inputs, None)
     }
 
     /// The allocating forward under `choices` (None: the handle's after the self-check): the
@@ -640,6 +653,7 @@ impl FusedMarginLoss {
             GpuForwardOut::default(),
             choices,
             inputs,
+            None,
         )?;
         match (saved.loss.take(), saved.row_loss.take()) {
             (Some(loss), Some(row_loss)) => Ok(GpuForward {
@@ -666,6 +680,7 @@ impl FusedMarginLoss {
         out: GpuForwardOut<'_>,
         choices: Option<&plan::Choices>,
         inputs: &RowInputs<'_>,
+        shard: Option<sharded::ShardCtx<'_>>,
     ) -> Result<GpuSaved> {
         self.check_inputs(spec, x, w, labels, shape)?;
         let host_margins = plan::row_margins(spec, inputs, shape.b)?;
@@ -684,11 +699,18 @@ impl FusedMarginLoss {
             ];
             check_disjoint(&ins, &outs)?;
         }
-        let host_labels = self.host_labels(labels, shape)?;
-        let ch = match choices {
+        // Sharded: the labels were checked and mapped to this rank's classes on the host.
+        let host_labels = match &shard {
+            Some(sc) => Some(sc.labels),
+            None => self.host_labels(labels, shape)?,
+        };
+        let mut ch = match choices {
             Some(c) => *c,
             None => self.checked_choices::<T>(shape.d)?,
         };
+        if shard.is_some() {
+            ch.label_check = LabelCheck::Host;
+        }
         let k = self.kernels(T::DTYPE)?;
         let problem = plan::ForwardProblem {
             dtype: T::DTYPE,
@@ -698,7 +720,10 @@ impl FusedMarginLoss {
             mean: spec.reduction == Reduction::Mean,
             row_margins: host_margins.is_some(),
         };
-        let lp = plan::forward(&self.device_facts(), &ch, &problem)?;
+        let lp = match &shard {
+            Some(sc) => plan::shard_forward(&self.device_facts(), &ch, &problem, sc.world)?,
+            None => plan::forward(&self.device_facts(), &ch, &problem)?,
+        };
         // Pageable host memory: the copy has read it when the call returns.
         let row_margins = match &host_margins {
             Some(m) => Some(
@@ -728,7 +753,7 @@ impl FusedMarginLoss {
             },
             prev_status: None,
             state_in: state_in.as_ref(),
-            comm: None,
+            comm: shard.as_ref().map(|sc| sc.comm),
         };
         // The outputs without a caller's view go to buffers of this crate's, kept by the result.
         let mut own_loss = match out.loss {
@@ -748,8 +773,12 @@ impl FusedMarginLoss {
                 views.push((buf, exec::Out::F32(v)));
             }
         }
-        let mut kept =
-            exec::execute::<T, f32>(self, &k, &lp, &bound, views, &plan::FORWARD_OUTPUTS)?;
+        // A sharded plan's records stay out of the arena: the exchange copies them whole.
+        let mut keep = plan::FORWARD_OUTPUTS.to_vec();
+        if shard.is_some() {
+            keep.extend([Buf::ShardRec, Buf::ShardAll]);
+        }
+        let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, views, &keep)?;
         let labels = match host_labels {
             Some((counted, fingerprint)) => LabelState::Host {
                 counted,
@@ -786,6 +815,7 @@ impl FusedMarginLoss {
             dtype: T::DTYPE,
             plan: self.options.plan,
             labels,
+            sharded: shard.is_some(),
             stream: self.stream.clone(),
         })
     }
@@ -906,7 +936,12 @@ impl FusedMarginLoss {
         upstream: GpuUpstream<'_>,
     ) -> Result<()> {
         let (spec, shape) = (&fwd.spec, fwd.shape);
-        let label_check = self.options.label_check;
+        // A sharded forward checked its labels on the host, whatever the handle's option.
+        let label_check = if fwd.sharded {
+            LabelCheck::Host
+        } else {
+            self.options.label_check
+        };
         if fwd.label_check() != label_check {
             return Err(Error::ForwardMismatch {
                 detail: format!(
@@ -969,11 +1004,18 @@ impl FusedMarginLoss {
             ins.push(self.span::<f32, _>("upstream", g));
         }
         check_disjoint(&ins, &outs)?;
-        let host_labels = self.host_labels(labels, shape)?;
-        let ch = match choices {
+        let host_labels = if fwd.sharded {
+            Some(sharded::local_label_state(self, labels, shape)?)
+        } else {
+            self.host_labels(labels, shape)?
+        };
+        let mut ch = match choices {
             Some(c) => *c,
             None => self.checked_choices::<T>(shape.d)?,
         };
+        if fwd.sharded {
+            ch.label_check = LabelCheck::Host;
+        }
         let k = self.kernels(T::DTYPE)?;
         let upstream = match (host_labels, &fwd.labels) {
             (

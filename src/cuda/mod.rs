@@ -89,7 +89,9 @@ pub use compile::{
     source, PtxSource, Unit, ENTRY_POINTS, F32_ENTRY_POINTS, HALF_ENTRY_POINTS, KERNEL_DTYPES,
     SM90A_HALF_ENTRY_POINTS,
 };
-pub use handle::{default_stream, device_available, FusedMarginLoss};
+pub use handle::{
+    default_stream, device_available, FusedMarginLoss, GpuShardForward, GpuShardGradients,
+};
 pub use labels::LabelCheck;
 #[doc(hidden)]
 pub use launch::CudaElement;

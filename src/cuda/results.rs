@@ -117,6 +117,9 @@ pub struct GpuSaved {
     pub(super) dtype: DType,
     pub(super) plan: Plan,
     pub(super) labels: LabelState,
+    /// A class-sharded forward's (`FusedMarginLoss::shard_forward`): labels local to the rank,
+    /// checked on the host.
+    pub(super) sharded: bool,
     pub(super) stream: Arc<CudaStream>,
 }
 

@@ -1,0 +1,319 @@
+//! The class-sharded loss on the GPU (module [`crate::shard`]): one rank's forward and backward
+//! on its slice of the class weights, the per-row records combined across ranks through the
+//! caller's [`Communicator`] (the plan's exchange step, [`plan::shard_forward`]).
+
+use super::{FusedMarginLoss, LabelCheck};
+use crate::cuda::launch::{cuda_err, CudaElement};
+use crate::cuda::plan;
+use crate::cuda::results::{DeviceUpstream, GpuBackwardRun, GpuForwardOut, GpuSaved, GpuUpstream};
+use crate::cuda::{CudaSlice, CudaView, Plan};
+use crate::error::{Error, Result};
+use crate::shard::{self, ClassShard, Communicator, DxReduce, Rank};
+use crate::spec::{MarginLoss, Shape};
+use crate::variant::RowInputs;
+use std::ops::Range;
+
+/// What the sharded path hands the forward: the group, and the local labels' host check.
+pub(in crate::cuda) struct ShardCtx<'a> {
+    pub comm: &'a dyn Communicator,
+    pub world: usize,
+    /// (counted rows, fingerprint) of the local labels.
+    pub labels: (usize, u64),
+}
+
+/// A rank's result of [`FusedMarginLoss::shard_forward`]: the global rows' loss and row losses
+/// (the same bits on every rank), what its backward needs, and the rank's labels as the kernels
+/// see them (its classes local, another rank's as `num_local`).
+#[derive(Debug)]
+pub struct GpuShardForward {
+    /// The reduced loss over the global batch, 1 f32.
+    pub loss: CudaSlice<f32>,
+    /// The global rows' losses, B f32.
+    pub row_loss: CudaSlice<f32>,
+    /// The logsumexp, norms and target record, as a plain forward keeps them (`w_norm`: this
+    /// rank's rows).
+    pub saved: GpuSaved,
+    labels: CudaSlice<i32>,
+    /// This rank's classes.
+    pub shard: ClassShard,
+    /// The rank and world size of the call.
+    pub rank: usize,
+    /// See [`rank`](Self::rank).
+    pub world_size: usize,
+}
+
+impl GpuShardForward {
+    /// Copies the loss to the host (synchronizes the stream).
+    pub fn loss_host(&self) -> Result<f32> {
+        let v = self
+            .saved
+            .stream
+            .clone_dtoh(&self.loss)
+            .map_err(|e| cuda_err("copy loss to host", e))?;
+        Ok(v[0])
+    }
+
+    /// The rank's labels as its kernels read them, B i32.
+    pub fn local_labels(&self) -> &CudaSlice<i32> {
+        &self.labels
+    }
+}
+
+/// A rank's result of [`FusedMarginLoss::shard_backward`], in f32.
+#[derive(Debug)]
+pub struct GpuShardGradients {
+    /// `dL/dx` of the global rows `dx_rows`, reduced across ranks as the options asked.
+    pub dx: CudaSlice<f32>,
+    /// The global rows `dx` holds.
+    pub dx_rows: Range<usize>,
+    /// `dL/dw` of this rank's `num_local*K` rows.
+    pub dw: CudaSlice<f32>,
+    /// What ran.
+    pub run: GpuBackwardRun,
+}
+
+/// The local labels' (counted, fingerprint) for the backward of a sharded forward: each label
+/// negative or at most `C` (`C` marks another rank's class).
+pub(super) fn local_label_state(
+    h: &FusedMarginLoss,
+    labels: &CudaView<'_, i32>,
+    shape: Shape,
+) -> Result<(usize, u64)> {
+    let host = h
+        .stream
+        .clone_dtoh(labels)
+        .map_err(|e| cuda_err("copy labels to host for validation", e))?;
+    let mut counted = 0;
+    for (row, &y) in host.iter().enumerate() {
+        if y >= 0 {
+            if y as usize > shape.c {
+                return Err(Error::LabelOutOfRange {
+                    row,
+                    label: y as i64,
+                    classes: shape.c + 1,
+                });
+            }
+            counted += 1;
+        }
+    }
+    Ok((counted, Shape::labels_fingerprint(&host)))
+}
+
+fn fingerprint(parts: &str, more: &[u64]) -> u64 {
+    let h = shard::fnv(shard::FNV0, parts.as_bytes());
+    more.iter().fold(h, |h, v| shard::fnv(h, &v.to_le_bytes()))
+}
+
+impl FusedMarginLoss {
+    /// The forward of one rank of a class-sharded call (module [`crate::shard`]), on the GPU:
+    /// `x` holds the global batch's embeddings (B x D, the same on every rank), `labels` its B
+    /// global labels, `shape` the global `(B, D, C)`, `w` this rank's `num_local*K` class rows.
+    /// The fused forward runs on the rank's classes; each row's record (max, sum-exp, target
+    /// logit, MagFace's regularizer, owned) goes through `rank.comm` (an all-gather of 5 values
+    /// per row per rank, through the host), and every rank merges the records in rank order:
+    /// the same loss and row losses, bit for bit, on every rank, deterministic for a fixed world
+    /// size. Labels are checked and mapped on the host (one copy of B labels), whatever the
+    /// handle's [`LabelCheck`].
+    ///
+    /// Runs the fixed-margin losses, sub-center ArcFace, AdaFace, MagFace and ElasticFace without
+    /// Plus on the fused plan. [`Error::Unsupported`] before any collective: CurricularFace and
+    /// ElasticFace+ (their state reads every rank's target cosines; `cpu::shard_forward` runs
+    /// them), Partial FC (`rank.sampled`; the CPU path samples), the naive plan. Every rank
+    /// learns of another rank's bad input through the agreement step ([`Error::Collective`]).
+    #[allow(clippy::too_many_arguments)] // the plain forward's, plus the rank
+    pub fn shard_forward<T: CudaElement>(
+        &self,
+        rank: &Rank<'_>,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        labels: &CudaView<'_, i32>,
+        shape: Shape,
+        inputs: &RowInputs<'_>,
+    ) -> Result<GpuShardForward> {
+        let comm = rank.comm;
+        let local = (|| {
+            spec.validate()?;
+            if rank.sampled.is_some() {
+                return Err(Error::Unsupported {
+                    detail: "Partial FC on the GPU: the sampled classes run on the CPU path \
+                             (cpu::shard_forward) for now"
+                        .into(),
+                });
+            }
+            if self.options.plan != Plan::Fused {
+                return Err(Error::Unsupported {
+                    detail: "a class-sharded forward runs the fused plan".into(),
+                });
+            }
+            if shape.c != rank.shard.num_classes {
+                return Err(Error::InvalidArgument {
+                    what: "shard",
+                    detail: format!(
+                        "the shard is of C = {} classes, the shape has C = {}",
+                        rank.shard.num_classes, shape.c
+                    ),
+                });
+            }
+            let lshape = Shape {
+                c: rank.shard.num_local,
+                ..shape
+            };
+            self.check_inputs(spec, x, w, labels, lshape)?;
+            spec.variant.check_inputs(inputs, shape.b)?;
+            // The plan's own refusals (CurricularFace, ElasticFace+), before any collective.
+            let probe = plan::ForwardProblem {
+                dtype: T::DTYPE,
+                shape: lshape,
+                aligned: true,
+                params: crate::cuda::params::FmParams::from_spec(spec),
+                mean: false,
+                row_margins: plan::row_margins(spec, inputs, shape.b)?.is_some(),
+            };
+            let mut ch = self.choices();
+            ch.label_check = LabelCheck::Host;
+            plan::shard_forward(&self.device_facts(), &ch, &probe, comm.world_size())?;
+            let host = self
+                .stream
+                .clone_dtoh(labels)
+                .map_err(|e| cuda_err("copy labels to host for validation", e))?;
+            let local = plan::shard_labels(&host, &rank.shard)?;
+            Ok((host, local, lshape))
+        })();
+        let fp = local.as_ref().map_err(|_| ()).map(|(host, _, _)| {
+            fingerprint(
+                &format!("{spec:?}{shape:?}{inputs:?}{:?}", T::DTYPE),
+                &[Shape::labels_fingerprint(host), comm.world_size() as u64],
+            )
+        });
+        let agreed = shard::agree(comm, "shard forward", &rank.shard, fp);
+        let (_, local, lshape) = local?;
+        agreed?;
+        let counted = local.iter().filter(|&&y| y >= 0).count();
+        let dev_labels = self
+            .stream
+            .clone_htod(&local)
+            .map_err(|e| cuda_err("copy the rank's labels", e))?;
+        let ctx = ShardCtx {
+            comm,
+            world: comm.world_size(),
+            labels: (counted, Shape::labels_fingerprint(&local)),
+        };
+        let mut saved = self.forward_impl(
+            spec,
+            x,
+            w,
+            &dev_labels.as_view(),
+            lshape,
+            GpuForwardOut::default(),
+            None,
+            inputs,
+            Some(ctx),
+        )?;
+        match (saved.loss.take(), saved.row_loss.take()) {
+            (Some(loss), Some(row_loss)) => Ok(GpuShardForward {
+                loss,
+                row_loss,
+                saved,
+                labels: dev_labels,
+                shard: rank.shard,
+                rank: comm.rank(),
+                world_size: comm.world_size(),
+            }),
+            _ => Err(Error::InvalidArgument {
+                what: "launch plan",
+                detail: "the sharded forward kept no loss or no row losses".into(),
+            }),
+        }
+    }
+
+    /// The backward of [`Self::shard_forward`] on one rank, gradients in f32: this rank's part
+    /// of `dL/dx` for every row (its classes' terms, through the normalization), reduced across
+    /// ranks as `rank.options.dx` asks ([`DxReduce::Owner`]: a reduce-scatter, rank `r` gets
+    /// rows `r*B/W .. (r+1)*B/W`; `Global`: an all-reduce; `Partial`: none), each through the
+    /// host in f64; and `dL/dw` of its rows. `upstream` as for [`Self::backward`] (the global
+    /// rows'; the same on every rank).
+    pub fn shard_backward<T: CudaElement>(
+        &self,
+        rank: &Rank<'_>,
+        fwd: &GpuShardForward,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        upstream: GpuUpstream<'_>,
+    ) -> Result<GpuShardGradients> {
+        let comm = rank.comm;
+        let (world, me) = (comm.world_size(), comm.rank());
+        let opts = rank.options;
+        let shape = fwd.saved.shape;
+        let local = (|| {
+            if rank.sampled.is_some() {
+                return Err(Error::Unsupported {
+                    detail: "Partial FC on the GPU: the CPU path samples for now".into(),
+                });
+            }
+            if fwd.shard != rank.shard || (fwd.rank, fwd.world_size) != (me, world) {
+                return Err(Error::ForwardMismatch {
+                    detail: format!(
+                        "the forward ran on {:?} as rank {} of {}, this backward on {:?} as rank \
+                         {me} of {world}",
+                        fwd.shard, fwd.rank, fwd.world_size, rank.shard
+                    ),
+                });
+            }
+            match opts.dx {
+                DxReduce::Owner => shard::owner_rows(shape.b, world, me),
+                DxReduce::Global | DxReduce::Partial => Ok(0..shape.b),
+            }
+        })();
+        let up = match upstream {
+            DeviceUpstream::Scalar(v) => v.to_bits() as u64,
+            DeviceUpstream::PerRow(v) => v.len() as u64 | 1 << 40,
+        };
+        let fp = local.as_ref().map_err(|_| ()).map(|_| {
+            fingerprint(
+                &format!("{:?}{opts:?}{shape:?}", fwd.saved.spec),
+                &[up, fwd.saved.tensor_cores as u64],
+            )
+        });
+        let agreed = shard::agree(comm, "shard backward", &rank.shard, fp);
+        let rows = local?;
+        agreed?;
+        let labels = fwd.labels.as_view();
+        let g = self.backward_owned::<T, f32>(&fwd.saved, x, w, &labels, upstream, None)?;
+        let (b, d) = (shape.b, shape.d);
+        let to_host = |v: &CudaSlice<f32>| -> Result<Vec<f64>> {
+            let h = self
+                .stream
+                .clone_dtoh(v)
+                .map_err(|e| cuda_err("copy dx to the host for its reduction", e))?;
+            Ok(h.into_iter().map(f64::from).collect())
+        };
+        let to_dev = |v: &[f64]| -> Result<CudaSlice<f32>> {
+            let n: Vec<f32> = v.iter().map(|&e| e as f32).collect();
+            self.stream
+                .clone_htod(&n)
+                .map_err(|e| cuda_err("copy the reduced dx", e))
+        };
+        let dx = match opts.dx {
+            DxReduce::Partial => g.dx,
+            DxReduce::Global => {
+                let mut host = to_host(&g.dx)?;
+                comm.all_reduce_sum(&mut host)?;
+                to_dev(&host)?
+            }
+            DxReduce::Owner => {
+                let host = to_host(&g.dx)?;
+                let mut mine = vec![0.0; rows.len() * d];
+                debug_assert_eq!(host.len(), b * d);
+                comm.reduce_scatter_sum(&host, &mut mine)?;
+                to_dev(&mine)?
+            }
+        };
+        Ok(GpuShardGradients {
+            dx,
+            dx_rows: rows,
+            dw: g.dw,
+            run: g.run,
+        })
+    }
+}
