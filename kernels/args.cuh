@@ -21,6 +21,9 @@
 
 #include "common.cuh"
 
+// widx (nullable): Partial FC's sampled classes (src/shard.rs): column j of the problem is class
+// widx[j] of w (its rows widx[j] K + k); the norms, dw and every other per-class array are by
+// column. Null: column j is class j.
 // tgt: the per-row target and its slope (fm_target_rows, normalize.cu), read by every tile kernel.
 // The forward tile kernels (logits.cu, logits_tc.cu, logits_wg.cu): grid (row tiles, nsplit).
 // Block (rt, split) writes part_m/part_s at row * nsplit + split, and zy[row] for a label in its
@@ -28,6 +31,7 @@
 #define FM_TILE_ARGS(F)         \
     F(const T_IN*, x)           \
     F(const T_IN*, w)           \
+    F(const int*, widx)         \
     F(const int*, labels)       \
     F(const float*, xnorm)      \
     F(const float*, wnorm)      \
@@ -50,6 +54,7 @@
 #define FM_GRAD_ARGS(F)         \
     F(const T_IN*, x)           \
     F(const T_IN*, w)           \
+    F(const int*, widx)         \
     F(const int*, labels)       \
     F(const float*, xnorm)      \
     F(const float*, wnorm)      \

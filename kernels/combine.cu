@@ -119,5 +119,16 @@ extern "C" __global__ void FM_ENTRY(fm_shard_combine)(const float* __restrict__ 
     tgt[fm_tgt_at(FM_TGT_CE, B, row)] = l;
 }
 
+// Partial FC's dw in the rank's full layout (plan::full_dw): class r's `per` = K D values from
+// row inv[r] of the sampled rows' dw, or zeros where inv[r] < 0 (not sampled). Writes dst whole.
+// One thread per element.
+extern "C" __global__ void FM_ENTRY(fm_gather_rows)(const float* __restrict__ src, const int* __restrict__ inv,
+                                                    i64 n, int per, float* __restrict__ dst) {
+    i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n * per) return;
+    const int j = inv[e / per];
+    dst[e] = j >= 0 ? src[(i64)j * per + e % per] : 0.0f;
+}
+
 // fm_reduce_loss is in labels.cu: it also writes the forward's label status (one block over the
 // labels either way).

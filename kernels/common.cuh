@@ -275,6 +275,11 @@ __device__ __forceinline__ FmTarget fm_target(const FmParams& p, const FmMargin&
 //         coefficient of g_i (p_iy - 1)
 //   KG    MagFace's lambda_g g'(a_i) there, else 0: its coefficient of g_i
 // then one float, CurricularFace's t (the state out; 0 for the others): FM_TGT_LEN(B) = 8 B + 1.
+// The class of column `col`: widx[col] with Partial FC's index (kernels/args.cuh), else col.
+__device__ __forceinline__ i64 fm_wrow(const int* widx, i64 col) {
+    return widx != nullptr ? (i64)widx[col] : col;
+}
+
 // Floats per row of a class-sharded forward's record (combine.cu: fm_shard_stats).
 #define FM_SHARD_REC 5
 #define FM_TGT_CE 2

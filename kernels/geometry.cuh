@@ -54,10 +54,10 @@
 #define FM_G_UNIT_GRAD_TC32_F32OUT 11
 
 // Bytes of the family argument structs (args.cuh), as src/cuda/args.rs packs them: FmTileArgs
-// (9 pointers, FmParams of 80 bytes, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs
-// (13 pointers, FmParams, 2 i64, 1 float, 4 int, 4 bytes of tail padding).
-#define FM_G_TILE_ARGS_BYTES 184
-#define FM_G_GRAD_ARGS_BYTES 224
+// (10 pointers, FmParams of 80 bytes, 2 i64, 3 int, 4 bytes of tail padding) and FmGradArgs
+// (14 pointers, FmParams, 2 i64, 1 float, 4 int, 4 bytes of tail padding).
+#define FM_G_TILE_ARGS_BYTES 192
+#define FM_G_GRAD_ARGS_BYTES 232
 
 // The target record's sections of B floats (common.cuh FM_TGT_*); one float (CurricularFace's
 // t) follows them: 8 B + 1 floats.

@@ -41,7 +41,7 @@ __device__ __forceinline__ void fm_grad_x_partial_body(const FmGradArgs<float>& 
         int win[2][2];
         for (int k = 0; k < K; ++k) {
             float acc[2][2];
-            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, p.tf32_dots != 0);
+            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, p.tf32_dots != 0, widx);
             for (int a = 0; a < 2; ++a)
                 for (int b = 0; b < 2; ++b) {
                     const i64 col = col0 + tx + 16 * b;
@@ -74,8 +74,8 @@ __device__ __forceinline__ void fm_grad_x_partial_body(const FmGradArgs<float>& 
                 int d = d0 + dd;
                 float v = 0.0f;
                 if (col < C && d < D) {
-                    const i64 wr = col * K + k;
-                    v = fm_to_f32(w[wr * D + d]);
+                    const i64 wr = col * K + k;   // the column's row of wnorm; of w through widx
+                    v = fm_to_f32(w[(fm_wrow(widx, col) * K + k) * D + d]);
                     if (p.normalize_weights) v *= fm_inv_norm(wnorm[wr]);
                 }
                 wsd[kc][dd] = v;
@@ -158,7 +158,7 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
         int win[2][2];
         for (int k = 0; k < K; ++k) {
             float acc[2][2];
-            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, p.tf32_dots != 0);
+            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, p.tf32_dots != 0, widx);
             for (int a = 0; a < 2; ++a)
                 for (int b = 0; b < 2; ++b) {
                     const i64 col = col0 + tx + 16 * b;
@@ -209,7 +209,8 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
         int cl = ty + 16 * a;
         i64 col = col0 + cl;
         if (col >= C) continue;
-        const i64 wr = col * K + ks;   // the row of w and dw
+        const i64 wr = col * K + ks;   // the column's row of dw and wnorm
+        const i64 wsrc = fm_wrow(widx, col) * K + ks;   // its row of w
         float proj = 0.0f;
         for (int u = 0; u < 16; ++u) proj += projs[u][cl];
         proj = fm_norm_proj(wnorm[wr], proj);
@@ -219,7 +220,7 @@ __device__ __forceinline__ void fm_grad_w(const FmGradArgs<OUT>& args) {
             if (d >= D) continue;
             float g = acc2[a][q];
             if (p.normalize_weights) {
-                float wh = fm_to_f32(w[wr * D + d]) * inv;
+                float wh = fm_to_f32(w[wsrc * D + d]) * inv;
                 g = (g - wh * proj) * inv;
             }
             dw[wr * D + d] = fm_from_f32<OUT>(g);

@@ -114,11 +114,12 @@ __device__ __forceinline__ int fm_gt_load_row() { return (int)threadIdx.x / (256
 
 template <int ROWS>
 __device__ __forceinline__ void fm_gt_load_rows(unsigned short* dst, int ld, int dp, const T_IN* src, int n_rows,
-                                                int D, bool live) {
+                                                int D, bool live, const int* idx = nullptr, i64 base = 0) {
     constexpr int TPR = 256 / ROWS;
     const int r = fm_gt_load_row<ROWS>(), c0 = ((int)threadIdx.x % TPR) * 8;
     const bool row_ok = r < n_rows && live;
-    const T_IN* s = src + (row_ok ? r * D : 0);
+    // Rows r of src, or (Partial FC's index) rows idx[base + r] of the matrix src.
+    const T_IN* s = src + (row_ok ? (idx != nullptr ? (i64)idx[base + r] * D : (i64)r * D) : 0);
     unsigned short* d = dst + r * ld;
     for (int c = c0; c < dp; c += TPR * 8) {
         const bool ok = row_ok && c < D;   // D % 8 == 0: a chunk is wholly inside or outside
@@ -406,7 +407,8 @@ __device__ __forceinline__ void fm_grad_x_tc(const FmGradArgs<float>& args) {
     fm_gt_load_rows<OWN>(own_s, ld, dp, x + own0 * D, (int)(B - own0 < OWN ? B - own0 : OWN), D, true);
     auto load_tile = [&](i64 tile, unsigned short* dst) {
         const i64 par0 = tile * GT_PN;
-        fm_gt_load_rows<GT_PN>(dst, ld, dp, w + par0 * D, (int)(C - par0 < GT_PN ? C - par0 : GT_PN), D, true);
+        fm_gt_load_rows<GT_PN>(dst, ld, dp, widx ? w : w + par0 * D, (int)(C - par0 < GT_PN ? C - par0 : GT_PN), D,
+                               true, widx, par0);
     };
     if (t_begin < t_end) load_tile(t_begin, par_s);
     fm_cp_async_commit();
@@ -605,7 +607,8 @@ __device__ __forceinline__ void fm_grad_w_tc(const FmGradArgs<OUT>& args) {
     // The class rows, then the first row tile, in one group. Whether the calling thread's load row
     // of the next tile contributes is fetched a tile ahead (nlab, ng: plain loads whose latency
     // the tile in between hides), so issuing a tile's copies never waits on a label.
-    fm_gt_load_rows<OWN>(own_s, ld, dp, w + own0 * D, (int)(C - own0 < OWN ? C - own0 : OWN), D, true);
+    fm_gt_load_rows<OWN>(own_s, ld, dp, widx ? w : w + own0 * D, (int)(C - own0 < OWN ? C - own0 : OWN), D, true,
+                         widx, own0);
     const int lrow = fm_gt_load_row<GT_PN>();
     int nlab;
     float ng;

@@ -34,7 +34,7 @@ __device__ __forceinline__ void fm_fwd_tiles_body(const FmTileArgs& args) {
         int win[2][2];
         for (int k = 0; k < K; ++k) {
             float acc[2][2];
-            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc);
+            fm_dot_tile(x, w + (i64)k * D, row0, col0, B, C, D, (i64)K * D, sm, acc, false, widx);
             for (int a = 0; a < 2; ++a)
                 for (int b = 0; b < 2; ++b) {
                     const i64 col = col0 + tx + 16 * b;

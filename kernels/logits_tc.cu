@@ -118,7 +118,7 @@ static_assert(FmTcShape<FmTcHalf, 4, 8>::BM == FM_G_TC_WIDE_BM && FmTcShape<FmTc
 template <class Op, int MI, int NI>
 __device__ __forceinline__ void fm_tc_load(typename Op::E* xs, typename Op::E* ws, int stage, i64 it, int ksteps,
                                            i64 t_begin, const T_IN* __restrict__ x, const T_IN* __restrict__ w,
-                                           i64 row0, i64 B, i64 C, int D, int K) {
+                                           i64 row0, i64 B, i64 C, int D, int K, const int* widx) {
     typedef FmTcShape<Op, MI, NI> S;
     const i64 kt = it / ksteps;   // (class tile, sub-center) pairs so far
     const i64 col0 = (t_begin + kt / K) * S::BN;
@@ -136,7 +136,7 @@ __device__ __forceinline__ void fm_tc_load(typename Op::E* xs, typename Op::E* w
             const i64 col = col0 + (r - S::BM);
             const bool ok = col < C && kc < D;
             fm_cp_async16(ws + stage * S::STAGE_W + (r - S::BM) * Op::LD + ch * Op::VEC,
-                          ok ? (const void*)(w + (col * K + sub) * D + kc) : (const void*)w, ok);
+                          ok ? (const void*)(w + (fm_wrow(widx, col) * K + sub) * D + kc) : (const void*)w, ok);
         }
     }
 }
@@ -183,7 +183,7 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
 
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < total) fm_tc_load<Op, MI, NI>(xs, ws, s, s, ksteps, t_begin, x, w, row0, B, C, D, K);
+        if (s < total) fm_tc_load<Op, MI, NI>(xs, ws, s, s, ksteps, t_begin, x, w, row0, B, C, D, K, widx);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
     for (i64 it = 0; it < total; ++it) {
@@ -191,7 +191,8 @@ __device__ __forceinline__ void fm_fwd_tc(const FmTileArgs& args) {
         __syncthreads();   // stage `it` is visible to all; everyone is done reading stage it-1
         i64 nxt = it + TC_STAGES - 1;
         if (nxt < total)
-            fm_tc_load<Op, MI, NI>(xs, ws, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D, K);
+            fm_tc_load<Op, MI, NI>(xs, ws, (int)(nxt % TC_STAGES), nxt, ksteps, t_begin, x, w, row0, B, C, D, K,
+                                   widx);
         fm_cp_async_commit();
         const int st = (int)(it % TC_STAGES);
         Op::template step<MI, NI>(acc, xs + st * S::STAGE_X, ws + st * S::STAGE_W, wm, wn, lane);

@@ -48,7 +48,7 @@ static_assert(WG_SMEM_BYTES == FM_G_WG_SMEM, "geometry.cuh: FM_G_WG_SMEM");
 // col K + sub (K = 1, a constant, but for sub-centers).
 __device__ __forceinline__ void fm_wg_load(unsigned char* stage, i64 it, int ksteps, i64 t_begin,
                                            const T_IN* __restrict__ x, const T_IN* __restrict__ w, i64 row0,
-                                           i64 B, i64 C, int D, int K) {
+                                           i64 B, i64 C, int D, int K, const int* widx) {
     const i64 kt = it / ksteps;
     const i64 col0 = (t_begin + kt / K) * WG_BN;
     const int sub = (int)(kt % K);
@@ -64,7 +64,7 @@ __device__ __forceinline__ void fm_wg_load(unsigned char* stage, i64 it, int kst
         } else {
             const i64 col = col0 + (r - WG_BM);
             const bool ok = col < C && kc < D;
-            fm_cp_async16(dst, ok ? (const void*)(w + (col * K + sub) * D + kc) : (const void*)w, ok);
+            fm_cp_async16(dst, ok ? (const void*)(w + (fm_wrow(widx, col) * K + sub) * D + kc) : (const void*)w, ok);
         }
     }
 }
@@ -101,7 +101,7 @@ __device__ __forceinline__ void fm_fwd_wg(const FmTileArgs& args) {
 
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; ++s) {
-        if (s < total) fm_wg_load(smem + s * WG_STAGE_BYTES, s, ksteps, t_begin, x, w, row0, B, C, D, K);
+        if (s < total) fm_wg_load(smem + s * WG_STAGE_BYTES, s, ksteps, t_begin, x, w, row0, B, C, D, K, widx);
         fm_cp_async_commit();   // always commit: the group count stays uniform for wait_group
     }
     // Class tiles outer (then sub-centers), k steps inner: the inner loop keeps one wgmma group in flight
@@ -119,7 +119,7 @@ __device__ __forceinline__ void fm_fwd_wg(const FmTileArgs& args) {
                 const i64 nxt = it + WG_AHEAD;   // refills the stage of it-2
                 if (nxt < total)
                     fm_wg_load(smem + (int)(nxt % WG_STAGES) * WG_STAGE_BYTES, nxt, ksteps, t_begin, x, w, row0, B, C,
-                               D, K);
+                               D, K, widx);
                 fm_cp_async_commit();
 
                 const unsigned st = fm_smem_addr(smem + (int)(it % WG_STAGES) * WG_STAGE_BYTES);

@@ -5,15 +5,17 @@
 
 // an_out[r] = |a_r| for the na rows of a, then bn_out[r] = |b_r| for the nb rows of b (raw, before
 // the eps floor): x's and w's norms in one launch. One warp per row, f32 accumulation in a fixed
-// order (lane k sums columns k, k + 32, ..., then the warp's butterfly).
+// order (lane k sums columns k, k + 32, ..., then the warp's butterfly). bidx (nullable):
+// Partial FC's index, b's row r is then row bidx[r / K] K + r % K (K rows per class).
 extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ a, i64 na, float* __restrict__ an_out,
                                                   const T_IN* __restrict__ b, i64 nb, float* __restrict__ bn_out,
-                                                  int D) {
+                                                  int D, const int* __restrict__ bidx, int K) {
     i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= na + nb) return;
     const bool in_a = row < na;
-    const T_IN* r = in_a ? a + row * D : b + (row - na) * D;
+    const i64 br = row - na;
+    const T_IN* r = in_a ? a + row * D : b + (bidx != nullptr ? fm_wrow(bidx, br / K) * K + br % K : br) * D;
     float acc = 0.0f;
     for (int k = lane; k < D; k += 32) {
         float e = fm_to_f32(r[k]);
@@ -33,13 +35,15 @@ extern "C" __global__ void FM_ENTRY(fm_row_norms)(const T_IN* __restrict__ a, i6
 // double acos/sin/cos made most of a tensor-core module's code and of its compile time. One warp
 // per row, f32 dot; rows past B are not written; rows whose label is not in 0..C get (0, 1) and
 // neutral sections, never read as a target. Forward and backward run this same pass, so both
-// see the same target. rowm: the per-row margins (fm_row_margin_given), or null.
+// see the same target. rowm: the per-row margins (fm_row_margin_given), or null. widx: Partial
+// FC's index (args.cuh), or null.
 extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, const T_IN* __restrict__ w,
                                                     const int* __restrict__ labels,
                                                     const float* __restrict__ xnorm,
                                                     const float* __restrict__ wnorm,
                                                     const float* __restrict__ rowm, FmParams p, i64 B,
-                                                    i64 C, int D, float* __restrict__ tgt) {
+                                                    i64 C, int D, const int* __restrict__ widx,
+                                                    float* __restrict__ tgt) {
     i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= B) return;
@@ -66,8 +70,8 @@ extern "C" __global__ void FM_ENTRY(fm_target_rows)(const T_IN* __restrict__ x, 
     float c = 0.0f;
     int win = 0;
     for (int sc = 0; sc < K; ++sc) {
-        const i64 wrow = (i64)y * K + sc;
-        const T_IN* wr = w + wrow * D;
+        const i64 wrow = (i64)y * K + sc;   // the column's row of wnorm; of w through widx
+        const T_IN* wr = w + (fm_wrow(widx, y) * K + sc) * D;
         float acc = 0.0f;
         for (int k = lane; k < D; k += 32) acc = fmaf(fm_to_f32(xr[k]), fm_to_f32(wr[k]), acc);
         acc = fm_warp_sum(acc);

@@ -29,7 +29,8 @@ struct FmTileSmem {
 template <typename T>
 __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __restrict__ w,
                                             i64 row0, i64 col0, i64 B, i64 C, int D, i64 ldw,
-                                            FmTileSmem& sm, float acc[2][2], bool tf32 = false) {
+                                            FmTileSmem& sm, float acc[2][2], bool tf32 = false,
+                                            const int* widx = nullptr) {
     const int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     acc[0][0] = acc[0][1] = acc[1][0] = acc[1][1] = 0.0f;
     for (int k0 = 0; k0 < D; k0 += FM_BK) {
@@ -40,7 +41,7 @@ __device__ __forceinline__ void fm_dot_tile(const T* __restrict__ x, const T* __
             i64 row = row0 + r, col = col0 + r;
             bool kin = k0 + k < D;
             float xv = (row < B && kin) ? fm_to_f32(x[row * D + k0 + k]) : 0.0f;
-            float wv = (col < C && kin) ? fm_to_f32(w[col * ldw + k0 + k]) : 0.0f;
+            float wv = (col < C && kin) ? fm_to_f32(w[fm_wrow(widx, col) * ldw + k0 + k]) : 0.0f;
             if (tf32) {   // the low 13 bits of a cvt.rna.tf32 result are not specified: cleared
                 xv = __uint_as_float(fm_f32_to_tf32(xv) & 0xffffe000u);
                 wv = __uint_as_float(fm_f32_to_tf32(wv) & 0xffffe000u);

@@ -2535,6 +2535,9 @@ struct ShardRun {
     state: Option<LossState>,
     elastic: Option<ElasticRng>,
     drop_rank: Option<usize>,
+    /// Partial FC's rate: each rank samples its classes (seeded) and the kernels read them
+    /// through the index; the reference is then the unsharded loss over the sampled classes.
+    rate: Option<f64>,
     seed: u64,
 }
 
@@ -2572,8 +2575,51 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
         Reduction::None => Upstream::PerRow(&up64),
         _ => Upstream::Scalar(1.0),
     };
-    let reference = cpu::forward_with(&r.spec, &x, &w, &inp.labels, r.shape, &inputs).unwrap();
-    let rg = cpu::backward(&r.spec, &reference, &x, &w, &inp.labels, r.shape, cpu_up).unwrap();
+    // Partial FC: each rank's sampled classes, and the reference over them (their rows of w in
+    // global order, the labels as their positions).
+    let shards: Vec<fused_margin::shard::ClassShard> = r
+        .slices
+        .iter()
+        .map(|&(start, n)| fused_margin::shard::ClassShard::new(start, n, c).unwrap())
+        .collect();
+    let sampled: Option<Vec<fused_margin::shard::Sampled>> = r.rate.map(|rate| {
+        let pfc = fused_margin::shard::PartialFc::new(rate, r.seed).unwrap();
+        shards
+            .iter()
+            .map(|sh| pfc.sample(sh, &inp.labels, 3).unwrap())
+            .collect()
+    });
+    let (ref_w, ref_labels, ref_shape) = match &sampled {
+        None => (w.clone(), inp.labels.clone(), r.shape),
+        Some(sm) => {
+            let ids: Vec<usize> = sm.iter().flat_map(|s| s.global_classes()).collect();
+            let rw: Vec<T> = ids
+                .iter()
+                .flat_map(|&g| w[g * k * d..(g + 1) * k * d].iter().copied())
+                .collect();
+            let rl = inp
+                .labels
+                .iter()
+                .map(|&y| match y {
+                    y if y >= 0 => ids.iter().position(|&g| g == y as usize).unwrap() as i32,
+                    y => y,
+                })
+                .collect();
+            (rw, rl, Shape::new(b, d, ids.len()))
+        }
+    };
+    let reference =
+        cpu::forward_with(&r.spec, &x, &ref_w, &ref_labels, ref_shape, &inputs).unwrap();
+    let rg = cpu::backward(
+        &r.spec,
+        &reference,
+        &x,
+        &ref_w,
+        &ref_labels,
+        ref_shape,
+        cpu_up,
+    )
+    .unwrap();
     let counted = inp.labels.iter().filter(|&&l| l >= 0).count();
     let world = r.slices.len();
     let params = cuda::params::FmParams::from_spec(&r.spec);
@@ -2619,14 +2665,21 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
             let data = st.iter().flat_map(|v| v.to_le_bytes()).collect();
             ids.insert(Buf::StateIn, job.buffer(8, st.len(), BufInit::Data(data)));
         }
+        if let Some(sm) = &sampled {
+            let idx: Vec<i32> = sm[rank].index.iter().map(|&j| j as i32).collect();
+            ids.insert(
+                Buf::WIdx,
+                job.buffer(4, idx.len(), BufInit::Data(i32s(&idx))),
+            );
+        }
         ids
     };
     let mut plans = Vec::new();
     let mut records = Vec::new();
-    for (rank, &(start, n)) in r.slices.iter().enumerate() {
-        let shard = fused_margin::shard::ClassShard::new(start, n, c).unwrap();
-        let labels = plan::shard_labels(&inp.labels, &shard).unwrap();
-        let local = Shape::new(b, d, n);
+    for (rank, shard) in shards.iter().enumerate() {
+        let sm = sampled.as_ref().map(|s| &s[rank]);
+        let labels = plan::shard_labels(&inp.labels, shard, sm).unwrap();
+        let local = Shape::new(b, d, sm.map_or(shard.num_local, |s| s.index.len()));
         let fwd = plan::shard_forward(
             &EMU_DEVICE,
             &ch,
@@ -2639,6 +2692,7 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
                 row_margins: margins.is_some(),
             },
             world,
+            sm.is_some(),
         )
         .unwrap();
         let upstream = match r.spec.reduction {
@@ -2646,7 +2700,7 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
             Reduction::Mean => plan::PlanUpstream::Scalar(1.0 / counted.max(1) as f32),
             Reduction::Sum => plan::PlanUpstream::Scalar(1.0),
         };
-        let bwd = plan::backward(
+        let bwd = plan::shard_backward(
             &EMU_DEVICE,
             &ch,
             &plan::BackwardProblem {
@@ -2660,6 +2714,7 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
                 fwd_tensor_cores: fwd.tensor_cores,
                 row_margins: margins.is_some(),
             },
+            sm.is_some(),
         )
         .unwrap();
         let cut = fwd
@@ -2714,6 +2769,9 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
             .into_iter()
             .map(|q| (q, fids[&q]))
             .collect();
+        if let Some(&id) = fids.get(&Buf::WIdx) {
+            bids.insert(Buf::WIdx, id);
+        }
         for q in [
             Buf::XNorm,
             Buf::WNorm,
@@ -2746,7 +2804,9 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
             ("forward", "eager"),
             None,
         );
-        let n = r.slices[rank].1;
+        let n = sampled
+            .as_ref()
+            .map_or(r.slices[rank].1, |s| s[rank].index.len());
         let nf = 1 + 2 * b + b * d + n * k * d;
         assert_eq!(out.len(), 4 * nf + 8 * state_len, "emulator output size");
         let f = floats(&out[..4 * nf]);
@@ -2757,11 +2817,12 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
         results.push((f, plan::state_of(&r.spec, &st)));
     }
     let what = format!(
-        "{:?} {:?} {world} ranks {:?} tc={} {:?}",
+        "{:?} {:?} {world} ranks {:?} tc={} rate {:?} {:?}",
         T::DTYPE,
         r.shape,
         r.slices,
         r.tc,
+        r.rate,
         r.spec
     );
     // Every rank: the same forward bits (the records merged in rank order everywhere).
@@ -2886,6 +2947,7 @@ fn sharded_plans_on_the_emulator() {
                 state,
                 elastic,
                 drop_rank: None,
+                rate: None,
                 seed,
             };
             let res = if tc && i % 2 == 0 {
@@ -2907,6 +2969,7 @@ fn sharded_plans_on_the_emulator() {
         state: None,
         elastic: None,
         drop_rank: Some(2),
+        rate: None,
         seed: 4200,
     };
     if driver(DType::F32).is_some() {
@@ -2914,5 +2977,90 @@ fn sharded_plans_on_the_emulator() {
             sharded_check::<f32>(&broken).is_err(),
             "a rank's records left out must fail the check"
         );
+    }
+}
+
+/// Partial FC on the emulated kernels: each rank samples its classes (rate 0.3, every positive
+/// kept) and every kernel reads them through the index (`widx`: the SIMT and tensor-core
+/// forward and backward, the target pass, the norms), against the unsharded reference over the
+/// sampled classes; then `plan::full_dw` scatters a rank's sampled dw rows into its full slice.
+#[test]
+fn partial_fc_on_the_emulator() {
+    let cases: [(MarginLoss, usize, bool); 4] = [
+        (MarginLoss::arcface(0.5), 1, false),
+        (MarginLoss::arcface(0.5), 3, true),
+        (MarginLoss::subcenter(3), 1, false),
+        (MarginLoss::cosface(0.35), 4, true),
+    ];
+    for (i, (spec, world, tc)) in cases.into_iter().enumerate() {
+        let seed = 4300 + i as u64;
+        let run = ShardRun {
+            spec,
+            shape: Shape::new(27, 32, 230),
+            slices: shard_slices(230, world, seed),
+            tc,
+            state: None,
+            elastic: None,
+            drop_rank: None,
+            rate: Some(0.3),
+            seed,
+        };
+        let res = if tc {
+            sharded_check::<bf16>(&run)
+        } else {
+            sharded_check::<f32>(&run)
+        };
+        res.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The full layout: rows of the sampled classes from their columns, zeros elsewhere.
+    let Some(exe) = driver(DType::F32) else {
+        return;
+    };
+    let (n, k, d) = (11usize, 2usize, 5usize);
+    let index = [1usize, 4, 5, 9];
+    let compact: Vec<f32> = (0..index.len() * k * d).map(|v| v as f32 + 0.5).collect();
+    let mut inv = vec![-1i32; n];
+    for (col, &j) in index.iter().enumerate() {
+        inv[j] = col as i32;
+    }
+    let lp = plan::full_dw(n, k, d).unwrap();
+    let mut job = Job::default();
+    let mut ids = HashMap::from([
+        (
+            plan::Buf::Dw,
+            job.buffer(
+                4,
+                compact.len(),
+                BufInit::Data(compact.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ),
+        ),
+        (
+            plan::Buf::WInv,
+            job.buffer(
+                4,
+                n,
+                BufInit::Data(inv.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            ),
+        ),
+    ]);
+    job.add_plan(&lp, &mut ids);
+    let out = floats(&run_job(
+        &exe,
+        &job,
+        &[ids[&plan::Buf::DwFull]],
+        "fulldw",
+        ("forward", "eager"),
+        None,
+    ));
+    let per = k * d;
+    for j in 0..n {
+        let row = &out[j * per..(j + 1) * per];
+        match index.iter().position(|&q| q == j) {
+            Some(col) => assert!(row
+                .iter()
+                .zip(&compact[col * per..])
+                .all(|(a, &b)| *a == b as f64)),
+            None => assert!(row.iter().all(|&v| v == 0.0), "class {j}: {row:?}"),
+        }
     }
 }

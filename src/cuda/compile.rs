@@ -27,7 +27,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 33] = [
+pub const ENTRY_POINTS: [&str; 34] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -37,6 +37,7 @@ pub const ENTRY_POINTS: [&str; 33] = [
     "fm_combine_rows",
     "fm_shard_stats",
     "fm_shard_combine",
+    "fm_gather_rows",
     "fm_reduce_loss",
     "fm_label_status",
     "fm_norm_coef",
@@ -187,6 +188,7 @@ impl Unit {
             | "fm_combine_rows"
             | "fm_shard_stats"
             | "fm_shard_combine"
+            | "fm_gather_rows"
             | "fm_reduce_loss"
             | "fm_label_status"
             | "fm_grad_scale"

@@ -34,6 +34,8 @@ pub(crate) struct Bound<'a, T> {
     pub state_in: Option<&'a CudaSlice<i64>>,
     /// The group's collectives, for a class-sharded plan's [`Step::Exchange`].
     pub comm: Option<&'a dyn crate::shard::Communicator>,
+    /// The i32 buffers the caller binds by role (Partial FC's [`Buf::WIdx`], [`Buf::WInv`]).
+    pub ints: Vec<(Buf, &'a CudaSlice<i32>)>,
 }
 
 /// An output view the plan's buffer of that role is bound to instead of being allocated: the
@@ -527,6 +529,10 @@ fn bound_ptr<'a, T: CudaElement>(
         },
         Buf::StateIn => match bound.state_in {
             Some(s) => s.device_ptr(stream),
+            None => return Err(unbound(b, entry)),
+        },
+        Buf::WIdx | Buf::WInv => match bound.ints.iter().find(|(r, _)| *r == b) {
+            Some((_, s)) => s.device_ptr(stream),
             None => return Err(unbound(b, entry)),
         },
         _ => match bound.saved.iter().find(|(r, _)| *r == b) {

@@ -682,7 +682,16 @@ impl FusedMarginLoss {
         inputs: &RowInputs<'_>,
         shard: Option<sharded::ShardCtx<'_>>,
     ) -> Result<GpuSaved> {
-        self.check_inputs(spec, x, w, labels, shape)?;
+        // Partial FC: w has the rank's num_local classes, the problem its sampled columns.
+        let w_classes = shard
+            .as_ref()
+            .and_then(|sc| sc.widx.as_ref())
+            .map(|(_, n)| *n);
+        let wshape = Shape {
+            c: w_classes.unwrap_or(shape.c),
+            ..shape
+        };
+        self.check_inputs(spec, x, w, labels, wshape)?;
         let host_margins = plan::row_margins(spec, inputs, shape.b)?;
         let mut outs = Vec::new();
         if let Some(v) = &out.loss {
@@ -721,7 +730,13 @@ impl FusedMarginLoss {
             row_margins: host_margins.is_some(),
         };
         let lp = match &shard {
-            Some(sc) => plan::shard_forward(&self.device_facts(), &ch, &problem, sc.world)?,
+            Some(sc) => plan::shard_forward(
+                &self.device_facts(),
+                &ch,
+                &problem,
+                sc.world,
+                sc.widx.is_some(),
+            )?,
             None => plan::forward(&self.device_facts(), &ch, &problem)?,
         };
         // Pageable host memory: the copy has read it when the call returns.
@@ -754,6 +769,10 @@ impl FusedMarginLoss {
             prev_status: None,
             state_in: state_in.as_ref(),
             comm: shard.as_ref().map(|sc| sc.comm),
+            ints: match shard.as_ref().and_then(|sc| sc.widx.as_ref()) {
+                Some((i, _)) => vec![(Buf::WIdx, i)],
+                None => Vec::new(),
+            },
         };
         // The outputs without a caller's view go to buffers of this crate's, kept by the result.
         let mut own_loss = match out.loss {
@@ -816,6 +835,7 @@ impl FusedMarginLoss {
             plan: self.options.plan,
             labels,
             sharded: shard.is_some(),
+            widx: shard.and_then(|sc| sc.widx),
             stream: self.stream.clone(),
         })
     }
@@ -970,7 +990,11 @@ impl FusedMarginLoss {
                 self.check_device("upstream", view.stream())?;
             }
         }
-        self.check_inputs(spec, x, w, labels, shape)
+        let wshape = Shape {
+            c: fwd.widx.as_ref().map_or(shape.c, |(_, n)| *n),
+            ..shape
+        };
+        self.check_inputs(spec, x, w, labels, wshape)
     }
 
     /// The backward into `out` under `choices`, or (None) the handle's after the self-check.
@@ -1075,7 +1099,11 @@ impl FusedMarginLoss {
             fwd_tensor_cores: fwd.tensor_cores,
             row_margins: fwd.row_margins.is_some(),
         };
-        let lp = plan::backward(&self.device_facts(), &ch, &problem)?;
+        let lp = if fwd.sharded {
+            plan::shard_backward(&self.device_facts(), &ch, &problem, fwd.widx.is_some())?
+        } else {
+            plan::backward(&self.device_facts(), &ch, &problem)?
+        };
         let bound = exec::Bound {
             x,
             w,
@@ -1104,6 +1132,10 @@ impl FusedMarginLoss {
             },
             state_in: None,
             comm: None,
+            ints: match fwd.widx.as_ref() {
+                Some((i, _)) => vec![(Buf::WIdx, i)],
+                None => Vec::new(),
+            },
         };
         let views = vec![
             (Buf::Dx, exec::Out::Grad(out.dx)),

@@ -191,6 +191,14 @@ pub enum Buf {
     Dxh,
     /// Naive plan: gradient of wh, C x D f32.
     Dwh,
+    /// Partial FC's sampled classes of the rank (local indices, ascending), i32, one per column
+    /// (given; read by every kernel that reads `W`, `widx` in kernels/args.cuh).
+    WIdx,
+    /// Partial FC's inverse index: per local class its column, or -1 when not sampled, i32,
+    /// `num_local` (given; [`full_dw`]).
+    WInv,
+    /// Partial FC: `dw` in the rank's full layout, `num_local*K x D` f32 ([`full_dw`]'s output).
+    DwFull,
     /// Class-sharded forward: this rank's record per row, B x [`SHARD_REC`] f32 (`fm_shard_stats`).
     ShardRec,
     /// Class-sharded forward: every rank's records, rank-major, W x B x [`SHARD_REC`] f32 (the
@@ -622,6 +630,8 @@ struct Builder {
     buffers: Vec<BufSpec>,
     /// [`LaunchPlan::pooled`]: true unless a B x C workspace is allocated.
     pooled: bool,
+    /// What the kernels' `widx` is: [`Buf::WIdx`] with Partial FC's sampled classes, else null.
+    widx: Arg,
 }
 
 impl Builder {
@@ -630,6 +640,7 @@ impl Builder {
             steps: Vec::new(),
             buffers: Vec::new(),
             pooled: true,
+            widx: Null,
         }
     }
     fn alloc(&mut self, buf: Buf, elem: Elem, len: usize) {
@@ -709,6 +720,8 @@ fn row_norms(bd: &mut Builder, p: &FmParams, shape: Shape) -> Result<()> {
             I64(c as i64),
             Write(Buf::WNorm),
             I32(d),
+            bd.widx,
+            I32(p.centers.max(1)),
         ],
     );
     Ok(())
@@ -738,6 +751,7 @@ fn target_rows(bd: &mut Builder, p: FmParams, shape: Shape, rowm: Arg) -> Result
             I64(b as i64),
             I64(shape.c as i64),
             I32(d),
+            bd.widx,
             Write(Buf::Target),
         ],
     );
@@ -978,11 +992,15 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
 /// the naive plan, [`LabelCheck::Device`] (the host maps the labels), and the losses whose
 /// per-row state reads other ranks' target cosines (CurricularFace, ElasticFace+), which the CPU
 /// path (`cpu::shard_forward`) runs.
+///
+/// `sampled`: Partial FC, the kernels read the classes of `pr.shape.c` columns through
+/// [`Buf::WIdx`] (the sampled local classes, i32, ascending; `W` stays the rank's whole slice).
 pub fn shard_forward(
     dev: &DeviceFacts,
     ch: &Choices,
     pr: &ForwardProblem,
     world: usize,
+    sampled: bool,
 ) -> Result<LaunchPlan> {
     check_dtype(pr.dtype)?;
     if ch.plan != Plan::Fused || ch.label_check != LabelCheck::Host {
@@ -1009,17 +1027,83 @@ pub fn shard_forward(
             detail: "a sharded call needs at least one rank".into(),
         });
     }
-    fused_forward(Builder::new(), dev, ch, pr, Some(world))
+    let mut bd = Builder::new();
+    if sampled {
+        bd.widx = Read(Buf::WIdx);
+    }
+    fused_forward(bd, dev, ch, pr, Some(world))
 }
 
-/// A rank's labels for [`shard_forward`] from the global ones: its own classes as local indices
-/// `y - class_start`, another rank's as `num_local` (a counted row without a target here: the
-/// kernels see no target column, `fm_target_rows` writes a neutral record), ignored rows as they
-/// are. Errors name a label outside `0..num_classes`.
-pub fn shard_labels(labels: &[i32], shard: &crate::shard::ClassShard) -> Result<Vec<i32>> {
-    let remote = i32::try_from(shard.num_local).map_err(|_| Error::TooLarge {
+/// The backward of a rank of a class-sharded call ([`shard_forward`]): the fused backward on
+/// its classes (its labels as [`shard_labels`] maps them), its classes read through
+/// [`Buf::WIdx`] when `sampled` (dw by column: the sampled classes' rows, in index order).
+/// [`LabelCheck::Host`] and the fused plan only.
+pub fn shard_backward(
+    dev: &DeviceFacts,
+    ch: &Choices,
+    pr: &BackwardProblem,
+    sampled: bool,
+) -> Result<LaunchPlan> {
+    if ch.plan != Plan::Fused || ch.label_check != LabelCheck::Host {
+        return Err(Error::Unsupported {
+            detail: format!(
+                "a class-sharded backward runs the fused plan with LabelCheck::Host, not {:?} \
+                 with {:?}",
+                ch.plan, ch.label_check
+            ),
+        });
+    }
+    let mut bd = Builder::new();
+    if sampled {
+        bd.widx = Read(Buf::WIdx);
+    }
+    backward_on(bd, dev, ch, pr)
+}
+
+/// Partial FC's `dw` in the rank's full layout ([`crate::shard::DwLayout::Full`]): from the
+/// sampled rows' `dw` ([`Buf::Dw`], `n_sampled*K x D` f32, given) and the inverse index
+/// ([`Buf::WInv`]), `fm_gather_rows` writes [`Buf::DwFull`] (`num_local*K x D`) whole: each
+/// class's rows from its column, zeros for the classes not sampled.
+pub fn full_dw(num_local: usize, k: usize, d: usize) -> Result<LaunchPlan> {
+    let per = k
+        .checked_mul(d)
+        .filter(|&p| p <= i32::MAX as usize)
+        .ok_or_else(|| too_large("dw", format!("K*D = {k}*{d} per class")))?;
+    let n = num_local
+        .checked_mul(per)
+        .ok_or_else(|| too_large("dw", format!("{num_local} classes of {per}")))?;
+    let mut bd = Builder::new();
+    bd.alloc(Buf::DwFull, Elem::F32, n);
+    bd.launch(
+        "fm_gather_rows",
+        grid_1d(n as u64, 256)?,
+        256,
+        0,
+        vec![
+            Read(Buf::Dw),
+            Read(Buf::WInv),
+            I64(num_local as i64),
+            I32(per as i32),
+            Write(Buf::DwFull),
+        ],
+    );
+    Ok(bd.finish(0, false, false))
+}
+
+/// A rank's labels for [`shard_forward`] from the global ones: its own classes as their columns
+/// (`y - class_start`, or with Partial FC the position of the class in `sampled.index`), another
+/// rank's as the number of columns (a counted row without a target here: the kernels see no
+/// target column, `fm_target_rows` writes a neutral record), ignored rows as they are. Errors
+/// name a label outside `0..num_classes` and a target of this rank that was not sampled.
+pub fn shard_labels(
+    labels: &[i32],
+    shard: &crate::shard::ClassShard,
+    sampled: Option<&crate::shard::Sampled>,
+) -> Result<Vec<i32>> {
+    let cols = sampled.map_or(shard.num_local, |s| s.index.len());
+    let remote = i32::try_from(cols).map_err(|_| Error::TooLarge {
         what: "shard",
-        detail: format!("num_local = {} must be < 2^31", shard.num_local),
+        detail: format!("{cols} classes on one rank must be < 2^31"),
     })?;
     labels
         .iter()
@@ -1034,7 +1118,21 @@ pub fn shard_labels(labels: &[i32], shard: &crate::shard::ClassShard) -> Result<
                     classes: shard.num_classes,
                 })
             } else {
-                Ok(shard.local(y).map_or(remote, |j| j as i32))
+                match (shard.local(y), sampled) {
+                    (None, _) => Ok(remote),
+                    (Some(j), None) => Ok(j as i32),
+                    (Some(_), Some(s)) => {
+                        s.column(y)
+                            .map(|c| c as i32)
+                            .ok_or_else(|| Error::InvalidArgument {
+                                what: "sampled",
+                                detail: format!(
+                                    "row {row}'s target {y} is this rank's but not among the \
+                                 sampled classes (Partial FC keeps every positive)"
+                                ),
+                            })
+                    }
+                }
             }
         })
         .collect()
@@ -1115,6 +1213,7 @@ fn fused_forward(
         TileArgs {
             x: Read(Buf::X),
             w: Read(Buf::W),
+            widx: bd.widx,
             labels: Read(Buf::Labels),
             xnorm: Read(Buf::XNorm),
             wnorm: Read(Buf::WNorm),
@@ -1291,6 +1390,15 @@ pub fn tc_backward_smem(d: usize, stages: usize) -> usize {
 /// label status (against [`Buf::PrevStatus`]) and the per-row upstream the device derives from
 /// it ([`Buf::GDev`]).
 pub fn backward(dev: &DeviceFacts, ch: &Choices, pr: &BackwardProblem) -> Result<LaunchPlan> {
+    backward_on(Builder::new(), dev, ch, pr)
+}
+
+fn backward_on(
+    mut bd: Builder,
+    dev: &DeviceFacts,
+    ch: &Choices,
+    pr: &BackwardProblem,
+) -> Result<LaunchPlan> {
     check_dtype(pr.dtype)?;
     if pr.grad_dtype != DType::F32 && pr.grad_dtype != pr.dtype {
         return Err(Error::Unsupported {
@@ -1301,7 +1409,6 @@ pub fn backward(dev: &DeviceFacts, ch: &Choices, pr: &BackwardProblem) -> Result
         });
     }
     let shape = pr.shape;
-    let mut bd = Builder::new();
     // (per-row buffer or null, scalar) as the gradient kernels take them.
     let (g_rows, g_scalar) = match ch.label_check {
         LabelCheck::Device => {
@@ -1433,6 +1540,7 @@ fn fused_backward(
     let grad_args = GradArgs {
         x: Read(Buf::X),
         w: Read(Buf::W),
+        widx: bd.widx,
         labels: Read(Buf::Labels),
         xnorm: Read(Buf::XNorm),
         wnorm: Read(Buf::WNorm),

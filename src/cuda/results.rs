@@ -120,6 +120,9 @@ pub struct GpuSaved {
     /// A class-sharded forward's (`FusedMarginLoss::shard_forward`): labels local to the rank,
     /// checked on the host.
     pub(super) sharded: bool,
+    /// Partial FC: the sampled classes (the kernels' `widx`) and the rows of `w` they index
+    /// into (the rank's `num_local`).
+    pub(super) widx: Option<(CudaSlice<i32>, usize)>,
     pub(super) stream: Arc<CudaStream>,
 }
 

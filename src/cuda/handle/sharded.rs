@@ -8,7 +8,7 @@ use crate::cuda::plan;
 use crate::cuda::results::{DeviceUpstream, GpuBackwardRun, GpuForwardOut, GpuSaved, GpuUpstream};
 use crate::cuda::{CudaSlice, CudaView, Plan};
 use crate::error::{Error, Result};
-use crate::shard::{self, ClassShard, Communicator, DxReduce, Rank};
+use crate::shard::{self, ClassShard, Communicator, DwLayout, DxReduce, Rank, Sampled};
 use crate::spec::{MarginLoss, Shape};
 use crate::variant::RowInputs;
 use std::ops::Range;
@@ -19,6 +19,8 @@ pub(in crate::cuda) struct ShardCtx<'a> {
     pub world: usize,
     /// (counted rows, fingerprint) of the local labels.
     pub labels: (usize, u64),
+    /// Partial FC: the sampled classes on the device and the classes of `w` (`num_local`).
+    pub widx: Option<(CudaSlice<i32>, usize)>,
 }
 
 /// A rank's result of [`FusedMarginLoss::shard_forward`]: the global rows' loss and row losses
@@ -36,6 +38,8 @@ pub struct GpuShardForward {
     labels: CudaSlice<i32>,
     /// This rank's classes.
     pub shard: ClassShard,
+    /// The sampled classes the call used (Partial FC), if any.
+    pub sampled: Option<Sampled>,
     /// The rank and world size of the call.
     pub rank: usize,
     /// See [`rank`](Self::rank).
@@ -66,7 +70,9 @@ pub struct GpuShardGradients {
     pub dx: CudaSlice<f32>,
     /// The global rows `dx` holds.
     pub dx_rows: Range<usize>,
-    /// `dL/dw` of this rank's `num_local*K` rows.
+    /// `dL/dw` of this rank's rows: all `num_local*K` without sampling; with it the sampled
+    /// classes' rows in index order ([`DwLayout::Sampled`]) or all rows with zeros for the
+    /// others ([`DwLayout::Full`]).
     pub dw: CudaSlice<f32>,
     /// What ran.
     pub run: GpuBackwardRun,
@@ -99,6 +105,37 @@ pub(super) fn local_label_state(
     Ok((counted, Shape::labels_fingerprint(&host)))
 }
 
+/// The f32 kernels' dtype (fm_gather_rows reads and writes f32 whatever the inputs).
+const T_F32: crate::DType = crate::DType::F32;
+
+/// A sampled set for `sh`: drawn for it, its index ascending and within its classes.
+fn check_sampled(sm: &Sampled, sh: &ClassShard) -> Result<()> {
+    let bad = |detail: String| {
+        Err(Error::InvalidArgument {
+            what: "sampled",
+            detail,
+        })
+    };
+    if sm.shard != *sh {
+        return bad(format!(
+            "drawn for shard {:?}, this rank holds {sh:?}",
+            sm.shard
+        ));
+    }
+    if sm.index.is_empty() {
+        return bad("no class sampled on this rank: raise the rate".into());
+    }
+    if sm.index.windows(2).any(|p| p[0] >= p[1])
+        || sm.index.iter().any(|&j| j as usize >= sh.num_local)
+    {
+        return bad(format!(
+            "the index must be ascending local classes below {}",
+            sh.num_local
+        ));
+    }
+    Ok(())
+}
+
 fn fingerprint(parts: &str, more: &[u64]) -> u64 {
     let h = shard::fnv(shard::FNV0, parts.as_bytes());
     more.iter().fold(h, |h, v| shard::fnv(h, &v.to_le_bytes()))
@@ -115,11 +152,15 @@ impl FusedMarginLoss {
     /// size. Labels are checked and mapped on the host (one copy of B labels), whatever the
     /// handle's [`LabelCheck`].
     ///
+    /// With Partial FC (`rank.sampled`) the kernels read the sampled classes' rows of `w`
+    /// through the index (no gathered copy of `w`); every target of this rank must be sampled
+    /// ([`crate::shard::PartialFc::sample`] keeps them).
+    ///
     /// Runs the fixed-margin losses, sub-center ArcFace, AdaFace, MagFace and ElasticFace without
     /// Plus on the fused plan. [`Error::Unsupported`] before any collective: CurricularFace and
     /// ElasticFace+ (their state reads every rank's target cosines; `cpu::shard_forward` runs
-    /// them), Partial FC (`rank.sampled`; the CPU path samples), the naive plan. Every rank
-    /// learns of another rank's bad input through the agreement step ([`Error::Collective`]).
+    /// them), the naive plan. Every rank learns of another rank's bad input through the
+    /// agreement step ([`Error::Collective`]).
     #[allow(clippy::too_many_arguments)] // the plain forward's, plus the rank
     pub fn shard_forward<T: CudaElement>(
         &self,
@@ -134,13 +175,6 @@ impl FusedMarginLoss {
         let comm = rank.comm;
         let local = (|| {
             spec.validate()?;
-            if rank.sampled.is_some() {
-                return Err(Error::Unsupported {
-                    detail: "Partial FC on the GPU: the sampled classes run on the CPU path \
-                             (cpu::shard_forward) for now"
-                        .into(),
-                });
-            }
             if self.options.plan != Plan::Fused {
                 return Err(Error::Unsupported {
                     detail: "a class-sharded forward runs the fused plan".into(),
@@ -155,11 +189,19 @@ impl FusedMarginLoss {
                     ),
                 });
             }
-            let lshape = Shape {
+            let wshape = Shape {
                 c: rank.shard.num_local,
                 ..shape
             };
-            self.check_inputs(spec, x, w, labels, lshape)?;
+            self.check_inputs(spec, x, w, labels, wshape)?;
+            let cols = match rank.sampled {
+                None => rank.shard.num_local,
+                Some(sm) => {
+                    check_sampled(sm, &rank.shard)?;
+                    sm.index.len()
+                }
+            };
+            let lshape = Shape { c: cols, ..shape };
             spec.variant.check_inputs(inputs, shape.b)?;
             // The plan's own refusals (CurricularFace, ElasticFace+), before any collective.
             let probe = plan::ForwardProblem {
@@ -172,12 +214,18 @@ impl FusedMarginLoss {
             };
             let mut ch = self.choices();
             ch.label_check = LabelCheck::Host;
-            plan::shard_forward(&self.device_facts(), &ch, &probe, comm.world_size())?;
+            plan::shard_forward(
+                &self.device_facts(),
+                &ch,
+                &probe,
+                comm.world_size(),
+                rank.sampled.is_some(),
+            )?;
             let host = self
                 .stream
                 .clone_dtoh(labels)
                 .map_err(|e| cuda_err("copy labels to host for validation", e))?;
-            let local = plan::shard_labels(&host, &rank.shard)?;
+            let local = plan::shard_labels(&host, &rank.shard, rank.sampled)?;
             Ok((host, local, lshape))
         })();
         let fp = local.as_ref().map_err(|_| ()).map(|(host, _, _)| {
@@ -194,10 +242,22 @@ impl FusedMarginLoss {
             .stream
             .clone_htod(&local)
             .map_err(|e| cuda_err("copy the rank's labels", e))?;
+        let widx = match rank.sampled {
+            Some(sm) => {
+                let idx: Vec<i32> = sm.index.iter().map(|&j| j as i32).collect();
+                let dev = self
+                    .stream
+                    .clone_htod(&idx)
+                    .map_err(|e| cuda_err("copy the sampled classes", e))?;
+                Some((dev, rank.shard.num_local))
+            }
+            None => None,
+        };
         let ctx = ShardCtx {
             comm,
             world: comm.world_size(),
             labels: (counted, Shape::labels_fingerprint(&local)),
+            widx,
         };
         let mut saved = self.forward_impl(
             spec,
@@ -217,6 +277,7 @@ impl FusedMarginLoss {
                 saved,
                 labels: dev_labels,
                 shard: rank.shard,
+                sampled: rank.sampled.cloned(),
                 rank: comm.rank(),
                 world_size: comm.world_size(),
             }),
@@ -231,8 +292,9 @@ impl FusedMarginLoss {
     /// of `dL/dx` for every row (its classes' terms, through the normalization), reduced across
     /// ranks as `rank.options.dx` asks ([`DxReduce::Owner`]: a reduce-scatter, rank `r` gets
     /// rows `r*B/W .. (r+1)*B/W`; `Global`: an all-reduce; `Partial`: none), each through the
-    /// host in f64; and `dL/dw` of its rows. `upstream` as for [`Self::backward`] (the global
-    /// rows'; the same on every rank).
+    /// host in f64; and `dL/dw` of its rows (with Partial FC, as `rank.options.dw` asks: the
+    /// sampled rows, or the full slice by `fm_gather_rows`). `upstream` as for
+    /// [`Self::backward`] (the global rows'; the same on every rank).
     pub fn shard_backward<T: CudaElement>(
         &self,
         rank: &Rank<'_>,
@@ -246,9 +308,13 @@ impl FusedMarginLoss {
         let opts = rank.options;
         let shape = fwd.saved.shape;
         let local = (|| {
-            if rank.sampled.is_some() {
-                return Err(Error::Unsupported {
-                    detail: "Partial FC on the GPU: the CPU path samples for now".into(),
+            if fwd.sampled.as_ref() != rank.sampled {
+                return Err(Error::ForwardMismatch {
+                    detail: format!(
+                        "the forward ran with {} sampled classes, this backward with {}",
+                        fwd.sampled.as_ref().map_or(0, |s| s.index.len()),
+                        rank.sampled.map_or(0, |s| s.index.len())
+                    ),
                 });
             }
             if fwd.shard != rank.shard || (fwd.rank, fwd.world_size) != (me, world) {
@@ -309,11 +375,66 @@ impl FusedMarginLoss {
                 to_dev(&mine)?
             }
         };
+        let dw = match (rank.sampled, opts.dw) {
+            (Some(sm), DwLayout::Full) => self.full_dw(sm, &rank.shard, fwd, &g.dw)?,
+            _ => g.dw,
+        };
         Ok(GpuShardGradients {
             dx,
             dx_rows: rows,
-            dw: g.dw,
+            dw,
             run: g.run,
         })
+    }
+
+    /// The sampled rows' `dw` in the rank's full layout ([`plan::full_dw`]).
+    fn full_dw(
+        &self,
+        sm: &Sampled,
+        sh: &ClassShard,
+        fwd: &GpuShardForward,
+        dw: &CudaSlice<f32>,
+    ) -> Result<CudaSlice<f32>> {
+        let k = fwd.saved.spec.variant.centers();
+        let mut inv = vec![-1i32; sh.num_local];
+        for (col, &j) in sm.index.iter().enumerate() {
+            inv[j as usize] = col as i32;
+        }
+        let inv = self
+            .stream
+            .clone_htod(&inv)
+            .map_err(|e| cuda_err("copy the inverse index", e))?;
+        let lp = plan::full_dw(sh.num_local, k, fwd.saved.shape.d)?;
+        let kern = self.kernels(T_F32)?;
+        let none_x = self
+            .stream
+            .alloc_zeros::<f32>(1)
+            .map_err(|e| cuda_err("allocate a placeholder", e))?;
+        let nv = none_x.as_view();
+        let nl = self
+            .stream
+            .alloc_zeros::<i32>(1)
+            .map_err(|e| cuda_err("allocate a placeholder", e))?;
+        let nlv = nl.as_view();
+        let bound = crate::cuda::exec::Bound {
+            x: &nv,
+            w: &nv,
+            labels: &nlv,
+            g_rows: None,
+            saved: vec![(plan::Buf::Dw, dw)],
+            prev_status: None,
+            state_in: None,
+            comm: None,
+            ints: vec![(plan::Buf::WInv, &inv)],
+        };
+        let mut kept = crate::cuda::exec::execute::<f32, f32>(
+            self,
+            &kern,
+            &lp,
+            &bound,
+            Vec::new(),
+            &[plan::Buf::DwFull],
+        )?;
+        kept.f32(plan::Buf::DwFull)
     }
 }
