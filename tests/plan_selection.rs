@@ -623,13 +623,13 @@ fn argument_struct_layouts() {
         let i = l.fields.iter().position(|f| f.name == name).unwrap();
         l.offsets().0[i]
     };
-    // 9 pointers, then FmParams (80 bytes), then B at 152.
-    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (72, 152));
-    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (184, 224));
-    // 13 pointers, FmParams, B, C, then g_scalar at 200.
+    // 10 pointers, then FmParams (80 bytes), then B at 160.
+    assert_eq!((at(&TILE_ARGS, "p"), at(&TILE_ARGS, "B")), (80, 160));
+    assert_eq!((TILE_ARGS.bytes, GRAD_ARGS.bytes), (192, 232));
+    // 14 pointers, FmParams, B, C, then g_scalar at 208.
     assert_eq!(
         (at(&GRAD_ARGS, "p"), at(&GRAD_ARGS, "g_scalar")),
-        (104, 200)
+        (112, 208)
     );
 }
 
@@ -672,9 +672,9 @@ fn argument_structs_are_checked_and_packed() {
     let bytes = args::pack(&l.entry, layout, &values).unwrap();
     let word = |at: usize| i64::from_ne_bytes(bytes.0[at..at + 8].try_into().unwrap());
     assert_eq!(word(8), 0x1008, "w is the second pointer");
-    assert_eq!((word(152), word(160)), (40, 300), "B and C");
+    assert_eq!((word(160), word(168)), (40, 300), "B and C");
     let int = |at: usize| i32::from_ne_bytes(bytes.0[at..at + 4].try_into().unwrap());
-    assert_eq!(int(168), 24, "D");
+    assert_eq!(int(176), 24, "D");
     assert!(args::pack(&l.entry, layout, &values[1..]).is_err());
     let mut wrong = values.clone();
     wrong[0] = Value::I32(1); // x is a pointer
@@ -910,6 +910,7 @@ fn sharded_forward_plans() {
                 &host,
                 &problem(&MarginLoss::arcface(0.5), false),
                 world,
+                false,
             )
             .unwrap();
             let what = format!("{name}, {world} ranks");
@@ -955,7 +956,7 @@ fn sharded_forward_plans() {
     let dev = DeviceFacts::H100;
     let refused = |ch: &Choices, spec: &MarginLoss, rm| {
         matches!(
-            plan::shard_forward(&dev, ch, &problem(spec, rm), 4),
+            plan::shard_forward(&dev, ch, &problem(spec, rm), 4, false),
             Err(fused_margin::Error::Unsupported { .. })
         )
     };
@@ -980,6 +981,57 @@ fn sharded_forward_plans() {
         true
     ));
     assert!(!refused(&host, &MarginLoss::magface(), false));
+    // Partial FC: every launch that reads w reads it through the index, forward and backward,
+    // on every kernel family the builder picks.
+    for (name, dev) in DEVICES {
+        for (dtype, d) in [(DType::BF16, 512), (DType::F32, 100), (DType::F16, 64)] {
+            let pr = ForwardProblem {
+                dtype,
+                shape: Shape::new(256, d, 20_000),
+                ..problem(&MarginLoss::arcface(0.5), false)
+            };
+            let f = plan::shard_forward(&dev, &host, &pr, 4, true).unwrap();
+            let b = plan::shard_backward(
+                &dev,
+                &host,
+                &BackwardProblem {
+                    dtype,
+                    grad_dtype: DType::F32,
+                    shape: pr.shape,
+                    aligned: true,
+                    params: params(),
+                    mean: true,
+                    upstream: PlanUpstream::Scalar(0.5),
+                    fwd_tensor_cores: f.tensor_cores,
+                    row_margins: false,
+                },
+                true,
+            )
+            .unwrap();
+            for p in [&f, &b] {
+                let mut readers = 0;
+                for l in p.launches() {
+                    if l.args.contains(&Arg::Read(Buf::W)) {
+                        readers += 1;
+                        assert!(
+                            l.args.contains(&Arg::Read(Buf::WIdx)),
+                            "{name} {dtype:?}: {} reads w without the index",
+                            l.entry
+                        );
+                    }
+                }
+                assert!(readers >= 2, "{name} {dtype:?}");
+            }
+            // Without sampling no launch names the index.
+            let plain = plan::shard_forward(&dev, &host, &pr, 4, false).unwrap();
+            assert!(plain
+                .launches()
+                .all(|l| !l.args.contains(&Arg::Read(Buf::WIdx))));
+        }
+    }
+    let full = plan::full_dw(1000, 2, 64).unwrap();
+    well_formed(&full, &[Buf::Dw, Buf::WInv], "full_dw");
+    assert_eq!(full.spec_of(Buf::DwFull).unwrap().len, 1000 * 2 * 64);
     // The labels a rank's kernels see: local indices, another rank's class as num_local.
     let sh = fused_margin::shard::ClassShard::new(10, 5, 30).unwrap();
     assert_eq!(

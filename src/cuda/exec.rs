@@ -36,6 +36,9 @@ pub(crate) struct Bound<'a, T> {
     pub comm: Option<&'a dyn crate::shard::Communicator>,
     /// The i32 buffers the caller binds by role (Partial FC's [`Buf::WIdx`], [`Buf::WInv`]).
     pub ints: Vec<(Buf, &'a CudaSlice<i32>)>,
+    /// Set when a [`Step::Exchange`] has called the communicator: a sharded call that fails
+    /// before that still takes part in the all-gather (`handle/sharded.rs`), so no rank waits.
+    pub exchanged: Option<&'a std::cell::Cell<bool>>,
 }
 
 /// An output view the plan's buffer of that role is bound to instead of being allocated: the
@@ -345,7 +348,23 @@ fn exchange<O: CudaElement, T>(
         .map_err(|e| cuda_err("synchronize before the exchange", e))?;
     let wide: Vec<f64> = host.iter().map(|&v| v as f64).collect();
     let mut all = vec![0.0f64; wide.len() * comm.world_size()];
+    if let Some(flag) = bound.exchanged {
+        flag.set(true);
+    }
     comm.all_gather(&wide, &mut all)?;
+    // A rank that failed before its exchange sends owned = -1 (FAILED_RECORD), never a record's.
+    let n = wide.len();
+    if let Some(r) = (0..comm.world_size()).find(|&r| n > 4 && all[r * n + 4] == FAILED_RECORD) {
+        return Err(Error::Collective {
+            op: "exchange",
+            detail: format!(
+                "rank {r} failed before the exchange (its call returned the error); this rank \
+                 (rank {}) stops",
+                comm.rank()
+            ),
+            source: None,
+        });
+    }
     let narrow: Vec<f32> = all.iter().map(|&v| v as f32).collect();
     match owned.get_mut(&recv) {
         Some(Owned::F32(r)) if r.len() == narrow.len() => h
@@ -364,6 +383,9 @@ fn exchange<O: CudaElement, T>(
         _ => Err(Kept::<'_, O>::missing(recv)),
     }
 }
+
+/// The `owned` value a failed rank's records carry in the exchange (a real record has 0 or 1).
+pub(crate) const FAILED_RECORD: f64 = -1.0;
 
 fn written(l: &Launch, buf: Buf) -> bool {
     l.args.contains(&Arg::Write(buf))

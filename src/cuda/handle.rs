@@ -773,6 +773,7 @@ impl FusedMarginLoss {
                 Some((i, _)) => vec![(Buf::WIdx, i)],
                 None => Vec::new(),
             },
+            exchanged: shard.as_ref().map(|sc| sc.exchanged),
         };
         // The outputs without a caller's view go to buffers of this crate's, kept by the result.
         let mut own_loss = match out.loss {
@@ -1136,6 +1137,7 @@ impl FusedMarginLoss {
                 Some((i, _)) => vec![(Buf::WIdx, i)],
                 None => Vec::new(),
             },
+            exchanged: None,
         };
         let views = vec![
             (Buf::Dx, exec::Out::Grad(out.dx)),

@@ -21,6 +21,8 @@ pub(in crate::cuda) struct ShardCtx<'a> {
     pub labels: (usize, u64),
     /// Partial FC: the sampled classes on the device and the classes of `w` (`num_local`).
     pub widx: Option<(CudaSlice<i32>, usize)>,
+    /// Set by the executor when the plan's exchange has called the communicator.
+    pub exchanged: &'a std::cell::Cell<bool>,
 }
 
 /// A rank's result of [`FusedMarginLoss::shard_forward`]: the global rows' loss and row losses
@@ -36,6 +38,8 @@ pub struct GpuShardForward {
     /// rank's rows).
     pub saved: GpuSaved,
     labels: CudaSlice<i32>,
+    /// The global labels' fingerprint (the ranks compare it again in the backward).
+    labels_fingerprint: u64,
     /// This rank's classes.
     pub shard: ClassShard,
     /// The sampled classes the call used (Partial FC), if any.
@@ -235,12 +239,49 @@ impl FusedMarginLoss {
             )
         });
         let agreed = shard::agree(comm, "shard forward", &rank.shard, fp);
-        let (_, local, lshape) = local?;
+        let (host, local, lshape) = local?;
         agreed?;
+        let labels_fingerprint = Shape::labels_fingerprint(&host);
+        // From here on a failure on this rank alone must not leave the others waiting in the
+        // exchange: if it comes before this rank's exchange, this rank still takes part, with
+        // records that say it failed (every rank then returns an error).
+        let exchanged = std::cell::Cell::new(false);
+        let run = || -> Result<GpuShardForward> {
+            self.shard_forward_run(rank, spec, x, w, &local, lshape, inputs, &exchanged)
+                .map(|mut f| {
+                    f.labels_fingerprint = labels_fingerprint;
+                    f
+                })
+        };
+        let out = run();
+        if out.is_err() && !exchanged.get() {
+            let n = shape.b * plan::SHARD_REC;
+            let failed = vec![crate::cuda::exec::FAILED_RECORD; n];
+            let mut all = vec![0.0; n * comm.world_size()];
+            let _ = comm.all_gather(&failed, &mut all);
+        }
+        out
+    }
+
+    /// [`Self::shard_forward`] after the agreement: the labels and index to the device, the
+    /// sharded plan.
+    #[allow(clippy::too_many_arguments)]
+    fn shard_forward_run<T: CudaElement>(
+        &self,
+        rank: &Rank<'_>,
+        spec: &MarginLoss,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        local: &[i32],
+        lshape: Shape,
+        inputs: &RowInputs<'_>,
+        exchanged: &std::cell::Cell<bool>,
+    ) -> Result<GpuShardForward> {
+        let comm = rank.comm;
         let counted = local.iter().filter(|&&y| y >= 0).count();
         let dev_labels = self
             .stream
-            .clone_htod(&local)
+            .clone_htod(local)
             .map_err(|e| cuda_err("copy the rank's labels", e))?;
         let widx = match rank.sampled {
             Some(sm) => {
@@ -256,8 +297,9 @@ impl FusedMarginLoss {
         let ctx = ShardCtx {
             comm,
             world: comm.world_size(),
-            labels: (counted, Shape::labels_fingerprint(&local)),
+            labels: (counted, Shape::labels_fingerprint(local)),
             widx,
+            exchanged,
         };
         let mut saved = self.forward_impl(
             spec,
@@ -276,6 +318,7 @@ impl FusedMarginLoss {
                 row_loss,
                 saved,
                 labels: dev_labels,
+                labels_fingerprint: 0,
                 shard: rank.shard,
                 sampled: rank.sampled.cloned(),
                 rank: comm.rank(),
@@ -335,17 +378,18 @@ impl FusedMarginLoss {
             DeviceUpstream::Scalar(v) => v.to_bits() as u64,
             DeviceUpstream::PerRow(v) => v.len() as u64 | 1 << 40,
         };
+        // The global problem's (the saved shape is this rank's columns).
+        let global = (shape.b, shape.d, rank.shard.num_classes);
         let fp = local.as_ref().map_err(|_| ()).map(|_| {
             fingerprint(
-                &format!("{:?}{opts:?}{shape:?}", fwd.saved.spec),
-                &[up, fwd.saved.tensor_cores as u64],
+                &format!("{:?}{opts:?}{global:?}", fwd.saved.spec),
+                &[up, fwd.labels_fingerprint],
             )
         });
         let agreed = shard::agree(comm, "shard backward", &rank.shard, fp);
         let rows = local?;
         agreed?;
         let labels = fwd.labels.as_view();
-        let g = self.backward_owned::<T, f32>(&fwd.saved, x, w, &labels, upstream, None)?;
         let (b, d) = (shape.b, shape.d);
         let to_host = |v: &CudaSlice<f32>| -> Result<Vec<f64>> {
             let h = self
@@ -360,20 +404,43 @@ impl FusedMarginLoss {
                 .clone_htod(&n)
                 .map_err(|e| cuda_err("copy the reduced dx", e))
         };
-        let dx = match opts.dx {
-            DxReduce::Partial => g.dx,
-            DxReduce::Global => {
-                let mut host = to_host(&g.dx)?;
+        let work = (|| {
+            let g = self.backward_owned::<T, f32>(&fwd.saved, x, w, &labels, upstream, None)?;
+            let host = match opts.dx {
+                DxReduce::Partial => None,
+                DxReduce::Global | DxReduce::Owner => Some(to_host(&g.dx)?),
+            };
+            Ok::<_, Error>((g, host))
+        })();
+        if opts.dx != DxReduce::Partial {
+            // Every rank says whether it has its part of dx before the reduction, so a failure
+            // on one rank is an error on all of them, not a wait.
+            let mut failed = [if work.is_ok() { 0.0 } else { 1.0 }];
+            comm.all_reduce_sum(&mut failed)?;
+            if failed[0] > 0.0 && work.is_ok() {
+                return Err(Error::Collective {
+                    op: "shard backward",
+                    detail: format!(
+                        "{} rank(s) failed before the dx reduction; this rank (rank {me}) stops",
+                        failed[0]
+                    ),
+                    source: None,
+                });
+            }
+        }
+        let (g, host) = work?;
+        let dx = match (opts.dx, host) {
+            (DxReduce::Global, Some(mut host)) => {
                 comm.all_reduce_sum(&mut host)?;
                 to_dev(&host)?
             }
-            DxReduce::Owner => {
-                let host = to_host(&g.dx)?;
+            (DxReduce::Owner, Some(host)) => {
                 let mut mine = vec![0.0; rows.len() * d];
                 debug_assert_eq!(host.len(), b * d);
                 comm.reduce_scatter_sum(&host, &mut mine)?;
                 to_dev(&mine)?
             }
+            _ => g.dx,
         };
         let dw = match (rank.sampled, opts.dw) {
             (Some(sm), DwLayout::Full) => self.full_dw(sm, &rank.shard, fwd, &g.dw)?,
@@ -426,6 +493,7 @@ impl FusedMarginLoss {
             state_in: None,
             comm: None,
             ints: vec![(plan::Buf::WInv, &inv)],
+            exchanged: None,
         };
         let mut kept = crate::cuda::exec::execute::<f32, f32>(
             self,
