@@ -119,6 +119,38 @@ extern "C" __global__ void FM_ENTRY(fm_shard_combine)(const float* __restrict__ 
     tgt[fm_tgt_at(FM_TGT_CE, B, row)] = l;
 }
 
+// Class-sharded CurricularFace and ElasticFace+ (plan::shard_forward), whose state reads every
+// counted row's target cosine: each rank's (c_iy, owned) per row from its target record (the
+// COSY section, fm_target_rows), all-gathered (plan::Step::Exchange), then every rank writes
+// the owner's cosine into the COSY section of the rows whose target another rank holds (y = C)
+// and, for CurricularFace, their threshold tau_i = target(c_iy) (the TAU section), so the state
+// kernels and the tiles see every row's values. One thread per row.
+extern "C" __global__ void FM_ENTRY(fm_shard_cos_out)(const int* __restrict__ labels,
+                                                      const float* __restrict__ tgt, i64 B, i64 C,
+                                                      float* __restrict__ rec) {
+    i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= B) return;
+    const int y = labels[row];
+    const bool owned = y >= 0 && (i64)y < C;
+    rec[2 * row] = owned ? tgt[fm_tgt_at(FM_TGT_COSY, B, row)] : 0.0f;
+    rec[2 * row + 1] = owned ? 1.0f : 0.0f;
+}
+
+extern "C" __global__ void FM_ENTRY(fm_shard_cos_in)(const float* __restrict__ rec_all, int world,
+                                                     const int* __restrict__ labels, FmParams p, i64 B,
+                                                     i64 C, float* __restrict__ tgt) {
+    i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= B) return;
+    if (labels[row] < 0 || (i64)labels[row] < C) return;   // ignored, or this rank's own target
+    float c = FM_NAN;   // no owner (shards that do not tile the classes): NaN, as in combine
+    for (int r = 0; r < world; ++r) {
+        const float* q = rec_all + ((i64)r * B + row) * 2;
+        if (q[1] != 0.0f) c = q[0];
+    }
+    tgt[fm_tgt_at(FM_TGT_COSY, B, row)] = c;
+    if (p.variant == FM_VAR_CURRICULAR) tgt[fm_tgt_at(FM_TGT_TAU, B, row)] = fm_curricular_tau(p, c);
+}
+
 // Partial FC's dw in the rank's full layout (plan::full_dw): class r's `per` = K D values from
 // row inv[r] of the sampled rows' dw, or zeros where inv[r] < 0 (not sampled). Writes dst whole.
 // One thread per element.

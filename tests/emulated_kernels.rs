@@ -2675,7 +2675,6 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
         ids
     };
     let mut plans = Vec::new();
-    let mut records = Vec::new();
     for (rank, shard) in shards.iter().enumerate() {
         let sm = sampled.as_ref().map(|s| &s[rank]);
         let labels = plan::shard_labels(&inp.labels, shard, sm).unwrap();
@@ -2717,54 +2716,82 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
             sm.is_some(),
         )
         .unwrap();
-        let cut = fwd
-            .steps
+        plans.push((labels, fwd, bwd));
+    }
+    // The plan's exchanges, in order (the target cosines of CurricularFace and ElasticFace+,
+    // then the records), each run as a job per rank up to it, its send buffers concatenated
+    // rank-major (the all-gather) and given to the next jobs in its place.
+    let exchanges: Vec<(usize, Buf, Buf)> = plans[0]
+        .1
+        .steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, st)| match st {
+            plan::Step::Exchange { send, recv, .. } => Some((i, *send, *recv)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !exchanges.is_empty(),
+        "a sharded forward exchanges its records"
+    );
+    // The forward with the exchanges before `upto` given (their step and allocation removed),
+    // cut at exchange `upto` (or whole).
+    let staged = |fwd: &plan::LaunchPlan, upto: usize| {
+        let mut p = fwd.clone();
+        if upto < exchanges.len() {
+            p.steps.truncate(exchanges[upto].0);
+        }
+        let given: Vec<Buf> = exchanges[..upto.min(exchanges.len())]
             .iter()
-            .position(|s| matches!(s, plan::Step::Exchange { .. }))
-            .expect("a sharded forward exchanges its records");
-        // Job 1: up to the exchange; its output is this rank's records.
-        let mut head = fwd.clone();
-        head.steps.truncate(cut);
-        let mut job = Job::default();
-        let mut ids = inputs_of(&mut job, rank, &labels);
-        job.add_plan(&head, &mut ids);
-        let rec_id = ids[&Buf::ShardRec];
-        let out = run_job(
-            &exe,
-            &job,
-            &[rec_id],
-            &format!("shard1_{}_{rank}", r.seed),
-            ("forward", "eager"),
-            None,
-        );
-        assert_eq!(out.len(), 4 * b * plan::SHARD_REC);
-        records.push(out);
-        plans.push((labels, fwd, bwd, cut));
-    }
-    if let Some(q) = r.drop_rank {
-        // The mutation: rank q's records as if it held no class (max -inf, sum 0, not owned).
-        let empty: Vec<f32> = (0..b)
-            .flat_map(|_| [f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0])
+            .map(|e| e.2)
             .collect();
-        records[q] = f32s(&empty);
+        p.steps
+            .retain(|st| !matches!(st, plan::Step::Exchange { .. }));
+        p.buffers.retain(|sp| !given.contains(&sp.buf));
+        p
+    };
+    let mut gathered: Vec<(Buf, usize, Vec<u8>)> = Vec::new();
+    for (e, &(_, send, recv)) in exchanges.iter().enumerate() {
+        let mut parts = Vec::new();
+        for (rank, (labels, fwd, _)) in plans.iter().enumerate() {
+            let mut job = Job::default();
+            let mut ids = inputs_of(&mut job, rank, labels);
+            for (buf, n, data) in &gathered {
+                ids.insert(*buf, job.buffer(4, *n, BufInit::Data(data.clone())));
+            }
+            job.add_plan(&staged(fwd, e), &mut ids);
+            let out = run_job(
+                &exe,
+                &job,
+                &[ids[&send]],
+                &format!("shard{e}_{}_{rank}", r.seed),
+                ("forward", "eager"),
+                None,
+            );
+            parts.push(out);
+        }
+        if let (Some(q), Buf::ShardAll) = (r.drop_rank, recv) {
+            // The mutation: rank q's records as if it held no class (max -inf, sum 0, not
+            // owned).
+            let empty: Vec<f32> = (0..b)
+                .flat_map(|_| [f32::NEG_INFINITY, 0.0, 0.0, 0.0, 0.0])
+                .collect();
+            parts[q] = f32s(&empty);
+        }
+        let data = parts.concat();
+        gathered.push((recv, data.len() / 4, data));
     }
-    let gathered: Vec<u8> = records.concat();
     let mut results = Vec::new();
-    for (rank, (labels, fwd, bwd, cut)) in plans.iter().enumerate() {
-        // Job 2: the same forward with the gathered records in place of the exchange, then the
+    for (rank, (labels, fwd, bwd)) in plans.iter().enumerate() {
+        // The last job: the forward with every exchange's gathered data in its place, then the
         // backward, as one stream of kernels.
         let mut job = Job::default();
         let mut fids = inputs_of(&mut job, rank, labels);
-        let all_id = job.buffer(
-            4,
-            world * b * plan::SHARD_REC,
-            BufInit::Data(gathered.clone()),
-        );
-        fids.insert(Buf::ShardAll, all_id);
-        let mut tail = fwd.clone();
-        tail.steps.remove(*cut);
-        tail.buffers.retain(|s| s.buf != Buf::ShardAll);
-        job.add_plan(&tail, &mut fids);
+        for (buf, n, data) in &gathered {
+            fids.insert(*buf, job.buffer(4, *n, BufInit::Data(data.clone())));
+        }
+        job.add_plan(&staged(fwd, exchanges.len()), &mut fids);
         let mut bids: HashMap<Buf, u32> = [Buf::X, Buf::W, Buf::Labels, Buf::GRows]
             .into_iter()
             .map(|q| (q, fids[&q]))
@@ -2881,6 +2908,11 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
                 return Err(format!("{what}: state ({mean}, {std}) vs ({m}, {s})"));
             }
         }
+        (Some(LossState::CurricularFace { t }), Some(LossState::CurricularFace { t: t0 })) => {
+            if (t - t0).abs() > lbar * t0.abs().max(1e-3) {
+                return Err(format!("{what}: t {t} vs {t0}"));
+            }
+        }
         (o, q) => return Err(format!("{what}: state out {o:?}, reference {q:?}")),
     }
     Ok(())
@@ -2906,8 +2938,9 @@ fn shard_slices(c: usize, world: usize, seed: u64) -> Vec<(usize, usize)> {
 
 /// The class-sharded plans (`plan::shard_forward`, the backward on each rank's classes) on 1 to
 /// 5 emulated ranks with uneven slices, ranks without any row's target and ignored rows: SIMT
-/// f32 and tensor-core bf16/f16 forward and backward, every loss the GPU shards (the fixed
-/// margins, sub-centers, AdaFace, MagFace, ElasticFace), against the unsharded reference.
+/// f32 and tensor-core bf16/f16 forward and backward, every kind of loss (the fixed margins,
+/// sub-centers, AdaFace, MagFace, ElasticFace, CurricularFace and ElasticFace+ with their
+/// exchange of target cosines), against the unsharded reference.
 #[test]
 fn sharded_plans_on_the_emulator() {
     let seeded = ElasticRng {
@@ -2931,6 +2964,18 @@ fn sharded_plans_on_the_emulator() {
         (MarginLoss::magface(), None, None),
         (
             MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None),
+            None,
+            Some(seeded),
+        ),
+        // The target cosines exchanged before the state: t and the thresholds of rows whose
+        // target another rank holds, ElasticFace+'s order over every counted row.
+        (
+            MarginLoss::curricularface(),
+            Some(LossState::CurricularFace { t: 0.3 }),
+            None,
+        ),
+        (
+            MarginLoss::elasticface(ElasticKind::Cos, ElasticPlus::Rank),
             None,
             Some(seeded),
         ),

@@ -45,6 +45,10 @@ fn sharded_handle_matches_the_reference() {
         (MarginLoss::arcface(0.5), None),
         (MarginLoss::cosface(0.35).reduction(Reduction::Sum), None),
         (MarginLoss::adaface(), Some(LossState::ADAFACE_INIT)),
+        (
+            MarginLoss::curricularface(),
+            Some(LossState::CurricularFace { t: 0.3 }),
+        ),
     ] {
         let inputs = RowInputs {
             state,
@@ -153,14 +157,16 @@ fn sharded_handle_matches_the_reference() {
 }
 
 #[test]
-fn sharded_handle_refuses_what_it_cannot_run() {
+fn sharded_handle_refuses_the_naive_plan() {
     if !gpu() {
         return;
     }
     let shape = Shape::new(8, 16, 20);
     let out = shard::run_ranks(2, |comm| {
         let stream = cuda::default_stream(0).unwrap();
-        let gpu = FusedMarginLoss::new(stream.clone()).unwrap();
+        let mut o = Options::default();
+        o.plan = cuda::Plan::Naive;
+        let gpu = FusedMarginLoss::with_options(stream.clone(), o).unwrap();
         let sh = ClassShard::even(20, 2, comm.rank()).unwrap();
         let rank = Rank {
             comm,
@@ -171,8 +177,8 @@ fn sharded_handle_refuses_what_it_cannot_run() {
         let x = stream.clone_htod(&vec![bf16::ONE; 8 * 16]).unwrap();
         let w = stream.clone_htod(&vec![bf16::ONE; 10 * 16]).unwrap();
         let l = stream.clone_htod(&[0i32, 1, 2, 3, 11, 12, 13, -1]).unwrap();
-        let spec = MarginLoss::curricularface();
-        let inputs = RowInputs::with_state(LossState::CURRICULAR_INIT);
+        let spec = MarginLoss::arcface(0.5);
+        let inputs = RowInputs::default();
         gpu.shard_forward(
             &rank,
             &spec,

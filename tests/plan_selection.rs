@@ -132,7 +132,7 @@ fn well_formed(p: &LaunchPlan, given: &[Buf], what: &str) {
                 (r, w)
             }
             Step::Gemm(g) => (vec![g.a, g.b], vec![g.c]),
-            Step::Exchange { send, recv } => (vec![*send], vec![*recv]),
+            Step::Exchange { send, recv, .. } => (vec![*send], vec![*recv]),
         };
         for b in reads {
             assert!(
@@ -920,7 +920,7 @@ fn sharded_forward_plans() {
                 .iter()
                 .map(|s| match s {
                     Step::Kernel(l) => l.entry.clone(),
-                    Step::Exchange { send, recv } => format!("exchange {send:?} -> {recv:?}"),
+                    Step::Exchange { send, recv, .. } => format!("exchange {send:?} -> {recv:?}"),
                     Step::Gemm(_) => "gemm".into(),
                 })
                 .collect();
@@ -969,12 +969,39 @@ fn sharded_forward_plans() {
         ..host
     };
     assert!(refused(&naive, &MarginLoss::arcface(0.5), false));
-    assert!(refused(&host, &MarginLoss::curricularface(), false));
-    assert!(refused(
-        &host,
-        &MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
-        true
-    ));
+    // CurricularFace and ElasticFace+ exchange the target cosines first, before their state.
+    for (spec, rm, state_kernel) in [
+        (MarginLoss::curricularface(), false, "fm_curricular_state"),
+        (
+            MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::Rank),
+            true,
+            "fm_elastic_plus",
+        ),
+    ] {
+        let p = plan::shard_forward(&dev, &host, &problem(&spec, rm), 4, false).unwrap();
+        let order: Vec<String> = p
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Kernel(l) => l.entry.clone(),
+                Step::Exchange { send, .. } => format!("exchange {send:?}"),
+                Step::Gemm(_) => "gemm".into(),
+            })
+            .collect();
+        let at = |e: &str| {
+            order
+                .iter()
+                .position(|o| o == e)
+                .unwrap_or_else(|| panic!("{e}: {order:?}"))
+        };
+        assert!(at("fm_target_rows") < at("fm_shard_cos_out"));
+        assert!(at("fm_shard_cos_out") < at("exchange ShardCos"));
+        assert!(at("exchange ShardCos") < at("fm_shard_cos_in"));
+        assert!(at("fm_shard_cos_in") < at(state_kernel));
+        assert!(at(state_kernel) < at("exchange ShardRec"));
+        let given = [Buf::X, Buf::W, Buf::Labels, Buf::StateIn, Buf::RowMargins];
+        well_formed(&p, &given, "sharded cosines");
+    }
     assert!(!refused(
         &host,
         &MarginLoss::elasticface(ElasticKind::Arc, ElasticPlus::None),

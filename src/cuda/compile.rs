@@ -27,7 +27,7 @@ pub const KERNEL_DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
 /// Every kernel entry point's base name; the real symbol appends `_f32`, `_f16` or `_bf16`
 /// (and `_f32out` before it for the f32-gradient variants).
-pub const ENTRY_POINTS: [&str; 34] = [
+pub const ENTRY_POINTS: [&str; 36] = [
     "fm_fill_u32",
     "fm_fill_u16",
     "fm_row_norms",
@@ -38,6 +38,8 @@ pub const ENTRY_POINTS: [&str; 34] = [
     "fm_shard_stats",
     "fm_shard_combine",
     "fm_gather_rows",
+    "fm_shard_cos_out",
+    "fm_shard_cos_in",
     "fm_reduce_loss",
     "fm_label_status",
     "fm_norm_coef",
@@ -189,6 +191,8 @@ impl Unit {
             | "fm_shard_stats"
             | "fm_shard_combine"
             | "fm_gather_rows"
+            | "fm_shard_cos_out"
+            | "fm_shard_cos_in"
             | "fm_reduce_loss"
             | "fm_label_status"
             | "fm_grad_scale"

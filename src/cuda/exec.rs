@@ -36,9 +36,9 @@ pub(crate) struct Bound<'a, T> {
     pub comm: Option<&'a dyn crate::shard::Communicator>,
     /// The i32 buffers the caller binds by role (Partial FC's [`Buf::WIdx`], [`Buf::WInv`]).
     pub ints: Vec<(Buf, &'a CudaSlice<i32>)>,
-    /// Set when a [`Step::Exchange`] has called the communicator: a sharded call that fails
-    /// before that still takes part in the all-gather (`handle/sharded.rs`), so no rank waits.
-    pub exchanged: Option<&'a std::cell::Cell<bool>>,
+    /// How many [`Step::Exchange`]s have called the communicator: a sharded call that fails
+    /// before one still takes part in it (`handle/sharded.rs`), so no rank waits.
+    pub exchanged: Option<&'a std::cell::Cell<usize>>,
 }
 
 /// An output view the plan's buffer of that role is bound to instead of being allocated: the
@@ -268,7 +268,9 @@ pub(crate) fn execute<'v, T: CudaElement, O: CudaElement>(
     for (i, step) in plan.steps.iter().enumerate() {
         match step {
             Step::Kernel(l) => launch(h, k, l, bound, &mut owned, arena.as_deref_mut())?,
-            Step::Exchange { send, recv } => exchange(h, bound, &mut owned, *send, *recv)?,
+            Step::Exchange { send, recv, flag } => {
+                exchange(h, bound, &mut owned, *send, *recv, *flag)?
+            }
             Step::Gemm(g) => {
                 let blas = h.blas().ok_or_else(|| Error::Unsupported {
                     detail: "the plan has a cuBLAS step but cuBLAS is not loaded".into(),
@@ -331,6 +333,7 @@ fn exchange<O: CudaElement, T>(
     owned: &mut BTreeMap<Buf, Owned<'_, O>>,
     send: Buf,
     recv: Buf,
+    flag: usize,
 ) -> Result<()> {
     let comm = bound.comm.ok_or_else(|| Error::InvalidArgument {
         what: "launch plan",
@@ -348,13 +351,15 @@ fn exchange<O: CudaElement, T>(
         .map_err(|e| cuda_err("synchronize before the exchange", e))?;
     let wide: Vec<f64> = host.iter().map(|&v| v as f64).collect();
     let mut all = vec![0.0f64; wide.len() * comm.world_size()];
-    if let Some(flag) = bound.exchanged {
-        flag.set(true);
+    if let Some(done) = bound.exchanged {
+        done.set(done.get() + 1);
     }
     comm.all_gather(&wide, &mut all)?;
     // A rank that failed before its exchange sends owned = -1 (FAILED_RECORD), never a record's.
     let n = wide.len();
-    if let Some(r) = (0..comm.world_size()).find(|&r| n > 4 && all[r * n + 4] == FAILED_RECORD) {
+    if let Some(r) =
+        (0..comm.world_size()).find(|&r| flag < n && all[r * n + flag] == FAILED_RECORD)
+    {
         return Err(Error::Collective {
             op: "exchange",
             detail: format!(

@@ -796,7 +796,12 @@ impl FusedMarginLoss {
         // A sharded plan's records stay out of the arena: the exchange copies them whole.
         let mut keep = plan::FORWARD_OUTPUTS.to_vec();
         if shard.is_some() {
-            keep.extend([Buf::ShardRec, Buf::ShardAll]);
+            keep.extend([
+                Buf::ShardRec,
+                Buf::ShardAll,
+                Buf::ShardCos,
+                Buf::ShardCosAll,
+            ]);
         }
         let mut kept = exec::execute::<T, f32>(self, &k, &lp, &bound, views, &keep)?;
         let labels = match host_labels {

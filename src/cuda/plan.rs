@@ -194,6 +194,11 @@ pub enum Buf {
     /// Partial FC's sampled classes of the rank (local indices, ascending), i32, one per column
     /// (given; read by every kernel that reads `W`, `widx` in kernels/args.cuh).
     WIdx,
+    /// Class-sharded CurricularFace and ElasticFace+: this rank's `(c_iy, owned)` per row,
+    /// 2 B f32 (`fm_shard_cos_out`).
+    ShardCos,
+    /// Every rank's [`Buf::ShardCos`], rank-major, W x 2 B f32 (the all-gather).
+    ShardCosAll,
     /// Partial FC's inverse index: per local class its column, or -1 when not sampled, i32,
     /// `num_local` (given; [`full_dw`]).
     WInv,
@@ -336,6 +341,9 @@ pub enum Step {
         send: Buf,
         /// Every rank's, `world` times `send`'s length.
         recv: Buf,
+        /// The index of the first record's `owned` value (0 or 1) in `send`: a rank that failed
+        /// before the exchange sends -1 there (and everywhere), which the others detect.
+        flag: usize,
     },
 }
 
@@ -430,7 +438,7 @@ impl LaunchPlan {
                 .iter()
                 .any(|a| matches!(a, Arg::Read(b) | Arg::Write(b) if *b == buf)),
             Step::Gemm(g) => g.a == buf || g.b == buf || g.c == buf,
-            Step::Exchange { send, recv } => *send == buf || *recv == buf,
+            Step::Exchange { send, recv, .. } => *send == buf || *recv == buf,
         })
     }
 
@@ -632,6 +640,8 @@ struct Builder {
     pooled: bool,
     /// What the kernels' `widx` is: [`Buf::WIdx`] with Partial FC's sampled classes, else null.
     widx: Arg,
+    /// The world size of a class-sharded plan (its exchanges), else None.
+    shard: Option<usize>,
 }
 
 impl Builder {
@@ -641,6 +651,7 @@ impl Builder {
             buffers: Vec::new(),
             pooled: true,
             widx: Null,
+            shard: None,
         }
     }
     fn alloc(&mut self, buf: Buf, elem: Elem, len: usize) {
@@ -823,6 +834,53 @@ fn row_steps(bd: &mut Builder, p: FmParams, shape: Shape, given: bool) -> Result
         rowm = Read(Buf::DevMargins);
     }
     target_rows(bd, p, shape, rowm)?;
+    let plus = needs.dev_margins && p.variant == VariantCode::ElasticFace as i32;
+    if let (Some(world), true) = (
+        bd.shard,
+        plus || p.variant == VariantCode::CurricularFace as i32,
+    ) {
+        // Sharded: the state reads every counted row's target cosine, which only the target's
+        // rank has; one all-gather of (c_iy, owned) per row fills the others' in (and
+        // CurricularFace's thresholds) before the state kernels run.
+        bd.alloc(Buf::ShardCos, Elem::F32, 2 * b);
+        bd.launch(
+            "fm_shard_cos_out",
+            grid_1d(b as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::Labels),
+                Read(Buf::Target),
+                I64(b as i64),
+                I64(shape.c as i64),
+                Write(Buf::ShardCos),
+            ],
+        );
+        let all = b
+            .checked_mul(2 * world)
+            .ok_or_else(|| too_large("shard", format!("B = {b} cosines of {world} ranks")))?;
+        bd.alloc(Buf::ShardCosAll, Elem::F32, all);
+        bd.steps.push(Step::Exchange {
+            send: Buf::ShardCos,
+            recv: Buf::ShardCosAll,
+            flag: 1,
+        });
+        bd.launch(
+            "fm_shard_cos_in",
+            grid_1d(b as u64, 256)?,
+            256,
+            0,
+            vec![
+                Read(Buf::ShardCosAll),
+                I32(i32_of(world, "world size")?),
+                Read(Buf::Labels),
+                Params(p),
+                I64(b as i64),
+                I64(shape.c as i64),
+                Write(Buf::Target),
+            ],
+        );
+    }
     if p.variant == VariantCode::CurricularFace as i32 {
         bd.launch(
             "fm_curricular_state",
@@ -839,7 +897,7 @@ fn row_steps(bd: &mut Builder, p: FmParams, shape: Shape, given: bool) -> Result
             ],
         );
     }
-    if needs.dev_margins && p.variant == VariantCode::ElasticFace as i32 {
+    if plus {
         if !given {
             return Err(Error::InvalidArgument {
                 what: "row inputs",
@@ -988,10 +1046,10 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
 /// fused forward on this rank's classes (`pr.shape.c` = its `num_local`; labels local, another
 /// rank's class as `C`: [`shard_labels`]), then instead of the combine: `fm_shard_stats` (this
 /// rank's record per row), the all-gather of the records ([`Step::Exchange`]), `fm_shard_combine`
-/// (every rank merges them in rank order: the same bits on every rank) and the loss. Refused:
-/// the naive plan, [`LabelCheck::Device`] (the host maps the labels), and the losses whose
-/// per-row state reads other ranks' target cosines (CurricularFace, ElasticFace+), which the CPU
-/// path (`cpu::shard_forward`) runs.
+/// (every rank merges them in rank order: the same bits on every rank) and the loss. The losses
+/// whose per-row state reads other ranks' target cosines (CurricularFace, ElasticFace+) exchange
+/// them first (`fm_shard_cos_out`, an exchange, `fm_shard_cos_in`, before the state kernels).
+/// Refused: the naive plan and [`LabelCheck::Device`] (the host maps the labels).
 ///
 /// `sampled`: Partial FC, the kernels read the classes of `pr.shape.c` columns through
 /// [`Buf::WIdx`] (the sampled local classes, i32, ascending; `W` stays the rank's whole slice).
@@ -1012,15 +1070,6 @@ pub fn shard_forward(
             ),
         });
     }
-    let v = pr.params.variant;
-    let plus = v == VariantCode::ElasticFace as i32 && pr.params.vp[1] != 0.0;
-    if v == VariantCode::CurricularFace as i32 || plus {
-        return Err(Error::Unsupported {
-            detail: "CurricularFace and ElasticFace+ read every row's target cosine: sharded, \
-                     they run on the CPU path (cpu::shard_forward), not on the GPU yet"
-                .into(),
-        });
-    }
     if world == 0 {
         return Err(Error::InvalidArgument {
             what: "world",
@@ -1031,6 +1080,7 @@ pub fn shard_forward(
     if sampled {
         bd.widx = Read(Buf::WIdx);
     }
+    bd.shard = Some(world);
     fused_forward(bd, dev, ch, pr, Some(world))
 }
 
@@ -1256,6 +1306,7 @@ fn fused_forward(
         bd.steps.push(Step::Exchange {
             send: Buf::ShardRec,
             recv: Buf::ShardAll,
+            flag: SHARD_REC - 1,
         });
         bd.alloc(Buf::Lse, Elem::F32, b);
         bd.alloc(Buf::RowLoss, Elem::F32, b);
@@ -1275,7 +1326,12 @@ fn fused_forward(
             ],
         );
         reduce_loss(&mut bd, pr.shape, pr.mean, ch.label_check);
-        let records = 4 * b * SHARD_REC * (world + 1);
+        let cosines = if bd.buffers.iter().any(|s| s.buf == Buf::ShardCos) {
+            4 * 2 * b * (world + 1)
+        } else {
+            0
+        };
+        let records = 4 * b * SHARD_REC * (world + 1) + cosines;
         return Ok(bd.finish(workspace_bytes + records, tensor_cores, wgmma));
     }
     bd.alloc(Buf::Lse, Elem::F32, b);

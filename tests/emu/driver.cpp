@@ -200,6 +200,8 @@ const std::map<std::string, Binder>& table() {
         FM_K("fm_shard_stats", FM_ENTRY(fm_shard_stats)),
         FM_K("fm_shard_combine", FM_ENTRY(fm_shard_combine)),
         FM_K("fm_gather_rows", FM_ENTRY(fm_gather_rows)),
+        FM_K("fm_shard_cos_out", FM_ENTRY(fm_shard_cos_out)),
+        FM_K("fm_shard_cos_in", FM_ENTRY(fm_shard_cos_in)),
         FM_K("fm_reduce_loss", FM_ENTRY(fm_reduce_loss)),
         FM_K("fm_grad_x_partial", FM_ENTRY(fm_grad_x_partial)),
         FM_K("fm_grad_x_partial_sc", FM_ENTRY(fm_grad_x_partial_sc)),

@@ -21,8 +21,8 @@ pub(in crate::cuda) struct ShardCtx<'a> {
     pub labels: (usize, u64),
     /// Partial FC: the sampled classes on the device and the classes of `w` (`num_local`).
     pub widx: Option<(CudaSlice<i32>, usize)>,
-    /// Set by the executor when the plan's exchange has called the communicator.
-    pub exchanged: &'a std::cell::Cell<bool>,
+    /// How many of the plan's exchanges have called the communicator (set by the executor).
+    pub exchanged: &'a std::cell::Cell<usize>,
 }
 
 /// A rank's result of [`FusedMarginLoss::shard_forward`]: the global rows' loss and row losses
@@ -160,11 +160,11 @@ impl FusedMarginLoss {
     /// through the index (no gathered copy of `w`); every target of this rank must be sampled
     /// ([`crate::shard::PartialFc::sample`] keeps them).
     ///
-    /// Runs the fixed-margin losses, sub-center ArcFace, AdaFace, MagFace and ElasticFace without
-    /// Plus on the fused plan. [`Error::Unsupported`] before any collective: CurricularFace and
-    /// ElasticFace+ (their state reads every rank's target cosines; `cpu::shard_forward` runs
-    /// them), the naive plan. Every rank learns of another rank's bad input through the
-    /// agreement step ([`Error::Collective`]).
+    /// Runs every loss on the fused plan (CurricularFace and ElasticFace+ first all-gather each
+    /// row's target cosine from its owner); the naive plan is [`Error::Unsupported`], before any
+    /// collective. Every rank learns of another rank's bad input through the agreement step
+    /// ([`Error::Collective`]), and of a failure after it through the exchange it would have
+    /// joined.
     #[allow(clippy::too_many_arguments)] // the plain forward's, plus the rank
     pub fn shard_forward<T: CudaElement>(
         &self,
@@ -207,7 +207,7 @@ impl FusedMarginLoss {
             };
             let lshape = Shape { c: cols, ..shape };
             spec.variant.check_inputs(inputs, shape.b)?;
-            // The plan's own refusals (CurricularFace, ElasticFace+), before any collective.
+            // The plan's own refusals, before any collective.
             let probe = plan::ForwardProblem {
                 dtype: T::DTYPE,
                 shape: lshape,
@@ -245,7 +245,7 @@ impl FusedMarginLoss {
         // From here on a failure on this rank alone must not leave the others waiting in the
         // exchange: if it comes before this rank's exchange, this rank still takes part, with
         // records that say it failed (every rank then returns an error).
-        let exchanged = std::cell::Cell::new(false);
+        let exchanged = std::cell::Cell::new(0usize);
         let run = || -> Result<GpuShardForward> {
             self.shard_forward_run(rank, spec, x, w, &local, lshape, inputs, &exchanged)
                 .map(|mut f| {
@@ -254,8 +254,17 @@ impl FusedMarginLoss {
                 })
         };
         let out = run();
-        if out.is_err() && !exchanged.get() {
-            let n = shape.b * plan::SHARD_REC;
+        // The plan's exchanges in order: the target cosines (CurricularFace, ElasticFace+), then
+        // the records. A rank that failed takes part in the next one it missed, with values
+        // that say so; the others then stop there with an error.
+        let cosines = matches!(spec.variant, crate::Variant::CurricularFace(_))
+            || matches!(spec.variant, crate::Variant::ElasticFace(e) if e.plus != crate::ElasticPlus::None);
+        let lens: Vec<usize> = if cosines {
+            vec![2 * shape.b, plan::SHARD_REC * shape.b]
+        } else {
+            vec![plan::SHARD_REC * shape.b]
+        };
+        if let (Err(_), Some(&n)) = (&out, lens.get(exchanged.get())) {
             let failed = vec![crate::cuda::exec::FAILED_RECORD; n];
             let mut all = vec![0.0; n * comm.world_size()];
             let _ = comm.all_gather(&failed, &mut all);
@@ -275,7 +284,7 @@ impl FusedMarginLoss {
         local: &[i32],
         lshape: Shape,
         inputs: &RowInputs<'_>,
-        exchanged: &std::cell::Cell<bool>,
+        exchanged: &std::cell::Cell<usize>,
     ) -> Result<GpuShardForward> {
         let comm = rank.comm;
         let counted = local.iter().filter(|&&y| y >= 0).count();
