@@ -1166,8 +1166,9 @@ fn f64_fingerprint(h: u64, v: &[f64]) -> u64 {
 /// Communication: one all-gather of 6 values per rank (the ranks' agreement: inputs accepted,
 /// same arguments, the slices tile `0..C`), one all-gather of 4 f64 per row per rank (the
 /// per-row records), and for CurricularFace and ElasticFace+ one all-reduce of B target cosines
-/// (CurricularFace also of B hard-negative counts). Memory beyond [`forward_with`]'s:
-/// `8 * (4*B*(W + 1) + B)` bytes.
+/// (CurricularFace also of B hard-negative counts). Memory beyond [`forward_with`]'s for this
+/// rank's classes: `8 * (4*B*(W + 2) + B)` bytes (the records sent and received, the target
+/// logits, and [`crate::shard::ThreadComm`]'s copy of the send; `tests/memory.rs`).
 ///
 /// Errors: any error of [`forward_with`] for this rank's inputs (its `w` length is
 /// `num_local*K*D`), a sampled set not drawn for this shard or not keeping a positive, and
@@ -1216,7 +1217,8 @@ pub fn shard_forward<T: Element>(
 /// Communication: the agreement (6 values per rank), then for [`DxReduce::Owner`] one
 /// reduce-scatter of `B*(D + 1)` f64, for [`DxReduce::Global`] one all-reduce of as many, for
 /// [`DxReduce::Partial`] none. Memory as [`backward`]'s for this rank's classes, plus
-/// `8 * B*(D + 1)` bytes for the reduction.
+/// `8 * (2*B + B/W)*(D + 1)` bytes for the reduction (the send, this rank's rows received, and
+/// [`crate::shard::ThreadComm`]'s copy of the send; `tests/memory.rs`).
 pub fn shard_backward<T: Element>(
     rank: &Rank<'_>,
     spec: &MarginLoss,

@@ -19,7 +19,8 @@
 //! through cudarc; needs a GPU at run time, never at build time). Framework entries: `candle`
 //! (feature `candle`: an op with autograd on candle tensors, CPU and, with feature `candle-cuda`,
 //! CUDA) and [`cuda::raw`] (raw device pointers and a `CUstream`, for any other framework); both
-//! are shown in `docs/INTEGRATION.md`.
+//! are shown in `docs/INTEGRATION.md`. Classes sharded across ranks (model parallelism over the
+//! classes) and Partial FC sampling: [`shard`].
 //!
 //! ```
 //! use fused_margin::{cpu, MarginLoss, Shape, Upstream};

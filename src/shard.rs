@@ -23,7 +23,9 @@
 //! Collectives go through a [`Communicator`]: [`ThreadComm`] (one thread per simulated rank, in
 //! process; the tests and the CPU path) and, with feature `nccl`, `cuda::NcclComm` (NCCL
 //! through cudarc). The computation itself is [`crate::cpu::shard_forward`] and
-//! [`crate::cpu::shard_backward`].
+//! [`crate::cpu::shard_backward`] (the f64 reference, every loss), and on the GPU
+//! `cuda::FusedMarginLoss::shard_forward` and `shard_backward` (the same records, merged by a
+//! kernel in rank order).
 //!
 //! [`PartialFc`] samples each rank's classes per step: every class that is some row's target,
 //! plus random others up to `floor(rate * num_local)`, reproducible from `(seed, step)`; the

@@ -130,3 +130,50 @@ fn wide_and_tall_problems_stay_within_the_formula() {
     check(Shape::new(20_000, 8, 3));
     check(Shape::new(700, 33, 1100));
 }
+
+/// The sharded calls (`cpu::shard_forward`, `shard_backward`) on `world` in-process ranks: each
+/// rank within the plain bounds for its own classes plus what `shard_forward` and
+/// `shard_backward` document for the exchange (the records, the reduction of dx, and the
+/// in-process communicator's copy of each send); the peak is the sum over the ranks, which run
+/// at once.
+#[test]
+fn sharded_calls_stay_within_the_formula() {
+    use fused_margin::shard::{self, ClassShard, Communicator, Rank, ShardOptions};
+    let _g = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    for (shape, world) in [
+        (Shape::new(3_000, 16, 900), 3),
+        (Shape::new(40, 64, 20_000), 4),
+    ] {
+        let (b, d, c) = (shape.b, shape.d, shape.c);
+        let x: Vec<f32> = (0..b * d).map(|k| 0.5 + (k % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..c * d).map(|k| 1.0 - (k % 5) as f32 * 0.1).collect();
+        let labels: Vec<i32> = (0..b).map(|i| (i % c) as i32).collect();
+        let spec = MarginLoss::arcface(0.5);
+        let ((), peak) = peak_during(|| {
+            shard::run_ranks(world, |comm| {
+                let sh = ClassShard::even(c, world, comm.rank()).unwrap();
+                let rank = Rank {
+                    comm,
+                    shard: sh,
+                    sampled: None,
+                    options: ShardOptions::default(),
+                };
+                let wl = &w[sh.class_start * d..(sh.class_start + sh.num_local) * d];
+                let f =
+                    cpu::shard_forward(&rank, &spec, &x, wl, &labels, shape, &RowInputs::default())
+                        .unwrap();
+                let g =
+                    cpu::shard_backward(&rank, &spec, &f, &x, wl, &labels, Upstream::ONE).unwrap();
+                assert!(g.dx.iter().chain(&g.dw).all(|v| v.is_finite()));
+            })
+            .unwrap();
+        });
+        let local = Shape::new(b, d, c.div_ceil(world));
+        let exchange = 8 * (4 * b * (world + 2) + b) + 8 * (2 * b + b / world) * (d + 1);
+        let bound = world * (backward_bound(local) + exchange);
+        assert!(
+            peak <= bound,
+            "{shape:?} on {world} ranks: peak {peak} B > {bound} B"
+        );
+    }
+}
