@@ -2937,7 +2937,7 @@ fn shard_slices(c: usize, world: usize, seed: u64) -> Vec<(usize, usize)> {
 }
 
 /// The class-sharded plans (`plan::shard_forward`, the backward on each rank's classes) on 1 to
-/// 5 emulated ranks with uneven slices, ranks without any row's target and ignored rows: SIMT
+/// 8 emulated ranks with uneven slices, ranks without any row's target and ignored rows: SIMT
 /// f32 and tensor-core bf16/f16 forward and backward, every kind of loss (the fixed margins,
 /// sub-centers, AdaFace, MagFace, ElasticFace, CurricularFace and ElasticFace+ with their
 /// exchange of target cosines), against the unsharded reference.
@@ -2982,7 +2982,20 @@ fn sharded_plans_on_the_emulator() {
     ];
     for (i, (spec, state, elastic)) in cases.into_iter().enumerate() {
         let seed = 4100 + i as u64;
-        for (world, tc) in [(1, false), (3, false), (5, true), (2, true)] {
+        // 8 ranks for the first loss (SIMT f32 and tensor cores), up to 5 for the others.
+        let worlds: &[(usize, bool)] = if i == 0 {
+            &[
+                (1, false),
+                (8, false),
+                (8, true),
+                (3, false),
+                (5, true),
+                (2, true),
+            ]
+        } else {
+            &[(1, false), (3, false), (5, true), (2, true)]
+        };
+        for &(world, tc) in worlds {
             let c = 150;
             let run = ShardRun {
                 spec,
