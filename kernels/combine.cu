@@ -15,6 +15,16 @@
 // A counted row's loss l and logsumexp ls from the online logsumexp (m, s) over its other
 // classes and its target logit z (the split combine's last step, shared by fm_combine_rows and
 // fm_shard_combine).
+// Row `row`'s nsplit (max, sum-exp) partials of the tiles merged in split order: the
+// logsumexp pair over its other classes (this call's).
+__device__ __forceinline__ void fm_merge_splits(const float* __restrict__ part_m,
+                                                const float* __restrict__ part_s, int nsplit, i64 row,
+                                                float& m, float& s) {
+    m = FM_NEG_INF;
+    s = 0.0f;
+    for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, part_m[row * nsplit + k], part_s[row * nsplit + k]);
+}
+
 __device__ __forceinline__ void fm_finish_row(float m, float s, float z, float& l, float& ls) {
     const float lnt = m + logf(s);   // -inf when no other class has a finite logit (C = 1)
     if (fm_finite(z) && lnt == lnt && lnt != FM_POS_INF) {
@@ -38,10 +48,8 @@ extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ p
                                                      float* __restrict__ tgt) {
     i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= B) return;
-    const float* pm = part_m + row * nsplit;
-    const float* ps = part_s + row * nsplit;
-    float m = FM_NEG_INF, s = 0.0f;
-    for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, pm[k], ps[k]);
+    float m, s;
+    fm_merge_splits(part_m, part_s, nsplit, row, m, s);
     const int y = labels[row];
     float l = 0.0f, ls = m + logf(s);
     if (y >= 0 && (i64)y >= C) {
@@ -59,7 +67,7 @@ extern "C" __global__ void FM_ENTRY(fm_combine_rows)(const float* __restrict__ p
 // Class-sharded forward (src/shard.rs), the rank's half of the combine: per row its classes'
 // online (max, sum-exp) over the non-target classes (the splits merged in order), and, where the
 // row's target is one of its classes (0 <= y < C, C this rank's classes; another rank's target
-// has y = C, see plan::shard_labels), the target logit and MagFace's regularizer. One record of
+// has y = C, see shard::column_labels), the target logit and MagFace's regularizer. One record of
 // FM_SHARD_REC floats per row: (m, s, z, reg, owned); the host all-gathers the records of every
 // rank (plan::Step::Exchange). One thread per row.
 extern "C" __global__ void FM_ENTRY(fm_shard_stats)(const float* __restrict__ part_m,
@@ -70,8 +78,8 @@ extern "C" __global__ void FM_ENTRY(fm_shard_stats)(const float* __restrict__ pa
                                                     float* __restrict__ rec) {
     i64 row = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (row >= B) return;
-    float m = FM_NEG_INF, s = 0.0f;
-    for (int k = 0; k < nsplit; ++k) fm_online_merge(m, s, part_m[row * nsplit + k], part_s[row * nsplit + k]);
+    float m, s;
+    fm_merge_splits(part_m, part_s, nsplit, row, m, s);
     const int y = labels[row];
     const bool owned = y >= 0 && (i64)y < C;
     float* r = rec + FM_SHARD_REC * row;

@@ -232,36 +232,10 @@ impl<'a> Problem<'a> {
             None => Cols::Range {
                 start: shard.class_start,
             },
-            Some(sm) => {
-                if sm.shard != *shard {
-                    return Err(Error::InvalidArgument {
-                        what: "sampled",
-                        detail: format!(
-                            "drawn for shard {:?}, this rank holds {:?}",
-                            sm.shard, shard
-                        ),
-                    });
-                }
-                if let Some(&j) = sm.index.iter().find(|&&j| j as usize >= shard.num_local) {
-                    return Err(Error::InvalidArgument {
-                        what: "sampled",
-                        detail: format!(
-                            "local class {j} in the index, the shard has {}",
-                            shard.num_local
-                        ),
-                    });
-                }
-                if sm.index.windows(2).any(|p| p[0] >= p[1]) {
-                    return Err(Error::InvalidArgument {
-                        what: "sampled",
-                        detail: "the index is not strictly ascending".into(),
-                    });
-                }
-                Cols::Index {
-                    start: shard.class_start,
-                    index: &sm.index,
-                }
-            }
+            Some(sm) => Cols::Index {
+                start: shard.class_start,
+                index: &sm.index,
+            },
         };
         spec.validate()?;
         let local = Shape {
@@ -271,24 +245,12 @@ impl<'a> Problem<'a> {
         let k = spec.variant.centers();
         // w holds the rank's rows; the labels are global classes.
         local.check_lengths_with_centers(k, x.len(), w.len(), labels.len())?;
-        let p = Self::with_cols(spec, x, w, labels, shape, cols)?;
-        // Every counted row's target must be a column of some rank: with sampling, each rank
-        // keeps its positives, so a target of this rank that is not a column is a bad index.
-        if let Cols::Index { .. } = cols {
-            if let Some(row) =
-                (0..shape.b).find(|&i| shard.local(labels[i]).is_some() && p.tcol(i).is_none())
-            {
-                return Err(Error::InvalidArgument {
-                    what: "sampled",
-                    detail: format!(
-                        "row {row}'s target {} is this rank's but not among the sampled \
-                         classes (Partial FC keeps every positive)",
-                        labels[row]
-                    ),
-                });
-            }
+        // The sampled set's checks, and every target of this rank among its columns (the GPU
+        // path's mapping; the columns themselves come from `tcol`).
+        if sampled.is_some() {
+            shard::column_labels(labels, shard, sampled)?;
         }
-        Ok(p)
+        Self::with_cols(spec, x, w, labels, shape, cols)
     }
 
     fn with_cols<T: Element>(
@@ -878,14 +840,7 @@ pub fn backward<T: Element>(
     shape: Shape,
     upstream: Upstream<'_>,
 ) -> Result<Gradients> {
-    // An invalid spec is named as such, before it is compared with the forward's.
-    spec.validate()?;
-    fwd.spec.validate()?;
-    if fwd.spec != *spec {
-        return Err(Error::ForwardMismatch {
-            detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
-        });
-    }
+    check_spec(spec, fwd)?;
     if fwd.shape != shape {
         return Err(Error::ForwardMismatch {
             detail: format!("forward shape {:?}, backward shape {:?}", fwd.shape, shape),
@@ -900,6 +855,19 @@ pub fn backward<T: Element>(
     let dx = finish_dx(&p, dxh, &dn, 0..shape.b);
     let dw = finish_dw(&p, dwh);
     Ok(Gradients { dx, dw })
+}
+
+/// The backward's spec is valid and the forward's: an invalid spec is named as such, before it
+/// is compared with the forward's.
+fn check_spec(spec: &MarginLoss, fwd: &Forward) -> Result<()> {
+    spec.validate()?;
+    fwd.spec.validate()?;
+    if fwd.spec != *spec {
+        return Err(Error::ForwardMismatch {
+            detail: format!("forward spec {:?}, backward spec {:?}", fwd.spec, spec),
+        });
+    }
+    Ok(())
 }
 
 /// The backward's checks of `fwd` against the recomputed problem: the same inputs and labels.
@@ -1156,7 +1124,7 @@ fn f64_fingerprint(h: u64, v: &[f64]) -> u64 {
 
 /// The forward of a class-sharded problem on one rank (module [`crate::shard`]): `x` holds the
 /// embeddings of the global batch (B x D, identical on every rank), `labels` its B global labels,
-/// `shape` the global `(B, C, D)`, `w` this rank's `num_local*K` class rows (`K` sub-centers;
+/// `shape` the global `(B, D, C)`, `w` this rank's `num_local*K` class rows (`K` sub-centers;
 /// with Partial FC the call reads only the sampled classes' rows, through the index). Every rank
 /// of the group calls it with the same spec, x, labels, shape and inputs; the results agree
 /// across ranks bit for bit, are deterministic for a fixed world size, and equal [`forward_with`]
@@ -1232,16 +1200,7 @@ pub fn shard_backward<T: Element>(
     let (world, me) = (comm.world_size(), comm.rank());
     let opts = rank.options;
     let local = (|| {
-        spec.validate()?;
-        fwd.forward.spec.validate()?;
-        if fwd.forward.spec != *spec {
-            return Err(Error::ForwardMismatch {
-                detail: format!(
-                    "forward spec {:?}, backward spec {:?}",
-                    fwd.forward.spec, spec
-                ),
-            });
-        }
+        check_spec(spec, &fwd.forward)?;
         if fwd.shard != rank.shard || fwd.sampled.as_ref() != rank.sampled {
             return Err(Error::ForwardMismatch {
                 detail: format!(

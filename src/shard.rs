@@ -585,6 +585,32 @@ impl Sampled {
             .map(|&j| self.shard.class_start + j as usize)
     }
 
+    /// Ok when this set fits `shard`: drawn for it, its index strictly ascending local classes
+    /// (what [`PartialFc::sample`] makes; a set built by hand is held to it too).
+    pub fn check(&self, shard: &ClassShard) -> Result<()> {
+        let bad = |detail: String| {
+            Err(Error::InvalidArgument {
+                what: "sampled",
+                detail,
+            })
+        };
+        if self.shard != *shard {
+            return bad(format!(
+                "drawn for shard {:?}, this rank holds {shard:?}",
+                self.shard
+            ));
+        }
+        if self.index.windows(2).any(|p| p[0] >= p[1])
+            || self.index.iter().any(|&j| j as usize >= shard.num_local)
+        {
+            return bad(format!(
+                "the index must be strictly ascending local classes below {}",
+                shard.num_local
+            ));
+        }
+        Ok(())
+    }
+
     /// The column of global `label` in the sampled problem, when it was kept.
     pub fn column(&self, label: i32) -> Option<usize> {
         let j = u32::try_from(self.shard.local(label)?).ok()?;
@@ -680,6 +706,58 @@ impl PartialFc {
             step,
         })
     }
+}
+
+/// A rank's labels as its columns see them, from the global ones: its own classes as their
+/// columns (`y - class_start`, or with Partial FC the class's position in `sampled.index`),
+/// another rank's as the number of columns (a counted row whose target is elsewhere: no column
+/// matches it; on the GPU `fm_target_rows` writes it a neutral record), ignored rows as they are.
+/// Errors name a label outside `0..num_classes`, a target of this rank that was not sampled, and
+/// a sampled set that is not [`Sampled::check`]'s.
+pub fn column_labels(
+    labels: &[i32],
+    shard: &ClassShard,
+    sampled: Option<&Sampled>,
+) -> Result<Vec<i32>> {
+    if let Some(sm) = sampled {
+        sm.check(shard)?;
+    }
+    let cols = sampled.map_or(shard.num_local, |s| s.index.len());
+    let remote = i32::try_from(cols).map_err(|_| Error::TooLarge {
+        what: "shard",
+        detail: format!("{cols} classes on one rank must be < 2^31"),
+    })?;
+    labels
+        .iter()
+        .enumerate()
+        .map(|(row, &y)| {
+            if y < 0 {
+                return Ok(y);
+            }
+            if y as usize >= shard.num_classes {
+                return Err(Error::LabelOutOfRange {
+                    row,
+                    label: y as i64,
+                    classes: shard.num_classes,
+                });
+            }
+            match (shard.local(y), sampled) {
+                (None, _) => Ok(remote),
+                (Some(j), None) => Ok(j as i32),
+                (Some(_), Some(s)) => {
+                    s.column(y)
+                        .map(|c| c as i32)
+                        .ok_or_else(|| Error::InvalidArgument {
+                            what: "sampled",
+                            detail: format!(
+                                "row {row}'s target {y} is this rank's but not among the sampled \
+                                 classes (Partial FC keeps every positive)"
+                            ),
+                        })
+                }
+            }
+        })
+        .collect()
 }
 
 /// The rows of the global batch that rank `rank` owns under [`DxReduce::Owner`]; errors unless

@@ -2592,20 +2592,8 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
     let (ref_w, ref_labels, ref_shape) = match &sampled {
         None => (w.clone(), inp.labels.clone(), r.shape),
         Some(sm) => {
-            let ids: Vec<usize> = sm.iter().flat_map(|s| s.global_classes()).collect();
-            let rw: Vec<T> = ids
-                .iter()
-                .flat_map(|&g| w[g * k * d..(g + 1) * k * d].iter().copied())
-                .collect();
-            let rl = inp
-                .labels
-                .iter()
-                .map(|&y| match y {
-                    y if y >= 0 => ids.iter().position(|&g| g == y as usize).unwrap() as i32,
-                    y => y,
-                })
-                .collect();
-            (rw, rl, Shape::new(b, d, ids.len()))
+            let (rw, rl, n) = common::sampled_reference(&w, &inp.labels, k * d, sm);
+            (rw, rl, Shape::new(b, d, n))
         }
     };
     let reference =
@@ -2677,7 +2665,7 @@ fn sharded_check<T: Element + Bits>(r: &ShardRun) -> Result<(), String> {
     let mut plans = Vec::new();
     for (rank, shard) in shards.iter().enumerate() {
         let sm = sampled.as_ref().map(|s| &s[rank]);
-        let labels = plan::shard_labels(&inp.labels, shard, sm).unwrap();
+        let labels = fused_margin::shard::column_labels(&inp.labels, shard, sm).unwrap();
         let local = Shape::new(b, d, sm.map_or(shard.num_local, |s| s.index.len()));
         let fwd = plan::shard_forward(
             &EMU_DEVICE,

@@ -1062,11 +1062,11 @@ fn sharded_forward_plans() {
     // The labels a rank's kernels see: local indices, another rank's class as num_local.
     let sh = fused_margin::shard::ClassShard::new(10, 5, 30).unwrap();
     assert_eq!(
-        plan::shard_labels(&[-1, 9, 10, 14, 15, 29], &sh, None).unwrap(),
+        fused_margin::shard::column_labels(&[-1, 9, 10, 14, 15, 29], &sh, None).unwrap(),
         vec![-1, 5, 0, 4, 5, 5]
     );
     assert!(matches!(
-        plan::shard_labels(&[30], &sh, None),
+        fused_margin::shard::column_labels(&[30], &sh, None),
         Err(fused_margin::Error::LabelOutOfRange {
             row: 0,
             label: 30,

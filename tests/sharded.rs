@@ -401,22 +401,9 @@ fn sharded_runs_are_bit_identical() {
 /// The unsharded problem over the sampled classes: their rows of `w` in global order, labels
 /// remapped to their positions.
 fn sampled_problem(c: &Case, sampled: &[Sampled]) -> Case {
-    let per = c.k * c.shape.d;
-    let ids: Vec<usize> = sampled.iter().flat_map(|s| s.global_classes()).collect();
-    let w = ids
-        .iter()
-        .flat_map(|&g| c.w[g * per..(g + 1) * per].iter().copied())
-        .collect();
-    let labels = c
-        .labels
-        .iter()
-        .map(|&y| match y {
-            y if y >= 0 => ids.iter().position(|&g| g == y as usize).unwrap() as i32,
-            y => y,
-        })
-        .collect();
+    let (w, labels, n) = sampled_reference(&c.w, &c.labels, c.k * c.shape.d, sampled);
     Case {
-        shape: Shape::new(c.shape.b, c.shape.d, ids.len()),
+        shape: Shape::new(c.shape.b, c.shape.d, n),
         k: c.k,
         x: c.x.clone(),
         w,

@@ -1044,7 +1044,7 @@ pub fn forward(dev: &DeviceFacts, ch: &Choices, pr: &ForwardProblem) -> Result<L
 
 /// The forward of one rank of a class-sharded call among `world` ranks (module `shard`): the
 /// fused forward on this rank's classes (`pr.shape.c` = its `num_local`; labels local, another
-/// rank's class as `C`: [`shard_labels`]), then instead of the combine: `fm_shard_stats` (this
+/// rank's class as `C`: [`crate::shard::column_labels`]), then instead of the combine: `fm_shard_stats` (this
 /// rank's record per row), the all-gather of the records ([`Step::Exchange`]), `fm_shard_combine`
 /// (every rank merges them in rank order: the same bits on every rank) and the loss. The losses
 /// whose per-row state reads other ranks' target cosines (CurricularFace, ElasticFace+) exchange
@@ -1085,7 +1085,7 @@ pub fn shard_forward(
 }
 
 /// The backward of a rank of a class-sharded call ([`shard_forward`]): the fused backward on
-/// its classes (its labels as [`shard_labels`] maps them), its classes read through
+/// its classes (its labels as [`crate::shard::column_labels`] maps them), its classes read through
 /// [`Buf::WIdx`] when `sampled` (dw by column: the sampled classes' rows, in index order).
 /// [`LabelCheck::Host`] and the fused plan only.
 pub fn shard_backward(
@@ -1138,54 +1138,6 @@ pub fn full_dw(num_local: usize, k: usize, d: usize) -> Result<LaunchPlan> {
         ],
     );
     Ok(bd.finish(0, false, false))
-}
-
-/// A rank's labels for [`shard_forward`] from the global ones: its own classes as their columns
-/// (`y - class_start`, or with Partial FC the position of the class in `sampled.index`), another
-/// rank's as the number of columns (a counted row without a target here: the kernels see no
-/// target column, `fm_target_rows` writes a neutral record), ignored rows as they are. Errors
-/// name a label outside `0..num_classes` and a target of this rank that was not sampled.
-pub fn shard_labels(
-    labels: &[i32],
-    shard: &crate::shard::ClassShard,
-    sampled: Option<&crate::shard::Sampled>,
-) -> Result<Vec<i32>> {
-    let cols = sampled.map_or(shard.num_local, |s| s.index.len());
-    let remote = i32::try_from(cols).map_err(|_| Error::TooLarge {
-        what: "shard",
-        detail: format!("{cols} classes on one rank must be < 2^31"),
-    })?;
-    labels
-        .iter()
-        .enumerate()
-        .map(|(row, &y)| {
-            if y < 0 {
-                Ok(y)
-            } else if y as usize >= shard.num_classes {
-                Err(Error::LabelOutOfRange {
-                    row,
-                    label: y as i64,
-                    classes: shard.num_classes,
-                })
-            } else {
-                match (shard.local(y), sampled) {
-                    (None, _) => Ok(remote),
-                    (Some(j), None) => Ok(j as i32),
-                    (Some(_), Some(s)) => {
-                        s.column(y)
-                            .map(|c| c as i32)
-                            .ok_or_else(|| Error::InvalidArgument {
-                                what: "sampled",
-                                detail: format!(
-                                    "row {row}'s target {y} is this rank's but not among the \
-                                 sampled classes (Partial FC keeps every positive)"
-                                ),
-                            })
-                    }
-                }
-            }
-        })
-        .collect()
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {

@@ -841,3 +841,27 @@ pub fn cosine_rounding(d: usize, tf32: bool) -> f64 {
         2f64.powi(-23) * (d as f64).sqrt()
     }
 }
+
+/// The unsharded problem over Partial FC's sampled classes (every rank's, in rank order, which
+/// is global class order): their `per` values each of `w` (K rows of D) and the labels as the
+/// classes' positions among them. Returns (w, labels, the number of classes).
+pub fn sampled_reference<T: Copy>(
+    w: &[T],
+    labels: &[i32],
+    per: usize,
+    sampled: &[fused_margin::shard::Sampled],
+) -> (Vec<T>, Vec<i32>, usize) {
+    let ids: Vec<usize> = sampled.iter().flat_map(|s| s.global_classes()).collect();
+    let rw = ids
+        .iter()
+        .flat_map(|&g| w[g * per..(g + 1) * per].iter().copied())
+        .collect();
+    let rl = labels
+        .iter()
+        .map(|&y| match y {
+            y if y >= 0 => ids.binary_search(&(y as usize)).expect("a sampled target") as i32,
+            y => y,
+        })
+        .collect();
+    (rw, rl, ids.len())
+}

@@ -109,37 +109,6 @@ pub(super) fn local_label_state(
     Ok((counted, Shape::labels_fingerprint(&host)))
 }
 
-/// The f32 kernels' dtype (fm_gather_rows reads and writes f32 whatever the inputs).
-const T_F32: crate::DType = crate::DType::F32;
-
-/// A sampled set for `sh`: drawn for it, its index ascending and within its classes.
-fn check_sampled(sm: &Sampled, sh: &ClassShard) -> Result<()> {
-    let bad = |detail: String| {
-        Err(Error::InvalidArgument {
-            what: "sampled",
-            detail,
-        })
-    };
-    if sm.shard != *sh {
-        return bad(format!(
-            "drawn for shard {:?}, this rank holds {sh:?}",
-            sm.shard
-        ));
-    }
-    if sm.index.is_empty() {
-        return bad("no class sampled on this rank: raise the rate".into());
-    }
-    if sm.index.windows(2).any(|p| p[0] >= p[1])
-        || sm.index.iter().any(|&j| j as usize >= sh.num_local)
-    {
-        return bad(format!(
-            "the index must be ascending local classes below {}",
-            sh.num_local
-        ));
-    }
-    Ok(())
-}
-
 fn fingerprint(parts: &str, more: &[u64]) -> u64 {
     let h = shard::fnv(shard::FNV0, parts.as_bytes());
     more.iter().fold(h, |h, v| shard::fnv(h, &v.to_le_bytes()))
@@ -201,7 +170,14 @@ impl FusedMarginLoss {
             let cols = match rank.sampled {
                 None => rank.shard.num_local,
                 Some(sm) => {
-                    check_sampled(sm, &rank.shard)?;
+                    sm.check(&rank.shard)?;
+                    if sm.index.is_empty() {
+                        // (The CPU path runs a rank without columns; the kernels' grids need one.)
+                        return Err(Error::InvalidArgument {
+                            what: "sampled",
+                            detail: "no class sampled on this rank: raise the rate".into(),
+                        });
+                    }
                     sm.index.len()
                 }
             };
@@ -229,7 +205,7 @@ impl FusedMarginLoss {
                 .stream
                 .clone_dtoh(labels)
                 .map_err(|e| cuda_err("copy labels to host for validation", e))?;
-            let local = plan::shard_labels(&host, &rank.shard, rank.sampled)?;
+            let local = shard::column_labels(&host, &rank.shard, rank.sampled)?;
             Ok((host, local, lshape))
         })();
         let fp = local.as_ref().map_err(|_| ()).map(|(host, _, _)| {
@@ -452,7 +428,7 @@ impl FusedMarginLoss {
             _ => g.dx,
         };
         let dw = match (rank.sampled, opts.dw) {
-            (Some(sm), DwLayout::Full) => self.full_dw(sm, &rank.shard, fwd, &g.dw)?,
+            (Some(sm), DwLayout::Full) => self.full_dw(sm, &rank.shard, fwd, (x, w), &g.dw)?,
             _ => g.dw,
         };
         Ok(GpuShardGradients {
@@ -463,12 +439,14 @@ impl FusedMarginLoss {
         })
     }
 
-    /// The sampled rows' `dw` in the rank's full layout ([`plan::full_dw`]).
-    fn full_dw(
+    /// The sampled rows' `dw` in the rank's full layout ([`plan::full_dw`]; `fm_gather_rows` of
+    /// the call's dtype unit, which `xw` and the forward's labels bind as any plan's inputs).
+    fn full_dw<T: CudaElement>(
         &self,
         sm: &Sampled,
         sh: &ClassShard,
         fwd: &GpuShardForward,
+        xw: (&CudaView<'_, T>, &CudaView<'_, T>),
         dw: &CudaSlice<f32>,
     ) -> Result<CudaSlice<f32>> {
         let k = fwd.saved.spec.variant.centers();
@@ -481,21 +459,12 @@ impl FusedMarginLoss {
             .clone_htod(&inv)
             .map_err(|e| cuda_err("copy the inverse index", e))?;
         let lp = plan::full_dw(sh.num_local, k, fwd.saved.shape.d)?;
-        let kern = self.kernels(T_F32)?;
-        let none_x = self
-            .stream
-            .alloc_zeros::<f32>(1)
-            .map_err(|e| cuda_err("allocate a placeholder", e))?;
-        let nv = none_x.as_view();
-        let nl = self
-            .stream
-            .alloc_zeros::<i32>(1)
-            .map_err(|e| cuda_err("allocate a placeholder", e))?;
-        let nlv = nl.as_view();
+        let kern = self.kernels(T::DTYPE)?;
+        let labels = fwd.labels.as_view();
         let bound = crate::cuda::exec::Bound {
-            x: &nv,
-            w: &nv,
-            labels: &nlv,
+            x: xw.0,
+            w: xw.1,
+            labels: &labels,
             g_rows: None,
             saved: vec![(plan::Buf::Dw, dw)],
             prev_status: None,
@@ -504,7 +473,7 @@ impl FusedMarginLoss {
             ints: vec![(plan::Buf::WInv, &inv)],
             exchanged: None,
         };
-        let mut kept = crate::cuda::exec::execute::<f32, f32>(
+        let mut kept = crate::cuda::exec::execute::<T, f32>(
             self,
             &kern,
             &lp,
